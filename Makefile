@@ -1,0 +1,79 @@
+# agentcoord developer targets. `make run` and `make test` are all a fresh machine needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROTOS := $(shell find protos -name '*.proto' | sort)
+AGENTCOORD_LISTEN ?= 127.0.0.1:50051
+AGENTCOORD_STORE ?= sqlite:///var/agentcoord.db
+export AGENTCOORD_LISTEN AGENTCOORD_STORE
+
+.PHONY: venv proto proto-check lint lint-proto fmt typecheck test pytest run run-discovery \
+	run-distribution run-statesync bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# protoc with the pinned grpcio-tools and mypy-protobuf; $(1) is the output folder.
+define generate
+	rm -rf $(1) && mkdir -p $(1)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+		--python_out=$(1) --mypy_out=$(1) --grpc_python_out=$(1) --mypy_grpc_out=$(1) $(PROTOS)
+	find $(1)/agentcoord -mindepth 1 -type d -exec touch {}/__init__.py \;
+endef
+
+proto: $(STAMP)
+	$(call generate,generated)
+
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	$(MAKE) -s --no-print-directory _generate-into OUT=$$tmp/generated >/dev/null && \
+	if ! diff -r -x __pycache__ $$tmp/generated generated; then \
+		echo "generated/ is stale: run make proto"; exit 1; fi
+
+_generate-into:
+	$(call generate,$(OUT))
+
+lint: $(STAMP) lint-proto
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+lint-proto:
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --silent --no-audit --no-fund >/dev/null && npx --no-install buf lint protos && echo "buf lint: ok"; \
+	else echo "buf lint skipped: npm is not installed (tests/test_protos.py still checks the rules)"; fi
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: proto-check lint
+	$(VENV)/bin/pytest $(ARGS)
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest $(ARGS)
+
+run: $(STAMP)
+	mkdir -p var
+	$(VENV)/bin/agentcoord serve
+
+run-discovery run-distribution run-statesync: run-%: $(STAMP)
+	mkdir -p var
+	$(VENV)/bin/agentcoord serve $* --listen $${LISTEN:-$(AGENTCOORD_LISTEN)}
+
+bench: $(STAMP)
+	$(PY) -m tests.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) var build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache node_modules
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

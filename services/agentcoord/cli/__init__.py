@@ -1,0 +1,1 @@
+"""The ``agentcoord`` command line."""

@@ -1,0 +1,341 @@
+"""Typed async clients over the generated stubs: one method per RPC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from agentcoord.client._errors import RPCError
+from agentcoord.client._retry import RetryPolicy
+from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
+from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
+from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_pb
+from agentcoord.distribution.v1 import distribution_service_pb2_grpc as distribution_grpc
+from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
+from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
+
+Response = TypeVar("Response", bound=Message)
+Metadata = tuple[tuple[str, str], ...]
+JOIN_TOKEN_HEADER = "x-agentcoord-join-token"
+
+
+class _ServiceClient:
+    """Calls one service's stub with credentials, a deadline and retries."""
+
+    def __init__(self, stub: Any, client: AgentcoordClient) -> None:
+        self._stub = stub
+        self._client = client
+
+    async def _unary(
+        self, method: str, request: Message, response_type: type[Response], *, idempotent: bool
+    ) -> Response:
+        call: Callable[..., Any] = getattr(self._stub, method)
+        policy = self._client.retry if idempotent else RetryPolicy(max_attempts=1)
+        async for attempt in policy.retrying():
+            with attempt:
+                try:
+                    response = await call(
+                        request, metadata=self._client.metadata(), timeout=self._client.timeout
+                    )
+                except grpc.aio.AioRpcError as error:
+                    raise RPCError.from_call_error(error) from None
+        assert isinstance(response, response_type)
+        return response
+
+    async def _server_stream(self, method: str, request: Message) -> AsyncIterator[Any]:
+        call = getattr(self._stub, method)(request, metadata=self._client.metadata())
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise RPCError.from_call_error(error) from None
+        finally:
+            call.cancel()
+
+
+class DiscoveryClient(_ServiceClient):
+    """``agentcoord.discovery.v1.DiscoveryService``."""
+
+    async def get_agent(self, request: discovery_pb.GetAgentRequest) -> discovery_pb.GetAgentResponse:
+        """Call GetAgent."""
+        return await self._unary("GetAgent", request, discovery_pb.GetAgentResponse, idempotent=True)
+
+    async def list_agents(
+        self, request: discovery_pb.ListAgentsRequest
+    ) -> discovery_pb.ListAgentsResponse:
+        """Call ListAgents (one page)."""
+        return await self._unary(
+            "ListAgents", request, discovery_pb.ListAgentsResponse, idempotent=True
+        )
+
+    async def iter_agents(
+        self, request: discovery_pb.ListAgentsRequest
+    ) -> AsyncIterator[discovery_pb.Agent]:
+        """Yield every matching agent, following page tokens."""
+        page = discovery_pb.ListAgentsRequest()
+        page.CopyFrom(request)
+        while True:
+            response = await self.list_agents(page)
+            for agent in response.agents:
+                yield agent
+            if not response.next_page_token:
+                return
+            page.page_token = response.next_page_token
+
+    async def register(self, request: discovery_pb.RegisterRequest) -> discovery_pb.RegisterResponse:
+        """Call Register; the client then acts as the new session."""
+        response = await self._unary(
+            "Register", request, discovery_pb.RegisterResponse, idempotent=False
+        )
+        self._client.token = response.session_token
+        return response
+
+    def heartbeat(self) -> grpc.aio.StreamStreamCall:
+        """Open the bidirectional Heartbeat stream as the client's session."""
+        call: grpc.aio.StreamStreamCall = self._stub.Heartbeat(metadata=self._client.metadata())
+        return call
+
+    async def deregister(
+        self, request: discovery_pb.DeregisterRequest
+    ) -> discovery_pb.DeregisterResponse:
+        """Call Deregister."""
+        return await self._unary(
+            "Deregister", request, discovery_pb.DeregisterResponse, idempotent=True
+        )
+
+    def watch_agents(
+        self, request: discovery_pb.WatchAgentsRequest
+    ) -> AsyncIterator[discovery_pb.WatchAgentsResponse]:
+        """Stream WatchAgents."""
+        return self._server_stream("WatchAgents", request)
+
+    async def get_summary(
+        self, request: discovery_pb.GetSummaryRequest
+    ) -> discovery_pb.GetSummaryResponse:
+        """Call GetSummary."""
+        return await self._unary(
+            "GetSummary", request, discovery_pb.GetSummaryResponse, idempotent=True
+        )
+
+
+class DistributionClient(_ServiceClient):
+    """``agentcoord.distribution.v1.DistributionService``."""
+
+    async def get_task(
+        self, request: distribution_pb.GetTaskRequest
+    ) -> distribution_pb.GetTaskResponse:
+        """Call GetTask."""
+        return await self._unary(
+            "GetTask", request, distribution_pb.GetTaskResponse, idempotent=True
+        )
+
+    async def list_tasks(
+        self, request: distribution_pb.ListTasksRequest
+    ) -> distribution_pb.ListTasksResponse:
+        """Call ListTasks (one page)."""
+        return await self._unary(
+            "ListTasks", request, distribution_pb.ListTasksResponse, idempotent=True
+        )
+
+    async def analyze_task(
+        self, request: distribution_pb.AnalyzeTaskRequest
+    ) -> distribution_pb.AnalyzeTaskResponse:
+        """Call AnalyzeTask (a dry run)."""
+        return await self._unary(
+            "AnalyzeTask", request, distribution_pb.AnalyzeTaskResponse, idempotent=True
+        )
+
+    async def submit_task(
+        self, request: distribution_pb.SubmitTaskRequest
+    ) -> distribution_pb.SubmitTaskResponse:
+        """Call SubmitTask; retried only when the request carries a request id."""
+        return await self._unary(
+            "SubmitTask",
+            request,
+            distribution_pb.SubmitTaskResponse,
+            idempotent=bool(request.request_id),
+        )
+
+    async def cancel_task(
+        self, request: distribution_pb.CancelTaskRequest
+    ) -> distribution_pb.CancelTaskResponse:
+        """Call CancelTask."""
+        return await self._unary(
+            "CancelTask", request, distribution_pb.CancelTaskResponse, idempotent=True
+        )
+
+    def watch_task(
+        self, request: distribution_pb.WatchTaskRequest
+    ) -> AsyncIterator[distribution_pb.WatchTaskResponse]:
+        """Stream WatchTask."""
+        return self._server_stream("WatchTask", request)
+
+    def stream_assignments(
+        self, request: distribution_pb.StreamAssignmentsRequest
+    ) -> AsyncIterator[distribution_pb.StreamAssignmentsResponse]:
+        """Stream StreamAssignments as the client's session."""
+        return self._server_stream("StreamAssignments", request)
+
+    async def claim_subtask(
+        self, request: distribution_pb.ClaimSubtaskRequest
+    ) -> distribution_pb.ClaimSubtaskResponse:
+        """Call ClaimSubtask."""
+        return await self._unary(
+            "ClaimSubtask", request, distribution_pb.ClaimSubtaskResponse, idempotent=False
+        )
+
+    async def complete_subtask(
+        self, request: distribution_pb.CompleteSubtaskRequest
+    ) -> distribution_pb.CompleteSubtaskResponse:
+        """Call CompleteSubtask."""
+        return await self._unary(
+            "CompleteSubtask",
+            request,
+            distribution_pb.CompleteSubtaskResponse,
+            idempotent=bool(request.request_id),
+        )
+
+    async def fail_subtask(
+        self, request: distribution_pb.FailSubtaskRequest
+    ) -> distribution_pb.FailSubtaskResponse:
+        """Call FailSubtask."""
+        return await self._unary(
+            "FailSubtask",
+            request,
+            distribution_pb.FailSubtaskResponse,
+            idempotent=bool(request.request_id),
+        )
+
+
+class StateSyncClient(_ServiceClient):
+    """``agentcoord.statesync.v1.StateSyncService``."""
+
+    async def get_state(
+        self, request: statesync_pb.GetStateRequest
+    ) -> statesync_pb.GetStateResponse:
+        """Call GetState."""
+        return await self._unary("GetState", request, statesync_pb.GetStateResponse, idempotent=True)
+
+    async def list_states(
+        self, request: statesync_pb.ListStatesRequest
+    ) -> statesync_pb.ListStatesResponse:
+        """Call ListStates (one page)."""
+        return await self._unary(
+            "ListStates", request, statesync_pb.ListStatesResponse, idempotent=True
+        )
+
+    async def list_events(
+        self, request: statesync_pb.ListEventsRequest
+    ) -> statesync_pb.ListEventsResponse:
+        """Call ListEvents (one page)."""
+        return await self._unary(
+            "ListEvents", request, statesync_pb.ListEventsResponse, idempotent=True
+        )
+
+    async def put_state(
+        self, request: statesync_pb.PutStateRequest
+    ) -> statesync_pb.PutStateResponse:
+        """Call PutState; retried only when the request carries a request id."""
+        return await self._unary(
+            "PutState", request, statesync_pb.PutStateResponse, idempotent=bool(request.request_id)
+        )
+
+    async def delete_state(
+        self, request: statesync_pb.DeleteStateRequest
+    ) -> statesync_pb.DeleteStateResponse:
+        """Call DeleteState; retried only when the request carries a request id."""
+        return await self._unary(
+            "DeleteState",
+            request,
+            statesync_pb.DeleteStateResponse,
+            idempotent=bool(request.request_id),
+        )
+
+    async def transact(
+        self, request: statesync_pb.TransactRequest
+    ) -> statesync_pb.TransactResponse:
+        """Call Transact; retried only when the request carries a request id."""
+        return await self._unary(
+            "Transact", request, statesync_pb.TransactResponse, idempotent=bool(request.request_id)
+        )
+
+    def watch_states(
+        self, request: statesync_pb.WatchStatesRequest
+    ) -> AsyncIterator[statesync_pb.WatchStatesResponse]:
+        """Stream WatchStates."""
+        return self._server_stream("WatchStates", request)
+
+    def watch_events(
+        self, request: statesync_pb.WatchEventsRequest
+    ) -> AsyncIterator[statesync_pb.WatchEventsResponse]:
+        """Stream WatchEvents."""
+        return self._server_stream("WatchEvents", request)
+
+
+class AgentcoordClient:
+    """One channel to an agentcoord server and a client per service.
+
+    Use as ``async with AgentcoordClient("127.0.0.1:50051") as client: ...``.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str = "",
+        join_token: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Configure the client; the channel opens on entering the context.
+
+        Args:
+            target: ``host:port`` of a server.
+            token: Session or admin token sent as ``authorization: Bearer``.
+            join_token: Join token sent with every call, for servers that require one.
+            credentials: TLS channel credentials; plaintext when None.
+            timeout: Deadline in seconds of each unary call.
+            retry: Back-off for idempotent calls on UNAVAILABLE.
+            options: Extra grpc channel options.
+        """
+        self.target = target
+        self.token = token
+        self.join_token = join_token
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._credentials = credentials
+        self._options = list(options)
+        self._channel: grpc.aio.Channel | None = None
+
+    def metadata(self) -> Metadata:
+        """Return the credentials metadata of every call."""
+        pairs: list[tuple[str, str]] = []
+        if self.token:
+            pairs.append(("authorization", f"Bearer {self.token}"))
+        if self.join_token:
+            pairs.append((JOIN_TOKEN_HEADER, self.join_token))
+        return tuple(pairs)
+
+    async def __aenter__(self) -> AgentcoordClient:
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._credentials, options=self._options
+            )
+        self.discovery = DiscoveryClient(discovery_grpc.DiscoveryServiceStub(self._channel), self)
+        self.distribution = DistributionClient(
+            distribution_grpc.DistributionServiceStub(self._channel), self
+        )
+        self.statesync = StateSyncClient(statesync_grpc.StateSyncServiceStub(self._channel), self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

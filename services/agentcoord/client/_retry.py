@@ -1,0 +1,42 @@
+"""Retry policies (tenacity): transient outages are retried with jittered back-off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from agentcoord.client._errors import RPCError
+
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+"""Codes an idempotent call is retried on."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential back-off with jitter."""
+
+    max_attempts: int = 6
+    """Attempts in all, the first included."""
+    max_delay: float = 15.0
+    """Seconds after which no further attempt starts."""
+    initial_backoff: float = 0.05
+    """Seconds before the first retry (before jitter)."""
+    max_backoff: float = 2.0
+    """Longest pause between two attempts."""
+
+    def retrying(self, codes: frozenset[grpc.StatusCode] = RETRYABLE_CODES) -> AsyncRetrying:
+        """Return a tenacity controller that retries RPCErrors with one of ``codes``."""
+        return AsyncRetrying(
+            retry=retry_if_exception(lambda e: isinstance(e, RPCError) and e.code in codes),
+            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_delay),
+            wait=wait_exponential_jitter(initial=self.initial_backoff, max=self.max_backoff),
+            reraise=True,
+        )

@@ -1,0 +1,525 @@
+"""Discovery rules: registration, sessions, liveness in memory, expiry, queries.
+
+Liveness lives in memory and is judged on the injected monotonic clock: a heartbeat
+moves the agent's deadline and costs no disk write. Heartbeat facts are flushed to the
+store in batches every ``flush_interval``; expiry is swept every ``sweep_interval``.
+Registrations, departures, expiries and status changes are written through at once and
+land in the change log, which WatchAgents follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import enum
+import hashlib
+import heapq
+import hmac
+import logging
+import secrets
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+
+from agentcoord.core.changes import ChangeFeed
+from agentcoord.core.clock import Clock
+from agentcoord.core.errors import NotFound, PermissionDenied, Unauthenticated
+from agentcoord.core.models import (
+    Agent,
+    AgentEventKind,
+    AgentState,
+    AgentStatus,
+    Change,
+    HeartbeatRecord,
+    Service,
+    Skill,
+)
+from agentcoord.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Timing of Discovery."""
+
+    default_ttl: float = 10.0
+    """TTL in seconds for agents that ask for none."""
+    min_ttl: float = 1.0
+    """Smallest TTL granted; shorter requests are raised to it."""
+    max_ttl: float = 300.0
+    """Largest TTL granted; longer requests are lowered to it."""
+    sweep_interval: float = 0.1
+    """Seconds between expiry sweeps; bounds how late an expiry is noticed."""
+    flush_interval: float = 1.0
+    """Seconds between batched writes of heartbeat facts to the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """What an agent says about itself when it registers (already validated)."""
+
+    agent_id: str
+    """Chosen identifier; empty lets Discovery generate one."""
+    name: str
+    """Human-readable name."""
+    role: str = ""
+    """Role; empty for none."""
+    capabilities: tuple[str, ...] = ()
+    """Capabilities (sorted, unique)."""
+    capacity: int = 1
+    """Parallel sub-tasks."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Free-form labels."""
+    skills: tuple[Skill, ...] = ()
+    """A2A-style skills."""
+    ttl: float = 0.0
+    """Requested TTL in seconds; 0 for the default."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The outcome of a registration."""
+
+    agent: Agent
+    """The agent as stored, with its new epoch."""
+    session_token: str
+    """The secret that authenticates this session."""
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """An authenticated agent session."""
+
+    agent_id: str
+    """The agent."""
+    epoch: int
+    """The session's generation."""
+
+
+class HeartbeatCommand(enum.Enum):
+    """What the server asks of an agent in a heartbeat acknowledgement."""
+
+    NONE = "none"
+    REREGISTER = "reregister"
+    DRAIN = "drain"
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAck:
+    """The server's answer to one heartbeat."""
+
+    ttl_remaining: float
+    """Seconds before the agent expires unless it heartbeats again."""
+    heartbeat_interval: float
+    """Seconds between heartbeats the server asks for."""
+    epoch: int
+    """The session's generation."""
+    command: HeartbeatCommand
+    """What the agent should do."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentQuery:
+    """A filter over agents."""
+
+    capabilities: frozenset[str] = frozenset()
+    """Agents must have all of these."""
+    role: str = ""
+    """Agents must have this role; empty for any."""
+    states: frozenset[AgentState] = frozenset({AgentState.LIVE})
+    """Agents must be in one of these states."""
+
+    def matches(self, agent: Agent) -> bool:
+        """Return whether ``agent`` passes the filter (its state included)."""
+        return (
+            agent.state in self.states
+            and (not self.role or agent.role == self.role)
+            and self.capabilities.issubset(agent.capabilities)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    """An agent with the liveness facts only the server's clock knows."""
+
+    agent: Agent
+    """The agent; its state accounts for a deadline passed but not yet swept."""
+    ttl_remaining: float
+    """Seconds before expiry; 0 when not live."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEvent:
+    """One agent event, derived from the change log."""
+
+    revision: int
+    """Revision of the change."""
+    kind: AgentEventKind
+    """What happened."""
+    agent: Agent
+    """The agent right after the event."""
+    change: Change
+    """The change log entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Counts of live agents."""
+
+    live_agents: int
+    """Number of live agents."""
+    by_role: Mapping[str, int]
+    """Live agents per role."""
+    by_capability: Mapping[str, int]
+    """Live agents per capability."""
+    total_capacity: int
+    """Sum of live agents' capacities."""
+    active_subtasks: int
+    """Sum of live agents' reported active sub-tasks."""
+
+    @property
+    def can_coordinate(self) -> bool:
+        """Whether at least two agents are live."""
+        return self.live_agents >= 2
+
+
+@dataclass(slots=True)
+class _Entry:
+    """In-memory record of one agent."""
+
+    agent: Agent
+    token_hash: str
+    deadline: float
+    dirty: bool = False
+
+
+def hash_token(token: str) -> str:
+    """Return the stored form of a session token (tokens themselves are never stored)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Discovery:
+    """The Discovery domain service."""
+
+    def __init__(
+        self, store: Store, clock: Clock, feed: ChangeFeed, config: DiscoveryConfig
+    ) -> None:
+        """Wire the service; call :meth:`start` before use."""
+        self._store = store
+        self._clock = clock
+        self._feed = feed
+        self.config = config
+        self._entries: dict[str, _Entry] = {}
+        self._sorted_ids: list[str] = []
+        self._by_token: dict[str, str] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._draining = False
+
+    async def start(self) -> None:
+        """Load agents from the store; live ones get a full TTL from now.
+
+        Judging agents that were live before a restart by their TTL from the restart,
+        not from their last flushed heartbeat, lets them reconnect without being
+        reported expired.
+        """
+        now = self._clock.monotonic()
+        for agent, token_hash in await self._store.load_agents():
+            self._remember(agent, token_hash, now + agent.ttl)
+
+    def _remember(self, agent: Agent, token_hash: str, deadline: float) -> _Entry:
+        previous = self._entries.get(agent.agent_id)
+        if previous is None:
+            bisect.insort(self._sorted_ids, agent.agent_id)
+        else:
+            self._by_token.pop(previous.token_hash, None)
+        entry = _Entry(agent, token_hash, deadline)
+        self._entries[agent.agent_id] = entry
+        if agent.state is AgentState.LIVE:
+            self._by_token[token_hash] = agent.agent_id
+            heapq.heappush(self._deadlines, (deadline, agent.agent_id))
+        return entry
+
+    def _grant_ttl(self, requested: float) -> float:
+        if requested <= 0:
+            requested = self.config.default_ttl
+        return min(max(requested, self.config.min_ttl), self.config.max_ttl)
+
+    async def register(self, spec: AgentSpec) -> Registration:
+        """Register an agent, replacing any earlier session of the same id."""
+        agent = Agent(
+            agent_id=spec.agent_id or str(uuid.uuid4()),
+            name=spec.name,
+            role=spec.role,
+            capabilities=spec.capabilities,
+            capacity=spec.capacity,
+            labels=dict(spec.labels),
+            skills=spec.skills,
+            ttl=self._grant_ttl(spec.ttl),
+            status=AgentStatus.READY,
+        )
+        token = secrets.token_urlsafe(32)
+        token_hash = hash_token(token)
+        stored = await self._store.register_agent(agent, token_hash, self._clock.now())
+        self._remember(stored, token_hash, self._clock.monotonic() + stored.ttl)
+        return Registration(stored, token)
+
+    async def authenticate(self, token: str) -> Session:
+        """Return the live session a token belongs to.
+
+        Raises:
+            Unauthenticated: the token is unknown, replaced, or its session ended.
+        """
+        token_hash = hash_token(token)
+        agent_id = self._by_token.get(token_hash)
+        if agent_id is not None:
+            entry = self._entries[agent_id]
+            if hmac.compare_digest(entry.token_hash, token_hash):
+                return Session(agent_id, entry.agent.epoch)
+        # A session opened through another process of the same store.
+        agent = await self._store.find_agent_by_token_hash(token_hash)
+        if agent is None or agent.state is not AgentState.LIVE:
+            raise Unauthenticated("session token is unknown or its session has ended")
+        return Session(agent.agent_id, agent.epoch)
+
+    def _session_entry(self, session: Session, agent_id: str) -> _Entry | None:
+        """Return the entry of a still-current session, checking the caller acts as itself."""
+        if agent_id and agent_id != session.agent_id:
+            raise PermissionDenied(
+                f"agent_id: session belongs to agent {session.agent_id!r}, not {agent_id!r}",
+                reason="AGENT_MISMATCH",
+            )
+        entry = self._entries.get(session.agent_id)
+        if (
+            entry is None
+            or entry.agent.epoch != session.epoch
+            or entry.agent.state is not AgentState.LIVE
+        ):
+            return None
+        return entry
+
+    async def heartbeat(
+        self,
+        session: Session,
+        agent_id: str,
+        *,
+        active_subtasks: int,
+        held_subtask_ids: tuple[str, ...],
+        status: AgentStatus,
+    ) -> HeartbeatAck:
+        """Renew a session's liveness for one TTL and record its load.
+
+        A session that ended (replaced by a newer registration, or expired) is answered
+        with :attr:`HeartbeatCommand.REREGISTER` and not renewed.
+        """
+        entry = self._session_entry(session, agent_id)
+        if entry is None:
+            return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
+        now = self._clock.monotonic()
+        if now >= entry.deadline:
+            await self._expire(entry)
+            return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
+        entry.deadline = now + entry.agent.ttl
+        if status is not AgentStatus.UNSPECIFIED and status is not entry.agent.status:
+            updated = await self._store.update_agent_status(
+                entry.agent.agent_id, entry.agent.epoch, status, self._clock.now()
+            )
+            if updated is not None:
+                entry.agent = updated
+        entry.agent = replace(
+            entry.agent,
+            active_subtasks=active_subtasks,
+            held_subtask_ids=held_subtask_ids,
+            last_heartbeat_time=self._clock.now(),
+        )
+        entry.dirty = True
+        command = HeartbeatCommand.DRAIN if self._draining else HeartbeatCommand.NONE
+        return HeartbeatAck(entry.agent.ttl, entry.agent.heartbeat_interval, session.epoch, command)
+
+    def session_is_current(self, session: Session) -> bool:
+        """Return whether the session is still the agent's live one."""
+        return self._session_entry(session, "") is not None
+
+    async def deregister(self, session: Session | None, agent_id: str) -> Agent:
+        """End an agent's session; ``session`` None means an operator acting for it.
+
+        Raises:
+            NotFound: no such agent.
+            PermissionDenied: the session belongs to another agent.
+        """
+        target = session.agent_id if session is not None and not agent_id else agent_id
+        if session is not None:
+            self._session_entry(session, target)
+        entry = self._entries.get(target)
+        if entry is None:
+            raise NotFound(f"agent_id: agent {target!r} does not exist", reason="AGENT_NOT_FOUND")
+        if entry.agent.state is AgentState.LIVE:
+            ended = await self._store.end_agent_session(
+                target, entry.agent.epoch, AgentState.LEFT, self._clock.now()
+            )
+            if ended is not None:
+                self._end(entry, ended)
+        return entry.agent
+
+    def _end(self, entry: _Entry, ended: Agent) -> None:
+        self._by_token.pop(entry.token_hash, None)
+        entry.agent = ended
+        entry.dirty = False
+
+    async def _expire(self, entry: _Entry) -> None:
+        ended = await self._store.end_agent_session(
+            entry.agent.agent_id, entry.agent.epoch, AgentState.EXPIRED, self._clock.now()
+        )
+        if ended is not None:
+            self._end(entry, ended)
+
+    async def sweep(self) -> list[Agent]:
+        """Expire every live agent whose deadline has passed; return them."""
+        now = self._clock.monotonic()
+        due: list[_Entry] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, agent_id = heapq.heappop(self._deadlines)
+            entry = self._entries.get(agent_id)
+            if entry is None or entry.agent.state is not AgentState.LIVE:
+                continue
+            if entry.deadline > now:
+                heapq.heappush(self._deadlines, (entry.deadline, agent_id))
+            elif all(e is not entry for e in due):
+                due.append(entry)
+        expired = []
+        for entry in due:
+            await self._expire(entry)
+            if entry.agent.state is AgentState.EXPIRED:
+                expired.append(entry.agent)
+        return expired
+
+    async def flush(self) -> None:
+        """Write the heartbeat facts gathered since the last flush, in one batch."""
+        records = []
+        for entry in self._entries.values():
+            if entry.dirty and entry.agent.last_heartbeat_time is not None:
+                entry.dirty = False
+                records.append(
+                    HeartbeatRecord(
+                        agent_id=entry.agent.agent_id,
+                        epoch=entry.agent.epoch,
+                        last_heartbeat_time=entry.agent.last_heartbeat_time,
+                        status=entry.agent.status,
+                        active_subtasks=entry.agent.active_subtasks,
+                        held_subtask_ids=entry.agent.held_subtask_ids,
+                    )
+                )
+        if records:
+            await self._store.record_heartbeats(records)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sweep expiries and flush heartbeats until ``stop`` is set, then flush once more."""
+        next_flush = self._clock.monotonic() + self.config.flush_interval
+        while not stop.is_set():
+            try:
+                await self.sweep()
+                if self._clock.monotonic() >= next_flush:
+                    next_flush = self._clock.monotonic() + self.config.flush_interval
+                    await self.flush()
+            except Exception:  # keep the loop alive through a transient store outage
+                log.exception("discovery background pass failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.sweep_interval)
+            except TimeoutError:
+                pass
+        await self.flush()
+
+    async def revision(self) -> int:
+        """Return the store's current revision."""
+        return await self._store.current_revision()
+
+    def begin_drain(self) -> None:
+        """Tell heartbeating agents to drain from now on (the server is shutting down)."""
+        self._draining = True
+
+    def _view(self, entry: _Entry, now: float) -> AgentView:
+        agent = entry.agent
+        if agent.state is AgentState.LIVE:
+            remaining = entry.deadline - now
+            if remaining > 0:
+                return AgentView(agent, remaining)
+            agent = replace(agent, state=AgentState.EXPIRED)
+        return AgentView(agent, 0.0)
+
+    def get_agent(self, agent_id: str) -> AgentView:
+        """Return one agent.
+
+        Raises:
+            NotFound: no such agent.
+        """
+        entry = self._entries.get(agent_id)
+        if entry is None:
+            raise NotFound(
+                f"agent_id: agent {agent_id!r} does not exist", reason="AGENT_NOT_FOUND"
+            )
+        return self._view(entry, self._clock.monotonic())
+
+    def list_agents(
+        self, query: AgentQuery, *, after_agent_id: str, limit: int
+    ) -> tuple[list[AgentView], str]:
+        """Return up to ``limit`` matching agents after ``after_agent_id``, by agent id.
+
+        Returns:
+            The page and the agent id to continue after, or "" when there is no more.
+        """
+        now = self._clock.monotonic()
+        page: list[AgentView] = []
+        start = bisect.bisect_right(self._sorted_ids, after_agent_id) if after_agent_id else 0
+        for index in range(start, len(self._sorted_ids)):
+            view = self._view(self._entries[self._sorted_ids[index]], now)
+            if not query.matches(view.agent):
+                continue
+            if len(page) == limit:
+                return page, page[-1].agent.agent_id
+            page.append(view)
+        return page, ""
+
+    def summary(self) -> Summary:
+        """Count the live agents."""
+        now = self._clock.monotonic()
+        by_role: Counter[str] = Counter()
+        by_capability: Counter[str] = Counter()
+        live = capacity = active = 0
+        for entry in self._entries.values():
+            agent = entry.agent
+            if agent.state is not AgentState.LIVE or entry.deadline <= now:
+                continue
+            live += 1
+            capacity += agent.capacity
+            active += agent.active_subtasks
+            by_role[agent.role] += 1
+            by_capability.update(agent.capabilities)
+        return Summary(live, dict(by_role), dict(by_capability), capacity, active)
+
+    async def watch(self, start_revision: int, query: AgentQuery) -> AsyncIterator[
+        tuple[list[AgentEvent], int]
+    ]:
+        """Yield agent events matching ``query`` (its states ignored) after ``start_revision``.
+
+        Each item is the events of one batch and the revision reached; the list is empty
+        for a progress notification.
+        """
+        any_state = replace(query, states=frozenset(AgentState))
+
+        def is_matching_agent_change(change: Change) -> bool:
+            return change.service is Service.DISCOVERY and any_state.matches(
+                Agent.from_snapshot(change.details["agent"])
+            )
+
+        async for batch in self._feed.watch(start_revision, is_matching_agent_change):
+            events = [
+                AgentEvent(
+                    change.revision,
+                    AgentEventKind(change.kind.removeprefix("agent.")),
+                    Agent.from_snapshot(change.details["agent"]),
+                    change,
+                )
+                for change in batch.changes
+            ]
+            yield events, batch.revision

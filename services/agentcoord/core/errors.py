@@ -1,0 +1,94 @@
+"""Domain errors: each carries a semantic kind and a stable reason, never a gRPC code."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class AgentcoordError(Exception):
+    """Base of every error the core raises on purpose.
+
+    Attributes:
+        message: Human-readable description, safe to show to callers.
+        reason: Stable UPPER_SNAKE identifier of the cause, such as ``AGENT_NOT_FOUND``.
+        metadata: Extra machine-readable facts, such as the current version on a conflict.
+    """
+
+    default_reason = "AGENTCOORD_ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class NotFound(AgentcoordError):
+    """A named resource does not exist."""
+
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(AgentcoordError):
+    """A resource with that identity exists already."""
+
+    default_reason = "ALREADY_EXISTS"
+
+
+class Conflict(AgentcoordError):
+    """A concurrent change won; re-read and retry."""
+
+    default_reason = "CONFLICT"
+
+
+class FailedPrecondition(AgentcoordError):
+    """The system is not in a state that allows the operation; retrying will not help."""
+
+    default_reason = "FAILED_PRECONDITION"
+
+
+class InvalidInput(AgentcoordError):
+    """A request field is malformed; ``field`` names it (dotted path)."""
+
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, description: str, *, reason: str | None = None) -> None:
+        super().__init__(f"{field}: {description}", reason=reason, metadata={"field": field})
+        self.field = field
+        self.description = description
+
+
+class OutOfRange(AgentcoordError):
+    """A revision or position is outside what is retained."""
+
+    default_reason = "OUT_OF_RANGE"
+
+
+class ResourceExhausted(AgentcoordError):
+    """A capacity, quota or limit is reached."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(AgentcoordError):
+    """The caller presented no credentials, or credentials that are not valid."""
+
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(AgentcoordError):
+    """The caller is known but may not do this."""
+
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unavailable(AgentcoordError):
+    """A transient outage (the store is unreachable, the server is shutting down)."""
+
+    default_reason = "UNAVAILABLE"

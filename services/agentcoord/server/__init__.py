@@ -1,0 +1,1 @@
+"""The gRPC server: thin servicers over the core, and the process that hosts them."""

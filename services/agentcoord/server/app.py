@@ -1,0 +1,219 @@
+"""Composition root: config → store → core → servicers → one grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agentcoord.core.changes import ChangeFeed
+from agentcoord.core.clock import Clock, SystemClock
+from agentcoord.core.discovery import Discovery, DiscoveryConfig, Session, hash_token
+from agentcoord.core.errors import Unauthenticated
+from agentcoord.core.models import AgentState
+from agentcoord.discovery.v1 import discovery_service_pb2_grpc
+from agentcoord.distribution.v1 import distribution_service_pb2_grpc
+from agentcoord.server import discovery as discovery_server
+from agentcoord.server import pending
+from agentcoord.server.auth import Access, Authenticator, SessionLookup
+from agentcoord.server.config import ServerConfig
+from agentcoord.server.interceptors import CallInterceptor
+from agentcoord.statesync.v1 import statesync_service_pb2_grpc
+from agentcoord.store.base import Store
+from agentcoord.store.factory import open_store
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_OPTIONS = [
+    # Ping idle connections so dead agents' connections are noticed by the C core,
+    # and allow clients to ping every 10 s without being told to calm down.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass
+class App:
+    """A running server with everything it owns."""
+
+    config: ServerConfig
+    """The configuration it was built from."""
+    store: Store
+    """The open store."""
+    server: grpc.aio.Server
+    """The gRPC server (started)."""
+    port: int
+    """The bound port (useful when the config asked for port 0)."""
+    health: health.aio.HealthServicer
+    """The health service."""
+    shutdown: asyncio.Event
+    """Set when the server begins shutting down; long streams end then."""
+    discovery: Discovery | None = None
+    """The Discovery core, when this process hosts it."""
+    feed: ChangeFeed | None = None
+    """The change feed."""
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stop_loops: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Shut down in order: health NOT_SERVING, end streams and loops, stop, close store."""
+        if self.shutdown.is_set():
+            return
+        await self.health.enter_graceful_shutdown()
+        self.shutdown.set()
+        self._stop_loops.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(self.config.grace if grace is None else grace)
+        if self.feed is not None:
+            self.feed.close()
+        await self.store.close()
+
+
+def _store_session_lookup(store: Store) -> SessionLookup:
+    async def lookup(token: str) -> Session:
+        agent = await store.find_agent_by_token_hash(hash_token(token))
+        if agent is None or agent.state is not AgentState.LIVE:
+            raise Unauthenticated("session token is unknown or its session has ended")
+        return Session(agent.agent_id, agent.epoch)
+
+    return lookup
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as chain:
+        pair = (key.read(), chain.read())
+    client_ca = None
+    if config.tls_client_ca:
+        with open(config.tls_client_ca, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+async def start_app(
+    config: ServerConfig, *, store: Store | None = None, clock: Clock | None = None
+) -> App:
+    """Open the store, build and start the server with the configured services.
+
+    Args:
+        config: Validated configuration.
+        store: An un-opened store to use instead of ``config.store``.
+        clock: Clock for the core; the system clock by default.
+    """
+    config.validate()
+    store = store or open_store(config.store)
+    await store.open()
+    clock = clock or SystemClock()
+    shutdown = asyncio.Event()
+    feed = ChangeFeed(store)
+    discovery: Discovery | None = None
+    access: dict[str, Access] = {}
+    lookup = _store_session_lookup(store)
+    if "discovery" in config.services:
+        discovery = Discovery(
+            store,
+            clock,
+            feed,
+            DiscoveryConfig(
+                default_ttl=config.default_ttl, min_ttl=config.min_ttl, max_ttl=config.max_ttl
+            ),
+        )
+        await discovery.start()
+        lookup = discovery.authenticate
+        service = discovery_server.SERVICE
+        access.update(
+            {f"/{service.full_name}/{name}": need for name, need in discovery_server.ACCESS.items()}
+        )
+    authenticator = Authenticator(
+        lookup=lookup, join_token=config.join_token, admin_token=config.admin_token
+    )
+    server = grpc.aio.server(
+        interceptors=[CallInterceptor(authenticator, access)],
+        options=[
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.server.max_pending_requests", config.max_pending_requests),
+            ("grpc.server.max_pending_requests_hard_limit", config.max_pending_requests),
+            *KEEPALIVE_OPTIONS,
+        ],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    hosted: list[str] = []
+    if discovery is not None:
+        discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server(
+            discovery_server.DiscoveryServicer(discovery, shutdown), server
+        )
+        hosted.append(discovery_server.SERVICE.full_name)
+    if "distribution" in config.services:
+        distribution_service_pb2_grpc.add_DistributionServiceServicer_to_server(
+            pending.DistributionServicer(), server
+        )
+        hosted.append(pending.DISTRIBUTION_SERVICE.full_name)
+    if "statesync" in config.services:
+        statesync_service_pb2_grpc.add_StateSyncServiceServicer_to_server(
+            pending.StateSyncServicer(), server
+        )
+        hosted.append(pending.STATESYNC_SERVICE.full_name)
+    reflection.enable_server_reflection(
+        [*hosted, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    credentials = _server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, credentials)
+    await server.start()
+    for name in ["", *hosted]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    app = App(config, store, server, port, health_servicer, shutdown, discovery, feed)
+    if discovery is not None:
+        app._tasks.append(asyncio.create_task(discovery.run(app._stop_loops)))
+    return app
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft file-descriptor limit to the hard limit: each stream's connection is a fd."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
+    raise_open_file_limit()
+    app = await start_app(config)
+    host = config.listen.rpartition(":")[0]
+    log.info(
+        "agentcoord listening on %s:%d (services: %s; store: %s)",
+        host,
+        app.port,
+        ", ".join(config.services),
+        config.store,
+    )
+    print(f"agentcoord listening on {host}:{app.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", config.grace)
+    await app.stop()
+    log.info("stopped")

@@ -1,0 +1,113 @@
+"""Proto ⇄ core translation: the only place both worlds meet."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from agentcoord.core.discovery import AgentEvent, AgentView, HeartbeatAck, HeartbeatCommand
+from agentcoord.core.models import Agent, AgentEventKind, AgentState, AgentStatus, Skill
+from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
+
+AGENT_STATE_TO_PROTO = {
+    AgentState.LIVE: discovery_pb.Agent.STATE_LIVE,
+    AgentState.LEFT: discovery_pb.Agent.STATE_LEFT,
+    AgentState.EXPIRED: discovery_pb.Agent.STATE_EXPIRED,
+}
+AGENT_STATE_FROM_PROTO = {value: key for key, value in AGENT_STATE_TO_PROTO.items()}
+
+AGENT_STATUS_TO_PROTO = {
+    AgentStatus.UNSPECIFIED: discovery_pb.Agent.STATUS_UNSPECIFIED,
+    AgentStatus.READY: discovery_pb.Agent.STATUS_READY,
+    AgentStatus.BUSY: discovery_pb.Agent.STATUS_BUSY,
+    AgentStatus.DRAINING: discovery_pb.Agent.STATUS_DRAINING,
+}
+AGENT_STATUS_FROM_PROTO = {value: key for key, value in AGENT_STATUS_TO_PROTO.items()}
+
+AGENT_EVENT_KIND_TO_PROTO = {
+    AgentEventKind.JOINED: discovery_pb.AgentEvent.KIND_JOINED,
+    AgentEventKind.UPDATED: discovery_pb.AgentEvent.KIND_UPDATED,
+    AgentEventKind.LEFT: discovery_pb.AgentEvent.KIND_LEFT,
+    AgentEventKind.EXPIRED: discovery_pb.AgentEvent.KIND_EXPIRED,
+}
+
+HEARTBEAT_COMMAND_TO_PROTO = {
+    HeartbeatCommand.NONE: discovery_pb.HeartbeatResponse.COMMAND_UNSPECIFIED,
+    HeartbeatCommand.REREGISTER: discovery_pb.HeartbeatResponse.COMMAND_REREGISTER,
+    HeartbeatCommand.DRAIN: discovery_pb.HeartbeatResponse.COMMAND_DRAIN,
+}
+
+
+def seconds_to_duration(seconds: float) -> duration_pb2.Duration:
+    """Return a Duration for ``seconds`` (non-negative)."""
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(round(max(seconds, 0.0) * 1e9))
+    return value
+
+
+def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """Return a Timestamp, or None for None."""
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def agent_to_proto(agent: Agent, ttl_remaining: float = 0.0) -> discovery_pb.Agent:
+    """Return the wire form of an agent."""
+    return discovery_pb.Agent(
+        agent_id=agent.agent_id,
+        name=agent.name,
+        role=agent.role,
+        capabilities=agent.capabilities,
+        capacity=agent.capacity,
+        labels=agent.labels,
+        skills=[
+            discovery_pb.Skill(id=s.id, name=s.name, description=s.description, tags=s.tags)
+            for s in agent.skills
+        ],
+        state=AGENT_STATE_TO_PROTO[agent.state],
+        epoch=agent.epoch,
+        heartbeat_interval=seconds_to_duration(agent.heartbeat_interval),
+        ttl=seconds_to_duration(agent.ttl),
+        load=discovery_pb.Load(
+            active_subtasks=agent.active_subtasks, held_subtask_ids=agent.held_subtask_ids
+        ),
+        status=AGENT_STATUS_TO_PROTO[agent.status],
+        register_time=to_timestamp(agent.register_time),
+        last_heartbeat_time=to_timestamp(agent.last_heartbeat_time),
+        ttl_remaining=seconds_to_duration(ttl_remaining),
+        revision=agent.revision,
+    )
+
+
+def agent_view_to_proto(view: AgentView) -> discovery_pb.Agent:
+    """Return the wire form of an agent with its remaining TTL."""
+    return agent_to_proto(view.agent, view.ttl_remaining)
+
+
+def skill_from_proto(skill: discovery_pb.Skill) -> Skill:
+    """Return the core form of a (validated) skill."""
+    return Skill(skill.id, skill.name, skill.description, tuple(skill.tags))
+
+
+def agent_event_to_proto(event: AgentEvent) -> discovery_pb.AgentEvent:
+    """Return the wire form of an agent event."""
+    return discovery_pb.AgentEvent(
+        revision=event.revision,
+        kind=AGENT_EVENT_KIND_TO_PROTO[event.kind],
+        agent=agent_to_proto(event.agent),
+        event_time=to_timestamp(event.change.time),
+    )
+
+
+def heartbeat_ack_to_proto(ack: HeartbeatAck) -> discovery_pb.HeartbeatResponse:
+    """Return the wire form of a heartbeat acknowledgement."""
+    return discovery_pb.HeartbeatResponse(
+        ttl_remaining=seconds_to_duration(ack.ttl_remaining),
+        heartbeat_interval=seconds_to_duration(ack.heartbeat_interval),
+        epoch=ack.epoch,
+        command=HEARTBEAT_COMMAND_TO_PROTO[ack.command],
+    )

@@ -1,0 +1,215 @@
+"""DiscoveryService handlers: validate, call the core, translate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from agentcoord.core.discovery import AgentQuery, AgentSpec, Discovery, HeartbeatCommand, Session
+from agentcoord.core.errors import InvalidInput, PermissionDenied
+from agentcoord.core.models import AgentState, AgentStatus
+from agentcoord.discovery.v1 import discovery_service_pb2 as pb
+from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
+from agentcoord.server import convert, validation
+from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.streams import until_shutdown
+
+SERVICE = pb.DESCRIPTOR.services_by_name["DiscoveryService"]
+"""Descriptor of the service."""
+
+ACCESS = {
+    "GetAgent": Access.READ,
+    "ListAgents": Access.READ,
+    "Register": Access.JOIN,
+    "Heartbeat": Access.AGENT,
+    "Deregister": Access.AGENT,
+    "WatchAgents": Access.READ,
+    "GetSummary": Access.READ,
+}
+"""Access each RPC needs."""
+
+
+class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
+    """Serves ``agentcoord.discovery.v1.DiscoveryService``."""
+
+    def __init__(self, core: Discovery, shutdown: asyncio.Event) -> None:
+        """Serve ``core``; long streams end when ``shutdown`` is set."""
+        self._core = core
+        self._shutdown = shutdown
+
+    async def GetAgent(
+        self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAgentResponse:
+        """Return one agent."""
+        agent_id = _agent_id("agent_id", request.agent_id)
+        return pb.GetAgentResponse(agent=convert.agent_view_to_proto(self._core.get_agent(agent_id)))
+
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAgentsResponse:
+        """List agents matching the filters, one page."""
+        query = _query(request.capabilities, request.role, request.states)
+        fingerprint = {
+            "capabilities": sorted(query.capabilities),
+            "role": query.role,
+            "states": sorted(state.value for state in query.states),
+        }
+        after = validation.decode_page_token("page_token", request.page_token, fingerprint)
+        limit = validation.page_size("page_size", request.page_size)
+        views, last = self._core.list_agents(query, after_agent_id=after, limit=limit)
+        return pb.ListAgentsResponse(
+            agents=[convert.agent_view_to_proto(view) for view in views],
+            next_page_token=validation.encode_page_token(last, fingerprint) if last else "",
+        )
+
+    async def Register(
+        self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterResponse:
+        """Register an agent and open a session."""
+        registration = await self._core.register(_agent_spec(request))
+        agent = registration.agent
+        return pb.RegisterResponse(
+            agent=convert.agent_to_proto(agent, agent.ttl),
+            session_token=registration.session_token,
+            epoch=agent.epoch,
+            heartbeat_interval=convert.seconds_to_duration(agent.heartbeat_interval),
+            ttl=convert.seconds_to_duration(agent.ttl),
+        )
+
+    async def Heartbeat(
+        self,
+        request_iterator: AsyncIterator[pb.HeartbeatRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.HeartbeatResponse]:
+        """Renew the caller's session for every message it sends."""
+        session = _own_session()
+        async for request in until_shutdown(request_iterator, self._shutdown):
+            held = tuple(request.load.held_subtask_ids)
+            validation.at_most("load.held_subtask_ids", held, 1024)
+            ack = await self._core.heartbeat(
+                session,
+                request.agent_id,
+                active_subtasks=validation.in_range(
+                    "load.active_subtasks", request.load.active_subtasks, 0, 1024
+                ),
+                held_subtask_ids=held,
+                status=_status("status", request.status),
+            )
+            yield convert.heartbeat_ack_to_proto(ack)
+            if ack.command is HeartbeatCommand.REREGISTER:
+                return  # the session ended: the agent must register again
+
+    async def Deregister(
+        self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeregisterResponse:
+        """End an agent's session (its own, or any for the admin)."""
+        identity = current_identity()
+        agent_id = _agent_id("agent_id", request.agent_id) if request.agent_id else ""
+        if identity.admin and not agent_id:
+            raise InvalidInput("agent_id", "is required when the admin deregisters an agent")
+        agent = await self._core.deregister(None if identity.admin else identity.session, agent_id)
+        return pb.DeregisterResponse(agent=convert.agent_to_proto(agent))
+
+    async def WatchAgents(
+        self, request: pb.WatchAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchAgentsResponse]:
+        """Stream agent events after the start revision, then live."""
+        if request.start_revision < 0:
+            raise InvalidInput("start_revision", "must not be negative")
+        query = _query(request.capabilities, request.role, ())
+        last_sent = request.start_revision
+        watch = self._core.watch(request.start_revision, query)
+        async for events, revision in until_shutdown(watch, self._shutdown):
+            if not events and revision == last_sent:
+                continue
+            last_sent = revision
+            yield pb.WatchAgentsResponse(
+                events=[convert.agent_event_to_proto(event) for event in events],
+                revision=revision,
+            )
+
+    async def GetSummary(
+        self, request: pb.GetSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSummaryResponse:
+        """Count live agents by role and capability."""
+        summary = self._core.summary()
+        return pb.GetSummaryResponse(
+            live_agents=summary.live_agents,
+            live_agents_by_role=summary.by_role,
+            live_agents_by_capability=summary.by_capability,
+            can_coordinate=summary.can_coordinate,
+            total_capacity=summary.total_capacity,
+            active_subtasks=summary.active_subtasks,
+            revision=await self._core.revision(),
+        )
+
+
+def _own_session() -> Session:
+    session = current_identity().session
+    if session is None:
+        raise PermissionDenied(
+            "authorization: only an agent's own session token can heartbeat",
+            reason="SESSION_REQUIRED",
+        )
+    return session
+
+
+def _agent_id(field: str, value: str) -> str:
+    if not value:
+        raise InvalidInput(field, "is required")
+    return validation.matching(field, value, validation.AGENT_ID, "agent id ([A-Za-z0-9._:-])")
+
+
+def _status(field: str, value: int) -> AgentStatus:
+    status = convert.AGENT_STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    if status is None:
+        raise InvalidInput(field, f"{value} is not a known status")
+    return status  # type: ignore[no-any-return]
+
+
+def _query(capabilities: list[str], role: str, states: list[int] | tuple[()]) -> AgentQuery:
+    chosen: set[AgentState] = set()
+    for index, value in enumerate(states):
+        state = convert.AGENT_STATE_FROM_PROTO.get(value)  # type: ignore[call-overload]
+        if state is None:
+            raise InvalidInput(f"states[{index}]", f"{value} is not a known agent state")
+        chosen.add(state)
+    if role:
+        validation.matching("role", role, validation.ROLE, "role ([a-z0-9_.-], 1-64)")
+    return AgentQuery(
+        capabilities=frozenset(validation.capabilities("capabilities", capabilities)),
+        role=role,
+        states=frozenset(chosen) or frozenset({AgentState.LIVE}),
+    )
+
+
+def _agent_spec(request: pb.RegisterRequest) -> AgentSpec:
+    if request.agent_id:
+        _agent_id("agent_id", request.agent_id)
+    if request.role:
+        validation.matching("role", request.role, validation.ROLE, "role ([a-z0-9_.-], 1-64)")
+    validation.at_most("skills", request.skills, 32)
+    seen: set[str] = set()
+    for index, skill in enumerate(request.skills):
+        field = f"skills[{index}]"
+        validation.text(f"{field}.id", skill.id, max_length=128, required=True)
+        if skill.id in seen:
+            raise InvalidInput(f"{field}.id", f"duplicate skill id {skill.id!r}")
+        seen.add(skill.id)
+        validation.text(f"{field}.name", skill.name, max_length=256, required=True)
+        validation.text(f"{field}.description", skill.description, max_length=4096)
+        validation.at_most(f"{field}.tags", skill.tags, 32)
+        for tag_index, tag in enumerate(skill.tags):
+            validation.text(f"{field}.tags[{tag_index}]", tag, max_length=64, required=True)
+    return AgentSpec(
+        agent_id=request.agent_id,
+        name=validation.text("name", request.name, max_length=256, required=True),
+        role=request.role,
+        capabilities=validation.capabilities("capabilities", request.capabilities),
+        capacity=validation.in_range("capacity", request.capacity or 1, 1, 1024),
+        labels=validation.labels("labels", request.labels),
+        skills=tuple(convert.skill_from_proto(skill) for skill in request.skills),
+        ttl=validation.duration("ttl", request.ttl),
+    )

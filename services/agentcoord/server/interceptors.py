@@ -1,0 +1,120 @@
+"""The one wrapper around every handler: identity, error mapping, logging.
+
+grpc.aio runs a handler's behaviour in its own task, so the interceptor wraps the
+behaviour itself (not just the lookup) to bind the caller's identity in a context
+variable for exactly that call and to turn domain errors into statuses by the table in
+:mod:`agentcoord.server.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+
+from agentcoord.server.auth import Access, Authenticator, bind_identity
+from agentcoord.server.errors import abort_with
+
+log = logging.getLogger("agentcoord.rpc")
+
+Behavior = Callable[..., Any]
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates, maps errors and logs every call to an agentcoord service."""
+
+    def __init__(self, authenticator: Authenticator, access: Mapping[str, Access]) -> None:
+        """Wrap the methods named in ``access`` (full method names); others pass through."""
+        self._authenticator = authenticator
+        self._access = dict(access)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Return the handler with its behaviour wrapped."""
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        access = self._access.get(method)
+        if handler is None or access is None:
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, access, handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, access, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(method, access, handler.stream_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_unary_rpc_method_handler(
+            self._wrap_unary(method, access, handler.stream_unary),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+    async def _identify(self, context: grpc.aio.ServicerContext, access: Access) -> None:
+        # Each call runs in its own task with its own context, so the binding ends with it.
+        metadata = {key: value for key, value in context.invocation_metadata() or ()}
+        bind_identity(await self._authenticator.identify(metadata, access))
+
+    def _wrap_unary(self, method: str, access: Access, behavior: Behavior) -> Behavior:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                await self._identify(context, access)
+                return await behavior(request, context)
+            except Exception as error:
+                if _is_abort(error):
+                    raise
+                await abort_with(context, error)
+            finally:
+                _log_call(method, context, started)
+
+        return unary
+
+    def _wrap_stream(self, method: str, access: Access, behavior: Behavior) -> Behavior:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            try:
+                await self._identify(context, access)
+                async for response in behavior(request, context):
+                    yield response
+            except Exception as error:
+                if _is_abort(error):
+                    raise
+                await abort_with(context, error)
+            finally:
+                _log_call(method, context, started)
+
+        return stream
+
+
+def _is_abort(error: BaseException) -> bool:
+    """Whether ``error`` is grpc's own signal that the call was already aborted."""
+    return isinstance(error, grpc.aio.AbortError)
+
+
+def _log_call(method: str, context: grpc.aio.ServicerContext, started: float) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        code = context.code()
+        log.debug(
+            "rpc %s code=%s peer=%s ms=%.2f",
+            method,
+            code.name if isinstance(code, grpc.StatusCode) else "OK",
+            context.peer(),
+            (time.perf_counter() - started) * 1000,
+        )

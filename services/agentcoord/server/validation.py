@@ -1,0 +1,111 @@
+"""Request-shape checks: each failure is an InvalidInput naming the field."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from google.protobuf import duration_pb2
+
+from agentcoord.core.errors import InvalidInput
+
+AGENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""Agent ids: 1-128 characters of letters, digits and ``._:-``."""
+ROLE = re.compile(r"[a-z0-9_.-]{1,64}")
+"""Roles: 1-64 characters of lower-case letters, digits and ``_.-``."""
+CAPABILITY = re.compile(r"[a-z0-9_.:-]{1,64}")
+"""Capabilities: 1-64 characters of lower-case letters, digits and ``_.:-``."""
+LABEL_KEY = re.compile(r"[A-Za-z0-9_./-]{1,63}")
+"""Label keys: 1-63 characters of letters, digits and ``_./-``."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+MAX_PAGE_SIZE = 1000
+"""Largest page any List RPC returns."""
+DEFAULT_PAGE_SIZE = 100
+"""Page size when a request asks for none."""
+
+
+def matching(field: str, value: str, pattern: re.Pattern[str], what: str) -> str:
+    """Return ``value`` if it fully matches ``pattern``."""
+    if not pattern.fullmatch(value):
+        raise InvalidInput(field, f"{value[:80]!r} is not a valid {what}")
+    return value
+
+
+def text(field: str, value: str, *, max_length: int, required: bool = False) -> str:
+    """Return printable ``value`` of at most ``max_length`` characters."""
+    if required and not value.strip():
+        raise InvalidInput(field, "is required")
+    if len(value) > max_length:
+        raise InvalidInput(field, f"is {len(value)} characters; at most {max_length}")
+    if _CONTROL.search(value.replace("\n", "").replace("\t", "")):
+        raise InvalidInput(field, "contains control characters")
+    return value
+
+
+def at_most(field: str, items: Collection[Any], limit: int) -> None:
+    """Check a repeated or map field has at most ``limit`` entries."""
+    if len(items) > limit:
+        raise InvalidInput(field, f"has {len(items)} entries; at most {limit}")
+
+
+def in_range(field: str, value: int, low: int, high: int) -> int:
+    """Return ``value`` if ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise InvalidInput(field, f"is {value}; must be between {low} and {high}")
+    return value
+
+
+def capabilities(field: str, values: Sequence[str]) -> tuple[str, ...]:
+    """Return valid capabilities, sorted and without duplicates."""
+    at_most(field, values, 64)
+    for index, value in enumerate(values):
+        matching(f"{field}[{index}]", value, CAPABILITY, "capability ([a-z0-9_.:-], 1-64)")
+    return tuple(sorted(set(values)))
+
+
+def labels(field: str, values: Mapping[str, str]) -> dict[str, str]:
+    """Return valid labels."""
+    at_most(field, values, 32)
+    for key, value in values.items():
+        matching(field, key, LABEL_KEY, "label key ([A-Za-z0-9_./-], 1-63)")
+        text(f"{field}[{key}]", value, max_length=256)
+    return dict(values)
+
+
+def duration(field: str, value: duration_pb2.Duration) -> float:
+    """Return a non-negative duration in seconds."""
+    if value.seconds < 0 or value.nanos < 0 or value.nanos >= 1_000_000_000:
+        raise InvalidInput(field, "must be a non-negative duration")
+    return value.seconds + value.nanos / 1e9
+
+
+def page_size(field: str, value: int) -> int:
+    """Return the effective page size: 0 is the default, large values are capped."""
+    if value < 0:
+        raise InvalidInput(field, "must not be negative")
+    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_page_token(position: str, query: Mapping[str, Any]) -> str:
+    """Return an opaque token for continuing a listing after ``position``."""
+    payload = json.dumps({"after": position, "query": query}, sort_keys=True)
+    return base64.urlsafe_b64encode(payload.encode()).decode()
+
+
+def decode_page_token(field: str, token: str, query: Mapping[str, Any]) -> str:
+    """Return the position in ``token``; the listing's filters must be those it was made for."""
+    if not token:
+        return ""
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token.encode()))
+        position, made_for = payload["after"], payload["query"]
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InvalidInput(field, "is not a token this server issued") from None
+    if not isinstance(position, str) or made_for != json.loads(json.dumps(query)):
+        raise InvalidInput(field, "was issued for a listing with other filters")
+    return position

@@ -1,0 +1,1 @@
+"""Storage: one interface, an SQLite and a PostgreSQL implementation."""
