@@ -226,9 +226,7 @@ async def test_summary_counts_live_agents(discovery: Stub) -> None:
     assert summary.revision > 0
 
 
-async def _collect(
-    call: AsyncIterator[pb.WatchAgentsResponse], count: int
-) -> list[pb.AgentEvent]:
+async def _collect(call: AsyncIterator[pb.WatchAgentsResponse], count: int) -> list[pb.AgentEvent]:
     events: list[pb.AgentEvent] = []
     async for response in call:
         events.extend(response.events)
@@ -368,9 +366,7 @@ async def test_many_agents_heartbeat_at_once(discovery: Stub) -> None:
     registrations = await asyncio.gather(
         *(register(discovery, f"bulk-{index:04d}", ttl=ttl(5)) for index in range(count))
     )
-    streams = [
-        HeartbeatStream(discovery, r.agent.agent_id, r.session_token) for r in registrations
-    ]
+    streams = [HeartbeatStream(discovery, r.agent.agent_id, r.session_token) for r in registrations]
     try:
         for round_ in range(3):
             acks = await asyncio.gather(*(stream.beat(active=round_) for stream in streams))

@@ -59,9 +59,13 @@ class _ServiceClient:
 class DiscoveryClient(_ServiceClient):
     """``agentcoord.discovery.v1.DiscoveryService``."""
 
-    async def get_agent(self, request: discovery_pb.GetAgentRequest) -> discovery_pb.GetAgentResponse:
+    async def get_agent(
+        self, request: discovery_pb.GetAgentRequest
+    ) -> discovery_pb.GetAgentResponse:
         """Call GetAgent."""
-        return await self._unary("GetAgent", request, discovery_pb.GetAgentResponse, idempotent=True)
+        return await self._unary(
+            "GetAgent", request, discovery_pb.GetAgentResponse, idempotent=True
+        )
 
     async def list_agents(
         self, request: discovery_pb.ListAgentsRequest
@@ -85,7 +89,9 @@ class DiscoveryClient(_ServiceClient):
                 return
             page.page_token = response.next_page_token
 
-    async def register(self, request: discovery_pb.RegisterRequest) -> discovery_pb.RegisterResponse:
+    async def register(
+        self, request: discovery_pb.RegisterRequest
+    ) -> discovery_pb.RegisterResponse:
         """Call Register; the client then acts as the new session."""
         response = await self._unary(
             "Register", request, discovery_pb.RegisterResponse, idempotent=False
@@ -93,9 +99,11 @@ class DiscoveryClient(_ServiceClient):
         self._client.token = response.session_token
         return response
 
-    def heartbeat(self) -> grpc.aio.StreamStreamCall:
+    def heartbeat(self) -> grpc.aio.StreamStreamCall[Any, Any]:
         """Open the bidirectional Heartbeat stream as the client's session."""
-        call: grpc.aio.StreamStreamCall = self._stub.Heartbeat(metadata=self._client.metadata())
+        call: grpc.aio.StreamStreamCall[Any, Any] = self._stub.Heartbeat(
+            metadata=self._client.metadata()
+        )
         return call
 
     async def deregister(
@@ -217,7 +225,9 @@ class StateSyncClient(_ServiceClient):
         self, request: statesync_pb.GetStateRequest
     ) -> statesync_pb.GetStateResponse:
         """Call GetState."""
-        return await self._unary("GetState", request, statesync_pb.GetStateResponse, idempotent=True)
+        return await self._unary(
+            "GetState", request, statesync_pb.GetStateResponse, idempotent=True
+        )
 
     async def list_states(
         self, request: statesync_pb.ListStatesRequest

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import enum
 import hashlib
 import heapq
@@ -424,10 +425,8 @@ class Discovery:
                     await self.flush()
             except Exception:  # keep the loop alive through a transient store outage
                 log.exception("discovery background pass failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.sweep_interval)
-            except TimeoutError:
-                pass
         await self.flush()
 
     async def revision(self) -> int:
@@ -455,9 +454,7 @@ class Discovery:
         """
         entry = self._entries.get(agent_id)
         if entry is None:
-            raise NotFound(
-                f"agent_id: agent {agent_id!r} does not exist", reason="AGENT_NOT_FOUND"
-            )
+            raise NotFound(f"agent_id: agent {agent_id!r} does not exist", reason="AGENT_NOT_FOUND")
         return self._view(entry, self._clock.monotonic())
 
     def list_agents(
@@ -497,9 +494,9 @@ class Discovery:
             by_capability.update(agent.capabilities)
         return Summary(live, dict(by_role), dict(by_capability), capacity, active)
 
-    async def watch(self, start_revision: int, query: AgentQuery) -> AsyncIterator[
-        tuple[list[AgentEvent], int]
-    ]:
+    async def watch(
+        self, start_revision: int, query: AgentQuery
+    ) -> AsyncIterator[tuple[list[AgentEvent], int]]:
         """Yield agent events matching ``query`` (its states ignored) after ``start_revision``.
 
         Each item is the events of one batch and the revision reached; the list is empty

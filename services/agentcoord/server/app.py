@@ -25,6 +25,7 @@ from agentcoord.server import pending
 from agentcoord.server.auth import Access, Authenticator, SessionLookup
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.interceptors import CallInterceptor
+from agentcoord.server.streams import StreamTracker
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc
 from agentcoord.store.base import Store
 from agentcoord.store.factory import open_store
@@ -56,8 +57,8 @@ class App:
     """The bound port (useful when the config asked for port 0)."""
     health: health.aio.HealthServicer
     """The health service."""
-    shutdown: asyncio.Event
-    """Set when the server begins shutting down; long streams end then."""
+    streams: StreamTracker
+    """Long-lived streams, ended at shutdown."""
     discovery: Discovery | None = None
     """The Discovery core, when this process hosts it."""
     feed: ChangeFeed | None = None
@@ -67,10 +68,10 @@ class App:
 
     async def stop(self, grace: float | None = None) -> None:
         """Shut down in order: health NOT_SERVING, end streams and loops, stop, close store."""
-        if self.shutdown.is_set():
+        if self._stop_loops.is_set():
             return
         await self.health.enter_graceful_shutdown()
-        self.shutdown.set()
+        self.streams.close_all()
         self._stop_loops.set()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -119,7 +120,7 @@ async def start_app(
     store = store or open_store(config.store)
     await store.open()
     clock = clock or SystemClock()
-    shutdown = asyncio.Event()
+    streams = StreamTracker()
     feed = ChangeFeed(store)
     discovery: Discovery | None = None
     access: dict[str, Access] = {}
@@ -157,21 +158,27 @@ async def start_app(
     hosted: list[str] = []
     if discovery is not None:
         discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-            discovery_server.DiscoveryServicer(discovery, shutdown), server
+            discovery_server.DiscoveryServicer(discovery, streams), server
         )
         hosted.append(discovery_server.SERVICE.full_name)
     if "distribution" in config.services:
         distribution_service_pb2_grpc.add_DistributionServiceServicer_to_server(
-            pending.DistributionServicer(), server
+            pending.DistributionServicer(),  # type: ignore[abstract]
+            server,
         )
         hosted.append(pending.DISTRIBUTION_SERVICE.full_name)
     if "statesync" in config.services:
         statesync_service_pb2_grpc.add_StateSyncServiceServicer_to_server(
-            pending.StateSyncServicer(), server
+            pending.StateSyncServicer(),  # type: ignore[abstract]
+            server,
         )
         hosted.append(pending.STATESYNC_SERVICE.full_name)
     reflection.enable_server_reflection(
-        [*hosted, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            *hosted,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     credentials = _server_credentials(config)
@@ -182,7 +189,7 @@ async def start_app(
     await server.start()
     for name in ["", *hosted]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    app = App(config, store, server, port, health_servicer, shutdown, discovery, feed)
+    app = App(config, store, server, port, health_servicer, streams, discovery, feed)
     if discovery is not None:
         app._tasks.append(asyncio.create_task(discovery.run(app._stop_loops)))
     return app

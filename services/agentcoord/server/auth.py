@@ -42,8 +42,10 @@ class Identity:
     """Whether the caller presented the admin token."""
 
 
+_ANONYMOUS = Identity()
 _identity: contextvars.ContextVar[Identity] = contextvars.ContextVar(
-    "agentcoord_identity", default=Identity()
+    "agentcoord_identity",
+    default=_ANONYMOUS,
 )
 
 

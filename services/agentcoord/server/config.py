@@ -126,7 +126,9 @@ def _doc(name: str) -> str:
     return f"(env {env})"
 
 
-def from_sources(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+def from_sources(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
     """Build a config: flags first, then ``AGENTCOORD_*`` variables, then defaults.
 
     Raises:
@@ -136,7 +138,9 @@ def from_sources(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     values: dict[str, object] = {}
     for spec in fields(ServerConfig):
         if spec.name == "services":
-            chosen: Sequence[str] = args.services or environ.get("AGENTCOORD_SERVICES", "").split(",")
+            chosen: Sequence[str] = args.services or environ.get("AGENTCOORD_SERVICES", "").split(
+                ","
+            )
             chosen = [name for name in chosen if name]
             if chosen:
                 values["services"] = tuple(dict.fromkeys(chosen))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -14,7 +14,10 @@ from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from agentcoord.server import convert, validation
 from agentcoord.server.auth import Access, current_identity
-from agentcoord.server.streams import until_shutdown
+from agentcoord.server.streams import StreamTracker
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DiscoveryService"]
 """Descriptor of the service."""
@@ -34,20 +37,20 @@ ACCESS = {
 class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     """Serves ``agentcoord.discovery.v1.DiscoveryService``."""
 
-    def __init__(self, core: Discovery, shutdown: asyncio.Event) -> None:
-        """Serve ``core``; long streams end when ``shutdown`` is set."""
+    def __init__(self, core: Discovery, streams: StreamTracker) -> None:
+        """Serve ``core``; ``streams`` ends long streams at shutdown."""
         self._core = core
-        self._shutdown = shutdown
+        self._streams = streams
 
-    async def GetAgent(
-        self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetAgentResponse:
+    async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.GetAgentResponse:
         """Return one agent."""
         agent_id = _agent_id("agent_id", request.agent_id)
-        return pb.GetAgentResponse(agent=convert.agent_view_to_proto(self._core.get_agent(agent_id)))
+        return pb.GetAgentResponse(
+            agent=convert.agent_view_to_proto(self._core.get_agent(agent_id))
+        )
 
     async def ListAgents(
-        self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListAgentsRequest, context: Context
     ) -> pb.ListAgentsResponse:
         """List agents matching the filters, one page."""
         query = _query(request.capabilities, request.role, request.states)
@@ -64,9 +67,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             next_page_token=validation.encode_page_token(last, fingerprint) if last else "",
         )
 
-    async def Register(
-        self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RegisterResponse:
+    async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
         """Register an agent and open a session."""
         registration = await self._core.register(_agent_spec(request))
         agent = registration.agent
@@ -81,28 +82,29 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     async def Heartbeat(
         self,
         request_iterator: AsyncIterator[pb.HeartbeatRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> AsyncIterator[pb.HeartbeatResponse]:
         """Renew the caller's session for every message it sends."""
         session = _own_session()
-        async for request in until_shutdown(request_iterator, self._shutdown):
-            held = tuple(request.load.held_subtask_ids)
-            validation.at_most("load.held_subtask_ids", held, 1024)
-            ack = await self._core.heartbeat(
-                session,
-                request.agent_id,
-                active_subtasks=validation.in_range(
-                    "load.active_subtasks", request.load.active_subtasks, 0, 1024
-                ),
-                held_subtask_ids=held,
-                status=_status("status", request.status),
-            )
-            yield convert.heartbeat_ack_to_proto(ack)
-            if ack.command is HeartbeatCommand.REREGISTER:
-                return  # the session ended: the agent must register again
+        with self._streams.track():
+            async for request in request_iterator:
+                held = tuple(request.load.held_subtask_ids)
+                validation.at_most("load.held_subtask_ids", held, 1024)
+                ack = await self._core.heartbeat(
+                    session,
+                    request.agent_id,
+                    active_subtasks=validation.in_range(
+                        "load.active_subtasks", request.load.active_subtasks, 0, 1024
+                    ),
+                    held_subtask_ids=held,
+                    status=_status("status", request.status),
+                )
+                yield convert.heartbeat_ack_to_proto(ack)
+                if ack.command is HeartbeatCommand.REREGISTER:
+                    return  # the session ended: the agent must register again
 
     async def Deregister(
-        self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeregisterRequest, context: Context
     ) -> pb.DeregisterResponse:
         """End an agent's session (its own, or any for the admin)."""
         identity = current_identity()
@@ -113,25 +115,25 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         return pb.DeregisterResponse(agent=convert.agent_to_proto(agent))
 
     async def WatchAgents(
-        self, request: pb.WatchAgentsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.WatchAgentsRequest, context: Context
     ) -> AsyncIterator[pb.WatchAgentsResponse]:
         """Stream agent events after the start revision, then live."""
         if request.start_revision < 0:
             raise InvalidInput("start_revision", "must not be negative")
         query = _query(request.capabilities, request.role, ())
         last_sent = request.start_revision
-        watch = self._core.watch(request.start_revision, query)
-        async for events, revision in until_shutdown(watch, self._shutdown):
-            if not events and revision == last_sent:
-                continue
-            last_sent = revision
-            yield pb.WatchAgentsResponse(
-                events=[convert.agent_event_to_proto(event) for event in events],
-                revision=revision,
-            )
+        with self._streams.track():
+            async for events, revision in self._core.watch(request.start_revision, query):
+                if not events and revision == last_sent:
+                    continue
+                last_sent = revision
+                yield pb.WatchAgentsResponse(
+                    events=[convert.agent_event_to_proto(event) for event in events],
+                    revision=revision,
+                )
 
     async def GetSummary(
-        self, request: pb.GetSummaryRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetSummaryRequest, context: Context
     ) -> pb.GetSummaryResponse:
         """Count live agents by role and capability."""
         summary = self._core.summary()
@@ -169,7 +171,7 @@ def _status(field: str, value: int) -> AgentStatus:
     return status  # type: ignore[no-any-return]
 
 
-def _query(capabilities: list[str], role: str, states: list[int] | tuple[()]) -> AgentQuery:
+def _query(capabilities: Sequence[str], role: str, states: Sequence[int]) -> AgentQuery:
     chosen: set[AgentState] = set()
     for index, value in enumerate(states):
         state = convert.AGENT_STATE_FROM_PROTO.get(value)  # type: ignore[call-overload]

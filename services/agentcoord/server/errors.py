@@ -9,7 +9,7 @@ traceback is logged here and never sent.
 from __future__ import annotations
 
 import logging
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -41,7 +41,7 @@ STATUS_BY_ERROR: dict[type[errors.AgentcoordError], grpc.StatusCode] = {
 def status_code_of(error: errors.AgentcoordError) -> grpc.StatusCode:
     """Return the status code for a domain error (nearest class in the table)."""
     for cls in type(error).__mro__:
-        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
+        code = STATUS_BY_ERROR.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
@@ -77,7 +77,7 @@ def internal_status() -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see server log")
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
     """Abort the call with the status for ``error``."""
     if isinstance(error, errors.AgentcoordError):
         status = to_rpc_status(error)

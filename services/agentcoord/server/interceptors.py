@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -21,6 +21,9 @@ from agentcoord.server.errors import abort_with
 log = logging.getLogger("agentcoord.rpc")
 
 Behavior = Callable[..., Any]
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
@@ -33,9 +36,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         """Return the handler with its behaviour wrapped."""
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
@@ -60,19 +63,24 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 handler.request_deserializer,
                 handler.response_serializer,
             )
+        assert handler.stream_unary is not None
         return grpc.stream_unary_rpc_method_handler(
             self._wrap_unary(method, access, handler.stream_unary),
             handler.request_deserializer,
             handler.response_serializer,
         )
 
-    async def _identify(self, context: grpc.aio.ServicerContext, access: Access) -> None:
+    async def _identify(self, context: Context, access: Access) -> None:
         # Each call runs in its own task with its own context, so the binding ends with it.
-        metadata = {key: value for key, value in context.invocation_metadata() or ()}
+        metadata = {
+            key: value
+            for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str)
+        }
         bind_identity(await self._authenticator.identify(metadata, access))
 
     def _wrap_unary(self, method: str, access: Access, behavior: Behavior) -> Behavior:
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             try:
                 await self._identify(context, access)
@@ -87,7 +95,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
     def _wrap_stream(self, method: str, access: Access, behavior: Behavior) -> Behavior:
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             try:
                 await self._identify(context, access)
@@ -108,7 +116,7 @@ def _is_abort(error: BaseException) -> bool:
     return isinstance(error, grpc.aio.AbortError)
 
 
-def _log_call(method: str, context: grpc.aio.ServicerContext, started: float) -> None:
+def _log_call(method: str, context: Context, started: float) -> None:
     if log.isEnabledFor(logging.DEBUG):
         code = context.code()
         log.debug(

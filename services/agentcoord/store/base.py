@@ -60,8 +60,9 @@ class Store(Protocol):
     ) -> Agent | None:
         """Mark a live agent LEFT or EXPIRED if its stored epoch is ``epoch``.
 
-        Appends ``agent.left`` or ``agent.expired`` (details as for ``register_agent``). Returns the updated agent, or None when
-        the agent is missing, not live, or has a different epoch (nothing changes then).
+        Appends ``agent.left`` or ``agent.expired`` (details as for ``register_agent``).
+        Returns the updated agent, or None when the agent is missing, not live, or has a
+        different epoch (nothing changes then).
         """
         ...
 

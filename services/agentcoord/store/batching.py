@@ -1,0 +1,153 @@
+"""Group commit: concurrent writes share one transaction and one commit.
+
+Callers submit write operations; one writer task on the event loop takes everything
+queued (up to a cap) and hands it to the back end's ``run_batch``, which runs each
+operation inside its own savepoint of one transaction and commits once. While a batch
+commits, new operations queue up for the next one, so throughput grows with
+concurrency instead of queueing on fsync. After each commit the writer calls the
+change listeners, on the event loop, with the batch's changes in revision order, and
+then resolves the callers' futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from agentcoord.core.errors import Unavailable
+from agentcoord.core.models import Change
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 256
+"""Operations committed together at most."""
+
+OpT = TypeVar("OpT")
+
+Listener = Callable[[Sequence[Change]], None]
+"""Receives committed changes in revision order; the same as ``store.base.ChangeListener``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one operation of a batch produced."""
+
+    value: object = None
+    """The operation's result."""
+    error: Exception | None = None
+    """The exception it raised; its savepoint was rolled back and it has no changes."""
+    changes: Sequence[Change] = ()
+    """Change log entries it appended, in revision order."""
+
+
+RunBatch = Callable[[list[OpT]], Awaitable[list[Outcome]]]
+"""Runs operations in one transaction, one savepoint each, and commits.
+
+Returns one outcome per operation, in order. Raising means nothing was committed.
+"""
+
+
+class GroupCommitter(Generic[OpT]):
+    """Queues write operations and commits them in batches, one batch at a time."""
+
+    def __init__(self, run_batch: RunBatch[OpT], *, max_batch: int = MAX_BATCH) -> None:
+        """Commit through ``run_batch``, at most ``max_batch`` operations per transaction."""
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._queue: deque[tuple[OpT, asyncio.Future[object]]] = deque()
+        self._listeners: list[Listener] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` after each commit; returns a function that removes it."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    def start(self) -> None:
+        """Start the writer task on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._write_loop(), name="agentcoord-group-commit"
+        )
+
+    async def submit(self, op: OpT) -> object:
+        """Queue ``op`` and return its result once its batch has committed.
+
+        Raises:
+            Unavailable: the committer is not started or is closing.
+            Exception: whatever the operation raised (it changed nothing).
+        """
+        if self._task is None or self._closing:
+            raise Unavailable("the store is not open")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((op, future))
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        """Refuse new operations, commit the queued ones, and stop the writer task."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    async def _write_loop(self) -> None:
+        try:
+            while self._queue or not self._closing:
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                count = min(len(self._queue), self._max_batch)
+                batch = [self._queue.popleft() for _ in range(count)]
+                # A caller cancelled before its batch started: skip its operation.
+                batch = [(op, future) for op, future in batch if not future.done()]
+                if batch:
+                    await self._commit(batch)
+        finally:
+            # Only reached early if the task itself is cancelled (the loop is shutting down).
+            _fail(self._queue, Unavailable("the store closed"))
+            self._queue.clear()
+
+    async def _commit(self, batch: list[tuple[OpT, asyncio.Future[object]]]) -> None:
+        try:
+            outcomes = await self._run_batch([op for op, _ in batch])
+        except Exception as exc:  # nothing committed: every operation of the batch fails
+            _fail(batch, exc)
+            return
+        except asyncio.CancelledError:
+            _fail(batch, Unavailable("the store closed during a commit"))
+            raise
+        changes = [change for outcome in outcomes for change in outcome.changes]
+        if changes:
+            self._notify(changes)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue  # the caller was cancelled while its operation committed
+            if outcome.error is not None:
+                future.set_exception(outcome.error)
+            else:
+                future.set_result(outcome.value)
+
+    def _notify(self, changes: Sequence[Change]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(changes)
+            except Exception:
+                log.exception("change listener %r failed", listener)
+
+
+def _fail(batch: Iterable[tuple[object, asyncio.Future[object]]], error: Exception) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(error)

@@ -1,0 +1,234 @@
+"""What both back ends share below the SQL: row encoding and the rules of agent sessions.
+
+JSON columns hold text in both back ends (SQLite TEXT, PostgreSQL jsonb exchanged as
+text). Timestamps differ: ISO 8601 text in SQLite, timestamptz in PostgreSQL; a
+:class:`Codec` carries that one difference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from agentcoord.core.errors import InvalidInput
+from agentcoord.core.models import (
+    Agent,
+    AgentEventKind,
+    AgentState,
+    AgentStatus,
+    Change,
+    HeartbeatRecord,
+    NewChange,
+    Service,
+    Skill,
+)
+
+AGENT_COLUMNS = (
+    "agent_id",
+    "name",
+    "role",
+    "capabilities",
+    "capacity",
+    "labels",
+    "skills",
+    "ttl",
+    "state",
+    "epoch",
+    "status",
+    "active_subtasks",
+    "held_subtask_ids",
+    "register_time",
+    "last_heartbeat_time",
+    "revision",
+    "token_hash",
+)
+"""Columns of the ``agents`` table, in the order of :meth:`Codec.agent_params`."""
+
+CHANGE_COLUMNS = ("revision", "time", "service", "kind", "subject", "agent_id", "details")
+"""Columns of the ``changes`` table, in the order of :meth:`Codec.change_params`."""
+
+HEARTBEAT_PARAMS = (
+    "agent_id",
+    "epoch",
+    "last_heartbeat_time",
+    "status",
+    "active_subtasks",
+    "held_subtask_ids",
+)
+"""Order of :meth:`Codec.heartbeat_params`."""
+
+_ENDED_KINDS = {AgentState.LEFT: AgentEventKind.LEFT, AgentState.EXPIRED: AgentEventKind.EXPIRED}
+
+
+class Row(Protocol):
+    """A result row addressable by column name (``sqlite3.Row``, ``asyncpg.Record``)."""
+
+    def __getitem__(self, key: str, /) -> Any:
+        """Return the value of column ``key``."""
+        ...
+
+
+def to_utc(value: datetime) -> datetime:
+    """Return an aware datetime in UTC.
+
+    Raises:
+        ValueError: ``value`` is naive; the store never guesses a time zone.
+    """
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: the store needs timezone-aware times")
+    return value.astimezone(UTC)
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """Translates records to query parameters and rows back to records."""
+
+    encode_time: Callable[[datetime], Any]
+    """Turns an aware datetime into the back end's timestamp value."""
+    decode_time: Callable[[Any], datetime]
+    """Turns a stored timestamp back into an aware UTC datetime."""
+
+    def _time_or_none(self, value: datetime | None) -> Any:
+        return None if value is None else self.encode_time(value)
+
+    def agent_params(self, agent: Agent, token_hash: str) -> tuple[Any, ...]:
+        """Return the values of :data:`AGENT_COLUMNS` for ``agent``."""
+        skills = [
+            {"id": s.id, "name": s.name, "description": s.description, "tags": list(s.tags)}
+            for s in agent.skills
+        ]
+        return (
+            agent.agent_id,
+            agent.name,
+            agent.role,
+            _dumps(list(agent.capabilities)),
+            agent.capacity,
+            _dumps(dict(agent.labels)),
+            _dumps(skills),
+            agent.ttl,
+            agent.state.value,
+            agent.epoch,
+            agent.status.value,
+            agent.active_subtasks,
+            _dumps(list(agent.held_subtask_ids)),
+            self._time_or_none(agent.register_time),
+            self._time_or_none(agent.last_heartbeat_time),
+            agent.revision,
+            token_hash,
+        )
+
+    def agent_from_row(self, row: Row) -> Agent:
+        """Rebuild an agent from a row holding :data:`AGENT_COLUMNS`."""
+        register_time = row["register_time"]
+        last_heartbeat_time = row["last_heartbeat_time"]
+        return Agent(
+            agent_id=row["agent_id"],
+            name=row["name"],
+            role=row["role"],
+            capabilities=tuple(json.loads(row["capabilities"])),
+            capacity=row["capacity"],
+            labels=json.loads(row["labels"]),
+            skills=tuple(
+                Skill(s["id"], s["name"], s["description"], tuple(s["tags"]))
+                for s in json.loads(row["skills"])
+            ),
+            ttl=row["ttl"],
+            state=AgentState(row["state"]),
+            epoch=row["epoch"],
+            status=AgentStatus(row["status"]),
+            active_subtasks=row["active_subtasks"],
+            held_subtask_ids=tuple(json.loads(row["held_subtask_ids"])),
+            register_time=None if register_time is None else self.decode_time(register_time),
+            last_heartbeat_time=(
+                None if last_heartbeat_time is None else self.decode_time(last_heartbeat_time)
+            ),
+            revision=row["revision"],
+        )
+
+    def change_params(self, change: Change) -> tuple[Any, ...]:
+        """Return the values of :data:`CHANGE_COLUMNS` for ``change``."""
+        return (
+            change.revision,
+            self.encode_time(change.time),
+            change.service.value,
+            change.kind,
+            change.subject,
+            change.agent_id,
+            _dumps(change.details),
+        )
+
+    def change_from_row(self, row: Row) -> Change:
+        """Rebuild a change from a row holding :data:`CHANGE_COLUMNS`."""
+        return Change(
+            revision=row["revision"],
+            time=self.decode_time(row["time"]),
+            service=Service(row["service"]),
+            kind=row["kind"],
+            subject=row["subject"],
+            agent_id=row["agent_id"],
+            details=json.loads(row["details"]),
+        )
+
+    def heartbeat_params(self, record: HeartbeatRecord) -> tuple[Any, ...]:
+        """Return the values of :data:`HEARTBEAT_PARAMS` for ``record``."""
+        return (
+            record.agent_id,
+            record.epoch,
+            self.encode_time(record.last_heartbeat_time),
+            record.status.value,
+            record.active_subtasks,
+            _dumps(list(record.held_subtask_ids)),
+        )
+
+
+def new_session(agent: Agent, previous: Agent | None, now: datetime) -> Agent:
+    """Return ``agent`` as a registration stores it: LIVE, next epoch, registered ``now``."""
+    epoch = 1 if previous is None else previous.epoch + 1
+    return replace(agent, state=AgentState.LIVE, epoch=epoch, register_time=now)
+
+
+def stored_at(agent: Agent, revision: int) -> Agent:
+    """Return ``agent`` as stored at ``revision``, its times in UTC."""
+    return replace(
+        agent,
+        register_time=None if agent.register_time is None else to_utc(agent.register_time),
+        last_heartbeat_time=(
+            None if agent.last_heartbeat_time is None else to_utc(agent.last_heartbeat_time)
+        ),
+        revision=revision,
+    )
+
+
+def is_current_session(agent: Agent | None, epoch: int) -> bool:
+    """Return whether ``agent`` exists, is live, and is in session ``epoch``."""
+    return agent is not None and agent.state is AgentState.LIVE and agent.epoch == epoch
+
+
+def ended_kind(state: AgentState) -> AgentEventKind:
+    """Return the change kind that ends a session in ``state``.
+
+    Raises:
+        InvalidInput: ``state`` does not end a session (it is LIVE).
+    """
+    kind = _ENDED_KINDS.get(state)
+    if kind is None:
+        raise InvalidInput("state", f"a session ends as LEFT or EXPIRED, not {state.name}")
+    return kind
+
+
+def agent_change(agent: Agent, kind: AgentEventKind) -> NewChange:
+    """Return the change log entry recording ``agent`` (stored, revision included)."""
+    return NewChange(
+        service=Service.DISCOVERY,
+        kind=kind.change_kind,
+        subject=agent.agent_id,
+        agent_id=agent.agent_id,
+        details={"agent": agent.to_snapshot()},
+    )

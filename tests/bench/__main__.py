@@ -1,0 +1,343 @@
+"""``make bench``: Discovery beside a bare grpc.aio echo service, one markdown table.
+
+.venv/bin/python -m tests.bench [--quick] [--agents 1000,10000] [--channels 16,agent]
+    [--duration 20] [--calls 2000] [--store sqlite|postgresql://...] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from tests.bench import procs, report, unary
+from tests.bench.expiry import ExpiryResult, measure_expiry
+from tests.bench.load import LoadResult, LoadSpec, run_load
+from tests.bench.report import Table, ms, percentile, ratio
+
+LIMITED_PENDING = 1000
+"""grpc core's default ``grpc.server.max_pending_requests``, for the demonstration run."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags; ``--quick`` changes the defaults of the others to a smoke run."""
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< 1 min)")
+    parser.add_argument("--agents", help="heartbeat fleet sizes (default 1000,10000; quick 1000)")
+    parser.add_argument(
+        "--channels",
+        help="client connections per fleet, 'agent' = one per agent (default 16,agent; quick 16)",
+    )
+    parser.add_argument("--duration", type=float, help="seconds measured per load (20; quick 5)")
+    parser.add_argument("--calls", type=int, help="sequential calls per unary figure (2000; 200)")
+    parser.add_argument("--workers", type=int, default=4, help="load generator processes")
+    parser.add_argument("--ttl", type=float, default=3.0, help="heartbeat fleet TTL, seconds")
+    parser.add_argument("--expiry-agents", type=int, help="agents killed for expiry (50; 20)")
+    parser.add_argument("--expiry-ttl", type=float, default=1.0, help="their TTL, seconds")
+    parser.add_argument(
+        "--no-pending-demo",
+        action="store_true",
+        help=f"skip the largest fleet against --max-pending-requests {LIMITED_PENDING}",
+    )
+    parser.add_argument("--store", default="sqlite", help="sqlite (default) or postgresql://...")
+    parser.add_argument("--profile", action="store_true", help="cProfile Discovery under load")
+    parser.add_argument("--output", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.agents = [int(n) for n in (args.agents or ("1000" if quick else "1000,10000")).split(",")]
+    args.channels = (args.channels or ("16" if quick else "16,agent")).split(",")
+    args.duration = args.duration or (5.0 if quick else 20.0)
+    args.calls = args.calls or (200 if quick else 2000)
+    args.expiry_agents = args.expiry_agents or (20 if quick else 50)
+    args.pending_demo = not (quick or args.no_pending_demo) and max(args.agents) > LIMITED_PENDING
+    return args
+
+
+def progress(text: str) -> None:
+    """One line of progress on stderr (the table goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """Runs every workload and fills the table."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, stack: ExitStack) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.stack = stack
+        self.stores = procs.Stores(args.store, workdir)
+        stack.callback(self.stores.drop_all)
+        self.table = Table()
+        self.serial = 0
+
+    def server(self, kind: str, extra: list[str] | None = None) -> procs.Server:
+        """Start a fresh server; it is stopped when the bench ends, whatever happens."""
+        self.serial += 1
+        name = f"{kind}-{self.serial}"
+        if kind == "echo":
+            server = procs.start_echo(name, self.workdir)
+        else:
+            server = procs.start_agentcoord(
+                name,
+                self.stores.fresh(name),
+                self.workdir,
+                ["--default-ttl", str(self.args.ttl), *(extra or [])],
+                profile=self.args.profile and kind == "load",
+            )
+        self.stack.callback(server.stop)
+        return server
+
+    def run(self) -> None:
+        """All workloads in order; echo always next to the figure it is compared with."""
+        echo = self.server("echo")
+        self.unary(echo)
+        listed = False
+        for agents in self.args.agents:
+            for channels in self.args.channels:
+                count = agents if channels == "agent" else int(channels)
+                echo_result = self.load(LoadSpec("echo", agents, count, self.args.workers, 3.0))
+                during = None if listed else self._list_during(echo)
+                result = self.load(
+                    LoadSpec("discovery", agents, count, self.args.workers, self.args.ttl),
+                    during=during,
+                )
+                listed = True
+                self.heartbeat_rows(result, echo_result)
+        if self.args.pending_demo:
+            self.pending_demo()
+        self.expiry()
+
+    def unary(self, echo: procs.Server) -> None:
+        """Register and GetAgent against echo, sequential, idle server."""
+        server = self.server("unary")
+        progress(f"unary latency, {self.args.calls} sequential calls each")
+        samples = asyncio.run(
+            unary.measure_unary(server.address, echo.address, self.args.calls, warmup=50)
+        )
+        server.stop()
+        get_p50 = percentile(samples["GetAgent"], 50)
+        self.latency_row(
+            "unary Register, 1 sequential caller", samples["Register"], samples["echo"]
+        )
+        self.latency_row(
+            "unary GetAgent, 1 sequential caller",
+            samples["GetAgent"],
+            samples["echo"],
+            "p50 <= 1.3x echo",
+            get_p50 <= 1.3 * percentile(samples["echo"], 50),
+        )
+
+    def latency_row(
+        self,
+        workload: str,
+        values: list[float],
+        echo: list[float],
+        target: str = "",
+        met: bool | None = None,
+        figure: str = "p50 / p99 ms",
+    ) -> None:
+        """A p50 / p99 row beside the echo's."""
+        p50, p99 = percentile(values, 50), percentile(values, 99)
+        e50, e99 = percentile(echo, 50), percentile(echo, 99)
+        self.table.add(
+            workload,
+            figure,
+            f"{ms(p50)} / {ms(p99)}",
+            f"{ms(e50)} / {ms(e99)}" if echo else "-",
+            f"{ratio(p50, e50)} / {ratio(p99, e99)}" if echo else "-",
+            target,
+            met,
+        )
+
+    def _list_during(self, echo: procs.Server) -> Callable[[procs.Server], Any]:
+        def during(server: procs.Server) -> Any:
+            return unary.measure_list(server.address, echo.address, self.args.calls, warmup=50)
+
+        return during
+
+    def load(
+        self,
+        spec: LoadSpec,
+        extra: list[str] | None = None,
+        during: Callable[[procs.Server], Any] | None = None,
+    ) -> LoadResult:
+        """One heartbeat load on a fresh server, stopped afterwards."""
+        server = self.server("echo" if spec.mode == "echo" else "load", extra)
+        progress(f"{spec.mode}: {spec.label}, {' '.join(extra or [])}")
+        result = asyncio.run(
+            run_load(
+                spec,
+                server,
+                self.args.duration,
+                None if during is None else (lambda: during(server)),
+            )
+        )
+        server.stop()
+        stats = result.stats
+        progress(
+            f"  {stats.opened}/{spec.agents} open in {stats.open_seconds:.1f} s, "
+            f"{result.rate:.0f}/{result.expected_rate:.0f} msg/s, server "
+            f"{result.server_cpu:.0%}, clients {result.client_cpu:.0%} of a core, "
+            f"open failures {dict(stats.open_failures)}"
+        )
+        if server.profile:
+            print(f"## cProfile of {server.name} ({spec.label})\n{server.profile_summary()}")
+        return result
+
+    def heartbeat_rows(self, result: LoadResult, echo: LoadResult | None, note: str = "") -> None:
+        """The rows of one heartbeat load, beside the echo load of the same shape."""
+        spec, stats = result.spec, result.stats
+        name = f"heartbeats, {spec.label}{note}"
+        if spec.agents == 1000:
+            cpu_target, cpu_met = "<= 10% of a core", result.server_cpu <= 0.10
+        else:
+            cpu_target, cpu_met = "", None
+        rate_ok = stats.opened == spec.agents and result.rate >= 0.95 * spec.agents / stats.interval
+        self.table.add(
+            name,
+            "acks/s sustained (expected)",
+            f"{result.rate:,.0f} ({result.expected_rate:,.0f})",
+            f"{echo.rate:,.0f}" if echo else "-",
+            ratio(result.rate, echo.rate) if echo else "-",
+            f"all {spec.agents:,} held" if spec.agents >= 10_000 else "",
+            rate_ok if spec.agents >= 10_000 else None,
+        )
+        self.table.add(
+            name,
+            "server CPU, % of one core",
+            f"{result.server_cpu:.0%}",
+            f"{echo.server_cpu:.0%}" if echo else "-",
+            ratio(result.server_cpu, echo.server_cpu) if echo else "-",
+            cpu_target,
+            cpu_met,
+        )
+        self.table.add(
+            name,
+            "server RSS MB (KiB per stream)",
+            _rss(result),
+            _rss(echo) if echo else "-",
+            ratio(result.rss - result.rss_idle, echo.rss - echo.rss_idle) if echo else "-",
+        )
+        self.latency_row(
+            name, stats.latencies, echo.stats.latencies if echo else [], figure="ack p50 / p99 ms"
+        )
+        self.table.add(
+            name,
+            "failed opens (codes), retries, all open after",
+            _opens(result),
+            _opens(echo) if echo else "-",
+        )
+        self.table.add(
+            name,
+            "load generator CPU, % of one core",
+            f"{result.client_cpu:.0%}",
+            f"{echo.client_cpu:.0%}" if echo else "-",
+        )
+        if stats.registered:
+            self.table.add(
+                name,
+                f"Register, {spec.workers} procs x 32 in flight",
+                f"{stats.registered / stats.register_seconds:,.0f}/s",
+            )
+        if result.during is not None:
+            samples, returned = result.during
+            self.latency_row(
+                f"ListAgents gpu ({returned} of {spec.agents:,}), heartbeats running",
+                samples["ListAgents"],
+                samples["echo"],
+                "p50 <= 1 ms",
+                percentile(samples["ListAgents"], 50) <= 0.001,
+            )
+        if stats.breaks or stats.reregistered or stats.gave_up:
+            self.table.notes.append(
+                f"{name}: streams broken after open {dict(stats.breaks)}, "
+                f"sessions ended (re-register) {stats.reregistered}, gave up {stats.gave_up}"
+            )
+
+    def pending_demo(self) -> None:
+        """The largest fleet against grpc core's default pending-request limit."""
+        agents = max(self.args.agents)
+        channels = self.args.channels[0]
+        count = agents if channels == "agent" else int(channels)
+        spec = LoadSpec("discovery", agents, count, self.args.workers, self.args.ttl)
+        extra = ["--max-pending-requests", str(LIMITED_PENDING)]
+        result = self.load(spec, extra)
+        self.heartbeat_rows(result, None, f", --max-pending-requests {LIMITED_PENDING}")
+
+    def expiry(self) -> None:
+        """Kill agents and time the EXPIRED events."""
+        agents, ttl = self.args.expiry_agents, self.args.expiry_ttl
+        server = self.server("expiry", ["--min-ttl", "0.2"])
+        progress(f"expiry: {agents} agents, TTL {ttl} s")
+        result: ExpiryResult = asyncio.run(measure_expiry(server.address, agents, ttl))
+        server.stop()
+        p50, worst = percentile(result.delays, 50), max(result.delays, default=float("nan"))
+        name = f"expiry, {agents} agents killed, TTL {result.ttl:g} s"
+        self.table.add(
+            name,
+            "last heartbeat -> EXPIRED event, p50 / max s",
+            f"{p50:.3f} / {worst:.3f}",
+            target=f"p50 <= TTL, max <= TTL + 0.25 s ({result.ttl + 0.25:g} s)",
+            met=worst <= result.ttl + 0.25 and result.missing == 0,
+        )
+        self.table.add(
+            name,
+            "beyond TTL, p50 / max ms",
+            f"{ms(p50 - result.ttl)} / {ms(worst - result.ttl)}",
+            target="max <= 250 ms",
+            met=worst - result.ttl <= 0.25 and result.missing == 0,
+        )
+        if result.missing:
+            self.table.notes.append(f"{name}: {result.missing} EXPIRED events never arrived")
+
+
+def _rss(result: LoadResult) -> str:
+    per_stream = (result.rss - result.rss_idle) / max(1, result.stats.opened) / 1024
+    return f"{result.rss / 2**20:.0f} ({per_stream:.0f})"
+
+
+def _opens(result: LoadResult) -> str:
+    stats = result.stats
+    codes = ", ".join(f"{code} {n}" for code, n in stats.open_failures.most_common()) or "none"
+    failed = sum(stats.open_failures.values())
+    return f"{failed} ({codes}), {stats.open_retries}, {stats.open_seconds:.1f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; every server and worker it started is stopped before it returns."""
+    args = parse_args(argv)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="agentcoord-bench-") as tmp, ExitStack() as stack:
+        bench = Bench(args, Path(tmp), stack)
+        machine = report.machine(bench.stores.kind)
+        progress(machine)
+        try:
+            bench.run()
+        except KeyboardInterrupt:
+            progress("interrupted; stopping every process started")
+            return 130
+        finally:
+            stack.close()  # servers stop before the table is printed
+        table = bench.table
+        table.notes.insert(0, f"Machine: {machine}.")
+        table.notes.insert(
+            1,
+            f"Heartbeat loads: {args.workers} client processes, {args.duration:g} s measured "
+            f"each, TTL {args.ttl:g} s; unary: {args.calls} sequential calls per figure. "
+            f"Total bench time {time.monotonic() - started:.0f} s.",
+        )
+        text = table.markdown()
+        print(text)
+        if args.output:
+            args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
