@@ -87,7 +87,7 @@ class GroupCommitter(Generic[OpT]):
             Unavailable: the committer is not started or is closing.
             Exception: whatever the operation raised (it changed nothing).
         """
-        if self._task is None or self._closing:
+        if self._task is None or self._task.done() or self._closing:
             raise Unavailable("the store is not open")
         future = asyncio.get_running_loop().create_future()
         self._queue.append((op, future))
@@ -115,7 +115,7 @@ class GroupCommitter(Generic[OpT]):
                 if batch:
                     await self._commit(batch)
         finally:
-            # Only reached early if the task itself is cancelled (the loop is shutting down).
+            # Reached early only if the task is cancelled (the loop is shutting down) or fails.
             _fail(self._queue, Unavailable("the store closed"))
             self._queue.clear()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -102,7 +103,23 @@ def _connect(path: Path) -> sqlite3.Connection:
     # isolation_level=None: the store issues BEGIN/COMMIT itself.
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode = WAL")
+    return conn
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    """Connect, switch the file to WAL (it stays so) and make commits wait for fsync."""
+    conn = _connect(path)
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            # Another process is switching a new file too; SQLite does not wait here itself.
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.01)
     conn.execute("PRAGMA synchronous = FULL")
     return conn
 
@@ -198,7 +215,7 @@ class SqliteStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentcoord-sqlite-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="agentcoord-sqlite-reader")
         try:
-            self._write_conn = await self._on(self._writer, _connect, self.path)
+            self._write_conn = await self._on(self._writer, _connect_writer, self.path)
             await self._on(self._writer, _migrate, self._write_conn)
             self._read_conn = await self._on(self._reader, _connect, self.path)
         except BaseException:
