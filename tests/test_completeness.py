@@ -25,6 +25,8 @@ from google.protobuf import descriptor
 from agentcoord.client import DiscoveryClient, DistributionClient, StateSyncClient
 from agentcoord.server import discovery as discovery_server
 from agentcoord.server import pending
+from agentcoord.server.app import start_app
+from agentcoord.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"
@@ -199,9 +201,6 @@ async def _code_of(channel: grpc.aio.Channel, method: descriptor.MethodDescripto
 async def test_on_the_wire_pending_rpcs_are_unimplemented_and_the_rest_are_not(
     tmp_path: Path,
 ) -> None:
-    from agentcoord.server.app import start_app
-    from agentcoord.server.config import ServerConfig
-
     app = await start_app(ServerConfig(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/c.db"))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:

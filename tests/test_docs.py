@@ -34,6 +34,7 @@ from agentcoord.core import errors as domain_errors
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.server import auth
 from agentcoord.server import config as server_config
+from agentcoord.server.app import KEEPALIVE_OPTIONS, start_app
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.errors import STATUS_BY_ERROR
 
@@ -250,8 +251,6 @@ def test_documented_serve_commands_parse() -> None:
 
 
 def test_operations_names_the_metadata_and_grpc_options() -> None:
-    from agentcoord.server.app import KEEPALIVE_OPTIONS
-
     text = OPERATIONS_MD.read_text()
     assert f"`{auth.JOIN_TOKEN_HEADER}`" in text
     assert "`authorization`" in text
@@ -452,8 +451,6 @@ TOOLS = ["stand-in", "grpcurl"]
 
 @pytest.mark.parametrize("tool", TOOLS)
 async def test_documented_grpcurl_commands_work_as_written(tool: str, tmp_path: Path) -> None:
-    from agentcoord.server.app import start_app
-
     if tool == "grpcurl" and shutil.which("grpcurl") is None:
         pytest.skip("grpcurl is not installed; the stand-in ran the commands")
     path = standin_path(tmp_path) if tool == "stand-in" else os.environ.get("PATH", "")

@@ -1,11 +1,16 @@
 """Heartbeat load: many agents each holding one bidirectional stream, from several processes.
 
-Each worker process registers its share of agents (Discovery) and opens one stream per
-agent over its share of connections, all at once (the burst a fleet makes when a server
-starts). A failed open is retried with jittered exponential back-off, as a real agent
-would. Each agent then sends one message per heartbeat interval (the interval Register
-returns; TTL/3 for echo), at a random phase, and waits for the reply. Only acks received
-inside the measurement window are counted.
+Each worker process runs its share of the agents over its share of the connections.
+An agent starts like a real one: it registers (Discovery only) and opens its stream at
+once; at most ``START_IN_FLIGHT`` agents per worker are starting at any moment, so the
+fleet comes up as fast as Register allows. It then sends one message per heartbeat
+interval (the interval Register returns; TTL/3 for echo) at a random phase and waits
+for the reply. Only replies received inside the measurement window are counted.
+
+After the window comes a reconnect storm: every worker drops all its connections at
+once (as a network blip or a proxy restart would) and every agent reopens its stream
+immediately, retrying failed opens with jittered exponential back-off. That burst of
+thousands of opens is what grpc core's pending-request limit sees.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from tests.bench.procs import Server
 
 HEARTBEAT = "/agentcoord.discovery.v1.DiscoveryService/Heartbeat"
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
-REGISTER_IN_FLIGHT = 32
-"""Concurrent Register calls per worker."""
+START_IN_FLIGHT = 32
+"""Agents of one worker registering and opening their stream at the same time."""
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 """Without this, channels of one process to one address share one TCP connection."""
 
@@ -55,7 +60,7 @@ class LoadSpec:
     ttl: float
     """TTL agents register with; echo agents send every TTL/3."""
     open_timeout: float = 60.0
-    """An agent gives up opening its stream after this many seconds."""
+    """An agent gives up (re)opening its stream after this many seconds of a phase."""
 
     @property
     def label(self) -> str:
@@ -65,33 +70,51 @@ class LoadSpec:
 
 
 @dataclass
+class OpenStats:
+    """How one phase's stream opens went."""
+
+    opened: int = 0
+    """Agents whose stream opened in the phase."""
+    seconds: float = 0.0
+    """From the phase's start until the last stream opened."""
+    failures: Counter[str] = field(default_factory=Counter)
+    """Failed open attempts by status code."""
+    retries: int = 0
+    """Open attempts after a failure."""
+    gave_up: int = 0
+    """Agents that could not open within the open timeout."""
+
+    def merge(self, other: OpenStats) -> None:
+        """Add another worker's figures (workers run in parallel: times are maxima)."""
+        self.opened += other.opened
+        self.seconds = max(self.seconds, other.seconds)
+        self.failures += other.failures
+        self.retries += other.retries
+        self.gave_up += other.gave_up
+
+
+@dataclass
 class LoadStats:
     """What the workers saw, summed over them."""
 
+    start: OpenStats = field(default_factory=OpenStats)
+    storm: OpenStats = field(default_factory=OpenStats)
     registered: int = 0
-    register_seconds: float = 0.0
-    opened: int = 0
-    open_seconds: float = 0.0
-    open_failures: Counter[str] = field(default_factory=Counter)
-    open_retries: int = 0
-    gave_up: int = 0
+    lost: Counter[str] = field(default_factory=Counter)
+    """Sessions that ended (REREGISTER command, UNAUTHENTICATED open), by cause."""
     breaks: Counter[str] = field(default_factory=Counter)
-    reregistered: int = 0
+    """Open streams that failed outside the storm, by status code."""
     interval: float = 0.0
     acks: int = 0
     latencies: list[float] = field(default_factory=list)
 
     def merge(self, other: LoadStats) -> None:
-        """Add another worker's figures (times are maxima: workers run in parallel)."""
+        """Add another worker's figures."""
+        self.start.merge(other.start)
+        self.storm.merge(other.storm)
         self.registered += other.registered
-        self.register_seconds = max(self.register_seconds, other.register_seconds)
-        self.opened += other.opened
-        self.open_seconds = max(self.open_seconds, other.open_seconds)
-        self.open_failures += other.open_failures
-        self.open_retries += other.open_retries
-        self.gave_up += other.gave_up
+        self.lost += other.lost
         self.breaks += other.breaks
-        self.reregistered += other.reregistered
         self.interval = max(self.interval, other.interval)
         self.acks += other.acks
         self.latencies += other.latencies
@@ -118,13 +141,13 @@ class LoadResult:
 
     @property
     def rate(self) -> float:
-        """Acks per second in the window."""
+        """Replies per second in the window."""
         return self.stats.acks / self.window
 
     @property
     def expected_rate(self) -> float:
-        """Messages per second the open streams should send."""
-        return self.stats.opened / self.stats.interval if self.stats.interval else 0.0
+        """Messages per second the open streams would send if every reply were instant."""
+        return self.stats.start.opened / self.stats.interval if self.stats.interval else 0.0
 
 
 @dataclass(frozen=True)
@@ -140,9 +163,23 @@ class _Plan:
     deadline: float
 
 
+class _SessionLost(Exception):
+    """The server ended the agent's session; a real agent would register again."""
+
+
+class _StreamEnded(Exception):
+    """The server closed the stream without an error status."""
+
+
 def _backoff(attempt: int) -> float:
     """Full jitter: uniform in [0, min(2 s, 50 ms * 2**attempt)]."""
     return random.uniform(0, min(2.0, 0.05 * 2**attempt))
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
 
 
 class _Worker:
@@ -153,38 +190,65 @@ class _Worker:
         self.conn = conn
         self.stats = LoadStats()
         self.window = (math.inf, -math.inf)
-        self.unsettled = plan.agents
+        self.gate = asyncio.Semaphore(START_IN_FLIGHT)
+        self.channels: list[grpc.aio.Channel] = []
+        self.methods: list[Any] = []
+        self.phase = self.stats.start
+        self.phase_started = time.monotonic()
+        self.waiting: set[int] = set(range(plan.agents))
         self.settled = asyncio.Event()
-        self.opening_since = 0.0
+        self.live: set[int] = set()
+        self.starting: set[int] = set()
 
-    async def run(self) -> None:
-        channels = [
+    def _connect(self) -> None:
+        path = HEARTBEAT if self.plan.mode == "discovery" else echo.STREAM
+        self.channels = [
             grpc.aio.insecure_channel(self.plan.address, options=CHANNEL_OPTIONS)
             for _ in range(self.plan.channels)
         ]
-        tasks: list[asyncio.Task[None]] = []
+        self.methods = [channel.stream_stream(path) for channel in self.channels]
+
+    async def run(self) -> None:
+        self._connect()
+        if self.plan.mode == "echo":
+            self.stats.interval = self.plan.ttl / 3
+        tasks = [asyncio.create_task(self._agent(i)) for i in range(self.plan.agents)]
         try:
-            agents = await self._agents(channels[0])
-            self.opening_since = time.monotonic()
-            path = HEARTBEAT if self.plan.mode == "discovery" else echo.STREAM
-            methods = [channel.stream_stream(path) for channel in channels]
-            for index, (metadata, payload) in enumerate(agents):
-                agent = self._agent(methods[index % len(methods)], metadata, payload)
-                tasks.append(asyncio.create_task(agent))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.settled.wait(), self.plan.open_timeout + 5)
+            await self._until_settled()
             self.conn.send(("ready",))
-            message = await self._receive()
-            if message[0] == "window":
-                self.window = (message[1], message[2])
-                await self._receive()  # "stop", or the deadline
+            while True:
+                message = await self._receive()
+                if message[0] == "window":
+                    self.window = (message[1], message[2])
+                elif message[0] == "storm":
+                    await self._storm()
+                    self.conn.send(("stormed",))
+                else:
+                    break
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-            for channel in channels:
-                await channel.close()
+            for channel in self.channels:
+                await channel.close(None)
         self.conn.send(("result", self.stats))
+
+    async def _until_settled(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.settled.wait(), self.plan.open_timeout + 10)
+
+    async def _storm(self) -> None:
+        """Drop every connection at once; every live agent reopens its stream."""
+        old = self.channels
+        self.phase, self.phase_started = self.stats.storm, time.monotonic()
+        self.waiting = set(self.live)
+        self.settled.clear()
+        self._connect()
+        for channel in old:
+            await channel.close(None)
+        if not self.waiting:
+            self.settled.set()
+        await self._until_settled()
 
     async def _receive(self) -> tuple[Any, ...]:
         """The next control message; ``("stop",)`` at the deadline or if the parent is gone."""
@@ -200,51 +264,37 @@ class _Worker:
         except (EOFError, OSError):
             return ("stop",)
 
-    async def _agents(self, channel: grpc.aio.Channel) -> list[tuple[tuple[Any, ...], bytes]]:
-        """Register the agents (Discovery); return each one's stream metadata and message."""
-        ids = [f"hb-{self.plan.first + i}" for i in range(self.plan.agents)]
-        if self.plan.mode == "echo":
-            self.stats.interval = self.plan.ttl / 3
-            return [((), _heartbeat(agent_id)) for agent_id in ids]
-        stub = pb_grpc.DiscoveryServiceStub(channel)
-        limit = asyncio.Semaphore(REGISTER_IN_FLIGHT)
-        started = time.monotonic()
+    async def _register(self, index: int) -> tuple[tuple[str, str], ...]:
+        """Register agent ``index``; return its stream metadata."""
+        agent_id = f"hb-{self.plan.first + index}"
+        capabilities = ["python", "gpu"] if (self.plan.first + index) % 10 == 0 else ["python"]
+        request = pb.RegisterRequest(
+            agent_id=agent_id,
+            name=agent_id,
+            role="worker",
+            capabilities=capabilities,
+            capacity=4,
+            ttl=_duration(self.plan.ttl),
+        )
+        stub = pb_grpc.DiscoveryServiceStub(self.channels[index % len(self.channels)])
+        for attempt in range(8):
+            try:
+                response = await stub.Register(request, timeout=30)
+                break
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE or attempt == 7:
+                    raise
+                await asyncio.sleep(_backoff(attempt))
+        self.stats.registered += 1
+        self.stats.interval = response.heartbeat_interval.ToTimedelta().total_seconds()
+        return (("authorization", f"Bearer {response.session_token}"),)
 
-        async def register(index: int, agent_id: str) -> tuple[tuple[Any, ...], bytes]:
-            capabilities = ["python", "gpu"] if (self.plan.first + index) % 10 == 0 else ["python"]
-            request = pb.RegisterRequest(
-                agent_id=agent_id,
-                name=agent_id,
-                role="worker",
-                capabilities=capabilities,
-                capacity=4,
-                ttl=_duration(self.plan.ttl),
-            )
-            async with limit:
-                for attempt in range(8):
-                    try:
-                        response = await stub.Register(request, timeout=30)
-                        break
-                    except grpc.aio.AioRpcError as error:
-                        if error.code() not in RETRYABLE or attempt == 7:
-                            raise
-                        await asyncio.sleep(_backoff(attempt))
-            self.stats.interval = response.heartbeat_interval.ToTimedelta().total_seconds()
-            metadata = (("authorization", f"Bearer {response.session_token}"),)
-            return metadata, _heartbeat(agent_id)
+    def _ack(self, sent: float, reply: bytes) -> None:
+        """Count one reply.
 
-        agents = await asyncio.gather(*(register(i, a) for i, a in enumerate(ids)))
-        self.stats.registered = len(agents)
-        self.stats.register_seconds = time.monotonic() - started
-        return agents
-
-    def _settle(self) -> None:
-        self.unsettled -= 1
-        if self.unsettled == 0:
-            self.settled.set()
-
-    def _ack(self, sent: float, reply: bytes) -> bool:
-        """Count one reply; False when the server ended the session."""
+        Raises:
+            _SessionLost: the server told the agent to register again.
+        """
         received = time.monotonic()
         if self.window[0] <= received <= self.window[1]:
             self.stats.acks += 1
@@ -252,74 +302,105 @@ class _Worker:
         if self.plan.mode == "discovery":
             command = pb.HeartbeatResponse.FromString(reply).command
             if command == pb.HeartbeatResponse.COMMAND_REREGISTER:
-                self.stats.reregistered += 1
-                return False
-        return True
+                raise _SessionLost("REREGISTER")
 
-    async def _agent(self, method: Any, metadata: tuple[Any, ...], payload: bytes) -> None:
-        """Hold one stream: open (retrying), then one message per interval until cancelled."""
-        interval = self.stats.interval
-        ever_opened = False
+    async def _exchange(self, call: Any, payload: bytes) -> None:
+        sent = time.monotonic()
+        await call.write(payload)
+        reply = await call.read()
+        if reply is grpc.aio.EOF:
+            raise _StreamEnded
+        self._ack(sent, reply)
+
+    async def _agent(self, index: int) -> None:
+        """One agent: register, then hold a stream, reopening it whenever it fails."""
+        await self.gate.acquire()
+        self.starting.add(index)
+        try:
+            metadata = await self._register(index) if self.plan.mode == "discovery" else ()
+        except grpc.aio.AioRpcError as error:
+            self._started(index)
+            self._finish(index, "lost", f"Register {error.code().name}")
+            return
+        payload = pb.HeartbeatRequest(
+            agent_id=f"hb-{self.plan.first + index}",
+            load=pb.Load(active_subtasks=0),
+            status=pb.Agent.STATUS_READY,
+        ).SerializeToString()
         attempt = 0
         while True:
-            call = method(metadata=metadata)
-            opened = False
-            try:
-                sent = time.monotonic()
-                await call.write(payload)
-                reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    raise _StreamEnded
-                opened = True
-                attempt = 0
-                if not ever_opened:
-                    ever_opened = True
-                    self.stats.opened += 1
-                    self.stats.open_seconds = time.monotonic() - self.opening_since
-                    self._settle()
-                if not self._ack(sent, reply):
-                    return
-                next_at = time.monotonic() + random.uniform(0, interval)
-                while True:
-                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                    next_at = max(next_at + interval, time.monotonic())
-                    sent = time.monotonic()
-                    await call.write(payload)
-                    reply = await call.read()
-                    if reply is grpc.aio.EOF:
-                        raise _StreamEnded
-                    if not self._ack(sent, reply):
-                        return
-            except (grpc.aio.AioRpcError, _StreamEnded) as error:
-                code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else "EOF"
-                (self.stats.breaks if opened else self.stats.open_failures)[code] += 1
-            finally:
-                call.cancel()
-            if not ever_opened and time.monotonic() - self.opening_since > self.plan.open_timeout:
-                self.stats.gave_up += 1
-                self._settle()
+            attempt = await self._hold(index, metadata, payload, attempt)
+            if not attempt:
                 return
-            self.stats.open_retries += 1
-            attempt += 1
             await asyncio.sleep(_backoff(attempt))
 
+    def _started(self, index: int) -> None:
+        """Agent ``index`` made its first open attempt: let the next agent start."""
+        if index in self.starting:
+            self.starting.discard(index)
+            self.gate.release()
 
-class _StreamEnded(Exception):
-    """The server closed the stream without an error status."""
+    async def _hold(self, index: int, metadata: Any, payload: bytes, attempt: int) -> int:
+        """Open the stream and heartbeat on it until it fails.
 
+        Returns:
+            The next attempt number, or 0 when the agent stops (gave up or lost).
+        """
+        phase = self.phase
+        call = self.methods[index % len(self.methods)](metadata=metadata)
+        opened = False
+        try:
+            await self._exchange(call, payload)
+            opened = True
+            self._started(index)
+            self._finish(index, "opened")
+            interval = self.stats.interval
+            next_at = time.monotonic() + random.uniform(0, interval)
+            while True:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at = max(next_at + interval, time.monotonic())
+                await self._exchange(call, payload)
+        except _SessionLost as lost:
+            self._finish(index, "lost", str(lost))
+            return 0
+        except (grpc.aio.AioRpcError, _StreamEnded) as error:
+            code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else "EOF"
+            if code == "UNAUTHENTICATED":
+                self._finish(index, "lost", code)
+                return 0
+            if not opened:
+                phase.failures[code] += 1
+            elif phase is self.phase:  # not the storm's doing
+                self.stats.breaks[code] += 1
+        finally:
+            self._started(index)
+            call.cancel()
+        if opened:
+            return 1
+        if index in self.waiting and time.monotonic() - self.phase_started > self.plan.open_timeout:
+            self._finish(index, "gave up")
+            return 0
+        self.phase.retries += 1
+        return attempt + 1
 
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration
-
-
-def _heartbeat(agent_id: str) -> bytes:
-    return pb.HeartbeatRequest(
-        agent_id=agent_id,
-        load=pb.Load(active_subtasks=0),
-        status=pb.Agent.STATUS_READY,
-    ).SerializeToString()
+    def _finish(self, index: int, outcome: str, cause: str = "") -> None:
+        """Record that agent ``index`` opened its stream, gave up, or lost its session."""
+        if outcome == "opened":
+            self.live.add(index)
+        else:
+            self.live.discard(index)
+        if outcome == "lost":
+            self.stats.lost[cause] += 1
+        if index not in self.waiting:
+            return
+        self.waiting.discard(index)
+        if outcome == "opened":
+            self.phase.opened += 1
+            self.phase.seconds = time.monotonic() - self.phase_started
+        elif outcome == "gave up":
+            self.phase.gave_up += 1
+        if not self.waiting:
+            self.settled.set()
 
 
 def worker_main(plan: _Plan, conn: Connection) -> None:
@@ -359,7 +440,10 @@ async def _receive(conn: Connection, timeout: float) -> tuple[Any, ...]:
     def receive() -> tuple[Any, ...]:
         if not conn.poll(timeout):
             raise TimeoutError(f"no word from a load worker within {timeout:.0f} s")
-        message: tuple[Any, ...] = conn.recv()
+        try:
+            message: tuple[Any, ...] = conn.recv()
+        except EOFError:
+            raise RuntimeError("a load worker exited without a word") from None
         if message[0] == "error":
             raise RuntimeError(f"load worker failed:\n{message[1]}")
         return message
@@ -373,13 +457,13 @@ async def run_load(
     duration: float,
     during: Callable[[], Awaitable[Any]] | None = None,
 ) -> LoadResult:
-    """Drive ``server`` with ``spec``; measure for ``duration`` s, then run ``during``.
+    """Drive ``server`` with ``spec``: start, measure ``duration`` s, ``during``, storm, stop.
 
     Every worker process is stopped (or killed) before this returns or raises.
     """
-    setup_timeout = 120.0 + spec.open_timeout
+    phase_timeout = spec.open_timeout + 60
     settle = 2.0 * spec.ttl / 3
-    deadline = time.monotonic() + setup_timeout + settle + duration + 300
+    deadline = time.monotonic() + 2 * phase_timeout + settle + duration + 300
     rss_idle = server.rss()
     context = mp.get_context("spawn")
     processes, conns = [], []
@@ -391,7 +475,7 @@ async def run_load(
             child.close()
             processes.append(process)
             conns.append(parent)
-        await asyncio.gather(*(_receive(conn, setup_timeout) for conn in conns))
+        await asyncio.gather(*(_receive(conn, phase_timeout) for conn in conns))
         start = time.monotonic() + settle
         end = start + duration
         for conn in conns:
@@ -403,6 +487,9 @@ async def run_load(
         server_cpu, clients_cpu = server.cpu_seconds(), _cpu(clients)
         rss = server.rss()
         during_result = await during() if during is not None else None
+        for conn in conns:
+            conn.send(("storm",))
+        await asyncio.gather(*(_receive(conn, phase_timeout) for conn in conns))
         for conn in conns:
             conn.send(("stop",))
         stats = LoadStats()
