@@ -33,7 +33,8 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
-	$(MAKE) -s --no-print-directory _generate-into OUT=$$tmp/generated >/dev/null && \
+	$(MAKE) -s --no-print-directory _generate-into OUT=$$tmp/generated >$$tmp/log 2>&1 \
+		|| { cat $$tmp/log; exit 1; }; \
 	if ! diff -r -x __pycache__ $$tmp/generated generated; then \
 		echo "generated/ is stale: run make proto"; exit 1; fi
 

@@ -297,7 +297,7 @@ class Bench:
 
 
 def _rss(result: LoadResult) -> str:
-    per_stream = (result.rss - result.rss_idle) / max(1, result.stats.opened) / 1024
+    per_stream = (result.rss - result.rss_idle) / max(1, result.stats.start.opened) / 1024
     return f"{result.rss / 2**20:.0f} ({per_stream:.0f})"
 
 

@@ -167,8 +167,8 @@ class _SessionLost(Exception):
     """The server ended the agent's session; a real agent would register again."""
 
 
-class _StreamEnded(Exception):
-    """The server closed the stream without an error status."""
+class _Broken(Exception):
+    """The stream failed; ``args[0]`` names the status code (``EOF``: ended without one)."""
 
 
 def _backoff(attempt: int) -> float:
@@ -305,11 +305,27 @@ class _Worker:
                 raise _SessionLost("REREGISTER")
 
     async def _exchange(self, call: Any, payload: bytes) -> None:
+        """Send one message and wait for its reply.
+
+        Raises:
+            _Broken: however grpc.aio reports a failed stream (an error status, a write
+                to a finished call, a read cancelled by the channel closing, or EOF).
+        """
         sent = time.monotonic()
-        await call.write(payload)
-        reply = await call.read()
+        try:
+            await call.write(payload)
+            reply = await call.read()
+        except grpc.aio.AioRpcError as error:
+            raise _Broken(error.code().name) from None
+        except asyncio.InvalidStateError:
+            raise _Broken((await call.code()).name) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the agent itself is being stopped
+            raise _Broken("CANCELLED") from None
         if reply is grpc.aio.EOF:
-            raise _StreamEnded
+            raise _Broken("EOF")
         self._ack(sent, reply)
 
     async def _agent(self, index: int) -> None:
@@ -363,8 +379,8 @@ class _Worker:
         except _SessionLost as lost:
             self._finish(index, "lost", str(lost))
             return 0
-        except (grpc.aio.AioRpcError, _StreamEnded) as error:
-            code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else "EOF"
+        except _Broken as broken:
+            code = broken.args[0]
             if code == "UNAUTHENTICATED":
                 self._finish(index, "lost", code)
                 return 0

@@ -180,3 +180,22 @@ def test_serve_command_rejects_bad_configuration() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "beyond loopback" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("store", "code", "message"),
+    [
+        ("mysql://nowhere/db", 2, "unknown store URL scheme"),
+        ("postgresql://nobody@127.0.0.1:1/none", 69, "unreachable"),
+    ],
+)
+def test_serve_command_reports_store_problems_without_traceback(
+    store: str, code: int, message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "agentcoord.cli", "serve", "--listen", "127.0.0.1:0",
+         "--store", store],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -7,13 +7,15 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from agentcoord.core.errors import InvalidInput
+from agentcoord.core.errors import AgentcoordError, InvalidInput, Unavailable
 from agentcoord.server import config as server_config
 from agentcoord.server.app import serve
 from agentcoord.server.logs import configure_logging
 
 EXIT_USAGE = 2
 """Exit code for bad flags or configuration."""
+EXIT_UNAVAILABLE = 69
+"""Exit code when the store cannot be reached (sysexits' EX_UNAVAILABLE)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,5 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"agentcoord: {error.message}", file=sys.stderr)
             return EXIT_USAGE
         configure_logging(config.log_level, config.log_format)
-        asyncio.run(serve(config))
+        try:
+            asyncio.run(serve(config))
+        except AgentcoordError as error:  # the store URL is wrong or the store unreachable
+            print(f"agentcoord: {error.message}", file=sys.stderr)
+            return EXIT_UNAVAILABLE if isinstance(error, Unavailable) else EXIT_USAGE
     return 0

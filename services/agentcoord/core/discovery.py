@@ -216,7 +216,6 @@ class Discovery:
         self._sorted_ids: list[str] = []
         self._by_token: dict[str, str] = {}
         self._deadlines: list[tuple[float, str]] = []
-        self._draining = False
 
     async def start(self) -> None:
         """Load agents from the store; live ones get a full TTL from now.
@@ -335,12 +334,9 @@ class Discovery:
             last_heartbeat_time=self._clock.now(),
         )
         entry.dirty = True
-        command = HeartbeatCommand.DRAIN if self._draining else HeartbeatCommand.NONE
-        return HeartbeatAck(entry.agent.ttl, entry.agent.heartbeat_interval, session.epoch, command)
-
-    def session_is_current(self, session: Session) -> bool:
-        """Return whether the session is still the agent's live one."""
-        return self._session_entry(session, "") is not None
+        return HeartbeatAck(
+            entry.agent.ttl, entry.agent.heartbeat_interval, session.epoch, HeartbeatCommand.NONE
+        )
 
     async def deregister(self, session: Session | None, agent_id: str) -> Agent:
         """End an agent's session; ``session`` None means an operator acting for it.
@@ -432,10 +428,6 @@ class Discovery:
     async def revision(self) -> int:
         """Return the store's current revision."""
         return await self._store.current_revision()
-
-    def begin_drain(self) -> None:
-        """Tell heartbeating agents to drain from now on (the server is shutting down)."""
-        self._draining = True
 
     def _view(self, entry: _Entry, now: float) -> AgentView:
         agent = entry.agent

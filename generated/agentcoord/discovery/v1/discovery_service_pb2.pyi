@@ -619,7 +619,9 @@ class HeartbeatResponse(_message.Message):
         COMMAND_REREGISTER: HeartbeatResponse._Command.ValueType  # 1
         """The session ended (expired or replaced): register again to continue."""
         COMMAND_DRAIN: HeartbeatResponse._Command.ValueType  # 2
-        """The server is shutting down or wants the agent to stop taking work: finish and leave."""
+        """Finish held work, take no new work and leave. Reserved for operator-initiated drains;
+        this server does not send it yet (at shutdown it ends streams with UNAVAILABLE instead).
+        """
 
     class Command(_Command, metaclass=_CommandEnumTypeWrapper):
         """Instruction from the server to the agent."""
@@ -629,7 +631,9 @@ class HeartbeatResponse(_message.Message):
     COMMAND_REREGISTER: HeartbeatResponse.Command.ValueType  # 1
     """The session ended (expired or replaced): register again to continue."""
     COMMAND_DRAIN: HeartbeatResponse.Command.ValueType  # 2
-    """The server is shutting down or wants the agent to stop taking work: finish and leave."""
+    """Finish held work, take no new work and leave. Reserved for operator-initiated drains;
+    this server does not send it yet (at shutdown it ends streams with UNAVAILABLE instead).
+    """
 
     TTL_REMAINING_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
