@@ -25,6 +25,7 @@ from google.protobuf import descriptor
 from agentcoord.client import DiscoveryClient, DistributionClient, StateSyncClient
 from agentcoord.server import discovery as discovery_server
 from agentcoord.server import pending
+from agentcoord.server import statesync as statesync_server
 from agentcoord.server.app import start_app
 from agentcoord.server.config import ServerConfig
 
@@ -34,11 +35,11 @@ SERVER_PACKAGE = ROOT / "services" / "agentcoord" / "server"
 
 SERVICERS: dict[str, type] = {
     "agentcoord.discovery.v1.DiscoveryService": discovery_server.DiscoveryServicer,
+    "agentcoord.statesync.v1.StateSyncService": statesync_server.StateSyncServicer,
 }
 """Implemented services and their servicer classes."""
 
 PENDING: dict[str, tuple[int, type]] = {
-    "agentcoord.statesync.v1.StateSyncService": (3, pending.StateSyncServicer),
     "agentcoord.distribution.v1.DistributionService": (4, pending.DistributionServicer),
 }
 """Services that answer UNIMPLEMENTED until their issue lands: issue number and servicer."""

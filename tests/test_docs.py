@@ -116,7 +116,8 @@ def raised_reasons() -> dict[str, set[str]]:
     """Domain error class name -> the reasons its constructions in services/ give it.
 
     ``reason="X"`` counts as X; no ``reason`` argument counts as the class's default reason;
-    a computed reason (``reason=error.reason``) is not a construction of a new reason.
+    a conditional between literals counts as both; a computed reason (``reason=error.reason``)
+    is not a construction of a new reason.
     """
     classes = domain_error_classes()
     found: dict[str, set[str]] = {}
@@ -131,8 +132,14 @@ def raised_reasons() -> dict[str, set[str]]:
             reason = next((k.value for k in node.keywords if k.arg == "reason"), None)
             if reason is None:
                 found.setdefault(name, set()).add(classes[name].default_reason)
-            elif isinstance(reason, ast.Constant) and isinstance(reason.value, str):
-                found.setdefault(name, set()).add(reason.value)
+            else:
+                # A literal, or a conditional choosing between literals, names new reasons.
+                branches = (
+                    [reason.body, reason.orelse] if isinstance(reason, ast.IfExp) else [reason]
+                )
+                for branch in branches:
+                    if isinstance(branch, ast.Constant) and isinstance(branch.value, str):
+                        found.setdefault(name, set()).add(branch.value)
     return found
 
 

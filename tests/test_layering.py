@@ -82,9 +82,17 @@ LAYERS = [
     Layer(
         "store shared helpers",
         # agentcoord.store itself, and what both back ends share below the SQL
-        # (group commit, migrations loader, row encoding).
+        # (group commit, migrations loader, row encoding, the write path). The write path
+        # applies the pure rules of a state write (core.state_rules: no I/O, no clock)
+        # inside the store's transaction, so that both back ends share them instead of
+        # re-implementing them; the back ends themselves do not need them.
         modules=("agentcoord.store",),
-        may_import=("agentcoord.store", "agentcoord.core.models", "agentcoord.core.errors"),
+        may_import=(
+            "agentcoord.store",
+            "agentcoord.core.models",
+            "agentcoord.core.errors",
+            "agentcoord.core.state_rules",
+        ),
         must_not_import=(*STORE_BACKENDS, "agentcoord.store.factory"),
         excludes=(*STORE_BACKENDS, "agentcoord.store.factory", "agentcoord.store.base"),
     ),

@@ -23,6 +23,8 @@ from tests.bench.report import Table, ms, percentile, ratio
 
 LIMITED_PENDING = 1000
 """grpc core's default ``grpc.server.max_pending_requests``, for the demonstration run."""
+PER_AGENT_CONNECTIONS_MAX = 2000
+"""Beyond this many agents, one connection per agent makes the load generator the bottleneck."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--agents", help="heartbeat fleet sizes (default 1000,10000; quick 1000)")
     parser.add_argument(
         "--channels",
-        help="client connections per fleet, 'agent' = one per agent (default 16,agent; quick 16)",
+        help="client connections per fleet; 'agent' = one per agent, for fleets up to "
+        f"{PER_AGENT_CONNECTIONS_MAX:,} (default 16,agent; quick 16)",
     )
     parser.add_argument("--duration", type=float, help="seconds measured per load (20; quick 5)")
     parser.add_argument("--calls", type=int, help="sequential calls per unary figure (2000; 200)")
@@ -41,9 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--expiry-agents", type=int, help="agents killed for expiry (50; 20)")
     parser.add_argument("--expiry-ttl", type=float, default=1.0, help="their TTL, seconds")
     parser.add_argument(
+        "--long-ttl",
+        type=float,
+        help="also run every fleet at this TTL, on the first --channels value "
+        "(default 10, the server's default; quick 0: no)",
+    )
+    parser.add_argument(
         "--no-pending-demo",
         action="store_true",
-        help=f"skip the largest fleet against --max-pending-requests {LIMITED_PENDING}",
+        help=f"skip the largest fleet (at --long-ttl) against --max-pending-requests "
+        f"{LIMITED_PENDING}",
     )
     parser.add_argument("--store", default="sqlite", help="sqlite (default) or postgresql://...")
     parser.add_argument("--profile", action="store_true", help="cProfile Discovery under load")
@@ -56,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.calls = args.calls or (200 if quick else 2000)
     args.expiry_agents = args.expiry_agents or (20 if quick else 50)
     args.pending_demo = not (quick or args.no_pending_demo) and max(args.agents) > LIMITED_PENDING
+    if args.long_ttl is None:
+        args.long_ttl = 0.0 if quick else 10.0
     return args
 
 
@@ -97,21 +109,45 @@ class Bench:
         """All workloads in order; echo always next to the figure it is compared with."""
         echo = self.server("echo")
         self.unary(echo)
-        listed = False
+        list_during: Callable[[procs.Server], Any] | None = self._list_during(echo)
+        first = self.args.channels[0]
         for agents in self.args.agents:
             for channels in self.args.channels:
-                count = agents if channels == "agent" else int(channels)
-                echo_result = self.load(LoadSpec("echo", agents, count, self.args.workers, 3.0))
-                during = None if listed else self._list_during(echo)
-                result = self.load(
-                    LoadSpec("discovery", agents, count, self.args.workers, self.args.ttl),
-                    during=during,
-                )
-                listed = True
-                self.heartbeat_rows(result, echo_result)
+                if channels == "agent" and agents > PER_AGENT_CONNECTIONS_MAX:
+                    progress(f"skipping 1 conn/agent for {agents:,} agents (see --help)")
+                    continue
+                self.pair(agents, _connections(agents, channels), self.args.ttl, list_during)
+                list_during = None
+            if self.args.long_ttl:
+                self.pair(agents, _connections(agents, first), self.args.long_ttl)
         if self.args.pending_demo:
-            self.pending_demo()
+            largest = max(self.args.agents)
+            ttl = self.args.long_ttl or self.args.ttl
+            spec = LoadSpec(
+                "discovery", largest, _connections(largest, first), self.args.workers, ttl
+            )
+            extra = ["--max-pending-requests", str(LIMITED_PENDING)]
+            result = self.load(spec, extra, duration=min(5.0, self.args.duration))
+            self.heartbeat_rows(result, None, f", --max-pending-requests {LIMITED_PENDING}")
+            self.table.notes.append(
+                f"The --max-pending-requests {LIMITED_PENDING} run (grpc core's default) is the "
+                f"same load as the {spec.label} run above it, which uses our default "
+                "(20,000); compare their start and storm rows."
+            )
         self.expiry()
+
+    def pair(
+        self,
+        agents: int,
+        channels: int,
+        ttl: float,
+        during: Callable[[procs.Server], Any] | None = None,
+    ) -> None:
+        """One heartbeat load on echo, then on Discovery, and their rows."""
+        workers = self.args.workers
+        echo_result = self.load(LoadSpec("echo", agents, channels, workers, ttl))
+        result = self.load(LoadSpec("discovery", agents, channels, workers, ttl), during=during)
+        self.heartbeat_rows(result, echo_result)
 
     def unary(self, echo: procs.Server) -> None:
         """Register and GetAgent against echo, sequential, idle server."""
@@ -166,24 +202,23 @@ class Bench:
         spec: LoadSpec,
         extra: list[str] | None = None,
         during: Callable[[procs.Server], Any] | None = None,
+        duration: float | None = None,
     ) -> LoadResult:
         """One heartbeat load on a fresh server, stopped afterwards."""
         server = self.server("echo" if spec.mode == "echo" else "load", extra)
         progress(f"{spec.mode}: {spec.label}, {' '.join(extra or [])}")
-        result = asyncio.run(
-            run_load(
-                spec,
-                server,
-                self.args.duration,
-                None if during is None else (lambda: during(server)),
-            )
+        result = run_load(
+            spec,
+            server,
+            duration or self.args.duration,
+            None if during is None else (lambda: during(server)),
         )
         server.stop()
         stats = result.stats
         progress(
             f"  start: {_opens(stats.start)}; {result.rate:.0f}/{result.expected_rate:.0f} "
             f"msg/s, server {result.server_cpu:.0%}, clients {result.client_cpu:.0%} of a core; "
-            f"storm: {_opens(stats.storm)}"
+            f"storm: {_opens(stats.storm) if result.stormed else 'skipped (fleet not up)'}"
         )
         if server.profile:
             print(f"## cProfile of {server.name} ({spec.label})\n{server.profile_summary()}")
@@ -193,11 +228,11 @@ class Bench:
         """The rows of one heartbeat load, beside the echo load of the same shape."""
         spec, stats = result.spec, result.stats
         name = f"heartbeats, {spec.label}{note}"
-        if spec.agents == 1000:
+        if spec.agents == 1000 and spec.ttl == 3:
             cpu_target, cpu_met = "<= 10% of a core", result.server_cpu <= 0.10
         else:
             cpu_target, cpu_met = "", None
-        held = stats.start.opened == spec.agents and not stats.lost
+        held = stats.start.opened == spec.agents and not stats.start.lost
         self.table.add(
             name,
             "acks/s sustained (expected)",
@@ -235,8 +270,8 @@ class Bench:
         self.table.add(
             name,
             "reconnect storm: reopened, after; failed opens; retries",
-            _opens(stats.storm),
-            _opens(echo.stats.storm) if echo else "-",
+            _opens(stats.storm) if result.stormed else "skipped: fleet not up",
+            _opens(echo.stats.storm) if echo and echo.stormed else "-",
         )
         self.table.add(
             name,
@@ -253,21 +288,9 @@ class Bench:
                 "p50 <= 1 ms",
                 percentile(samples["ListAgents"], 50) <= 0.001,
             )
-        if stats.breaks or stats.lost:
-            self.table.notes.append(
-                f"{name}: streams broken outside the storm {dict(stats.breaks)}; "
-                f"sessions lost {dict(stats.lost)}"
-            )
-
-    def pending_demo(self) -> None:
-        """The largest fleet against grpc core's default pending-request limit."""
-        agents = max(self.args.agents)
-        channels = self.args.channels[0]
-        count = agents if channels == "agent" else int(channels)
-        spec = LoadSpec("discovery", agents, count, self.args.workers, self.args.ttl)
-        extra = ["--max-pending-requests", str(LIMITED_PENDING)]
-        result = self.load(spec, extra)
-        self.heartbeat_rows(result, None, f", --max-pending-requests {LIMITED_PENDING}")
+        if stats.breaks:
+            broken = dict(stats.breaks)
+            self.table.notes.append(f"{name}: streams broken outside the storm {broken}")
 
     def expiry(self) -> None:
         """Kill agents and time the EXPIRED events."""
@@ -278,22 +301,34 @@ class Bench:
         server.stop()
         p50, worst = percentile(result.delays, 50), max(result.delays, default=float("nan"))
         name = f"expiry, {agents} agents killed, TTL {result.ttl:g} s"
+        complete = result.missing == 0
         self.table.add(
             name,
             "last heartbeat -> EXPIRED event, p50 / max s",
             f"{p50:.3f} / {worst:.3f}",
-            target=f"p50 <= TTL, max <= TTL + 0.25 s ({result.ttl + 0.25:g} s)",
-            met=worst <= result.ttl + 0.25 and result.missing == 0,
+            target=f"max <= TTL + 0.25 s ({result.ttl + 0.25:g} s)",
+            met=complete and worst <= result.ttl + 0.25,
         )
         self.table.add(
             name,
             "beyond TTL, p50 / max ms",
             f"{ms(p50 - result.ttl)} / {ms(worst - result.ttl)}",
-            target="max <= 250 ms",
-            met=worst - result.ttl <= 0.25 and result.missing == 0,
+            target="p50 <= TTL (see notes)",
+            met="n/a",
+        )
+        self.table.notes.append(
+            "Expiry p50 <= TTL cannot hold as written: an agent is live for one TTL after its "
+            "last heartbeat by definition, so the delay is TTL plus detection; what the server "
+            "adds is the 'beyond TTL' row (sweep every 100 ms, then one store write and the "
+            "watch fan-out)."
         )
         if result.missing:
             self.table.notes.append(f"{name}: {result.missing} EXPIRED events never arrived")
+
+
+def _connections(agents: int, channels: str) -> int:
+    """A ``--channels`` value as a number of connections."""
+    return agents if channels == "agent" else int(channels)
 
 
 def _rss(result: LoadResult) -> str:
@@ -302,11 +337,18 @@ def _rss(result: LoadResult) -> str:
 
 
 def _opens(stats: OpenStats) -> str:
-    codes = ", ".join(f"{code} {n:,}" for code, n in stats.failures.most_common()) or "none"
-    failed = sum(stats.failures.values())
+    """Opened, when, give-ups, lost sessions; failures by code (median wait); retries."""
+    by_count = sorted(stats.failures.items(), key=lambda item: -len(item[1]))
+    codes = ", ".join(
+        f"{code} {len(waits):,} after ~{percentile(waits, 50):.1f} s" for code, waits in by_count
+    )
+    failed = sum(len(waits) for waits in stats.failures.values())
     gave_up = f", {stats.gave_up:,} gave up" if stats.gave_up else ""
+    lost = ", ".join(f"{cause} {n:,}" for cause, n in stats.lost.most_common())
+    lost = f", sessions lost: {lost}" if lost else ""
+    codes = codes or "none"
     return (
-        f"{stats.opened:,} in {stats.seconds:.1f} s{gave_up}; {failed:,} ({codes}); "
+        f"{stats.opened:,} in {stats.seconds:.1f} s{gave_up}{lost}; {failed:,} ({codes}); "
         f"{stats.retries:,}"
     )
 

@@ -7,10 +7,11 @@ fleet comes up as fast as Register allows. It then sends one message per heartbe
 interval (the interval Register returns; TTL/3 for echo) at a random phase and waits
 for the reply. Only replies received inside the measurement window are counted.
 
-After the window comes a reconnect storm: every worker drops all its connections at
-once (as a network blip or a proxy restart would) and every agent reopens its stream
-immediately, retrying failed opens with jittered exponential back-off. That burst of
-thousands of opens is what grpc core's pending-request limit sees.
+After the window, once the whole fleet is up, comes a reconnect storm: every worker
+drops all its connections at once (as a network blip or a proxy restart would) and
+every agent reopens its stream immediately, retrying failed opens with jittered
+exponential back-off. That burst of thousands of opens is what grpc core's
+pending-request limit sees.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import grpc
@@ -59,14 +60,14 @@ class LoadSpec:
     """Client processes."""
     ttl: float
     """TTL agents register with; echo agents send every TTL/3."""
-    open_timeout: float = 60.0
+    open_timeout: float = 30.0
     """An agent gives up (re)opening its stream after this many seconds of a phase."""
 
     @property
     def label(self) -> str:
-        """E.g. ``1,000 agents, 16 conns``."""
+        """E.g. ``1,000 agents, TTL 3 s, 16 conns``."""
         conns = "1 conn/agent" if self.channels >= self.agents else f"{self.channels} conns"
-        return f"{self.agents:,} agents, {conns}"
+        return f"{self.agents:,} agents, TTL {self.ttl:g} s, {conns}"
 
 
 @dataclass
@@ -77,20 +78,24 @@ class OpenStats:
     """Agents whose stream opened in the phase."""
     seconds: float = 0.0
     """From the phase's start until the last stream opened."""
-    failures: Counter[str] = field(default_factory=Counter)
-    """Failed open attempts by status code."""
+    failures: dict[str, list[float]] = field(default_factory=dict)
+    """Failed open attempts by status code: seconds from the attempt to its failure."""
     retries: int = 0
     """Open attempts after a failure."""
     gave_up: int = 0
     """Agents that could not open within the open timeout."""
+    lost: Counter[str] = field(default_factory=Counter)
+    """Sessions that ended in the phase (REREGISTER, UNAUTHENTICATED, Register failed)."""
 
     def merge(self, other: OpenStats) -> None:
         """Add another worker's figures (workers run in parallel: times are maxima)."""
         self.opened += other.opened
         self.seconds = max(self.seconds, other.seconds)
-        self.failures += other.failures
+        for code, waits in other.failures.items():
+            self.failures.setdefault(code, []).extend(waits)
         self.retries += other.retries
         self.gave_up += other.gave_up
+        self.lost += other.lost
 
 
 @dataclass
@@ -98,22 +103,22 @@ class LoadStats:
     """What the workers saw, summed over them."""
 
     start: OpenStats = field(default_factory=OpenStats)
+    """From the start until the storm (the measurement window included)."""
     storm: OpenStats = field(default_factory=OpenStats)
-    registered: int = 0
-    lost: Counter[str] = field(default_factory=Counter)
-    """Sessions that ended (REREGISTER command, UNAUTHENTICATED open), by cause."""
+    """From the storm until the stop."""
     breaks: Counter[str] = field(default_factory=Counter)
     """Open streams that failed outside the storm, by status code."""
     interval: float = 0.0
+    """Seconds between an agent's messages (what Register returned; TTL/3 for echo)."""
     acks: int = 0
+    """Replies received in the measurement window."""
     latencies: list[float] = field(default_factory=list)
+    """Seconds from each of those messages to its reply."""
 
     def merge(self, other: LoadStats) -> None:
         """Add another worker's figures."""
         self.start.merge(other.start)
         self.storm.merge(other.storm)
-        self.registered += other.registered
-        self.lost += other.lost
         self.breaks += other.breaks
         self.interval = max(self.interval, other.interval)
         self.acks += other.acks
@@ -136,6 +141,8 @@ class LoadResult:
     """Server RSS before the load, bytes."""
     rss: int
     """Server RSS at the end of the window, bytes."""
+    stormed: bool
+    """Whether the reconnect storm ran (only once the whole fleet was up)."""
     during: Any = None
     """What the ``during`` callback returned."""
 
@@ -215,7 +222,7 @@ class _Worker:
         tasks = [asyncio.create_task(self._agent(i)) for i in range(self.plan.agents)]
         try:
             await self._until_settled()
-            self.conn.send(("ready",))
+            self.conn.send(("ready", self.stats.start.opened))
             while True:
                 message = await self._receive()
                 if message[0] == "window":
@@ -285,7 +292,6 @@ class _Worker:
                 if error.code() not in RETRYABLE or attempt == 7:
                     raise
                 await asyncio.sleep(_backoff(attempt))
-        self.stats.registered += 1
         self.stats.interval = response.heartbeat_interval.ToTimedelta().total_seconds()
         return (("authorization", f"Bearer {response.session_token}"),)
 
@@ -362,7 +368,7 @@ class _Worker:
         Returns:
             The next attempt number, or 0 when the agent stops (gave up or lost).
         """
-        phase = self.phase
+        phase, attempted = self.phase, time.monotonic()
         call = self.methods[index % len(self.methods)](metadata=metadata)
         opened = False
         try:
@@ -385,7 +391,7 @@ class _Worker:
                 self._finish(index, "lost", code)
                 return 0
             if not opened:
-                phase.failures[code] += 1
+                phase.failures.setdefault(code, []).append(time.monotonic() - attempted)
             elif phase is self.phase:  # not the storm's doing
                 self.stats.breaks[code] += 1
         finally:
@@ -406,7 +412,7 @@ class _Worker:
         else:
             self.live.discard(index)
         if outcome == "lost":
-            self.stats.lost[cause] += 1
+            self.phase.lost[cause] += 1
         if index not in self.waiting:
             return
         self.waiting.discard(index)
@@ -423,6 +429,8 @@ def worker_main(plan: _Plan, conn: Connection) -> None:
     """Entry point of a worker process."""
     try:
         asyncio.run(_Worker(plan, conn).run())
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reached the whole process group; the parent cleans up
     except BaseException:
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
@@ -452,22 +460,33 @@ def _plans(spec: LoadSpec, address: str, deadline: float) -> list[_Plan]:
     return plans
 
 
-async def _receive(conn: Connection, timeout: float) -> tuple[Any, ...]:
-    def receive() -> tuple[Any, ...]:
-        if not conn.poll(timeout):
+def _gather(conns: list[Connection], timeout: float) -> list[tuple[Any, ...]]:
+    """One message from every worker, in order.
+
+    Raises:
+        RuntimeError: a worker failed or exited.
+        TimeoutError: a worker said nothing within ``timeout`` seconds.
+    """
+    messages: dict[int, tuple[Any, ...]] = {}
+    deadline = time.monotonic() + timeout
+    while len(messages) < len(conns):
+        waiting = [conn for i, conn in enumerate(conns) if i not in messages]
+        ready = wait(waiting, max(0.0, deadline - time.monotonic()))
+        if not ready:
             raise TimeoutError(f"no word from a load worker within {timeout:.0f} s")
-        try:
-            message: tuple[Any, ...] = conn.recv()
-        except EOFError:
-            raise RuntimeError("a load worker exited without a word") from None
-        if message[0] == "error":
-            raise RuntimeError(f"load worker failed:\n{message[1]}")
-        return message
+        for conn in ready:
+            assert isinstance(conn, Connection)
+            try:
+                message: tuple[Any, ...] = conn.recv()
+            except EOFError:
+                raise RuntimeError("a load worker exited without a word") from None
+            if message[0] == "error":
+                raise RuntimeError(f"load worker failed:\n{message[1]}")
+            messages[conns.index(conn)] = message
+    return [messages[i] for i in range(len(conns))]
 
-    return await asyncio.to_thread(receive)
 
-
-async def run_load(
+def run_load(
     spec: LoadSpec,
     server: Server,
     duration: float,
@@ -475,7 +494,8 @@ async def run_load(
 ) -> LoadResult:
     """Drive ``server`` with ``spec``: start, measure ``duration`` s, ``during``, storm, stop.
 
-    Every worker process is stopped (or killed) before this returns or raises.
+    The storm is skipped when not every agent got its stream open at the start. Every
+    worker process is stopped (or killed) before this returns or raises.
     """
     phase_timeout = spec.open_timeout + 60
     settle = 2.0 * spec.ttl / 3
@@ -491,25 +511,27 @@ async def run_load(
             child.close()
             processes.append(process)
             conns.append(parent)
-        await asyncio.gather(*(_receive(conn, phase_timeout) for conn in conns))
+        readies = _gather(conns, phase_timeout)
+        fleet_up = sum(ready[1] for ready in readies) == spec.agents
         start = time.monotonic() + settle
         end = start + duration
         for conn in conns:
             conn.send(("window", start, end))
         clients = [psutil.Process(process.pid) for process in processes]
-        await asyncio.sleep(start - time.monotonic())
+        time.sleep(start - time.monotonic())
         server_before, clients_before = server.cpu_seconds(), _cpu(clients)
-        await asyncio.sleep(end - time.monotonic())
+        time.sleep(end - time.monotonic())
         server_cpu, clients_cpu = server.cpu_seconds(), _cpu(clients)
         rss = server.rss()
-        during_result = await during() if during is not None else None
-        for conn in conns:
-            conn.send(("storm",))
-        await asyncio.gather(*(_receive(conn, phase_timeout) for conn in conns))
+        during_result = asyncio.run(during()) if during is not None else None
+        if fleet_up:
+            for conn in conns:
+                conn.send(("storm",))
+            _gather(conns, phase_timeout)
         for conn in conns:
             conn.send(("stop",))
         stats = LoadStats()
-        for message in await asyncio.gather(*(_receive(conn, 60) for conn in conns)):
+        for message in _gather(conns, 60):
             stats.merge(message[1])
     finally:
         for conn in conns:
@@ -528,6 +550,7 @@ async def run_load(
         (clients_cpu - clients_before) / duration,
         rss_idle,
         rss,
+        fleet_up,
         during_result,
     )
 

@@ -72,10 +72,11 @@ class Table:
         echo: str = "-",
         ratio: str = "-",
         target: str = "",
-        met: bool | None = None,
+        met: bool | str | None = None,
     ) -> None:
-        """Add one row; ``met`` None leaves the verdict blank."""
-        verdict = "" if met is None else ("yes" if met else "**no**")
+        """Add one row; ``met`` None leaves the verdict blank, a string is shown as is."""
+        verdicts = {None: "", True: "yes", False: "**no**"}
+        verdict = met if isinstance(met, str) else verdicts[met]
         self.rows.append((workload, figure, value, echo, ratio, target, verdict))
 
     def markdown(self) -> str:

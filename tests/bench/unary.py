@@ -14,16 +14,21 @@ from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from tests.bench import echo
 
 Call = Callable[[], Awaitable[object]]
-ROUNDS = 4
+ROUNDS = 10
 """Each workload runs in this many chunks, interleaved, so drift hits all alike."""
 
 
-async def interleaved(calls: Mapping[str, Call], count: int, warmup: int) -> dict[str, list[float]]:
+async def interleaved(
+    calls: Mapping[str, Call], count: int, warmup: int, time_limit: float = 60.0
+) -> dict[str, list[float]]:
     """Time ``count`` sequential calls of each workload, in interleaved rounds.
+
+    Stops early once ``time_limit`` s have passed (an overloaded server answers slowly).
 
     Returns:
         Seconds per call, by workload name.
     """
+    ends = time.monotonic() + time_limit
     for call in calls.values():
         for _ in range(warmup):
             await call()
@@ -33,6 +38,8 @@ async def interleaved(calls: Mapping[str, Call], count: int, warmup: int) -> dic
         for name, call in calls.items():
             out = samples[name]
             for _ in range(chunk):
+                if time.monotonic() > ends:
+                    break
                 started = time.perf_counter()
                 await call()
                 out.append(time.perf_counter() - started)

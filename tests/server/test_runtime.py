@@ -18,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentcoord.core.errors import InvalidInput
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
+from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_pb
+from agentcoord.distribution.v1 import distribution_service_pb2_grpc as distribution_grpc
 from agentcoord.server import config as server_config
 from agentcoord.server.config import ServerConfig
-from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
-from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
 from tests.helpers import bearer
 from tests.server.conftest import StartServer
 
@@ -57,9 +57,9 @@ async def test_join_and_admin_tokens(start_server: StartServer) -> None:
 
 
 async def test_pending_services_answer_unimplemented(channel: grpc.aio.Channel) -> None:
-    stub = statesync_grpc.StateSyncServiceStub(channel)
+    stub = distribution_grpc.DistributionServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await stub.GetState(statesync_pb.GetStateRequest(key="shared/x"))
+        await stub.GetTask(distribution_pb.GetTaskRequest(task_id="t"))
     assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -7,8 +7,7 @@ import dataclasses
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -22,12 +21,14 @@ from agentcoord.core.models import (
     AgentState,
     AgentStatus,
     Change,
+    ChangeFilter,
     HeartbeatRecord,
     Service,
     Skill,
 )
 from agentcoord.store.base import Store
 from agentcoord.store.factory import open_store
+from tests.store.helpers import all_changes, opened
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -46,21 +47,6 @@ def make_agent(agent_id: str = "a1", **fields: Any) -> Agent:
     }
     values.update(fields)
     return Agent(**values)
-
-
-@asynccontextmanager
-async def opened(url: str) -> AsyncIterator[Store]:
-    """Open another store on the same database (a restart, or another replica)."""
-    store = open_store(url)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-async def all_changes(store: Store) -> list[Change]:
-    return await store.list_changes(0, 100_000)
 
 
 # Registration and sessions
@@ -302,9 +288,10 @@ async def test_list_changes_pages_and_filters(store: Store) -> None:
     assert [c.revision for c in await store.list_changes(6, 3)] == [7]
     assert await store.list_changes(7, 3) == []
     assert [c.subject for c in await store.list_changes(2, 2)] == ["a2", "a3"]
-    assert len(await store.list_changes(0, 100, Service.DISCOVERY)) == 7
-    assert [c.revision for c in await store.list_changes(5, 100, Service.DISCOVERY)] == [6, 7]
-    assert await store.list_changes(0, 100, Service.STATESYNC) == []
+    discovery = ChangeFilter(service=Service.DISCOVERY)
+    assert len(await store.list_changes(0, 100, discovery)) == 7
+    assert [c.revision for c in await store.list_changes(5, 100, discovery)] == [6, 7]
+    assert await store.list_changes(0, 100, ChangeFilter(service=Service.STATESYNC)) == []
     with pytest.raises(InvalidInput):
         await store.list_changes(0, 0)
 
@@ -480,13 +467,26 @@ async def test_data_survives_a_restart(store_url: str) -> None:
     assert (registered.epoch, again.epoch, again.revision) == (1, 2, 3)
 
 
-EXPECTED_TABLES = {"schema_migrations", "revision_counter", "changes", "agents"}
+EXPECTED_TABLES = {
+    "schema_migrations",
+    "revision_counter",
+    "changes",
+    "agents",
+    "states",
+    "write_requests",
+}
 EXPECTED_INDEXES = {
     "changes_service_revision": ["service", "revision"],
     "changes_agent_id_revision": ["agent_id", "revision"],
     "changes_subject_revision": ["subject", "revision"],
+    "changes_kind_revision": ["kind", "revision"],
+    "changes_time": ["time"],
     "agents_token_hash": ["token_hash"],
+    "states_expire_time": ["expire_time"],
+    "states_agent_session": ["agent_id", "session_epoch"],
+    "write_requests_time": ["time"],
 }
+EXPECTED_MIGRATIONS = [(1, "init"), (2, "statesync")]
 
 
 @dataclasses.dataclass
@@ -517,12 +517,16 @@ async def inspect_schema(url: str) -> Schema:
         await conn.close()
     return Schema(
         tables={r["tablename"] for r in tables},
-        # indexdef reads "CREATE INDEX name ON schema.table USING btree (a, b)".
-        indexes={
-            r["indexname"]: r["indexdef"].rpartition("(")[2][:-1].split(", ") for r in definitions
-        },
+        # indexdef reads "CREATE INDEX name ON schema.table USING btree (a, b) [WHERE ...]".
+        indexes={r["indexname"]: index_columns(r["indexdef"]) for r in definitions},
         migrations=[(r["version"], r["name"], str(r["applied_at"])) for r in migrations],
     )
+
+
+def index_columns(definition: str) -> list[str]:
+    """Columns of ``CREATE INDEX name ON schema.table USING btree (a, "b") [WHERE ...]``."""
+    columns = definition.partition(" USING btree (")[2].partition(")")[0]
+    return [column.strip('"') for column in columns.split(", ")]
 
 
 def inspect_sqlite(path: str) -> Schema:
@@ -554,7 +558,7 @@ async def test_migrations_build_the_schema_once(store_url: str) -> None:
     assert first.tables >= EXPECTED_TABLES
     for name, columns in EXPECTED_INDEXES.items():
         assert first.indexes.get(name) == columns, name
-    assert [(version, name) for version, name, _ in first.migrations] == [(1, "init")]
+    assert [(version, name) for version, name, _ in first.migrations] == EXPECTED_MIGRATIONS
 
     async with opened(store_url) as store:  # reopening applies nothing again
         await store.register_agent(make_agent(), "h", NOW)
@@ -571,4 +575,4 @@ async def test_replicas_starting_together_migrate_once(store_url: str) -> None:
         assert sorted(a.revision for a in agents) == [1, 2, 3, 4]
     finally:
         await asyncio.gather(*(store.close() for store in stores))
-    assert len((await inspect_schema(store_url)).migrations) == 1
+    assert len((await inspect_schema(store_url)).migrations) == len(EXPECTED_MIGRATIONS)

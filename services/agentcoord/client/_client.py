@@ -10,6 +10,7 @@ from google.protobuf.message import Message
 
 from agentcoord.client._errors import RPCError
 from agentcoord.client._retry import RetryPolicy
+from agentcoord.client._state import StateClient
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_pb
@@ -97,6 +98,7 @@ class DiscoveryClient(_ServiceClient):
             "Register", request, discovery_pb.RegisterResponse, idempotent=False
         )
         self._client.token = response.session_token
+        self._client.agent_id = response.agent.agent_id
         return response
 
     def heartbeat(self) -> grpc.aio.StreamStreamCall[Any, Any]:
@@ -296,6 +298,7 @@ class AgentcoordClient:
         target: str = "127.0.0.1:50051",
         *,
         token: str = "",
+        agent_id: str = "",
         join_token: str = "",
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = 10.0,
@@ -307,6 +310,8 @@ class AgentcoordClient:
         Args:
             target: ``host:port`` of a server.
             token: Session or admin token sent as ``authorization: Bearer``.
+            agent_id: The agent the session token belongs to (set by ``register``), for
+                ``state.own_key`` and ``state.clear_own``.
             join_token: Join token sent with every call, for servers that require one.
             credentials: TLS channel credentials; plaintext when None.
             timeout: Deadline in seconds of each unary call.
@@ -315,6 +320,7 @@ class AgentcoordClient:
         """
         self.target = target
         self.token = token
+        self.agent_id = agent_id
         self.join_token = join_token
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -343,6 +349,7 @@ class AgentcoordClient:
             distribution_grpc.DistributionServiceStub(self._channel), self
         )
         self.statesync = StateSyncClient(statesync_grpc.StateSyncServiceStub(self._channel), self)
+        self.state = StateClient(self.statesync, self)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -10,7 +10,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from agentcoord.client._errors import RPCError
@@ -30,13 +31,16 @@ class RetryPolicy:
     initial_backoff: float = 0.05
     """Seconds before the first retry (before jitter)."""
     max_backoff: float = 2.0
-    """Longest pause between two attempts."""
+    """Longest pause between two attempts (before jitter)."""
+    jitter: float = 0.1
+    """Random extra pause, up to this many seconds, so colliding clients spread out."""
 
     def retrying(self, codes: frozenset[grpc.StatusCode] = RETRYABLE_CODES) -> AsyncRetrying:
         """Return a tenacity controller that retries RPCErrors with one of ``codes``."""
         return AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, RPCError) and e.code in codes),
             stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.max_delay),
-            wait=wait_exponential_jitter(initial=self.initial_backoff, max=self.max_backoff),
+            wait=wait_exponential(multiplier=self.initial_backoff, max=self.max_backoff)
+            + wait_random(0, self.jitter),
             reraise=True,
         )

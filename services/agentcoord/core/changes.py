@@ -84,13 +84,16 @@ class ChangeFeed:
     ) -> AsyncIterator[WatchBatch]:
         """Yield the matching changes after ``start_revision`` (0: from now on), forever.
 
-        Yields a batch with no changes as a progress notification when the revision
-        moved on without a matching change, or after an idle poll interval.
+        The first batch comes as soon as the watch is registered: it has no changes and
+        the revision the watch starts after, so a client that waits for it misses no
+        change made afterwards. Later batches without changes are progress
+        notifications: the revision moved on without a matching change.
         """
         subscriber = _Subscriber(self._max_pending)
         self._subscribers.add(subscriber)
         try:
             last = start_revision if start_revision > 0 else await self._store.current_revision()
+            yield WatchBatch([], last)
             while True:
                 async for batch in self._catch_up(last, matches):
                     last = batch.revision

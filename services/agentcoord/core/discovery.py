@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import enum
 import hashlib
 import heapq
 import hmac
-import logging
 import secrets
 import uuid
 from collections import Counter
@@ -26,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from agentcoord.core.changes import ChangeFeed
 from agentcoord.core.clock import Clock
 from agentcoord.core.errors import NotFound, PermissionDenied, Unauthenticated
+from agentcoord.core.loops import run_periodically
 from agentcoord.core.models import (
     Agent,
     AgentEventKind,
@@ -37,8 +36,6 @@ from agentcoord.core.models import (
     Skill,
 )
 from agentcoord.store.base import Store
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,17 +410,21 @@ class Discovery:
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep expiries and flush heartbeats until ``stop`` is set, then flush once more."""
         next_flush = self._clock.monotonic() + self.config.flush_interval
-        while not stop.is_set():
-            try:
-                await self.sweep()
-                if self._clock.monotonic() >= next_flush:
-                    next_flush = self._clock.monotonic() + self.config.flush_interval
-                    await self.flush()
-            except Exception:  # keep the loop alive through a transient store outage
-                log.exception("discovery background pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.sweep_interval)
+
+        async def step() -> None:
+            nonlocal next_flush
+            await self.sweep()
+            if self._clock.monotonic() >= next_flush:
+                next_flush = self._clock.monotonic() + self.config.flush_interval
+                await self.flush()
+
+        await run_periodically(stop, self.config.sweep_interval, step, "discovery sweep")
         await self.flush()
+
+    async def is_live(self, agent_id: str) -> bool:
+        """Return whether the agent is live, on this process's clock."""
+        entry = self._entries.get(agent_id)
+        return entry is not None and self._view(entry, self._clock.monotonic()).ttl_remaining > 0
 
     async def revision(self) -> int:
         """Return the store's current revision."""

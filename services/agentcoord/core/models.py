@@ -214,3 +214,197 @@ def _iso(value: datetime | None) -> str | None:
 
 def _parse_iso(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value is not None else None
+
+
+class ValueKind(enum.Enum):
+    """How a state value is encoded."""
+
+    JSON = "json"
+    """Canonical JSON text (sorted keys, no spaces), UTF-8."""
+    BINARY = "binary"
+    """Opaque bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateValue:
+    """A state value: canonical JSON text or opaque bytes."""
+
+    kind: ValueKind
+    """Encoding of ``data``."""
+    data: bytes
+    """The encoded value."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateEntry:
+    """The current entry of one key."""
+
+    key: str
+    """The key, a UTF-8 path."""
+    value: StateValue
+    """The value."""
+    metadata: Mapping[str, str]
+    """Free-form metadata written with the value."""
+    version: int
+    """Per-key version: 1 on creation, +1 on every put."""
+    create_revision: int
+    """Revision of the put that created the key."""
+    mod_revision: int
+    """Revision of the latest put."""
+    agent_id: str
+    """Agent that wrote last; empty for the admin."""
+    create_time: datetime
+    """Time of creation."""
+    update_time: datetime
+    """Time of the latest put."""
+    expire_time: datetime | None = None
+    """Time the key is deleted unless written again; None for no TTL."""
+    session_epoch: int = 0
+    """Epoch of ``agent_id``'s session the key is bound to; 0 when not bound."""
+
+    @property
+    def bound_to_session(self) -> bool:
+        """Whether the key is deleted when its writer's session ends."""
+        return self.session_epoch > 0
+
+
+class StateChangeType(enum.Enum):
+    """What happened to a key (``state.<value>`` in the change log)."""
+
+    PUT = "put"
+    DELETE = "delete"
+    EXPIRE = "expire"
+
+    @property
+    def change_kind(self) -> str:
+        """Name of this type in the change log."""
+        return f"state.{self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Fencing:
+    """A sub-task lease a write claims to hold."""
+
+    subtask_id: str
+    """The sub-task."""
+    fencing_token: int
+    """The lease's fencing token; a stale one is refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutCommand:
+    """Write one key."""
+
+    key: str
+    """The key."""
+    value: StateValue
+    """The new value."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """Metadata stored with the value."""
+    expire_time: datetime | None = None
+    """When the key expires; None for never."""
+    session_epoch: int = 0
+    """Bind the key to the writer's session of this epoch; 0 for no binding."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteCommand:
+    """Delete one key."""
+
+    key: str
+    """The key."""
+    allow_missing: bool = False
+    """Succeed without a change when the key does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """A condition on one key that a write requires.
+
+    Exactly one of ``version``, ``exists`` and ``value`` is set.
+    """
+
+    key: str
+    """The key."""
+    version: int | None = None
+    """Required version; 0 means the key must not exist."""
+    exists: bool | None = None
+    """Required existence."""
+    value: StateValue | None = None
+    """Required value (the key must exist)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """An all-or-nothing write of several keys, if every comparison holds."""
+
+    agent_id: str
+    """The writer; empty for the admin."""
+    compares: tuple[Compare, ...]
+    """Conditions checked first, in order."""
+    operations: tuple[PutCommand | DeleteCommand, ...]
+    """Operations applied in order, each at its own consecutive revision."""
+    now: datetime
+    """Time of the write."""
+    fencing: Fencing | None = None
+    """A lease the writer must hold."""
+    request_id: str = ""
+    """Idempotency key: a repeat returns the first result and writes nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class OperationResult:
+    """The effect of one operation of a write."""
+
+    state: StateEntry | None
+    """The entry after a put; None after a delete."""
+    previous: StateEntry | None
+    """The entry before the operation; None if the key did not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateWriteResult:
+    """The outcome of a committed write."""
+
+    revision: int
+    """Store revision after the write (unchanged if it changed nothing)."""
+    results: tuple[OperationResult, ...]
+    """One result per operation, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFilter:
+    """Which change log entries a listing or watch wants; empty fields match anything."""
+
+    service: Service | None = None
+    """Only this service's changes."""
+    kind: str = ""
+    """Only this kind; a value ending in ``.`` matches the family (``agent.``)."""
+    subject: str = ""
+    """Only this exact subject."""
+    subject_prefix: str = ""
+    """Only subjects starting with this."""
+    agent_id: str = ""
+    """Only changes made by this agent."""
+    start_time: datetime | None = None
+    """Only changes at or after this time."""
+    end_time: datetime | None = None
+    """Only changes before this time."""
+
+    def matches(self, change: Change) -> bool:
+        """Return whether ``change`` passes the filter."""
+        if self.service is not None and change.service is not self.service:
+            return False
+        if self.kind and not (
+            change.kind.startswith(self.kind)
+            if self.kind.endswith(".")
+            else change.kind == self.kind
+        ):
+            return False
+        return (
+            (not self.subject or change.subject == self.subject)
+            and change.subject.startswith(self.subject_prefix)
+            and (not self.agent_id or change.agent_id == self.agent_id)
+            and (self.start_time is None or change.time >= self.start_time)
+            and (self.end_time is None or change.time < self.end_time)
+        )

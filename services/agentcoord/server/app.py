@@ -7,7 +7,9 @@ import contextlib
 import logging
 import resource
 import signal
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,10 +20,12 @@ from agentcoord.core.clock import Clock, SystemClock
 from agentcoord.core.discovery import Discovery, DiscoveryConfig, Session, hash_token
 from agentcoord.core.errors import Unauthenticated
 from agentcoord.core.models import AgentState
+from agentcoord.core.statesync import Liveness, StateSync, StateSyncConfig
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc
 from agentcoord.server import discovery as discovery_server
 from agentcoord.server import pending
+from agentcoord.server import statesync as statesync_server
 from agentcoord.server.auth import Access, Authenticator, SessionLookup
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.interceptors import CallInterceptor
@@ -59,9 +63,7 @@ class App:
     """The health service."""
     streams: StreamTracker
     """Long-lived streams, ended at shutdown."""
-    discovery: Discovery | None = None
-    """The Discovery core, when this process hosts it."""
-    feed: ChangeFeed | None = None
+    feed: ChangeFeed
     """The change feed."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop_loops: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,8 +79,7 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(self.config.grace if grace is None else grace)
-        if self.feed is not None:
-            self.feed.close()
+        self.feed.close()
         await self.store.close()
 
 
@@ -90,6 +91,14 @@ def _store_session_lookup(store: Store) -> SessionLookup:
         return Session(agent.agent_id, agent.epoch)
 
     return lookup
+
+
+def _store_liveness(store: Store) -> Liveness:
+    async def is_live(agent_id: str) -> bool:
+        agent = await store.get_agent(agent_id)
+        return agent is not None and agent.state is AgentState.LIVE
+
+    return is_live
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -104,6 +113,78 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Hosted:
+    """One service this process serves."""
+
+    name: str
+    """Fully-qualified service name."""
+    access: dict[str, Access]
+    """Access of each RPC, by method name."""
+    add_to_server: Callable[[grpc.aio.Server], None]
+    """Registers the servicer."""
+    loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None
+    """Background work until the event is set."""
+
+
+async def _host_services(
+    config: ServerConfig, store: Store, clock: Clock, feed: ChangeFeed, streams: StreamTracker
+) -> tuple[list[_Hosted], SessionLookup]:
+    """Build the cores and servicers of the configured services."""
+    hosted: list[_Hosted] = []
+    lookup = _store_session_lookup(store)
+    is_live = _store_liveness(store)
+    if "discovery" in config.services:
+        discovery = Discovery(
+            store,
+            clock,
+            feed,
+            DiscoveryConfig(
+                default_ttl=config.default_ttl, min_ttl=config.min_ttl, max_ttl=config.max_ttl
+            ),
+        )
+        await discovery.start()
+        lookup, is_live = discovery.authenticate, discovery.is_live
+        servicer = discovery_server.DiscoveryServicer(discovery, streams)
+        hosted.append(
+            _Hosted(
+                discovery_server.SERVICE.full_name,
+                discovery_server.ACCESS,
+                lambda server: discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server(
+                    servicer, server
+                ),
+                discovery.run,
+            )
+        )
+    if "statesync" in config.services:
+        statesync = StateSync(store, clock, feed, StateSyncConfig(), is_live)
+        state_servicer = statesync_server.StateSyncServicer(statesync, streams)
+        hosted.append(
+            _Hosted(
+                statesync_server.SERVICE.full_name,
+                statesync_server.ACCESS,
+                lambda server: statesync_service_pb2_grpc.add_StateSyncServiceServicer_to_server(
+                    state_servicer, server
+                ),
+                statesync.run,
+            )
+        )
+    if "distribution" in config.services:
+        hosted.append(
+            _Hosted(
+                pending.DISTRIBUTION_SERVICE.full_name,
+                {},
+                lambda server: (
+                    distribution_service_pb2_grpc.add_DistributionServiceServicer_to_server(
+                        pending.DistributionServicer(),  # type: ignore[abstract]
+                        server,
+                    )
+                ),
+            )
+        )
+    return hosted, lookup
 
 
 async def start_app(
@@ -122,27 +203,15 @@ async def start_app(
     clock = clock or SystemClock()
     streams = StreamTracker()
     feed = ChangeFeed(store)
-    discovery: Discovery | None = None
-    access: dict[str, Access] = {}
-    lookup = _store_session_lookup(store)
-    if "discovery" in config.services:
-        discovery = Discovery(
-            store,
-            clock,
-            feed,
-            DiscoveryConfig(
-                default_ttl=config.default_ttl, min_ttl=config.min_ttl, max_ttl=config.max_ttl
-            ),
-        )
-        await discovery.start()
-        lookup = discovery.authenticate
-        service = discovery_server.SERVICE
-        access.update(
-            {f"/{service.full_name}/{name}": need for name, need in discovery_server.ACCESS.items()}
-        )
+    hosted, lookup = await _host_services(config, store, clock, feed, streams)
     authenticator = Authenticator(
         lookup=lookup, join_token=config.join_token, admin_token=config.admin_token
     )
+    access = {
+        f"/{service.name}/{method}": need
+        for service in hosted
+        for method, need in service.access.items()
+    }
     server = grpc.aio.server(
         interceptors=[CallInterceptor(authenticator, access)],
         options=[
@@ -155,27 +224,12 @@ async def start_app(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    hosted: list[str] = []
-    if discovery is not None:
-        discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server(
-            discovery_server.DiscoveryServicer(discovery, streams), server
-        )
-        hosted.append(discovery_server.SERVICE.full_name)
-    if "distribution" in config.services:
-        distribution_service_pb2_grpc.add_DistributionServiceServicer_to_server(
-            pending.DistributionServicer(),  # type: ignore[abstract]
-            server,
-        )
-        hosted.append(pending.DISTRIBUTION_SERVICE.full_name)
-    if "statesync" in config.services:
-        statesync_service_pb2_grpc.add_StateSyncServiceServicer_to_server(
-            pending.StateSyncServicer(),  # type: ignore[abstract]
-            server,
-        )
-        hosted.append(pending.STATESYNC_SERVICE.full_name)
+    for service in hosted:
+        service.add_to_server(server)
+    names = [service.name for service in hosted]
     reflection.enable_server_reflection(
         [
-            *hosted,
+            *names,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -187,11 +241,12 @@ async def start_app(
     else:
         port = server.add_secure_port(config.listen, credentials)
     await server.start()
-    for name in ["", *hosted]:
+    for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    app = App(config, store, server, port, health_servicer, streams, discovery, feed)
-    if discovery is not None:
-        app._tasks.append(asyncio.create_task(discovery.run(app._stop_loops)))
+    app = App(config, store, server, port, health_servicer, streams, feed)
+    for service in hosted:
+        if service.loop is not None:
+            app._tasks.append(asyncio.create_task(service.loop(app._stop_loops)))
     return app
 
 

@@ -109,3 +109,34 @@ def decode_page_token(field: str, token: str, query: Mapping[str, Any]) -> str:
     if not isinstance(position, str) or made_for != json.loads(json.dumps(query)):
         raise InvalidInput(field, "was issued for a listing with other filters")
     return position
+
+
+KEY_SEGMENT = re.compile(r"[A-Za-z0-9._~:@=+-]+")
+"""Characters of one key segment."""
+MAX_KEY_BYTES = 512
+"""Longest key, in UTF-8 bytes."""
+
+
+def state_key(field: str, key: str, *, prefix: bool = False) -> str:
+    """Return a valid state key (or key prefix, which may be empty or end with ``/``).
+
+    Keys are ``/``-separated segments of ``[A-Za-z0-9._~:@=+-]``, 1-512 bytes, with no
+    empty, ``.`` or ``..`` segment and no leading or trailing ``/``.
+    """
+    if prefix and not key:
+        return key
+    if not key:
+        raise InvalidInput(field, "is required")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise InvalidInput(field, f"is longer than {MAX_KEY_BYTES} bytes")
+    segments = key.split("/")
+    if prefix and segments[-1] == "":
+        segments = segments[:-1]
+    for segment in segments:
+        if segment in ("", ".", "..") or not KEY_SEGMENT.fullmatch(segment):
+            raise InvalidInput(
+                field,
+                f"{key[:80]!r} is not a valid key: '/'-separated segments of "
+                "[A-Za-z0-9._~:@=+-], none empty, '.' or '..'",
+            )
+    return key

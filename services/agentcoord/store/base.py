@@ -13,7 +13,17 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from agentcoord.core.models import Agent, AgentState, AgentStatus, Change, HeartbeatRecord, Service
+from agentcoord.core.models import (
+    Agent,
+    AgentState,
+    AgentStatus,
+    Change,
+    ChangeFilter,
+    HeartbeatRecord,
+    StateEntry,
+    StateWrite,
+    StateWriteResult,
+)
 
 ChangeListener = Callable[[Sequence[Change]], None]
 """Receives committed change log entries, in revision order."""
@@ -39,13 +49,33 @@ class Store(Protocol):
         ...
 
     async def list_changes(
-        self, after_revision: int, limit: int, service: Service | None = None
+        self, after_revision: int, limit: int, where: ChangeFilter | None = None
     ) -> list[Change]:
-        """Return up to ``limit`` changes with revision > ``after_revision``, oldest first."""
+        """Return up to ``limit`` changes with revision > ``after_revision``, oldest first.
+
+        Only changes that pass ``where`` are returned (all of them when None); the
+        filter runs in SQL, using the indexes on service, agent and subject.
+        """
+        ...
+
+    async def compact_changes(self, before: datetime) -> int:
+        """Drop change log entries and idempotency records older than ``before``.
+
+        Returns the compact revision: the highest revision dropped (or the previous
+        compact revision if nothing was dropped). Watches and listings from a revision
+        below it can no longer be served completely.
+        """
+        ...
+
+    async def compact_revision(self) -> int:
+        """Return the highest revision dropped by compaction (0 when none was)."""
         ...
 
     async def register_agent(self, agent: Agent, token_hash: str, now: datetime) -> Agent:
         """Insert or replace an agent and open a new session.
+
+        In the same transaction, state keys bound to the agent's earlier sessions are
+        deleted, each with a ``state.expire`` change after the ``agent.joined`` one.
 
         The stored epoch becomes the previous epoch plus one (1 for a new id), the state
         LIVE, ``register_time`` ``now``; an ``agent.joined`` change is appended (service
@@ -60,7 +90,8 @@ class Store(Protocol):
     ) -> Agent | None:
         """Mark a live agent LEFT or EXPIRED if its stored epoch is ``epoch``.
 
-        Appends ``agent.left`` or ``agent.expired`` (details as for ``register_agent``).
+        Appends ``agent.left`` or ``agent.expired`` (details as for ``register_agent``), then
+        deletes the state keys bound to that session, each with a ``state.expire`` change.
         Returns the updated agent, or None when the agent is missing, not live, or has a
         different epoch (nothing changes then).
         """
@@ -93,4 +124,46 @@ class Store(Protocol):
 
     async def find_agent_by_token_hash(self, token_hash: str) -> Agent | None:
         """Return the agent whose current session has this token hash, or None."""
+        ...
+
+    async def write_states(self, write: StateWrite) -> StateWriteResult:
+        """Apply a state write atomically, by :func:`agentcoord.core.state_rules.plan_write`.
+
+        In one transaction: a repeat of ``(agent_id, request_id)`` returns the stored
+        result and writes nothing; ``fencing`` is checked against the sub-task's lease
+        (until leases exist, any fencing is refused); the current entries of the write's
+        keys are read (locked) and the plan is persisted with its change log entries and,
+        when ``request_id`` is set, the result for repeats.
+
+        Raises:
+            Conflict: a comparison does not hold.
+            NotFound: a delete names a missing key without ``allow_missing``.
+            FailedPrecondition: the fencing token is stale or no lease is held
+                (reason ``LEASE_NOT_HELD``).
+        """
+        ...
+
+    async def get_state(self, key: str) -> StateEntry | None:
+        """Return the current entry of ``key``, or None."""
+        ...
+
+    async def list_states(
+        self, prefix: str, after_key: str, limit: int
+    ) -> tuple[list[StateEntry], int]:
+        """Return up to ``limit`` entries with keys starting with ``prefix`` after ``after_key``.
+
+        Ordered by key (code point order). The entries and the returned current revision
+        are read in one read transaction, so the page is consistent at that revision.
+        """
+        ...
+
+    async def state_changed_since(self, prefix: str, revision: int) -> bool:
+        """Return whether any key starting with ``prefix`` changed after ``revision``."""
+        ...
+
+    async def expire_states(self, now: datetime) -> list[StateEntry]:
+        """Delete every entry whose ``expire_time`` is at or before ``now``.
+
+        Each deletion appends a ``state.expire`` change. Returns the deleted entries.
+        """
         ...

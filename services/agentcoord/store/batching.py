@@ -1,10 +1,11 @@
 """Group commit: concurrent writes share one transaction and one commit.
 
 Callers submit write operations; one writer task on the event loop takes everything
-queued (up to a cap) and hands it to the back end's ``run_batch``, which runs each
-operation inside its own savepoint of one transaction and commits once. While a batch
-commits, new operations queue up for the next one, so throughput grows with
-concurrency instead of queueing on fsync. After each commit the writer calls the
+queued (up to a cap) and hands it to the back end's ``run_batch``, which runs them in
+one transaction and commits once; an operation that fails changes nothing and only its
+caller sees the error (:mod:`agentcoord.store.writes` says how). While a batch commits,
+new operations queue up for the next one, so throughput grows with concurrency instead
+of queueing on fsync. After each commit the writer calls the
 change listeners, on the event loop, with the batch's changes in revision order, and
 then resolves the callers' futures.
 """
@@ -39,13 +40,13 @@ class Outcome:
     value: object = None
     """The operation's result."""
     error: Exception | None = None
-    """The exception it raised; its savepoint was rolled back and it has no changes."""
+    """The exception it raised; it changed nothing and has no changes."""
     changes: Sequence[Change] = ()
     """Change log entries it appended, in revision order."""
 
 
 RunBatch = Callable[[list[OpT]], Awaitable[list[Outcome]]]
-"""Runs operations in one transaction, one savepoint each, and commits.
+"""Runs operations in one transaction and commits; an operation that fails changes nothing.
 
 Returns one outcome per operation, in order. Raising means nothing was committed.
 """

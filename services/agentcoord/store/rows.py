@@ -1,8 +1,8 @@
 """What both back ends share below the SQL: row encoding and the rules of agent sessions.
 
 JSON columns hold text in both back ends (SQLite TEXT, PostgreSQL jsonb exchanged as
-text). Timestamps differ: ISO 8601 text in SQLite, timestamptz in PostgreSQL; a
-:class:`Codec` carries that one difference.
+text); state values are bytes (SQLite BLOB, PostgreSQL bytea). Timestamps differ: ISO 8601
+text in SQLite, timestamptz in PostgreSQL; a :class:`Codec` carries that one difference.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ from agentcoord.core.models import (
     NewChange,
     Service,
     Skill,
+    StateEntry,
+    StateValue,
+    StateWriteResult,
+    ValueKind,
 )
+from agentcoord.core.state_rules import result_from_json, result_to_json
 
 AGENT_COLUMNS = (
     "agent_id",
@@ -49,6 +54,25 @@ AGENT_COLUMNS = (
 
 CHANGE_COLUMNS = ("revision", "time", "service", "kind", "subject", "agent_id", "details")
 """Columns of the ``changes`` table, in the order of :meth:`Codec.change_params`."""
+
+STATE_COLUMNS = (
+    "key",
+    "kind",
+    "data",
+    "metadata",
+    "version",
+    "create_revision",
+    "mod_revision",
+    "agent_id",
+    "create_time",
+    "update_time",
+    "expire_time",
+    "session_epoch",
+)
+"""Columns of the ``states`` table, in the order of :meth:`Codec.state_params`."""
+
+REQUEST_COLUMNS = ("agent_id", "request_id", "result", "time")
+"""Columns of the ``write_requests`` table, in the order of :meth:`Codec.request_params`."""
 
 HEARTBEAT_PARAMS = (
     "agent_id",
@@ -186,6 +210,89 @@ class Codec:
             record.active_subtasks,
             _dumps(list(record.held_subtask_ids)),
         )
+
+    def state_params(self, entry: StateEntry) -> tuple[Any, ...]:
+        """Return the values of :data:`STATE_COLUMNS` for ``entry``."""
+        return (
+            entry.key,
+            entry.value.kind.value,
+            entry.value.data,
+            _dumps(dict(entry.metadata)),
+            entry.version,
+            entry.create_revision,
+            entry.mod_revision,
+            entry.agent_id,
+            self.encode_time(entry.create_time),
+            self.encode_time(entry.update_time),
+            self._time_or_none(entry.expire_time),
+            entry.session_epoch,
+        )
+
+    def state_from_row(self, row: Row) -> StateEntry:
+        """Rebuild a state entry from a row holding :data:`STATE_COLUMNS`."""
+        expire_time = row["expire_time"]
+        return StateEntry(
+            key=row["key"],
+            value=StateValue(ValueKind(row["kind"]), bytes(row["data"])),
+            metadata=json.loads(row["metadata"]),
+            version=row["version"],
+            create_revision=row["create_revision"],
+            mod_revision=row["mod_revision"],
+            agent_id=row["agent_id"],
+            create_time=self.decode_time(row["create_time"]),
+            update_time=self.decode_time(row["update_time"]),
+            expire_time=None if expire_time is None else self.decode_time(expire_time),
+            session_epoch=row["session_epoch"],
+        )
+
+    def request_params(self, request: WriteRequest) -> tuple[Any, ...]:
+        """Return the values of :data:`REQUEST_COLUMNS` for a remembered write."""
+        return (
+            request.agent_id,
+            request.request_id,
+            _dumps(result_to_json(request.result)),
+            self.encode_time(request.time),
+        )
+
+    def request_from_row(self, row: Row) -> WriteRequest:
+        """Rebuild a remembered write from a row holding :data:`REQUEST_COLUMNS`."""
+        return WriteRequest(
+            row["agent_id"],
+            row["request_id"],
+            result_from_json(json.loads(row["result"])),
+            self.decode_time(row["time"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRequest:
+    """The result of a committed state write, kept so that a repeat returns it."""
+
+    agent_id: str
+    """The writer; empty for the admin."""
+    request_id: str
+    """The writer's idempotency key."""
+    result: StateWriteResult
+    """What the write returned."""
+    time: datetime
+    """Time of the write; compaction forgets requests older than its cut-off."""
+
+
+def prefix_end(prefix: str) -> str | None:
+    """Return the least string above every string that starts with ``prefix``.
+
+    Keys starting with ``prefix`` are exactly those with ``prefix <= key < prefix_end``
+    in code point order (which is UTF-8 byte order: SQLite's BINARY collation and
+    PostgreSQL's "C"), so a prefix becomes an index range. None when there is no upper
+    bound (empty prefix, or only U+10FFFF characters).
+    """
+    stripped = prefix.rstrip(chr(0x10FFFF))
+    if not stripped:
+        return None
+    following = ord(stripped[-1]) + 1
+    if 0xD800 <= following <= 0xDFFF:  # surrogates are not characters: skip them
+        following = 0xE000
+    return stripped[:-1] + chr(following)
 
 
 def new_session(agent: Agent, previous: Agent | None, now: datetime) -> Agent:

@@ -1,51 +1,38 @@
 """PostgreSQL back end, on an asyncpg connection pool.
 
-Writes go through group commit (:mod:`agentcoord.store.batching`): the batch writer
-holds one pooled connection for a batch, runs each operation in a nested transaction
-(a savepoint) and commits once, with the server's default ``synchronous_commit=on``.
-Every batch first locks the single ``revision_counter`` row, so writers of all
-replicas take turns and commit in revision order, and no two batches can deadlock
-on agent rows. Reads use any other pooled connection.
+Writes go through group commit: the batch writer holds one pooled connection for a batch
+and runs its batch script (:mod:`agentcoord.store.writes`), committing once with the
+server's default ``synchronous_commit=on``. Every batch first locks the single
+``revision_counter`` row, so writers of all replicas take turns and commit in revision
+order; rows read after that lock cannot change before the commit, so they need no row
+locks of their own. A batch costs four round trips however many operations it holds:
+BEGIN with the lock, one Load (one statement returning every row the operations need,
+as arrays of table rows), one Flush (one statement of data-modifying CTEs over ``unnest``
+arrays), and COMMIT. Reads use any other pooled connection.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
-from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import asyncpg
 
 from agentcoord.core.errors import InvalidInput, Unavailable
-from agentcoord.core.models import (
-    Agent,
-    AgentEventKind,
-    AgentState,
-    AgentStatus,
-    Change,
-    HeartbeatRecord,
-    NewChange,
-    Service,
-)
-from agentcoord.store.base import ChangeListener
-from agentcoord.store.batching import GroupCommitter, Outcome
+from agentcoord.store import writes
+from agentcoord.store.batching import Outcome
+from agentcoord.store.common import SqlStore
 from agentcoord.store.migrations import load_migrations, pending_migrations
 from agentcoord.store.rows import (
     AGENT_COLUMNS,
     CHANGE_COLUMNS,
+    REQUEST_COLUMNS,
+    STATE_COLUMNS,
     Codec,
-    agent_change,
-    ended_kind,
-    is_current_session,
-    new_session,
-    stored_at,
     to_utc,
 )
-
-T = TypeVar("T")
 
 CODEC = Codec(encode_time=to_utc, decode_time=to_utc)
 """Timestamps are timestamptz; asyncpg exchanges them as aware datetimes."""
@@ -58,41 +45,120 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)
 
 
-def _placeholders(count: int) -> str:
-    return ", ".join(f"${number}" for number in range(1, count + 1))
+def _typed(columns: Sequence[str], types: str) -> dict[str, str]:
+    """Pair each column with its SQL type, from a space-separated list of types."""
+    return dict(zip(columns, types.split(" "), strict=True))
 
 
-_AGENT_COLUMNS = ", ".join(AGENT_COLUMNS)
-_CHANGE_COLUMNS = ", ".join(CHANGE_COLUMNS)
-
-_SELECT_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = $1"
-_SELECT_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY agent_id"
-_SELECT_AGENT_BY_TOKEN = (
-    f"SELECT {_AGENT_COLUMNS} FROM agents WHERE token_hash = $1 ORDER BY agent_id LIMIT 1"
+_STATE_TYPES = _typed(
+    STATE_COLUMNS,
+    "text text bytea jsonb bigint bigint bigint text timestamptz timestamptz timestamptz bigint",
 )
-_SAVE_AGENT = (
-    f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES ({_placeholders(len(AGENT_COLUMNS))})"
-    f" ON CONFLICT (agent_id) DO UPDATE SET ({_AGENT_COLUMNS})"
-    f" = ({', '.join(f'excluded.{column}' for column in AGENT_COLUMNS)})"
+_AGENT_TYPES = _typed(
+    AGENT_COLUMNS,
+    "text text text jsonb integer jsonb jsonb float8 text bigint text integer jsonb"
+    " timestamptz timestamptz bigint text",
 )
+_REQUEST_TYPES = _typed(REQUEST_COLUMNS, "text text jsonb timestamptz")
+_CHANGE_TYPES = _typed(CHANGE_COLUMNS, "bigint timestamptz text text text text jsonb")
+
+
+class _Numbers:
+    """Hands out ``$n`` placeholders in order."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next(self, cast_to: str = "") -> str:
+        self.count += 1
+        return f"${self.count}::{cast_to}" if cast_to else f"${self.count}"
+
+
+def _insert_unnest(numbers: _Numbers, table: str, types: dict[str, str], conflict: str = "") -> str:
+    """Return an INSERT of one row per element of one array parameter per column."""
+    columns = ", ".join(types)
+    arrays = ", ".join(numbers.next(f"{kind}[]") for kind in types.values())
+    sql = f"INSERT INTO {table} ({columns}) SELECT * FROM unnest({arrays})"
+    if conflict:
+        rest = [column for column in types if column != conflict]
+        sql += (
+            f" ON CONFLICT ({conflict}) DO UPDATE SET ({', '.join(rest)})"
+            f" = ({', '.join(f'excluded.{column}' for column in rest)})"
+        )
+    return sql
+
+
+def _flush_statement() -> str:
+    numbers = _Numbers()
+    return (
+        f"WITH deleted AS (DELETE FROM states WHERE key = ANY({numbers.next('text[]')})),"
+        f" put AS ({_insert_unnest(numbers, 'states', _STATE_TYPES, 'key')}),"
+        f" saved AS ({_insert_unnest(numbers, 'agents', _AGENT_TYPES, 'agent_id')}),"
+        f" remembered AS ({_insert_unnest(numbers, 'write_requests', _REQUEST_TYPES)}),"
+        f" logged AS ({_insert_unnest(numbers, 'changes', _CHANGE_TYPES)})"
+        f" UPDATE revision_counter SET value = {numbers.next()} WHERE id = 1"
+    )
+
+
+_FLUSH = _flush_statement()
+_BEGIN = """
+    BEGIN;
+    SET LOCAL plan_cache_mode = force_generic_plan;
+    SET LOCAL enable_seqscan = off;
+    SELECT 1 FROM revision_counter WHERE id = 1 FOR UPDATE;
+"""
+"""One round trip: start the batch's transaction and lock the revision counter.
+
+A generic plan is made once per connection and statement: planning Load and Flush anew for
+every batch (what PostgreSQL does for the first executions, and whenever it guesses a custom
+plan is cheaper) cost more than running them. Every statement of a batch is an index
+lookup, so sequential scans are off: a generic plan made while a table was small must not
+stay a sequential scan once the table has grown."""
+_LOAD = """
+    SELECT
+        (SELECT value FROM revision_counter WHERE id = 1) AS revision,
+        ARRAY(SELECT s FROM states AS s WHERE s.key = ANY($1::text[])) AS keyed,
+        ARRAY(
+            SELECT s FROM states AS s
+            WHERE s.agent_id = ANY($2::text[]) AND s.session_epoch > 0
+        ) AS bound,
+        ARRAY(SELECT s FROM states AS s WHERE s.expire_time <= $3) AS expired,
+        ARRAY(SELECT a FROM agents AS a WHERE a.agent_id = ANY($4::text[])) AS agents,
+        ARRAY(
+            SELECT w FROM write_requests AS w
+            WHERE (w.agent_id, w.request_id) IN (SELECT * FROM unnest($5::text[], $6::text[]))
+        ) AS requests
+"""
 _RECORD_HEARTBEAT = """
     UPDATE agents
     SET last_heartbeat_time = $3, status = $4, active_subtasks = $5, held_subtask_ids = $6
     WHERE agent_id = $1 AND epoch = $2
 """
-_INSERT_CHANGE = (
-    f"INSERT INTO changes ({_CHANGE_COLUMNS}) VALUES ({_placeholders(len(CHANGE_COLUMNS))})"
-)
-_SELECT_CHANGES = (
-    f"SELECT {_CHANGE_COLUMNS} FROM changes WHERE revision > $1 ORDER BY revision LIMIT $2"
-)
-_SELECT_SERVICE_CHANGES = (
-    f"SELECT {_CHANGE_COLUMNS} FROM changes WHERE revision > $1 AND service = $3"
-    " ORDER BY revision LIMIT $2"
-)
-_LOCK_REVISIONS = "SELECT value FROM revision_counter WHERE id = 1 FOR UPDATE"
-_NEXT_REVISION = "UPDATE revision_counter SET value = value + 1 WHERE id = 1 RETURNING value"
-_CURRENT_REVISION = "SELECT value FROM revision_counter WHERE id = 1"
+_COMPACT = """
+    WITH cut AS (
+        UPDATE revision_counter
+        SET compact_revision = GREATEST(
+            compact_revision,
+            coalesce(
+                (SELECT revision FROM changes WHERE time >= $1 ORDER BY revision LIMIT 1) - 1,
+                value
+            )
+        )
+        WHERE id = 1
+        RETURNING compact_revision
+    ),
+    dropped AS (DELETE FROM changes WHERE revision <= (SELECT compact_revision FROM cut)),
+    forgotten AS (DELETE FROM write_requests WHERE time < $1)
+    SELECT compact_revision FROM cut
+"""
+_STEPS = {
+    writes.Step.BEGIN: _BEGIN,
+    writes.Step.COMMIT: "COMMIT",
+    writes.Step.ROLLBACK: "ROLLBACK",
+    writes.Step.SAVEPOINT: "SAVEPOINT op",
+    writes.Step.RELEASE: "RELEASE SAVEPOINT op",
+    writes.Step.ROLLBACK_TO: "ROLLBACK TO SAVEPOINT op",
+}
 _CREATE_SCHEMA_MIGRATIONS = """
     CREATE TABLE IF NOT EXISTS schema_migrations (
         version integer PRIMARY KEY,
@@ -100,8 +166,6 @@ _CREATE_SCHEMA_MIGRATIONS = """
         applied_at timestamptz NOT NULL DEFAULT now()
     )
 """
-
-_Op = Callable[["_Tx"], Awaitable[T]]
 
 
 @contextmanager
@@ -113,43 +177,82 @@ def _unavailable_on_disconnect() -> Iterator[None]:
         raise Unavailable(f"PostgreSQL is unreachable: {exc}") from exc
 
 
-class _Tx:
-    """What one write operation may do inside its savepoint of a batch."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._conn = conn
-        self.changes: list[Change] = []
-        """Change log entries appended so far, in revision order."""
-
-    async def load_agent(self, agent_id: str) -> tuple[Agent, str] | None:
-        """Return an agent and its token hash, or None."""
-        row = await self._conn.fetchrow(f"{_SELECT_AGENT} FOR UPDATE", agent_id)
-        return None if row is None else (CODEC.agent_from_row(row), row["token_hash"])
-
-    async def save_agent(
-        self, agent: Agent, token_hash: str, kind: AgentEventKind, now: datetime
-    ) -> Agent:
-        """Store ``agent`` at the next revision with its change entry; return it as stored."""
-        stored = stored_at(agent, await self._conn.fetchval(_NEXT_REVISION))
-        await self._conn.execute(_SAVE_AGENT, *CODEC.agent_params(stored, token_hash))
-        await self._insert_change(stored.revision, now, agent_change(stored, kind))
-        return stored
-
-    async def record_heartbeats(self, records: Sequence[HeartbeatRecord]) -> None:
-        """Update the liveness columns of agents whose epoch matches."""
-        await self._conn.executemany(
-            _RECORD_HEARTBEAT, [CODEC.heartbeat_params(r) for r in records]
-        )
-
-    async def _insert_change(self, revision: int, now: datetime, new: NewChange) -> None:
-        change = Change(
-            revision, to_utc(now), new.service, new.kind, new.subject, new.agent_id, new.details
-        )
-        await self._conn.execute(_INSERT_CHANGE, *CODEC.change_params(change))
-        self.changes.append(change)
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Return the columns of ``rows`` (each a list), for ``unnest`` parameters."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
-class PostgresStore:
+async def _load(conn: asyncpg.Connection, needs: writes.Needs) -> writes.Loaded:
+    """Read the revision counter and the rows ``needs`` covers, in one statement."""
+    requests = sorted(needs.requests)
+    row = await conn.fetchrow(
+        _LOAD,
+        sorted(needs.state_keys),
+        sorted(needs.bound_to),
+        needs.expired_at,
+        sorted(needs.agent_ids),
+        [agent_id for agent_id, _ in requests],
+        [request_id for _, request_id in requests],
+    )
+    states = {s["key"]: s for part in ("keyed", "bound", "expired") for s in row[part]}
+    return writes.Loaded(
+        revision=row["revision"],
+        states=[CODEC.state_from_row(state) for state in states.values()],
+        agents=[(CODEC.agent_from_row(a), a["token_hash"]) for a in row["agents"]],
+        requests=[CODEC.request_from_row(r) for r in row["requests"]],
+    )
+
+
+async def _flush(conn: asyncpg.Connection, m: writes.Mutations) -> None:
+    """Write what a run of operations changed, in one statement."""
+    await conn.execute(
+        _FLUSH,
+        list(m.deleted_keys),
+        *_columns([CODEC.state_params(e) for e in m.states], len(STATE_COLUMNS)),
+        *_columns([CODEC.agent_params(a, t) for a, t in m.agents], len(AGENT_COLUMNS)),
+        *_columns([CODEC.request_params(r) for r in m.requests], len(REQUEST_COLUMNS)),
+        *_columns([CODEC.change_params(c) for c in m.changes], len(CHANGE_COLUMNS)),
+        m.revision,
+    )
+
+
+async def _execute(conn: asyncpg.Connection, op: writes.DirectOp) -> object:
+    """Run a direct operation."""
+    if isinstance(op, writes.RecordHeartbeats):
+        await conn.executemany(_RECORD_HEARTBEAT, [CODEC.heartbeat_params(r) for r in op.records])
+        return None
+    return int(await conn.fetchval(_COMPACT, op.before))
+
+
+async def _step(conn: asyncpg.Connection, step: writes.Step) -> None:
+    """Run a transaction control statement."""
+    await conn.execute(_STEPS[step])
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Make a connection returned to the pool reusable, without a round trip if it is.
+
+    asyncpg's default reset runs a query on every release (unlocking advisory locks,
+    closing cursors, UNLISTEN, RESET ALL), one more round trip per read and per batch.
+    Pooled connections here take no session-level locks, cursors, listeners or
+    settings (SET LOCAL ends with its transaction), so only an open transaction needs
+    undoing.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+async def _abandon(conn: asyncpg.Connection) -> None:
+    """Roll back what a failed batch left open, or drop the connection if that fails."""
+    if conn.is_closed() or not conn.is_in_transaction():
+        return
+    try:
+        await conn.execute("ROLLBACK")
+    except Exception:  # the caller re-raises the batch's own error; this one would hide it
+        conn.terminate()
+
+
+class PostgresStore(SqlStore):
     """The :class:`~agentcoord.store.base.Store` on a PostgreSQL database."""
 
     def __init__(
@@ -168,12 +271,12 @@ class PostgresStore:
         """
         if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
             raise InvalidInput("store", f"schema {schema!r} is not a plain SQL identifier")
+        super().__init__("$", CODEC)
         self._dsn = dsn
         self._schema = None if schema is None else f'"{schema}"'
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
-        self._writes: GroupCommitter[_Op[object]] = GroupCommitter(self._run_batch)
         self._closed = False
 
     async def open(self) -> None:
@@ -187,6 +290,7 @@ class PostgresStore:
                 min_size=self._min_size,
                 max_size=self._max_size,
                 server_settings=settings,
+                reset=_reset,
             )
             try:
                 async with self._pool.acquire() as conn:
@@ -221,109 +325,20 @@ class PostgresStore:
         if self._pool is not None:
             await self._pool.close()
 
-    def add_listener(self, listener: ChangeListener) -> Callable[[], None]:
-        """Call ``listener`` after each commit; returns a function that removes it."""
-        return self._writes.add_listener(listener)
-
-    async def current_revision(self) -> int:
-        """Return the revision of the latest committed change (0 when there is none)."""
-        rows = await self._fetch(_CURRENT_REVISION)
-        return int(rows[0]["value"])
-
-    async def list_changes(
-        self, after_revision: int, limit: int, service: Service | None = None
-    ) -> list[Change]:
-        """Return up to ``limit`` changes with revision > ``after_revision``, oldest first."""
-        if limit <= 0:
-            raise InvalidInput("limit", "must be positive")
-        if service is None:
-            rows = await self._fetch(_SELECT_CHANGES, after_revision, limit)
-        else:
-            rows = await self._fetch(_SELECT_SERVICE_CHANGES, after_revision, limit, service.value)
-        return [CODEC.change_from_row(row) for row in rows]
-
-    async def register_agent(self, agent: Agent, token_hash: str, now: datetime) -> Agent:
-        """Insert or replace an agent and open a new session (see the protocol)."""
-
-        async def op(tx: _Tx) -> Agent:
-            previous = await tx.load_agent(agent.agent_id)
-            session = new_session(agent, None if previous is None else previous[0], now)
-            return await tx.save_agent(session, token_hash, AgentEventKind.JOINED, now)
-
-        return await self._write(op)
-
-    async def end_agent_session(
-        self, agent_id: str, epoch: int, state: AgentState, now: datetime
-    ) -> Agent | None:
-        """Mark a live agent LEFT or EXPIRED if its stored epoch is ``epoch``."""
-        kind = ended_kind(state)
-
-        async def op(tx: _Tx) -> Agent | None:
-            current = await tx.load_agent(agent_id)
-            if current is None or not is_current_session(current[0], epoch):
-                return None
-            return await tx.save_agent(replace(current[0], state=state), current[1], kind, now)
-
-        return await self._write(op)
-
-    async def update_agent_status(
-        self, agent_id: str, epoch: int, status: AgentStatus, now: datetime
-    ) -> Agent | None:
-        """Record a new working status of a live agent of that epoch."""
-
-        async def op(tx: _Tx) -> Agent | None:
-            current = await tx.load_agent(agent_id)
-            if current is None or not is_current_session(current[0], epoch):
-                return None
-            updated = replace(current[0], status=status)
-            return await tx.save_agent(updated, current[1], AgentEventKind.UPDATED, now)
-
-        return await self._write(op)
-
-    async def record_heartbeats(self, records: Sequence[HeartbeatRecord]) -> None:
-        """Store the latest liveness facts of many agents in one transaction."""
-        if records:
-            await self._write(lambda tx: tx.record_heartbeats(records))
-
-    async def get_agent(self, agent_id: str) -> Agent | None:
-        """Return one agent, or None."""
-        rows = await self._fetch(_SELECT_AGENT, agent_id)
-        return CODEC.agent_from_row(rows[0]) if rows else None
-
-    async def load_agents(self) -> list[tuple[Agent, str]]:
-        """Return every agent with its session token hash, ordered by agent id."""
-        rows = await self._fetch(_SELECT_AGENTS)
-        return [(CODEC.agent_from_row(row), row["token_hash"]) for row in rows]
-
-    async def find_agent_by_token_hash(self, token_hash: str) -> Agent | None:
-        """Return the agent whose current session has this token hash, or None."""
-        rows = await self._fetch(_SELECT_AGENT_BY_TOKEN, token_hash)
-        return CODEC.agent_from_row(rows[0]) if rows else None
-
-    async def _write(self, op: _Op[T]) -> T:
-        return cast(T, await self._writes.submit(op))
-
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[asyncpg.Record]:
         if self._pool is None or self._closed:
             raise Unavailable("the store is not open")
         with _unavailable_on_disconnect():
-            return cast(list[asyncpg.Record], await self._pool.fetch(sql, *args))
+            return cast(list[asyncpg.Record], await self._pool.fetch(sql, *params))
 
-    async def _run_batch(self, ops: list[_Op[object]]) -> list[Outcome]:
-        """Run ``ops`` in one transaction, one savepoint each, and commit."""
+    async def _run_batch(self, ops: list[writes.Op]) -> list[Outcome]:
+        """Run the batch script of ``ops`` on one pooled connection."""
         assert self._pool is not None
         with _unavailable_on_disconnect():
-            async with self._pool.acquire() as conn, conn.transaction():
-                # Lock first: batches of all replicas then lock agent rows one at a time.
-                await conn.execute(_LOCK_REVISIONS)
-                return [await self._run_op(conn, op) for op in ops]
-
-    @staticmethod
-    async def _run_op(conn: asyncpg.Connection, op: _Op[object]) -> Outcome:
-        tx = _Tx(conn)
-        try:
-            async with conn.transaction():  # nested: a savepoint
-                value = await op(tx)
-        except Exception as exc:
-            return Outcome(error=exc)
-        return Outcome(value, changes=tx.changes)
+            async with self._pool.acquire() as conn:
+                try:
+                    performer = writes.Performer.on(conn, _step, _load, _flush, _execute)
+                    return await writes.drive_async(writes.batch_script(ops), performer)
+                except BaseException:
+                    await _abandon(conn)
+                    raise

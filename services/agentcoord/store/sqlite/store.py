@@ -1,48 +1,36 @@
 """SQLite back end: the embedded default.
 
-One writer thread owns the write connection and commits batches of operations
-(:mod:`agentcoord.store.batching`) with ``BEGIN IMMEDIATE`` and one savepoint per
-operation. One reader thread owns a second connection; WAL lets it read while the
-writer commits. Durability: WAL with ``synchronous=FULL``, so a commit is on disk
-before its callers hear of it. ``BEGIN IMMEDIATE`` and the busy timeout also make
-several processes sharing one file take turns.
+One writer thread owns the write connection and runs the batch scripts of group commit
+(:mod:`agentcoord.store.writes`) with ``BEGIN IMMEDIATE``. One reader thread owns a
+second connection; WAL lets it read while the writer commits. Durability: WAL with
+``synchronous=FULL``, so a commit is on disk before its callers hear of it.
+``BEGIN IMMEDIATE`` and the busy timeout also make several processes sharing one file
+take turns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from agentcoord.core.errors import InvalidInput, Unavailable
-from agentcoord.core.models import (
-    Agent,
-    AgentEventKind,
-    AgentState,
-    AgentStatus,
-    Change,
-    HeartbeatRecord,
-    NewChange,
-    Service,
-)
-from agentcoord.store.base import ChangeListener
-from agentcoord.store.batching import GroupCommitter, Outcome
+from agentcoord.core.errors import Unavailable
+from agentcoord.store import writes
+from agentcoord.store.batching import Outcome
+from agentcoord.store.common import SqlStore
 from agentcoord.store.migrations import load_migrations, pending_migrations
 from agentcoord.store.rows import (
     AGENT_COLUMNS,
     CHANGE_COLUMNS,
+    REQUEST_COLUMNS,
+    STATE_COLUMNS,
     Codec,
-    agent_change,
-    ended_kind,
-    is_current_session,
-    new_session,
-    stored_at,
     to_utc,
 )
 
@@ -52,42 +40,69 @@ BUSY_TIMEOUT = 30.0
 """Seconds a connection waits for another process's write lock before giving up."""
 
 CODEC = Codec(
-    encode_time=lambda value: to_utc(value).isoformat(),
+    encode_time=lambda value: to_utc(value).isoformat(timespec="microseconds"),
     decode_time=datetime.fromisoformat,
 )
-"""Timestamps are ISO 8601 text in UTC."""
+"""Timestamps are ISO 8601 text in UTC, of one width so that text order is time order."""
 
 _MIGRATIONS_PACKAGE = "agentcoord.store.sqlite"
 
-_AGENT_COLUMNS = ", ".join(AGENT_COLUMNS)
-_CHANGE_COLUMNS = ", ".join(CHANGE_COLUMNS)
 
-_SELECT_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = ?"
-_SELECT_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY agent_id"
-_SELECT_AGENT_BY_TOKEN = (
-    f"SELECT {_AGENT_COLUMNS} FROM agents WHERE token_hash = ? ORDER BY agent_id LIMIT 1"
+def _insert(table: str, columns: Sequence[str], verb: str = "INSERT") -> str:
+    return f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def _select(table: str, columns: Sequence[str], where: str) -> str:
+    return f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
+
+
+_IN_JSON = "IN (SELECT value FROM json_each(?))"
+_LOAD_STATES = _select("states", STATE_COLUMNS, f"key {_IN_JSON}")
+_LOAD_BOUND_STATES = _select("states", STATE_COLUMNS, f"agent_id {_IN_JSON} AND session_epoch > 0")
+_LOAD_EXPIRED_STATES = _select("states", STATE_COLUMNS, "expire_time <= ?")
+_LOAD_AGENTS = _select("agents", AGENT_COLUMNS, f"agent_id {_IN_JSON}")
+_LOAD_REQUESTS = _select(
+    "write_requests",
+    REQUEST_COLUMNS,
+    "(agent_id, request_id) IN"
+    " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
 )
-_SAVE_AGENT = (
-    f"INSERT OR REPLACE INTO agents ({_AGENT_COLUMNS})"
-    f" VALUES ({', '.join('?' * len(AGENT_COLUMNS))})"
-)
+_LOAD_REVISION = "SELECT value FROM revision_counter WHERE id = 1"
+_DELETE_STATE = "DELETE FROM states WHERE key = ?"
+_SAVE_STATE = _insert("states", STATE_COLUMNS, "INSERT OR REPLACE")
+_SAVE_AGENT = _insert("agents", AGENT_COLUMNS, "INSERT OR REPLACE")
+_INSERT_REQUEST = _insert("write_requests", REQUEST_COLUMNS)
+_INSERT_CHANGE = _insert("changes", CHANGE_COLUMNS)
+_SET_REVISION = "UPDATE revision_counter SET value = ? WHERE id = 1"
 _RECORD_HEARTBEAT = """
     UPDATE agents
     SET last_heartbeat_time = ?3, status = ?4, active_subtasks = ?5, held_subtask_ids = ?6
     WHERE agent_id = ?1 AND epoch = ?2
 """
-_INSERT_CHANGE = (
-    f"INSERT INTO changes ({_CHANGE_COLUMNS}) VALUES ({', '.join('?' * len(CHANGE_COLUMNS))})"
-)
-_SELECT_CHANGES = (
-    f"SELECT {_CHANGE_COLUMNS} FROM changes WHERE revision > ?1 ORDER BY revision LIMIT ?2"
-)
-_SELECT_SERVICE_CHANGES = (
-    f"SELECT {_CHANGE_COLUMNS} FROM changes WHERE revision > ?1 AND service = ?3"
-    " ORDER BY revision LIMIT ?2"
-)
-_NEXT_REVISION = "UPDATE revision_counter SET value = value + 1 WHERE id = 1 RETURNING value"
-_CURRENT_REVISION = "SELECT value FROM revision_counter WHERE id = 1"
+_COMPACT = """
+    UPDATE revision_counter
+    SET compact_revision = max(
+        compact_revision,
+        -- In revision order (+time: not by the time index), so that it reads only what
+        -- it drops, and stops at the first change it keeps.
+        coalesce(
+            (SELECT revision FROM changes WHERE +time >= ?1 ORDER BY revision LIMIT 1) - 1,
+            value
+        )
+    )
+    WHERE id = 1
+    RETURNING compact_revision
+"""
+_DROP_CHANGES = "DELETE FROM changes WHERE revision <= ?"
+_FORGET_REQUESTS = "DELETE FROM write_requests WHERE time < ?"
+_STEPS = {
+    writes.Step.BEGIN: "BEGIN IMMEDIATE",
+    writes.Step.COMMIT: "COMMIT",
+    writes.Step.ROLLBACK: "ROLLBACK",
+    writes.Step.SAVEPOINT: "SAVEPOINT op",
+    writes.Step.RELEASE: "RELEASE op",
+    writes.Step.ROLLBACK_TO: "ROLLBACK TO op",
+}
 _CREATE_SCHEMA_MIGRATIONS = """
     CREATE TABLE IF NOT EXISTS schema_migrations (
         version INTEGER PRIMARY KEY,
@@ -95,8 +110,6 @@ _CREATE_SCHEMA_MIGRATIONS = """
         applied_at TEXT NOT NULL
     )
 """
-
-_Op = Callable[["_Tx"], T]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -155,52 +168,79 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
-class _Tx:
-    """What one write operation may do inside its savepoint of a batch."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self.changes: list[Change] = []
-        """Change log entries appended so far, in revision order."""
-
-    def load_agent(self, agent_id: str) -> tuple[Agent, str] | None:
-        """Return an agent and its token hash, or None."""
-        rows = self._conn.execute(_SELECT_AGENT, (agent_id,)).fetchall()
-        return (CODEC.agent_from_row(rows[0]), rows[0]["token_hash"]) if rows else None
-
-    def save_agent(
-        self, agent: Agent, token_hash: str, kind: AgentEventKind, now: datetime
-    ) -> Agent:
-        """Store ``agent`` at the next revision with its change entry; return it as stored."""
-        stored = stored_at(agent, self._next_revision())
-        self._conn.execute(_SAVE_AGENT, CODEC.agent_params(stored, token_hash))
-        self._insert_change(stored.revision, now, agent_change(stored, kind))
-        return stored
-
-    def record_heartbeats(self, records: Sequence[HeartbeatRecord]) -> None:
-        """Update the liveness columns of agents whose epoch matches."""
-        self._conn.executemany(_RECORD_HEARTBEAT, [CODEC.heartbeat_params(r) for r in records])
-
-    def _next_revision(self) -> int:
-        # fetchall: a RETURNING statement must run to completion before RELEASE/COMMIT.
-        return int(self._conn.execute(_NEXT_REVISION).fetchall()[0][0])
-
-    def _insert_change(self, revision: int, now: datetime, new: NewChange) -> None:
-        change = Change(
-            revision, to_utc(now), new.service, new.kind, new.subject, new.agent_id, new.details
-        )
-        self._conn.execute(_INSERT_CHANGE, CODEC.change_params(change))
-        self.changes.append(change)
+def _load(conn: sqlite3.Connection, needs: writes.Needs) -> writes.Loaded:
+    """Read the revision counter and the rows ``needs`` covers."""
+    states: dict[str, sqlite3.Row] = {}
+    queries = (
+        (_LOAD_STATES, sorted(needs.state_keys)),
+        (_LOAD_BOUND_STATES, sorted(needs.bound_to)),
+    )
+    for sql, values in queries:
+        if values:
+            states.update((row["key"], row) for row in conn.execute(sql, (json.dumps(values),)))
+    if needs.expired_at is not None:
+        expired = conn.execute(_LOAD_EXPIRED_STATES, (CODEC.encode_time(needs.expired_at),))
+        states.update((row["key"], row) for row in expired)
+    agents = (
+        conn.execute(_LOAD_AGENTS, (json.dumps(sorted(needs.agent_ids)),)).fetchall()
+        if needs.agent_ids
+        else []
+    )
+    requests = (
+        conn.execute(_LOAD_REQUESTS, (json.dumps(sorted(needs.requests)),)).fetchall()
+        if needs.requests
+        else []
+    )
+    return writes.Loaded(
+        revision=int(conn.execute(_LOAD_REVISION).fetchone()[0]),
+        states=[CODEC.state_from_row(row) for row in states.values()],
+        agents=[(CODEC.agent_from_row(row), row["token_hash"]) for row in agents],
+        requests=[CODEC.request_from_row(row) for row in requests],
+    )
 
 
-class SqliteStore:
+def _flush(conn: sqlite3.Connection, m: writes.Mutations) -> None:
+    """Write what a run of operations changed."""
+    conn.executemany(_DELETE_STATE, [(key,) for key in m.deleted_keys])
+    conn.executemany(_SAVE_STATE, [CODEC.state_params(entry) for entry in m.states])
+    conn.executemany(_SAVE_AGENT, [CODEC.agent_params(a, token) for a, token in m.agents])
+    conn.executemany(_INSERT_REQUEST, [CODEC.request_params(r) for r in m.requests])
+    conn.executemany(_INSERT_CHANGE, [CODEC.change_params(c) for c in m.changes])
+    conn.execute(_SET_REVISION, (m.revision,))
+
+
+def _execute(conn: sqlite3.Connection, op: writes.DirectOp) -> object:
+    """Run a direct operation."""
+    if isinstance(op, writes.RecordHeartbeats):
+        conn.executemany(_RECORD_HEARTBEAT, [CODEC.heartbeat_params(r) for r in op.records])
+        return None
+    before = CODEC.encode_time(op.before)
+    # fetchall: a RETURNING statement must run to completion before the next one.
+    compact_revision = int(conn.execute(_COMPACT, (before,)).fetchall()[0][0])
+    conn.execute(_DROP_CHANGES, (compact_revision,))
+    conn.execute(_FORGET_REQUESTS, (before,))
+    return compact_revision
+
+
+def _step(conn: sqlite3.Connection, step: writes.Step) -> None:
+    """Run a transaction control statement."""
+    try:
+        conn.execute(_STEPS[step])
+    except sqlite3.OperationalError as exc:
+        if step is not writes.Step.BEGIN:
+            raise
+        # Another process held the write lock longer than the busy timeout.
+        raise Unavailable(f"the SQLite database is busy: {exc}") from exc
+
+
+class SqliteStore(SqlStore):
     """The :class:`~agentcoord.store.base.Store` on one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
         """Use the database file at ``path`` (relative to the working directory)."""
+        super().__init__("?", CODEC)
         self.path = Path(path).absolute()
         """The database file."""
-        self._writes: GroupCommitter[_Op[object]] = GroupCommitter(self._run_batch)
         self._writer: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._write_conn: sqlite3.Connection | None = None
@@ -239,126 +279,27 @@ class SqliteStore:
                 executor.shutdown()
         self._write_conn = self._read_conn = None
 
-    def add_listener(self, listener: ChangeListener) -> Callable[[], None]:
-        """Call ``listener`` after each commit; returns a function that removes it."""
-        return self._writes.add_listener(listener)
-
-    async def current_revision(self) -> int:
-        """Return the revision of the latest committed change (0 when there is none)."""
-        rows = await self._read(_CURRENT_REVISION, ())
-        return int(rows[0][0])
-
-    async def list_changes(
-        self, after_revision: int, limit: int, service: Service | None = None
-    ) -> list[Change]:
-        """Return up to ``limit`` changes with revision > ``after_revision``, oldest first."""
-        if limit <= 0:
-            raise InvalidInput("limit", "must be positive")
-        if service is None:
-            rows = await self._read(_SELECT_CHANGES, (after_revision, limit))
-        else:
-            rows = await self._read(_SELECT_SERVICE_CHANGES, (after_revision, limit, service.value))
-        return [CODEC.change_from_row(row) for row in rows]
-
-    async def register_agent(self, agent: Agent, token_hash: str, now: datetime) -> Agent:
-        """Insert or replace an agent and open a new session (see the protocol)."""
-
-        def op(tx: _Tx) -> Agent:
-            previous = tx.load_agent(agent.agent_id)
-            session = new_session(agent, None if previous is None else previous[0], now)
-            return tx.save_agent(session, token_hash, AgentEventKind.JOINED, now)
-
-        return await self._write(op)
-
-    async def end_agent_session(
-        self, agent_id: str, epoch: int, state: AgentState, now: datetime
-    ) -> Agent | None:
-        """Mark a live agent LEFT or EXPIRED if its stored epoch is ``epoch``."""
-        kind = ended_kind(state)
-
-        def op(tx: _Tx) -> Agent | None:
-            current = tx.load_agent(agent_id)
-            if current is None or not is_current_session(current[0], epoch):
-                return None
-            return tx.save_agent(replace(current[0], state=state), current[1], kind, now)
-
-        return await self._write(op)
-
-    async def update_agent_status(
-        self, agent_id: str, epoch: int, status: AgentStatus, now: datetime
-    ) -> Agent | None:
-        """Record a new working status of a live agent of that epoch."""
-
-        def op(tx: _Tx) -> Agent | None:
-            current = tx.load_agent(agent_id)
-            if current is None or not is_current_session(current[0], epoch):
-                return None
-            updated = replace(current[0], status=status)
-            return tx.save_agent(updated, current[1], AgentEventKind.UPDATED, now)
-
-        return await self._write(op)
-
-    async def record_heartbeats(self, records: Sequence[HeartbeatRecord]) -> None:
-        """Store the latest liveness facts of many agents in one transaction."""
-        if records:
-            await self._write(lambda tx: tx.record_heartbeats(records))
-
-    async def get_agent(self, agent_id: str) -> Agent | None:
-        """Return one agent, or None."""
-        rows = await self._read(_SELECT_AGENT, (agent_id,))
-        return CODEC.agent_from_row(rows[0]) if rows else None
-
-    async def load_agents(self) -> list[tuple[Agent, str]]:
-        """Return every agent with its session token hash, ordered by agent id."""
-        rows = await self._read(_SELECT_AGENTS, ())
-        return [(CODEC.agent_from_row(row), row["token_hash"]) for row in rows]
-
-    async def find_agent_by_token_hash(self, token_hash: str) -> Agent | None:
-        """Return the agent whose current session has this token hash, or None."""
-        rows = await self._read(_SELECT_AGENT_BY_TOKEN, (token_hash,))
-        return CODEC.agent_from_row(rows[0]) if rows else None
-
-    async def _write(self, op: _Op[T]) -> T:
-        return cast(T, await self._writes.submit(op))
-
-    async def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         if self._read_conn is None or self._reader is None or self._closed:
             raise Unavailable("the store is not open")
         conn = self._read_conn
         return await self._on(self._reader, lambda: conn.execute(sql, params).fetchall())
 
-    async def _run_batch(self, ops: list[_Op[object]]) -> list[Outcome]:
+    async def _run_batch(self, ops: list[writes.Op]) -> list[Outcome]:
         assert self._writer is not None
         return await self._on(self._writer, self._commit_batch, ops)
 
-    def _commit_batch(self, ops: list[_Op[object]]) -> list[Outcome]:
-        """Run ``ops`` in one transaction, one savepoint each, and commit (writer thread)."""
+    def _commit_batch(self, ops: list[writes.Op]) -> list[Outcome]:
+        """Run the batch script of ``ops`` (writer thread)."""
         conn = self._write_conn
         assert conn is not None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:  # another process held the lock too long
-            raise Unavailable(f"the SQLite database is busy: {exc}") from exc
-        try:
-            outcomes = [self._run_op(conn, op) for op in ops]
-            conn.execute("COMMIT")
+            performer = writes.Performer.on(conn, _step, _load, _flush, _execute)
+            return writes.drive(writes.batch_script(ops), performer)
         except BaseException:
-            conn.rollback()
+            if conn.in_transaction:
+                conn.rollback()
             raise
-        return outcomes
-
-    @staticmethod
-    def _run_op(conn: sqlite3.Connection, op: _Op[object]) -> Outcome:
-        tx = _Tx(conn)
-        conn.execute("SAVEPOINT op")
-        try:
-            value = op(tx)
-        except Exception as exc:
-            conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
-            return Outcome(error=exc)
-        conn.execute("RELEASE op")
-        return Outcome(value, changes=tx.changes)
 
     @staticmethod
     async def _on(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:

@@ -1,0 +1,813 @@
+"""Typed StateSync client: entries, compare-and-set, retried read-modify-write, resuming watches.
+
+Reach it as ``client.state`` on an :class:`~agentcoord.client.AgentcoordClient`. Values are
+JSON-able Python values (``None``, ``bool``, numbers, ``str``, lists and dicts with ``str``
+keys), sent as ``google.protobuf.Value``, or ``bytes``, sent as ``binary``. JSON numbers are
+doubles: an integral number comes back as ``int``, any other as ``float``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import enum
+import math
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+
+from agentcoord.client._errors import RPCError
+from agentcoord.client._retry import RETRYABLE_CODES, RetryPolicy
+from agentcoord.statesync.v1 import statesync_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from agentcoord.client._client import AgentcoordClient, StateSyncClient
+
+JSON: TypeAlias = "bool | int | float | str | Sequence[JSON] | Mapping[str, JSON] | None"
+"""A JSON-able Python value (tuples are sent as lists)."""
+Value: TypeAlias = "bytes | JSON"
+"""What a key holds: bytes, or a JSON-able value."""
+
+MAX_EXACT_INTEGER = 2**53
+"""Integral JSON numbers up to this magnitude come back as ``int``."""
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class ConflictError(RPCError):
+    """ABORTED: a version or compare did not hold; re-read and retry."""
+
+    @property
+    def current_version(self) -> int:
+        """The key's version when the write was refused; 0 when it did not exist."""
+        return int(self.metadata.get("current_version", "0"))
+
+    @property
+    def failed_compare(self) -> int | None:
+        """Index of the compare of a transaction that failed, if the server named one."""
+        index = self.metadata.get("failed_compare")
+        return int(index) if index is not None else None
+
+
+class NotFoundError(RPCError):
+    """NOT_FOUND: the key does not exist."""
+
+
+class InvalidArgumentError(RPCError):
+    """INVALID_ARGUMENT: a field is malformed; ``field_violations`` names it."""
+
+
+class UnauthenticatedError(RPCError):
+    """UNAUTHENTICATED: no session or admin token, or an unknown one."""
+
+
+class PermissionDeniedError(RPCError):
+    """PERMISSION_DENIED: the caller may not write this key."""
+
+
+class FailedPreconditionError(RPCError):
+    """FAILED_PRECONDITION: for example a stale fencing token (reason in ``reason``)."""
+
+
+class OutOfRangeError(RPCError):
+    """OUT_OF_RANGE: a compacted revision, or a listing that changed between pages."""
+
+
+class ResourceExhaustedError(RPCError):
+    """RESOURCE_EXHAUSTED: a limit was reached, or a watcher fell too far behind."""
+
+
+class UnavailableError(RPCError):
+    """UNAVAILABLE: the server or its store is briefly unreachable; retry."""
+
+
+_ERROR_TYPES: dict[grpc.StatusCode, type[RPCError]] = {
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+}
+
+
+def typed_error(error: RPCError) -> RPCError:
+    """Return ``error`` as the RPCError subclass of its status code (itself if none)."""
+    kind = _ERROR_TYPES.get(error.code)
+    if kind is None or isinstance(error, kind):
+        return error
+    return kind(
+        error.code,
+        error.message,
+        reason=error.reason,
+        metadata=error.metadata,
+        field_violations=error.field_violations,
+        status=error.status,
+    )
+
+
+@contextlib.contextmanager
+def _typed_errors() -> Iterator[None]:
+    try:
+        yield
+    except RPCError as error:
+        raise typed_error(error) from None
+
+
+# --- values and entries -------------------------------------------------------------------------
+
+
+def to_proto_value(value: JSON) -> struct_pb2.Value:
+    """Return ``value`` as a ``google.protobuf.Value``.
+
+    Raises:
+        TypeError: the value (or a part of it) is not JSON-able.
+        ValueError: a number is NaN or infinite, which JSON cannot hold.
+    """
+    if value is None:
+        return struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a JSON number")
+        return struct_pb2.Value(number_value=value)
+    if isinstance(value, str):
+        return struct_pb2.Value(string_value=value)
+    if isinstance(value, Mapping):
+        struct = struct_pb2.Struct()
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise TypeError(f"JSON object keys must be str, not {type(name).__name__}")
+            struct.fields[name].CopyFrom(to_proto_value(item))
+        return struct_pb2.Value(struct_value=struct)
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        items = struct_pb2.ListValue(values=[to_proto_value(item) for item in value])
+        return struct_pb2.Value(list_value=items)
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
+
+
+def from_proto_value(value: struct_pb2.Value) -> Any:
+    """Return the Python value of a ``google.protobuf.Value`` (integral numbers as ``int``)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if number.is_integer() and abs(number) <= MAX_EXACT_INTEGER:
+            return int(number)
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {name: from_proto_value(item) for name, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [from_proto_value(item) for item in value.list_value.values]
+    return None
+
+
+def _set_value(message: Any, value: Value) -> None:
+    """Set the ``json`` or ``binary`` member of the ``value`` oneof of ``message``."""
+    if isinstance(value, bytes | bytearray):
+        message.binary = bytes(value)
+    else:
+        message.json.CopyFrom(to_proto_value(value))
+
+
+def _value_of(message: Any) -> Any:
+    kind = message.WhichOneof("value")
+    if kind == "binary":
+        return bytes(message.binary)
+    if kind == "json":
+        return from_proto_value(message.json)
+    return None
+
+
+def _time(timestamp: timestamp_pb2.Timestamp) -> datetime:
+    return timestamp.ToDatetime(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """The entry of one key: its value and its versions."""
+
+    key: str
+    """The key, a UTF-8 path such as ``shared/plan``."""
+    value: Any
+    """A JSON-able value, or ``bytes``."""
+    version: int
+    """Per-key version: 1 when created, +1 on every put; restarts at 1 after a delete."""
+    create_revision: int
+    """Store revision of the put that created the key."""
+    mod_revision: int
+    """Store revision of the latest put."""
+    agent_id: str
+    """Agent that wrote last; empty for writes with the admin token."""
+    metadata: Mapping[str, str]
+    """Free-form metadata written with the value."""
+    create_time: datetime
+    """Time the key was created."""
+    update_time: datetime
+    """Time of the latest put."""
+    expire_time: datetime | None
+    """Time the key is deleted unless written again; None without a TTL."""
+    bound_to_session: bool
+    """Whether the key is deleted when its writer's session ends."""
+
+    @classmethod
+    def from_proto(cls, state: pb.State) -> Entry:
+        """Build from the wire form."""
+        return cls(
+            key=state.key,
+            value=_value_of(state),
+            version=state.version,
+            create_revision=state.create_revision,
+            mod_revision=state.mod_revision,
+            agent_id=state.agent_id,
+            metadata=dict(state.metadata),
+            create_time=_time(state.create_time),
+            update_time=_time(state.update_time),
+            expire_time=_time(state.expire_time) if state.HasField("expire_time") else None,
+            bound_to_session=state.bound_to_session,
+        )
+
+
+class ChangeType(enum.Enum):
+    """What happened to a key."""
+
+    PUT = pb.StateChange.TYPE_PUT
+    """Created or overwritten."""
+    DELETE = pb.StateChange.TYPE_DELETE
+    """Deleted by ``delete`` or ``transact``."""
+    EXPIRE = pb.StateChange.TYPE_EXPIRE
+    """Deleted because its TTL ran out or its writer's session ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change of one key, as :meth:`StateClient.watch` yields it."""
+
+    revision: int
+    """Store revision of the change."""
+    type: ChangeType
+    """What happened."""
+    key: str
+    """The key that changed."""
+    entry: Entry | None
+    """The entry after the change; None unless ``type`` is PUT."""
+    previous: Entry | None
+    """The entry before the change, when the watch asked for it and the key existed."""
+    agent_id: str
+    """Agent that made the change; empty for expiries and admin writes."""
+    change_time: datetime
+    """Time the change was committed."""
+
+    @classmethod
+    def from_proto(cls, change: pb.StateChange) -> Change:
+        """Build from the wire form."""
+        return cls(
+            revision=change.revision,
+            type=ChangeType(change.type),
+            key=change.key,
+            entry=Entry.from_proto(change.state) if change.HasField("state") else None,
+            previous=Entry.from_proto(change.previous) if change.HasField("previous") else None,
+            agent_id=change.agent_id,
+            change_time=_time(change.change_time),
+        )
+
+
+# --- writes -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fencing:
+    """Proof that a write is made under a current lease of a Distribution sub-task."""
+
+    subtask_id: str
+    """The leased sub-task."""
+    fencing_token: int
+    """The fencing token of the writer's lease."""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionIs:
+    """Transaction compare: the key's version equals ``version`` (0: the key must not exist)."""
+
+    key: str
+    """Key to test."""
+    version: int
+    """Expected version."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exists:
+    """Transaction compare: the key exists (or, with ``exists=False``, does not)."""
+
+    key: str
+    """Key to test."""
+    exists: bool = True
+    """Whether the key must exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValueIs:
+    """Transaction compare: the key holds this value (JSON compared ignoring key order)."""
+
+    key: str
+    """Key to test."""
+    value: Value
+    """Expected value."""
+
+
+Compare: TypeAlias = VersionIs | Exists | ValueIs
+"""A condition of a transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Transaction operation: write a key."""
+
+    key: str
+    """Key to write."""
+    value: Value
+    """Value to write."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """Metadata stored with the value (replaces the previous metadata)."""
+    ttl: float | timedelta | None = None
+    """Delete the key after this long unless written again (at least 1 s)."""
+    bind_to_session: bool = False
+    """Delete the key when the writer's session ends."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Transaction operation: delete a key (a missing key is a no-op)."""
+
+    key: str
+    """Key to delete."""
+
+
+Operation: TypeAlias = Put | Delete
+"""A write of a transaction."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransactResult:
+    """What a transaction did."""
+
+    revision: int
+    """Store revision of the transaction's last change."""
+    entries: tuple[Entry | None, ...]
+    """Per operation, in order: the entry written by a put, None for a delete."""
+    deleted: tuple[str, ...]
+    """Keys that existed and were deleted."""
+
+
+def _duration(ttl: float | timedelta) -> duration_pb2.Duration:
+    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
+def _fill_put(message: Any, put: Put) -> None:
+    """Fill the fields PutStateRequest and PutOperation share."""
+    message.key = put.key
+    _set_value(message, put.value)
+    message.metadata.update(put.metadata)
+    if put.ttl is not None:
+        message.ttl.CopyFrom(_duration(put.ttl))
+    message.bind_to_session = put.bind_to_session
+
+
+def _fencing(fencing: Fencing | None) -> pb.Fencing | None:
+    if fencing is None:
+        return None
+    return pb.Fencing(subtask_id=fencing.subtask_id, fencing_token=fencing.fencing_token)
+
+
+def _compare(compare: Compare) -> pb.Compare:
+    if isinstance(compare, VersionIs):
+        return pb.Compare(key=compare.key, version=compare.version)
+    if isinstance(compare, Exists):
+        return pb.Compare(key=compare.key, exists=compare.exists)
+    message = pb.Compare(key=compare.key)
+    _set_value(message, compare.value)
+    return message
+
+
+def _operation(operation: Operation) -> pb.Operation:
+    if isinstance(operation, Delete):
+        return pb.Operation(delete=pb.DeleteOperation(key=operation.key))
+    message = pb.Operation()
+    _fill_put(message.put, operation)
+    return message
+
+
+def new_request_id() -> str:
+    """Return a fresh idempotency key for a write."""
+    return str(uuid.uuid4())
+
+
+# --- retries ------------------------------------------------------------------------------------
+
+UPDATE_CODES = frozenset({grpc.StatusCode.ABORTED, *RETRYABLE_CODES})
+"""Codes :meth:`StateClient.update` retries: conflicts and outages."""
+RESUMABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, *RETRYABLE_CODES})
+"""Codes after which :meth:`StateClient.watch` resumes: outages and a slow-watcher cut-off."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePolicy(RetryPolicy):
+    """Back-off of :meth:`StateClient.update`: short pauses, since conflicts clear fast."""
+
+    max_attempts: int = 64
+    """Attempts in all, the first included."""
+    max_delay: float = 30.0
+    """Seconds after which no further attempt starts."""
+    initial_backoff: float = 0.002
+    """Seconds before the first retry (before jitter); doubles on every retry."""
+    max_backoff: float = 0.25
+    """Longest pause between two attempts."""
+    jitter: float = 0.01
+    """Random extra pause, up to this many seconds, so colliding writers spread out."""
+
+
+@dataclass(slots=True)
+class UpdateStats:
+    """Counters of :meth:`StateClient.update` calls, for tuning and benchmarks."""
+
+    committed: int = 0
+    """Updates that committed."""
+    conflicts: int = 0
+    """Attempts refused with ABORTED (each is re-read and retried)."""
+    unavailable: int = 0
+    """Attempts that failed with UNAVAILABLE (the same write is sent again)."""
+
+    @property
+    def retries(self) -> int:
+        """Attempts that were retried."""
+        return self.conflicts + self.unavailable
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+
+class StateClient:
+    """Typed StateSync operations; ``client.state`` of an AgentcoordClient.
+
+    Writes carry a fresh request id, so the client's retry of a write after UNAVAILABLE is
+    not applied twice. Errors are :class:`RPCError` subclasses such as
+    :class:`ConflictError` (with ``current_version``).
+    """
+
+    def __init__(self, raw: StateSyncClient, client: AgentcoordClient) -> None:
+        """Wrap the raw per-RPC client ``raw`` of ``client``."""
+        self._raw = raw
+        self._client = client
+        self.update_policy = UpdatePolicy()
+        """Retry policy of :meth:`update` when a call gives none."""
+        self.stats = UpdateStats()
+        """Counters of :meth:`update`."""
+
+    async def get(self, key: str) -> Entry | None:
+        """Return the entry of ``key``, or None if it does not exist."""
+        try:
+            with _typed_errors():
+                response = await self._raw.get_state(pb.GetStateRequest(key=key))
+        except NotFoundError:
+            return None
+        return Entry.from_proto(response.state)
+
+    async def put(
+        self,
+        key: str,
+        value: Value,
+        *,
+        expected_version: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        ttl: float | timedelta | None = None,
+        bind_to_session: bool = False,
+        fencing: Fencing | None = None,
+        request_id: str | None = None,
+    ) -> Entry:
+        """Write ``key`` and return the entry as written.
+
+        Args:
+            key: Key to write.
+            value: JSON-able value or bytes.
+            expected_version: Write only at this version; 0: only if the key does not exist.
+            metadata: Metadata stored with the value (replaces the previous metadata).
+            ttl: Delete the key after this long (seconds or timedelta) unless written again.
+            bind_to_session: Delete the key when this agent's session ends.
+            fencing: Write only under this sub-task lease.
+            request_id: Idempotency key; a fresh one by default.
+
+        Raises:
+            ConflictError: ``expected_version`` does not match.
+            FailedPreconditionError: the fencing token is stale or no lease is held.
+        """
+        request = self._put_request(
+            Put(key, value, metadata or {}, ttl, bind_to_session),
+            expected_version=expected_version,
+            fencing=fencing,
+            request_id=request_id,
+        )
+        with _typed_errors():
+            response = await self._raw.put_state(request)
+        return Entry.from_proto(response.state)
+
+    async def delete(
+        self,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        allow_missing: bool = False,
+        fencing: Fencing | None = None,
+        request_id: str | None = None,
+    ) -> Entry | None:
+        """Delete ``key``; return its entry as it was (None if it was missing).
+
+        Raises:
+            NotFoundError: the key does not exist and ``allow_missing`` is False.
+            ConflictError: ``expected_version`` does not match.
+        """
+        request = pb.DeleteStateRequest(
+            key=key,
+            expected_version=expected_version,
+            allow_missing=allow_missing,
+            fencing=_fencing(fencing),
+            request_id=request_id or new_request_id(),
+        )
+        with _typed_errors():
+            response = await self._raw.delete_state(request)
+        return Entry.from_proto(response.previous) if response.HasField("previous") else None
+
+    async def transact(
+        self,
+        compares: Sequence[Compare],
+        operations: Sequence[Operation],
+        *,
+        fencing: Fencing | None = None,
+        request_id: str | None = None,
+    ) -> TransactResult:
+        """Apply ``operations`` all or none, if every compare holds.
+
+        Raises:
+            ConflictError: a compare failed (``failed_compare`` names it); nothing was written.
+        """
+        request = pb.TransactRequest(
+            compares=[_compare(compare) for compare in compares],
+            operations=[_operation(operation) for operation in operations],
+            fencing=_fencing(fencing),
+            request_id=request_id or new_request_id(),
+        )
+        with _typed_errors():
+            response = await self._raw.transact(request)
+        entries = tuple(
+            Entry.from_proto(r.state) if r.HasField("state") else None for r in response.results
+        )
+        deleted = tuple(
+            op.key for op, r in zip(operations, response.results, strict=True) if r.deleted
+        )
+        return TransactResult(response.revision, entries, deleted)
+
+    async def list(
+        self, prefix: str = "", *, live_agents_only: bool = False
+    ) -> builtins.list[Entry]:
+        """Return every entry whose key starts with ``prefix``, in key order, at one revision.
+
+        Follows the pages; if the keys change between pages, lists again once.
+
+        Args:
+            prefix: Key prefix; end it with ``/`` for a folder.
+            live_agents_only: Under ``agents/``, only keys of agents live in Discovery.
+
+        Raises:
+            OutOfRangeError: the keys changed between pages twice in a row.
+        """
+        request = pb.ListStatesRequest(prefix=prefix, live_agents_only=live_agents_only)
+        return [Entry.from_proto(state) for state in await self._list_states(request)]
+
+    async def _list_states(self, request: pb.ListStatesRequest) -> builtins.list[pb.State]:
+        try:
+            return await self._list_pages(request)
+        except OutOfRangeError:  # the keys changed between pages: list once more
+            return await self._list_pages(request)
+
+    async def _list_pages(self, request: pb.ListStatesRequest) -> builtins.list[pb.State]:
+        page = pb.ListStatesRequest()
+        page.CopyFrom(request)
+        states: builtins.list[pb.State] = []
+        while True:
+            with _typed_errors():
+                response = await self._raw.list_states(page)
+            states.extend(response.states)
+            if not response.next_page_token:
+                return states
+            page.page_token = response.next_page_token
+
+    async def watch(
+        self,
+        prefix: str = "",
+        *,
+        start_revision: int = 0,
+        include_previous: bool = False,
+        retry: RetryPolicy | None = None,
+    ) -> AsyncGenerator[Change, None]:
+        """Yield every change of the keys under ``prefix``, in revision order, exactly once.
+
+        After UNAVAILABLE (a restart, a lost connection) or RESOURCE_EXHAUSTED (a slow
+        watcher cut off) the watch reconnects by itself from the last revision it reached.
+        Close the generator (``aclose``, or ``contextlib.aclosing``) to end the watch.
+
+        Args:
+            prefix: Key prefix; empty for every key.
+            start_revision: Replay the changes after this revision first; 0: from now on.
+            include_previous: Fill ``Change.previous``.
+            retry: Back-off while reconnecting; the client's policy by default. Each
+                outage gets the policy's attempts anew.
+
+        Raises:
+            OutOfRangeError: the revision to resume from is compacted; list again and
+                watch from the listing's revision.
+            UnavailableError: the server stayed unreachable for the whole policy.
+            ResourceExhaustedError: a message was too large for the channel.
+        """
+        policy = retry or self._client.retry
+        last = start_revision
+        while True:
+            request = pb.WatchStatesRequest(
+                prefix=prefix, start_revision=last, include_previous=include_previous
+            )
+            stream: AsyncGenerator[pb.WatchStatesResponse, None] = await policy.retrying(
+                RESUMABLE_CODES
+            )(self._open_watch, request)
+            opened_at = last
+            try:
+                async for response in stream:
+                    for change in response.changes:
+                        if change.revision > last:  # never repeat a change
+                            yield Change.from_proto(change)
+                    last = max(last, response.revision)
+            except RPCError as error:
+                # A watcher cut off for being slow made progress first; RESOURCE_EXHAUSTED
+                # without progress (a message too large for the channel) would only recur.
+                resumable = error.code == grpc.StatusCode.UNAVAILABLE or (
+                    error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and last > opened_at
+                )
+                if not resumable:
+                    raise typed_error(error) from None
+            finally:
+                await stream.aclose()
+
+    async def _open_watch(
+        self, request: pb.WatchStatesRequest
+    ) -> AsyncGenerator[pb.WatchStatesResponse, None]:
+        """Open a watch; return once the server confirmed it with its first message."""
+        with _typed_errors():
+            stream = self._raw.watch_states(request)
+            first = await anext(stream, None)
+        if first is None:
+            await _close(stream)
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the watch ended at once")
+        return _chain(first, stream)
+
+    async def update(
+        self,
+        key: str,
+        fn: Callable[[Any], Value],
+        *,
+        default: Value = None,
+        metadata: Mapping[str, str] | None = None,
+        fencing: Fencing | None = None,
+        policy: UpdatePolicy | None = None,
+    ) -> Entry:
+        """Read ``key``, write ``fn(value)`` if nobody wrote in between, and retry until it does.
+
+        Each attempt reads the key, calls ``fn`` with its value (``default`` when the key is
+        missing) and writes the result at the version read. A conflict (ABORTED) starts a
+        new attempt with a fresh request id; UNAVAILABLE sends the same write again with the
+        same request id, so a write whose first attempt committed is not applied twice.
+
+        Args:
+            key: Key to update.
+            fn: Computes the new value from the current one; may be called several times.
+            default: Value passed to ``fn`` when the key does not exist.
+            metadata: Metadata stored with the new value.
+            fencing: Write only under this sub-task lease.
+            policy: Back-off and bounds; ``self.update_policy`` by default.
+
+        Raises:
+            ConflictError: still conflicting when the policy's attempts or time ran out.
+            UnavailableError: still unreachable when the policy's attempts or time ran out.
+        """
+        request: pb.PutStateRequest | None = None
+        async for attempt in (policy or self.update_policy).retrying(UPDATE_CODES):
+            with attempt, _typed_errors():
+                try:
+                    if request is None:
+                        current = await self._get_once(key)
+                        value = fn(current.value if current is not None else default)
+                        expected = current.version if current is not None else 0
+                        put = Put(key, value, metadata or {})
+                        request = self._put_request(put, expected, fencing, None)
+                    response = await self._raw._unary(
+                        "PutState", request, pb.PutStateResponse, idempotent=False
+                    )
+                except RPCError as error:
+                    if error.code == grpc.StatusCode.UNAVAILABLE:
+                        self.stats.unavailable += 1
+                        raise  # retried: the same write, with the same request id
+                    if error.code == grpc.StatusCode.ABORTED:
+                        self.stats.conflicts += 1
+                    request = None  # re-read on the next attempt
+                    raise
+        self.stats.committed += 1
+        return Entry.from_proto(response.state)
+
+    async def _get_once(self, key: str) -> Entry | None:
+        try:
+            response = await self._raw._unary(
+                "GetState", pb.GetStateRequest(key=key), pb.GetStateResponse, idempotent=False
+            )
+        except RPCError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return Entry.from_proto(response.state)
+
+    @staticmethod
+    def _put_request(
+        put: Put,
+        expected_version: int | None,
+        fencing: Fencing | None,
+        request_id: str | None,
+    ) -> pb.PutStateRequest:
+        request = pb.PutStateRequest(
+            expected_version=expected_version,
+            fencing=_fencing(fencing),
+            request_id=request_id or new_request_id(),
+        )
+        _fill_put(request, put)
+        return request
+
+    # --- an agent's own keys (parity with the prototype) --------------------------------------
+
+    def own_key(self, name: str) -> str:
+        """Return ``agents/<own id>/<name>``, a key only this agent (or the admin) may write.
+
+        Raises:
+            ValueError: the client has no agent id (register first, or pass ``agent_id``).
+        """
+        if not self._client.agent_id:
+            raise ValueError("no agent id: register, or pass agent_id to AgentcoordClient")
+        return f"agents/{self._client.agent_id}/{name}"
+
+    async def list_own(self) -> builtins.list[Entry]:
+        """Return this agent's own entries (``agents/<own id>/``)."""
+        return await self.list(self.own_key(""))
+
+    async def list_agent_states(self, *, live_only: bool = False) -> builtins.list[Entry]:
+        """Return every agent's entries (``agents/``), or only live agents' ones."""
+        return await self.list("agents/", live_agents_only=live_only)
+
+    async def clear_own(self, *, chunk_size: int = 128) -> int:
+        """Delete every key under ``agents/<own id>/``; return how many were deleted.
+
+        Deletes in transactions of at most ``chunk_size`` keys (the server's default limit).
+        """
+        request = pb.ListStatesRequest(prefix=self.own_key(""), keys_only=True)
+        keys = [state.key for state in await self._list_states(request)]
+        deleted = 0
+        for start in range(0, len(keys), chunk_size):
+            chunk = keys[start : start + chunk_size]
+            deleted += len((await self.transact([], [Delete(key) for key in chunk])).deleted)
+        return deleted
+
+
+async def _chain(
+    first: pb.WatchStatesResponse, rest: AsyncIterator[pb.WatchStatesResponse]
+) -> AsyncGenerator[pb.WatchStatesResponse, None]:
+    """Yield ``first``, then ``rest``; closing this closes ``rest``."""
+    try:
+        yield first
+        async for response in rest:
+            yield response
+    finally:
+        await _close(rest)
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    """Close ``stream`` (cancelling its call) if it is a generator."""
+    if isinstance(stream, AsyncGenerator):
+        await stream.aclose()

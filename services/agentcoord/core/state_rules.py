@@ -1,0 +1,258 @@
+"""Pure rules of a state write: compare, apply, and the change log entries it makes.
+
+The store loads the current entries of the keys a write names (locked, inside its
+transaction), asks :func:`plan_write` what to do, and persists the plan in the same
+transaction. Keeping the rules here, free of SQL, lets both back ends share them.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from agentcoord.core.errors import Conflict, NotFound
+from agentcoord.core.models import (
+    Compare,
+    DeleteCommand,
+    NewChange,
+    OperationResult,
+    PutCommand,
+    Service,
+    StateChangeType,
+    StateEntry,
+    StateValue,
+    StateWrite,
+    StateWriteResult,
+    ValueKind,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedChange:
+    """A change log entry at a known revision."""
+
+    revision: int
+    """Its revision."""
+    change: NewChange
+    """What to append."""
+
+
+@dataclass(slots=True)
+class WritePlan:
+    """What a store persists for one write."""
+
+    upserts: dict[str, StateEntry] = field(default_factory=dict)
+    """Entries to insert or replace, by key (the last state of each key)."""
+    deletes: set[str] = field(default_factory=set)
+    """Keys to delete."""
+    changes: list[PlannedChange] = field(default_factory=list)
+    """Change log entries, at consecutive revisions."""
+    result: StateWriteResult = field(default_factory=lambda: StateWriteResult(0, ()))
+    """What the caller receives."""
+
+
+def keys_of(write: StateWrite) -> list[str]:
+    """Return every key a write reads or changes, sorted (lock in this order)."""
+    keys = {compare.key for compare in write.compares}
+    keys.update(operation.key for operation in write.operations)
+    return sorted(keys)
+
+
+def _check(compare: Compare, index: int, entry: StateEntry | None) -> None:
+    current_version = entry.version if entry is not None else 0
+    if compare.version is not None:
+        holds = current_version == compare.version
+        wanted = f"version {compare.version}"
+    elif compare.exists is not None:
+        holds = (entry is not None) == compare.exists
+        wanted = "existence" if compare.exists else "absence"
+    else:
+        holds = entry is not None and entry.value == compare.value
+        wanted = "value"
+    if not holds:
+        raise Conflict(
+            f"key {compare.key!r}: compare {index} wanted {wanted}, "
+            f"current version is {current_version}",
+            reason="VERSION_MISMATCH" if compare.version is not None else "COMPARE_FAILED",
+            metadata={
+                "key": compare.key,
+                "current_version": str(current_version),
+                "failed_compare": str(index),
+            },
+        )
+
+
+def plan_write(
+    write: StateWrite, current: Mapping[str, StateEntry], first_revision: int
+) -> WritePlan:
+    """Decide the effect of ``write`` on the ``current`` entries of its keys.
+
+    Args:
+        write: The write.
+        current: The current entry of each key of the write that exists.
+        first_revision: Revision of the first change; later changes follow it.
+
+    Raises:
+        Conflict: a comparison does not hold (nothing is written).
+        NotFound: a delete names a missing key without ``allow_missing``.
+    """
+    for index, compare in enumerate(write.compares):
+        _check(compare, index, current.get(compare.key))
+    entries = dict(current)
+    plan = WritePlan()
+    results: list[OperationResult] = []
+    revision = first_revision - 1
+    for operation in write.operations:
+        previous = entries.get(operation.key)
+        if isinstance(operation, DeleteCommand):
+            if previous is None:
+                if not operation.allow_missing:
+                    raise NotFound(
+                        f"key: {operation.key!r} does not exist", reason="STATE_NOT_FOUND"
+                    )
+                results.append(OperationResult(None, None))
+                continue
+            revision += 1
+            del entries[operation.key]
+            plan.upserts.pop(operation.key, None)
+            plan.deletes.add(operation.key)
+            plan.changes.append(
+                PlannedChange(
+                    revision,
+                    state_change(
+                        StateChangeType.DELETE, operation.key, write.agent_id, None, previous
+                    ),
+                )
+            )
+            results.append(OperationResult(None, previous))
+            continue
+        revision += 1
+        entry = _put(operation, previous, write.agent_id, revision, write.now)
+        entries[operation.key] = entry
+        plan.upserts[operation.key] = entry
+        plan.deletes.discard(operation.key)
+        plan.changes.append(
+            PlannedChange(
+                revision,
+                state_change(StateChangeType.PUT, operation.key, write.agent_id, entry, previous),
+            )
+        )
+        results.append(OperationResult(entry, previous))
+    last = revision if plan.changes else first_revision - 1
+    plan.result = StateWriteResult(last, tuple(results))
+    return plan
+
+
+def _put(
+    operation: PutCommand, previous: StateEntry | None, agent_id: str, revision: int, now: datetime
+) -> StateEntry:
+    return StateEntry(
+        key=operation.key,
+        value=operation.value,
+        metadata=dict(operation.metadata),
+        version=previous.version + 1 if previous is not None else 1,
+        create_revision=previous.create_revision if previous is not None else revision,
+        mod_revision=revision,
+        agent_id=agent_id,
+        create_time=previous.create_time if previous is not None else now,
+        update_time=now,
+        expire_time=operation.expire_time,
+        session_epoch=operation.session_epoch,
+    )
+
+
+def plan_expiry(entries: Iterable[StateEntry], first_revision: int) -> list[PlannedChange]:
+    """Return the change entries that delete expired or session-bound ``entries``."""
+    return [
+        PlannedChange(
+            first_revision + offset,
+            state_change(StateChangeType.EXPIRE, entry.key, "", None, entry),
+        )
+        for offset, entry in enumerate(entries)
+    ]
+
+
+def state_change(
+    change_type: StateChangeType,
+    key: str,
+    agent_id: str,
+    state: StateEntry | None,
+    previous: StateEntry | None,
+) -> NewChange:
+    """Return the change log entry of one key change."""
+    return NewChange(
+        service=Service.STATESYNC,
+        kind=change_type.change_kind,
+        subject=key,
+        agent_id=agent_id,
+        details={
+            "state": entry_to_snapshot(state) if state is not None else None,
+            "previous": entry_to_snapshot(previous) if previous is not None else None,
+        },
+    )
+
+
+def entry_to_snapshot(entry: StateEntry) -> dict[str, Any]:
+    """Return the JSON-able form of an entry (binary values in base64)."""
+    return {
+        "key": entry.key,
+        "kind": entry.value.kind.value,
+        "data": base64.b64encode(entry.value.data).decode(),
+        "metadata": dict(entry.metadata),
+        "version": entry.version,
+        "create_revision": entry.create_revision,
+        "mod_revision": entry.mod_revision,
+        "agent_id": entry.agent_id,
+        "create_time": entry.create_time.isoformat(),
+        "update_time": entry.update_time.isoformat(),
+        "expire_time": entry.expire_time.isoformat() if entry.expire_time else None,
+        "session_epoch": entry.session_epoch,
+    }
+
+
+def entry_from_snapshot(data: Mapping[str, Any]) -> StateEntry:
+    """Rebuild an entry from :func:`entry_to_snapshot` output."""
+    return StateEntry(
+        key=data["key"],
+        value=StateValue(ValueKind(data["kind"]), base64.b64decode(data["data"])),
+        metadata=dict(data["metadata"]),
+        version=int(data["version"]),
+        create_revision=int(data["create_revision"]),
+        mod_revision=int(data["mod_revision"]),
+        agent_id=data["agent_id"],
+        create_time=datetime.fromisoformat(data["create_time"]),
+        update_time=datetime.fromisoformat(data["update_time"]),
+        expire_time=datetime.fromisoformat(data["expire_time"]) if data["expire_time"] else None,
+        session_epoch=int(data["session_epoch"]),
+    )
+
+
+def result_to_json(result: StateWriteResult) -> dict[str, Any]:
+    """Return the JSON-able form of a write result, kept for idempotent repeats."""
+    return {
+        "revision": result.revision,
+        "results": [
+            {
+                "state": entry_to_snapshot(r.state) if r.state else None,
+                "previous": entry_to_snapshot(r.previous) if r.previous else None,
+            }
+            for r in result.results
+        ],
+    }
+
+
+def result_from_json(data: Mapping[str, Any]) -> StateWriteResult:
+    """Rebuild a write result from :func:`result_to_json` output."""
+    return StateWriteResult(
+        int(data["revision"]),
+        tuple(
+            OperationResult(
+                entry_from_snapshot(r["state"]) if r["state"] else None,
+                entry_from_snapshot(r["previous"]) if r["previous"] else None,
+            )
+            for r in data["results"]
+        ),
+    )

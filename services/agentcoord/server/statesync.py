@@ -1,0 +1,330 @@
+"""StateSyncService handlers: validate, call the core, translate."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from agentcoord.core.errors import InvalidInput, NotFound, PermissionDenied
+from agentcoord.core.models import (
+    ChangeFilter,
+    Compare,
+    DeleteCommand,
+    Fencing,
+    PutCommand,
+    StateValue,
+    StateWriteResult,
+    ValueKind,
+)
+from agentcoord.core.statesync import PutRequest, StateSync, Writer
+from agentcoord.server import convert, validation
+from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.streams import StreamTracker
+from agentcoord.statesync.v1 import statesync_service_pb2 as pb
+from agentcoord.statesync.v1 import statesync_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE = pb.DESCRIPTOR.services_by_name["StateSyncService"]
+"""Descriptor of the service."""
+
+ACCESS = {
+    "GetState": Access.READ,
+    "ListStates": Access.READ,
+    "ListEvents": Access.READ,
+    "PutState": Access.AGENT,
+    "DeleteState": Access.AGENT,
+    "Transact": Access.AGENT,
+    "WatchStates": Access.READ,
+    "WatchEvents": Access.READ,
+}
+"""Access each RPC needs."""
+
+MAX_VALUE_BYTES = 1024 * 1024
+"""Largest value, encoded."""
+MAX_REQUEST_ID = 128
+"""Longest request id."""
+
+
+class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
+    """Serves ``agentcoord.statesync.v1.StateSyncService``."""
+
+    def __init__(self, core: StateSync, streams: StreamTracker) -> None:
+        """Serve ``core``; ``streams`` ends long streams at shutdown."""
+        self._core = core
+        self._streams = streams
+
+    async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.GetStateResponse:
+        """Return one key's entry."""
+        key = validation.state_key("key", request.key)
+        entry, revision = await self._core.get(key)
+        if entry is None:
+            raise NotFound(f"key: {key!r} does not exist", reason="STATE_NOT_FOUND")
+        return pb.GetStateResponse(state=convert.state_to_proto(entry), revision=revision)
+
+    async def ListStates(
+        self, request: pb.ListStatesRequest, context: Context
+    ) -> pb.ListStatesResponse:
+        """List entries under a prefix, one page, consistent at one revision."""
+        prefix = validation.state_key("prefix", request.prefix, prefix=True)
+        fingerprint = {"prefix": prefix, "live": request.live_agents_only}
+        position = validation.decode_page_token("page_token", request.page_token, fingerprint)
+        after_key, _, revision = position.rpartition("@")
+        entries, next_key, revision_read = await self._core.list_states(
+            prefix,
+            after_key=after_key,
+            at_revision=int(revision) if revision.isdigit() else 0,
+            limit=validation.page_size("page_size", request.page_size),
+            live_agents_only=request.live_agents_only,
+        )
+        token = ""
+        if next_key:
+            token = validation.encode_page_token(f"{next_key}@{revision_read}", fingerprint)
+        return pb.ListStatesResponse(
+            states=[convert.state_to_proto(e, keys_only=request.keys_only) for e in entries],
+            next_page_token=token,
+            revision=revision_read,
+        )
+
+    async def ListEvents(
+        self, request: pb.ListEventsRequest, context: Context
+    ) -> pb.ListEventsResponse:
+        """List the change log, oldest first, one page."""
+        where = replace(
+            _change_filter(request),
+            start_time=_time(request, "start_time"),
+            end_time=_time(request, "end_time"),
+        )
+        start = _start_revision(request.start_revision)
+        fingerprint = {"filter": repr(where), "start": request.start_revision}
+        position = validation.decode_page_token("page_token", request.page_token, fingerprint)
+        changes, last = await self._core.list_events(
+            where,
+            after_revision=int(position) if position else start,
+            limit=validation.page_size("page_size", request.page_size),
+        )
+        return pb.ListEventsResponse(
+            events=[convert.event_to_proto(change) for change in changes],
+            next_page_token=validation.encode_page_token(str(last), fingerprint) if last else "",
+        )
+
+    async def PutState(self, request: pb.PutStateRequest, context: Context) -> pb.PutStateResponse:
+        """Write one key."""
+        writer = _writer(request.agent_id)
+        key = validation.state_key("key", request.key)
+        compares = []
+        if request.HasField("expected_version"):
+            compares.append(Compare(key, version=_version("expected_version", request)))
+        put = _put_request("", request, key)
+        result = await self._core.write(
+            writer,
+            compares,
+            [put],
+            fencing=_fencing(request),
+            request_id=_request_id(request.request_id),
+        )
+        state = result.results[0].state
+        assert state is not None
+        return pb.PutStateResponse(revision=result.revision, state=convert.state_to_proto(state))
+
+    async def DeleteState(
+        self, request: pb.DeleteStateRequest, context: Context
+    ) -> pb.DeleteStateResponse:
+        """Delete one key."""
+        writer = _writer(request.agent_id)
+        key = validation.state_key("key", request.key)
+        compares = []
+        if request.HasField("expected_version"):
+            compares.append(Compare(key, version=_version("expected_version", request)))
+        result = await self._core.write(
+            writer,
+            compares,
+            [DeleteCommand(key, allow_missing=request.allow_missing)],
+            fencing=_fencing(request),
+            request_id=_request_id(request.request_id),
+        )
+        previous = result.results[0].previous
+        return pb.DeleteStateResponse(
+            revision=result.revision,
+            previous=convert.state_to_proto(previous) if previous is not None else None,
+        )
+
+    async def Transact(self, request: pb.TransactRequest, context: Context) -> pb.TransactResponse:
+        """Apply several puts and deletes all or none."""
+        writer = _writer(request.agent_id)
+        if not request.operations:
+            raise InvalidInput("operations", "at least one operation is required")
+        compares = [_compare(f"compares[{i}]", c) for i, c in enumerate(request.compares)]
+        operations: list[PutRequest | DeleteCommand] = []
+        for index, operation in enumerate(request.operations):
+            field = f"operations[{index}]"
+            kind = operation.WhichOneof("operation")
+            if kind == "put":
+                key = validation.state_key(f"{field}.put.key", operation.put.key)
+                operations.append(_put_request(f"{field}.put.", operation.put, key))
+            elif kind == "delete":
+                key = validation.state_key(f"{field}.delete.key", operation.delete.key)
+                operations.append(DeleteCommand(key, allow_missing=True))
+            else:
+                raise InvalidInput(field, "set put or delete")
+        result = await self._core.write(
+            writer,
+            compares,
+            operations,
+            fencing=_fencing(request),
+            request_id=_request_id(request.request_id),
+        )
+        return pb.TransactResponse(revision=result.revision, results=_results(result))
+
+    async def WatchStates(
+        self, request: pb.WatchStatesRequest, context: Context
+    ) -> AsyncIterator[pb.WatchStatesResponse]:
+        """Stream the changes of keys under a prefix."""
+        prefix = validation.state_key("prefix", request.prefix, prefix=True)
+        start = _start_revision(request.start_revision)
+        with self._streams.track():
+            async for batch in self._core.watch_states(prefix, start):
+                yield pb.WatchStatesResponse(
+                    changes=[
+                        convert.state_change_to_proto(
+                            change, include_previous=request.include_previous
+                        )
+                        for change in batch.changes
+                    ],
+                    revision=batch.revision,
+                )
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        """Stream the change log."""
+        where = _change_filter(request)
+        start = _start_revision(request.start_revision)
+        with self._streams.track():
+            async for batch in self._core.watch(start, where):
+                yield pb.WatchEventsResponse(
+                    events=[convert.event_to_proto(change) for change in batch.changes],
+                    revision=batch.revision,
+                )
+
+
+def _writer(agent_id: str) -> Writer:
+    identity = current_identity()
+    if identity.admin:
+        if agent_id:
+            raise InvalidInput("agent_id", "must be empty when writing with the admin token")
+        return Writer(admin=True)
+    session = identity.session
+    assert session is not None  # Access.AGENT guarantees a session or the admin
+    if agent_id and agent_id != session.agent_id:
+        raise PermissionDenied(
+            f"agent_id: session belongs to agent {session.agent_id!r}, not {agent_id!r}",
+            reason="AGENT_MISMATCH",
+        )
+    return Writer(agent_id=session.agent_id, epoch=session.epoch)
+
+
+def _version(field: str, request: Any) -> int:
+    version = int(request.expected_version)
+    if version < 0:
+        raise InvalidInput(field, "must not be negative (0 means the key must not exist)")
+    return version
+
+
+def _request_id(value: str) -> str:
+    return validation.text("request_id", value, max_length=MAX_REQUEST_ID)
+
+
+def _fencing(request: Any) -> Fencing | None:
+    if not request.HasField("fencing"):
+        return None
+    fencing = request.fencing
+    validation.text("fencing.subtask_id", fencing.subtask_id, max_length=128, required=True)
+    if fencing.fencing_token <= 0:
+        raise InvalidInput("fencing.fencing_token", "must be positive")
+    return Fencing(fencing.subtask_id, fencing.fencing_token)
+
+
+def _value(field_prefix: str, message: Any, oneof: str = "value") -> StateValue:
+    kind = message.WhichOneof(oneof)
+    if kind == "json":
+        if message.json.WhichOneof("kind") is None:
+            raise InvalidInput(f"{field_prefix}json", "is an empty Value; set one of its kinds")
+        value = StateValue(ValueKind.JSON, convert.json_text(message.json))
+    elif kind == "binary":
+        value = StateValue(ValueKind.BINARY, bytes(message.binary))
+    else:
+        raise InvalidInput(f"{field_prefix}value", "set json or binary")
+    if len(value.data) > MAX_VALUE_BYTES:
+        raise InvalidInput(
+            f"{field_prefix}{kind}", f"is {len(value.data)} bytes; at most {MAX_VALUE_BYTES}"
+        )
+    return value
+
+
+def _put_request(field_prefix: str, message: Any, key: str) -> PutRequest:
+    metadata: Mapping[str, str] = validation.labels(f"{field_prefix}metadata", message.metadata)
+    return PutRequest(
+        PutCommand(key, _value(field_prefix, message), metadata),
+        ttl=validation.duration(f"{field_prefix}ttl", message.ttl),
+        bind_to_session=message.bind_to_session,
+    )
+
+
+def _compare(field: str, compare: pb.Compare) -> Compare:
+    key = validation.state_key(f"{field}.key", compare.key)
+    target = compare.WhichOneof("target")
+    if target == "version":
+        if compare.version < 0:
+            raise InvalidInput(f"{field}.version", "must not be negative")
+        return Compare(key, version=compare.version)
+    if target == "exists":
+        return Compare(key, exists=compare.exists)
+    if target in ("json", "binary"):
+        return Compare(key, value=_value(f"{field}.", compare, "target"))
+    raise InvalidInput(field, "set version, exists, json or binary")
+
+
+def _results(result: StateWriteResult) -> Sequence[pb.OperationResult]:
+    return [
+        pb.OperationResult(
+            state=convert.state_to_proto(r.state) if r.state is not None else None,
+            deleted=r.state is None and r.previous is not None,
+        )
+        for r in result.results
+    ]
+
+
+def _start_revision(value: int) -> int:
+    if value < 0:
+        raise InvalidInput("start_revision", "must not be negative")
+    return value
+
+
+def _change_filter(request: Any) -> ChangeFilter:
+    service = None
+    if request.service:
+        service = convert.SERVICE_FROM_PROTO.get(request.service)
+        if service is None:
+            raise InvalidInput("service", f"{request.service} is not a known service")
+    if request.agent_id:
+        validation.matching("agent_id", request.agent_id, validation.AGENT_ID, "agent id")
+    validation.text("kind", request.kind, max_length=128)
+    validation.text("subject", request.subject, max_length=validation.MAX_KEY_BYTES)
+    return ChangeFilter(
+        service=service,
+        kind=request.kind,
+        subject=request.subject,
+        agent_id=request.agent_id,
+    )
+
+
+def _time(request: Any, field: str) -> datetime | None:
+    if not request.HasField(field):
+        return None
+    return getattr(request, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]

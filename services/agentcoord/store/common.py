@@ -1,0 +1,177 @@
+"""The :class:`~agentcoord.store.base.Store` API, once for both back ends.
+
+A back end supplies three things: how to run a read statement (:meth:`SqlStore._fetch`),
+how to perform the requests of a batch script (:meth:`SqlStore._run_batch`, see
+:mod:`agentcoord.store.writes`), and its placeholder style and :class:`Codec`. Everything
+else (turning calls into operations, decoding rows, building filtered queries) is here.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from agentcoord.core.errors import InvalidInput
+from agentcoord.core.models import (
+    Agent,
+    AgentState,
+    AgentStatus,
+    Change,
+    ChangeFilter,
+    HeartbeatRecord,
+    StateEntry,
+    StateWrite,
+    StateWriteResult,
+)
+from agentcoord.store.batching import GroupCommitter, Listener, Outcome
+from agentcoord.store.queries import (
+    Statements,
+    select_changes,
+    select_states_page,
+    state_changed_since,
+)
+from agentcoord.store.rows import Codec, Row, to_utc
+from agentcoord.store.writes import (
+    CompactChanges,
+    EndAgentSession,
+    ExpireStates,
+    Op,
+    RecordHeartbeats,
+    RegisterAgent,
+    UpdateAgentStatus,
+    WriteStates,
+)
+
+
+class SqlStore(abc.ABC):
+    """What both back ends share above their driver calls."""
+
+    def __init__(self, marker: str, codec: Codec) -> None:
+        """Use placeholders ``<marker>1``, ``<marker>2``... and ``codec`` for rows."""
+        self._marker = marker
+        self._codec = codec
+        self._sql = Statements.numbered(marker)
+        self._writes: GroupCommitter[Op] = GroupCommitter(self._run_batch)
+
+    @abc.abstractmethod
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> Sequence[Row]:
+        """Run a read statement and return its rows.
+
+        Raises:
+            Unavailable: the store is not open, or the database is unreachable.
+        """
+
+    @abc.abstractmethod
+    async def _run_batch(self, ops: list[Op]) -> list[Outcome]:
+        """Run :func:`~agentcoord.store.writes.batch_script` for ``ops`` and commit."""
+
+    async def _submit(self, op: Op) -> Any:
+        return await self._writes.submit(op)
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` after each commit; returns a function that removes it."""
+        return self._writes.add_listener(listener)
+
+    # The change log
+
+    async def current_revision(self) -> int:
+        """Return the revision of the latest committed change (0 when there is none)."""
+        [row] = await self._fetch(self._sql.revisions, ())
+        return int(row["value"])
+
+    async def compact_revision(self) -> int:
+        """Return the highest revision dropped by compaction (0 when none was)."""
+        [row] = await self._fetch(self._sql.revisions, ())
+        return int(row["compact_revision"])
+
+    async def list_changes(
+        self, after_revision: int, limit: int, where: ChangeFilter | None = None
+    ) -> list[Change]:
+        """Return up to ``limit`` changes after ``after_revision`` passing ``where``, in order."""
+        if limit <= 0:
+            raise InvalidInput("limit", "must be positive")
+        query = select_changes(self._marker, after_revision, limit, where, self._codec.encode_time)
+        rows = await self._fetch(query.sql, query.params)
+        return [self._codec.change_from_row(row) for row in rows]
+
+    async def compact_changes(self, before: datetime) -> int:
+        """Drop the oldest changes, all older than ``before``, and older write results.
+
+        The changes dropped are a prefix of the log: every change up to the first one at
+        or after ``before``. Returns the compact revision.
+        """
+        return cast(int, await self._submit(CompactChanges(to_utc(before))))
+
+    # Discovery
+
+    async def register_agent(self, agent: Agent, token_hash: str, now: datetime) -> Agent:
+        """Insert or replace an agent and open a new session (see the protocol)."""
+        return cast(Agent, await self._submit(RegisterAgent(agent, token_hash, now)))
+
+    async def end_agent_session(
+        self, agent_id: str, epoch: int, state: AgentState, now: datetime
+    ) -> Agent | None:
+        """Mark a live agent LEFT or EXPIRED if its stored epoch is ``epoch``."""
+        op = EndAgentSession(agent_id, epoch, state, now)
+        return cast(Agent | None, await self._submit(op))
+
+    async def update_agent_status(
+        self, agent_id: str, epoch: int, status: AgentStatus, now: datetime
+    ) -> Agent | None:
+        """Record a new working status of a live agent of that epoch."""
+        op = UpdateAgentStatus(agent_id, epoch, status, now)
+        return cast(Agent | None, await self._submit(op))
+
+    async def record_heartbeats(self, records: Sequence[HeartbeatRecord]) -> None:
+        """Store the latest liveness facts of many agents in one transaction."""
+        if records:
+            await self._submit(RecordHeartbeats(tuple(records)))
+
+    async def get_agent(self, agent_id: str) -> Agent | None:
+        """Return one agent, or None."""
+        rows = await self._fetch(self._sql.select_agent, (agent_id,))
+        return self._codec.agent_from_row(rows[0]) if rows else None
+
+    async def load_agents(self) -> list[tuple[Agent, str]]:
+        """Return every agent with its session token hash, ordered by agent id."""
+        rows = await self._fetch(self._sql.select_agents, ())
+        return [(self._codec.agent_from_row(row), row["token_hash"]) for row in rows]
+
+    async def find_agent_by_token_hash(self, token_hash: str) -> Agent | None:
+        """Return the agent whose current session has this token hash, or None."""
+        rows = await self._fetch(self._sql.select_agent_by_token, (token_hash,))
+        return self._codec.agent_from_row(rows[0]) if rows else None
+
+    # StateSync
+
+    async def write_states(self, write: StateWrite) -> StateWriteResult:
+        """Apply a state write atomically (see the protocol)."""
+        return cast(StateWriteResult, await self._submit(WriteStates(write)))
+
+    async def get_state(self, key: str) -> StateEntry | None:
+        """Return the current entry of ``key``, or None."""
+        rows = await self._fetch(self._sql.select_state, (key,))
+        return self._codec.state_from_row(rows[0]) if rows else None
+
+    async def list_states(
+        self, prefix: str, after_key: str, limit: int
+    ) -> tuple[list[StateEntry], int]:
+        """Return a page of entries under ``prefix`` after ``after_key``, and its revision."""
+        if limit <= 0:
+            raise InvalidInput("limit", "must be positive")
+        query = select_states_page(self._marker, prefix, after_key, limit)
+        rows = await self._fetch(query.sql, query.params)
+        entries = [self._codec.state_from_row(row) for row in rows if row["key"] is not None]
+        return entries, int(rows[0]["revision"])
+
+    async def state_changed_since(self, prefix: str, revision: int) -> bool:
+        """Return whether any key starting with ``prefix`` changed after ``revision``."""
+        query = state_changed_since(self._marker, prefix, revision)
+        [row] = await self._fetch(query.sql, query.params)
+        return bool(row["changed"])
+
+    async def expire_states(self, now: datetime) -> list[StateEntry]:
+        """Delete every entry whose ``expire_time`` is at or before ``now``."""
+        return cast(list[StateEntry], await self._submit(ExpireStates(now)))

@@ -1,0 +1,147 @@
+"""Read queries whose SQL is the same on both back ends, built with numbered placeholders.
+
+SQLite writes a numbered parameter ``?1``, PostgreSQL ``$1``; everything else in these
+statements is standard SQL that both run verbatim. Building them here keeps the logic
+that turns a filter into conditions in one place. Prefixes become index ranges
+(:func:`~agentcoord.store.rows.prefix_end`), which relies on code point order: SQLite's
+default BINARY collation, and ``COLLATE "C"`` on PostgreSQL's ``states.key``,
+``changes.kind`` and ``changes.subject``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from agentcoord.core.models import ChangeFilter, Service
+from agentcoord.store.rows import AGENT_COLUMNS, CHANGE_COLUMNS, STATE_COLUMNS, prefix_end
+
+_AGENTS = ", ".join(AGENT_COLUMNS)
+_CHANGES = ", ".join(CHANGE_COLUMNS)
+_STATES = ", ".join(STATE_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """Fixed read statements, with the back end's placeholders."""
+
+    select_agent: str = f"SELECT {_AGENTS} FROM agents WHERE agent_id = $1"
+    select_agents: str = f"SELECT {_AGENTS} FROM agents ORDER BY agent_id"
+    select_agent_by_token: str = (
+        f"SELECT {_AGENTS} FROM agents WHERE token_hash = $1 ORDER BY agent_id LIMIT 1"
+    )
+    select_state: str = f"SELECT {_STATES} FROM states WHERE key = $1"
+    revisions: str = "SELECT value, compact_revision FROM revision_counter WHERE id = 1"
+
+    @classmethod
+    def numbered(cls, marker: str) -> Statements:
+        """Return the statements with ``$n`` placeholders written ``<marker>n``."""
+        defaults = cls()
+        return cls(
+            **{
+                name: re.sub(r"\$(\d+)", lambda m: marker + m[1], getattr(defaults, name))
+                for name in cls.__dataclass_fields__
+            }
+        )
+
+
+@dataclass(slots=True)
+class Query:
+    """A statement and its parameters."""
+
+    marker: str
+    """Placeholder prefix of the back end: ``?`` (SQLite) or ``$`` (PostgreSQL)."""
+    params: list[Any] = field(default_factory=list)
+    """Parameter values, in placeholder order."""
+    sql: str = ""
+    """The statement."""
+
+    def param(self, value: Any) -> str:
+        """Add ``value`` and return its placeholder."""
+        self.params.append(value)
+        return f"{self.marker}{len(self.params)}"
+
+    def prefix(self, column: str, prefix: str, conditions: list[str]) -> None:
+        """Add the conditions of ``column`` starting with ``prefix`` (an index range)."""
+        if not prefix:
+            return
+        conditions.append(f"{column} >= {self.param(prefix)}")
+        end = prefix_end(prefix)
+        if end is not None:
+            conditions.append(f"{column} < {self.param(end)}")
+
+
+def select_changes(
+    marker: str,
+    after_revision: int,
+    limit: int,
+    where: ChangeFilter | None,
+    encode_time: Callable[[datetime], Any],
+) -> Query:
+    """Return the page of the change log after ``after_revision`` that passes ``where``."""
+    query = Query(marker)
+    conditions = [f"revision > {query.param(after_revision)}"]
+    if where is not None:
+        if where.service is not None:
+            conditions.append(f"service = {query.param(where.service.value)}")
+        if where.kind.endswith("."):
+            query.prefix("kind", where.kind, conditions)
+        elif where.kind:
+            conditions.append(f"kind = {query.param(where.kind)}")
+        if where.subject:
+            conditions.append(f"subject = {query.param(where.subject)}")
+        query.prefix("subject", where.subject_prefix, conditions)
+        if where.agent_id:
+            conditions.append(f"agent_id = {query.param(where.agent_id)}")
+        if where.start_time is not None:
+            conditions.append(f"time >= {query.param(encode_time(where.start_time))}")
+        if where.end_time is not None:
+            conditions.append(f"time < {query.param(encode_time(where.end_time))}")
+    query.sql = (
+        f"SELECT {_CHANGES} FROM changes WHERE {' AND '.join(conditions)}"
+        f" ORDER BY revision LIMIT {query.param(limit)}"
+    )
+    return query
+
+
+def select_states_page(marker: str, prefix: str, after_key: str, limit: int) -> Query:
+    """Return a page of entries under ``prefix`` and the current revision, in one statement.
+
+    One statement reads one snapshot, so the entries are exactly those at the returned
+    revision. Each row carries ``revision``; with no entry, one row of NULL columns
+    carries it.
+    """
+    query = Query(marker)
+    conditions: list[str] = []
+    if after_key:
+        conditions.append(f"key > {query.param(after_key)}")
+    query.prefix("key", prefix, conditions)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    query.sql = (
+        f"SELECT counter.value AS revision, page.* FROM revision_counter AS counter"
+        f" LEFT JOIN (SELECT {_STATES} FROM states {where}"
+        f" ORDER BY key LIMIT {query.param(limit)}) AS page ON true"
+        " WHERE counter.id = 1 ORDER BY page.key"
+    )
+    return query
+
+
+def state_changed_since(marker: str, prefix: str, revision: int) -> Query:
+    """Return whether a key under ``prefix`` changed after ``revision`` (column ``changed``).
+
+    True as well when the change log was compacted past ``revision``: what it dropped
+    can no longer be checked.
+    """
+    query = Query(marker)
+    after = query.param(revision)
+    conditions = [f"revision > {after}", f"service = {query.param(Service.STATESYNC.value)}"]
+    query.prefix("subject", prefix, conditions)
+    query.sql = (
+        f"SELECT (counter.compact_revision > {after} OR EXISTS (SELECT 1 FROM changes"
+        f" WHERE {' AND '.join(conditions)})) AS changed"
+        " FROM revision_counter AS counter WHERE counter.id = 1"
+    )
+    return query

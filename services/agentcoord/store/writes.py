@@ -1,0 +1,718 @@
+"""The write path both back ends share: operations, the working set, the batch script.
+
+An operation declares what it reads (:class:`Needs`), then applies itself to a
+:class:`WorkingSet`: the rows its batch loaded, as changed by the operations before it
+in the batch. Nothing touches the database while operations run, so an operation that
+raises (a failed compare, a missing key, a refused fencing token) has changed nothing
+and needs no savepoint: the working set undoes its partial effects in memory. What the
+whole batch changed (:class:`Mutations`) is then written in a few statements.
+
+:func:`batch_script` is the transaction of one batch, written once and free of I/O: it
+yields requests (:class:`Step`, :class:`Load`, :class:`Flush`, :class:`Execute`) that a
+back end performs (on SQLite's writer thread, or with asyncpg) and sends the results
+back in (:func:`drive`, :func:`drive_async`).
+
+1. Together: BEGIN, which also locks the revision counter so that writers of every
+   process take turns; then for each run of consecutive operations one Load of
+   everything they need, the operations in memory, and one Flush. Direct operations
+   (heartbeats, compaction) are single statements between runs. COMMIT.
+2. In isolation, only if a statement of step 1 failed (a constraint, a value the driver
+   cannot encode): ROLLBACK, BEGIN again, and per operation a savepoint around its own
+   Load, apply and Flush, so that only the failing operation is rolled back and only its
+   caller sees the error. COMMIT once.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import functools
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Generic, TypeVar, cast
+
+from agentcoord.core.errors import FailedPrecondition
+from agentcoord.core.models import (
+    Agent,
+    AgentEventKind,
+    AgentState,
+    AgentStatus,
+    Change,
+    HeartbeatRecord,
+    NewChange,
+    PutCommand,
+    StateEntry,
+    StateWrite,
+    StateWriteResult,
+)
+from agentcoord.core.state_rules import keys_of, plan_expiry, plan_write
+from agentcoord.store.batching import Outcome
+from agentcoord.store.rows import (
+    WriteRequest,
+    agent_change,
+    ended_kind,
+    is_current_session,
+    new_session,
+    stored_at,
+    to_utc,
+)
+
+# What operations read
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What an operation reads; a batch loads the union of its operations' needs at once."""
+
+    state_keys: frozenset[str] = frozenset()
+    """Entries of these keys (the missing ones are known to be missing)."""
+    requests: frozenset[tuple[str, str]] = frozenset()
+    """Remembered results of these ``(agent_id, request_id)`` writes."""
+    agent_ids: frozenset[str] = frozenset()
+    """These agents, with their token hashes."""
+    bound_to: frozenset[str] = frozenset()
+    """Every entry bound to a session of these agents."""
+    expired_at: datetime | None = None
+    """Every entry whose expire time is at or before this time."""
+
+    def __or__(self, other: Needs) -> Needs:
+        """Return what both need."""
+        times = [t for t in (self.expired_at, other.expired_at) if t is not None]
+        return Needs(
+            self.state_keys | other.state_keys,
+            self.requests | other.requests,
+            self.agent_ids | other.agent_ids,
+            self.bound_to | other.bound_to,
+            max(times) if times else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """Rows a back end read for :class:`Needs`, inside the batch's transaction."""
+
+    revision: int
+    """The revision counter."""
+    states: Sequence[StateEntry] = ()
+    """Every entry the needs cover (each once)."""
+    agents: Sequence[tuple[Agent, str]] = ()
+    """The agents asked for that exist, with their token hashes."""
+    requests: Sequence[WriteRequest] = ()
+    """The remembered writes asked for that exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mutations:
+    """What a run of operations changed, for the back end to write."""
+
+    revision: int
+    """New value of the revision counter."""
+    deleted_keys: Sequence[str]
+    """Keys whose rows are deleted (disjoint from ``states``)."""
+    states: Sequence[StateEntry]
+    """Entries inserted or replaced."""
+    agents: Sequence[tuple[Agent, str]]
+    """Agents inserted or replaced, with their token hashes."""
+    requests: Sequence[WriteRequest]
+    """Results of writes to remember (new rows)."""
+    changes: Sequence[Change]
+    """Change log entries to append, in revision order."""
+
+
+# The working set
+
+_MISSING: Any = object()
+
+
+class WorkingSet:
+    """The rows a batch loaded, with the changes of the operations applied so far."""
+
+    def __init__(self, needs: Needs, loaded: Loaded) -> None:
+        """Start from the rows ``loaded`` for ``needs``."""
+        self.revision = loaded.revision
+        """The latest revision, including the changes applied so far."""
+        self._needs = needs
+        self._states = {entry.key: entry for entry in loaded.states}
+        self._agents = {agent.agent_id: (agent, token) for agent, token in loaded.agents}
+        self._requests = {(r.agent_id, r.request_id): r for r in loaded.requests}
+        self._known_keys = set(needs.state_keys) | set(self._states)
+        self._state_writes: dict[str, StateEntry | None] = {}
+        self._agent_writes: dict[str, tuple[Agent, str]] = {}
+        self._request_writes: dict[tuple[str, str], WriteRequest] = {}
+        self._changes: list[Change] = []
+        self._undo: list[Callable[[], None]] = []
+
+    # Reads
+
+    def state(self, key: str) -> StateEntry | None:
+        """Return the current entry of ``key``, or None."""
+        if key not in self._known_keys:
+            raise LookupError(f"state key {key!r} was not loaded: declare it in Needs")
+        return self._states.get(key)
+
+    def agent(self, agent_id: str) -> tuple[Agent, str] | None:
+        """Return an agent and its token hash, or None."""
+        if agent_id not in self._needs.agent_ids:
+            raise LookupError(f"agent {agent_id!r} was not loaded: declare it in Needs")
+        return self._agents.get(agent_id)
+
+    def request(self, agent_id: str, request_id: str) -> WriteRequest | None:
+        """Return the remembered write ``(agent_id, request_id)``, or None."""
+        if (agent_id, request_id) not in self._needs.requests:
+            raise LookupError(f"request {request_id!r} was not loaded: declare it in Needs")
+        return self._requests.get((agent_id, request_id))
+
+    def bound_entries(self, agent_id: str, max_epoch: int) -> list[StateEntry]:
+        """Return the entries bound to sessions 1..``max_epoch`` of ``agent_id``, by key."""
+        if agent_id not in self._needs.bound_to:
+            raise LookupError(f"entries bound to {agent_id!r} were not loaded")
+        return sorted(
+            (
+                entry
+                for entry in self._states.values()
+                if entry.agent_id == agent_id and 0 < entry.session_epoch <= max_epoch
+            ),
+            key=lambda entry: entry.key,
+        )
+
+    def expired_entries(self, now: datetime) -> list[StateEntry]:
+        """Return the entries whose expire time is at or before ``now``, by key."""
+        if self._needs.expired_at is None or now > self._needs.expired_at:
+            raise LookupError(f"entries expired at {now} were not loaded")
+        return sorted(
+            (
+                entry
+                for entry in self._states.values()
+                if entry.expire_time is not None and entry.expire_time <= now
+            ),
+            key=lambda entry: entry.key,
+        )
+
+    # Writes
+
+    def append(self, revision: int, now: datetime, new: NewChange) -> Change:
+        """Append a change log entry at ``revision``, the next one."""
+        if revision != self.revision + 1:
+            raise ValueError(f"revision {revision} does not follow {self.revision}")
+        change = Change(
+            revision, to_utc(now), new.service, new.kind, new.subject, new.agent_id, new.details
+        )
+        self.revision = revision
+        self._changes.append(change)
+        return change
+
+    def put_state(self, entry: StateEntry) -> None:
+        """Insert or replace an entry."""
+        self._set(self._states, entry.key, entry)
+        self._set(self._state_writes, entry.key, entry)
+
+    def delete_state(self, key: str) -> None:
+        """Delete the entry of ``key``."""
+        self._set(self._states, key, _MISSING)
+        self._set(self._state_writes, key, None)
+
+    def save_agent(
+        self, agent: Agent, token_hash: str, kind: AgentEventKind, now: datetime
+    ) -> Agent:
+        """Store ``agent`` at the next revision with its change entry; return it as stored."""
+        stored = stored_at(agent, self.revision + 1)
+        self.append(stored.revision, now, agent_change(stored, kind))
+        self._set(self._agents, agent.agent_id, (stored, token_hash))
+        self._set(self._agent_writes, agent.agent_id, (stored, token_hash))
+        return stored
+
+    def remember(self, request: WriteRequest) -> None:
+        """Keep the result of a write for its repeats."""
+        key = (request.agent_id, request.request_id)
+        self._set(self._requests, key, request)
+        self._set(self._request_writes, key, request)
+
+    def expire(self, entries: Iterable[StateEntry], now: datetime) -> None:
+        """Delete ``entries`` (expired, or bound to an ended session) with their changes."""
+        for planned in plan_expiry(entries, self.revision + 1):
+            self.append(planned.revision, now, planned.change)
+            self.delete_state(planned.change.subject)
+
+    def _set(self, mapping: dict[Any, Any], key: Any, value: Any) -> None:
+        """Set (or, with ``_MISSING``, remove) ``mapping[key]``, remembering how to undo it."""
+        old = mapping.get(key, _MISSING)
+
+        def undo() -> None:
+            if old is _MISSING:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = old
+
+        self._undo.append(undo)
+        if value is _MISSING:
+            mapping.pop(key, None)
+        else:
+            mapping[key] = value
+
+    # Running operations
+
+    def apply(self, op: ViewOp) -> Outcome:
+        """Run ``op``; if it raises, undo what it did, so that it changed nothing."""
+        revision, changes = self.revision, len(self._changes)
+        self._undo.clear()
+        try:
+            value = op.apply(self)
+        except Exception as exc:
+            for undo in reversed(self._undo):
+                undo()
+            self.revision = revision
+            del self._changes[changes:]
+            return Outcome(error=exc)
+        finally:
+            self._undo.clear()
+        return Outcome(value, changes=self._changes[changes:])
+
+    def mutations(self) -> Mutations | None:
+        """Return what the operations applied so far changed, or None if nothing."""
+        if not (self._state_writes or self._agent_writes or self._request_writes):
+            return None
+        return Mutations(
+            revision=self.revision,
+            deleted_keys=sorted(k for k, e in self._state_writes.items() if e is None),
+            states=[e for e in self._state_writes.values() if e is not None],
+            agents=list(self._agent_writes.values()),
+            requests=list(self._request_writes.values()),
+            changes=list(self._changes),
+        )
+
+
+# Operations
+
+
+class ViewOp(abc.ABC):
+    """An operation that runs against a :class:`WorkingSet`."""
+
+    @abc.abstractmethod
+    def needs(self) -> Needs:
+        """Return what the operation reads."""
+
+    @abc.abstractmethod
+    def apply(self, ws: WorkingSet) -> object:
+        """Apply the operation and return its result; raising means it changed nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterAgent(ViewOp):
+    """``Store.register_agent``: a new session, ending the earlier one's bound keys."""
+
+    agent: Agent
+    token_hash: str
+    now: datetime
+
+    def needs(self) -> Needs:
+        """The agent and the entries bound to its sessions."""
+        ids = frozenset((self.agent.agent_id,))
+        return Needs(agent_ids=ids, bound_to=ids)
+
+    def apply(self, ws: WorkingSet) -> Agent:
+        """Store the next session, then expire keys bound to the earlier ones."""
+        previous = ws.agent(self.agent.agent_id)
+        session = new_session(self.agent, None if previous is None else previous[0], self.now)
+        stored = ws.save_agent(session, self.token_hash, AgentEventKind.JOINED, self.now)
+        ws.expire(ws.bound_entries(stored.agent_id, stored.epoch - 1), self.now)
+        return stored
+
+
+def _current_session(ws: WorkingSet, agent_id: str, epoch: int) -> tuple[Agent, str] | None:
+    """Return the agent and its token hash if it is live in session ``epoch``, else None."""
+    current = ws.agent(agent_id)
+    return current if current is not None and is_current_session(current[0], epoch) else None
+
+
+@dataclass(frozen=True, slots=True)
+class EndAgentSession(ViewOp):
+    """``Store.end_agent_session``: LEFT or EXPIRED, and its bound keys expire."""
+
+    agent_id: str
+    epoch: int
+    state: AgentState
+    now: datetime
+
+    def __post_init__(self) -> None:
+        """Refuse a state that does not end a session before the operation is queued."""
+        ended_kind(self.state)
+
+    def needs(self) -> Needs:
+        """The agent and the entries bound to its sessions."""
+        ids = frozenset((self.agent_id,))
+        return Needs(agent_ids=ids, bound_to=ids)
+
+    def apply(self, ws: WorkingSet) -> Agent | None:
+        """End the session if it is the current one."""
+        current = _current_session(ws, self.agent_id, self.epoch)
+        if current is None:
+            return None
+        ended = replace(current[0], state=self.state)
+        stored = ws.save_agent(ended, current[1], ended_kind(self.state), self.now)
+        ws.expire(ws.bound_entries(self.agent_id, self.epoch), self.now)
+        return stored
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateAgentStatus(ViewOp):
+    """``Store.update_agent_status``."""
+
+    agent_id: str
+    epoch: int
+    status: AgentStatus
+    now: datetime
+
+    def needs(self) -> Needs:
+        """The agent."""
+        return Needs(agent_ids=frozenset((self.agent_id,)))
+
+    def apply(self, ws: WorkingSet) -> Agent | None:
+        """Record the status if the session is the current one."""
+        current = _current_session(ws, self.agent_id, self.epoch)
+        if current is None:
+            return None
+        updated = replace(current[0], status=self.status)
+        return ws.save_agent(updated, current[1], AgentEventKind.UPDATED, self.now)
+
+
+def check_fencing(write: StateWrite) -> None:
+    """Refuse a write whose fencing token is not that of a lease it holds.
+
+    The one place where StateSync writes meet Distribution's leases, inside the write's
+    transaction. Leases do not exist yet (issue 4), so no lease is held and any fencing
+    is refused; the lease check replaces this body (and :meth:`WriteStates.needs`
+    declares the sub-task's lease, so that the batch loads it).
+
+    Raises:
+        FailedPrecondition: reason ``LEASE_NOT_HELD``.
+    """
+    if write.fencing is not None:
+        raise FailedPrecondition(
+            f"fencing: no lease of sub-task {write.fencing.subtask_id!r} is held "
+            f"with fencing token {write.fencing.fencing_token}",
+            reason="LEASE_NOT_HELD",
+            metadata={
+                "field": "fencing",
+                "subtask_id": write.fencing.subtask_id,
+                "fencing_token": str(write.fencing.fencing_token),
+            },
+        )
+
+
+def _bound_epochs(write: StateWrite) -> set[int]:
+    """Return the session epochs the write's puts bind keys to."""
+    return {
+        op.session_epoch
+        for op in write.operations
+        if isinstance(op, PutCommand) and op.session_epoch > 0
+    }
+
+
+def check_session(write: StateWrite, writer: Agent | None) -> None:
+    """Refuse to bind keys to a session that is not the writer's live one.
+
+    Checked in the write's transaction: a key bound to a session that ended meanwhile
+    would outlive it, since the end of a session deletes only the keys bound by then.
+
+    Raises:
+        FailedPrecondition: reason ``SESSION_ENDED``.
+    """
+    for epoch in sorted(_bound_epochs(write)):
+        if not is_current_session(writer, epoch):
+            raise FailedPrecondition(
+                f"bind_to_session: session {epoch} of agent {write.agent_id!r} is not live",
+                reason="SESSION_ENDED",
+                metadata={"field": "bind_to_session", "agent_id": write.agent_id},
+            )
+
+
+def _in_utc(write: StateWrite) -> StateWrite:
+    """Return ``write`` with its times in UTC, as the store returns them."""
+    operations = tuple(
+        replace(op, expire_time=to_utc(op.expire_time))
+        if isinstance(op, PutCommand) and op.expire_time is not None
+        else op
+        for op in write.operations
+    )
+    return replace(write, now=to_utc(write.now), operations=operations)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteStates(ViewOp):
+    """``Store.write_states``: the rules of :func:`~agentcoord.core.state_rules.plan_write`."""
+
+    write: StateWrite
+
+    def needs(self) -> Needs:
+        """The write's keys, its remembered result, and the writer if it binds keys."""
+        write = self.write
+        return Needs(
+            state_keys=frozenset(keys_of(write)),
+            requests=(
+                frozenset(((write.agent_id, write.request_id),))
+                if write.request_id
+                else frozenset()
+            ),
+            agent_ids=frozenset((write.agent_id,)) if _bound_epochs(write) else frozenset(),
+        )
+
+    def apply(self, ws: WorkingSet) -> StateWriteResult:
+        """Return a repeat's first result, or check, plan and apply the write."""
+        write = _in_utc(self.write)
+        if write.request_id:
+            repeat = ws.request(write.agent_id, write.request_id)
+            if repeat is not None:
+                return repeat.result
+        check_fencing(write)
+        if _bound_epochs(write):
+            writer = ws.agent(write.agent_id)
+            check_session(write, None if writer is None else writer[0])
+        current = {key: entry for key in keys_of(write) if (entry := ws.state(key)) is not None}
+        plan = plan_write(write, current, ws.revision + 1)
+        for planned in plan.changes:
+            ws.append(planned.revision, write.now, planned.change)
+        for key in sorted(plan.deletes):
+            ws.delete_state(key)
+        for entry in plan.upserts.values():
+            ws.put_state(entry)
+        if write.request_id:
+            ws.remember(WriteRequest(write.agent_id, write.request_id, plan.result, write.now))
+        return plan.result
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireStates(ViewOp):
+    """``Store.expire_states``."""
+
+    now: datetime
+
+    def needs(self) -> Needs:
+        """Every entry expired at ``now``."""
+        return Needs(expired_at=to_utc(self.now))
+
+    def apply(self, ws: WorkingSet) -> list[StateEntry]:
+        """Delete the expired entries, each with a ``state.expire`` change."""
+        entries = ws.expired_entries(to_utc(self.now))
+        ws.expire(entries, self.now)
+        return entries
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeartbeats:
+    """``Store.record_heartbeats``: one statement of the back end's own."""
+
+    records: Sequence[HeartbeatRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class CompactChanges:
+    """``Store.compact_changes``: statements of the back end's own; returns the compact revision."""
+
+    before: datetime
+
+
+DirectOp = RecordHeartbeats | CompactChanges
+"""An operation the back end runs as its own statements, between runs of :class:`ViewOp`."""
+
+Op = ViewOp | DirectOp
+"""Anything the group committer queues."""
+
+
+# The batch script
+
+
+class Step(enum.Enum):
+    """A transaction control statement."""
+
+    BEGIN = "begin"
+    """Start a transaction and lock the revision counter (writers take turns)."""
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    SAVEPOINT = "savepoint"
+    RELEASE = "release"
+    """Release the savepoint."""
+    ROLLBACK_TO = "rollback_to"
+    """Roll back to the savepoint (which stays; RELEASE follows)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Read the revision counter and the rows ``needs`` covers; the reply is :class:`Loaded`."""
+
+    needs: Needs
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Write ``mutations``, revision counter included; the reply is None."""
+
+    mutations: Mutations
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """Run a direct operation; the reply is its result."""
+
+    op: DirectOp
+
+
+Request = Step | Load | Flush | Execute
+"""What the batch script asks its back end to do."""
+
+Script = Generator[Request, Any, list[Outcome]]
+"""A batch script: yields requests, receives their replies, returns one outcome per op."""
+
+
+def batch_script(ops: Sequence[Op]) -> Script:
+    """Return the transaction of one batch (see the module docstring).
+
+    A request that raises is thrown back into the script. A failure of BEGIN or COMMIT,
+    or of the isolated re-run's own savepoint handling, ends the script with that error:
+    the back end rolls back, and nothing of the batch is committed.
+    """
+    yield Step.BEGIN
+    try:
+        outcomes = yield from _together(ops)
+    except Exception:
+        yield Step.ROLLBACK
+        yield Step.BEGIN
+        outcomes = yield from _in_isolation(ops)
+    yield Step.COMMIT
+    return outcomes
+
+
+def _runs(ops: Sequence[Op]) -> Iterator[list[ViewOp] | DirectOp]:
+    """Split ``ops`` into runs of consecutive view operations and single direct ones."""
+    run: list[ViewOp] = []
+    for op in ops:
+        if isinstance(op, ViewOp):
+            run.append(op)
+            continue
+        if run:
+            yield run
+            run = []
+        yield op
+    if run:
+        yield run
+
+
+def _together(ops: Sequence[Op]) -> Generator[Request, Any, list[Outcome]]:
+    outcomes: list[Outcome] = []
+    for run in _runs(ops):
+        if not isinstance(run, list):
+            outcomes.append(Outcome((yield Execute(run))))
+            continue
+        needs = Needs()
+        for op in run:
+            needs |= op.needs()
+        ws = WorkingSet(needs, (yield Load(needs)))
+        outcomes.extend(ws.apply(op) for op in run)
+        mutations = ws.mutations()
+        if mutations is not None:
+            yield Flush(mutations)
+    return outcomes
+
+
+def _in_isolation(ops: Sequence[Op]) -> Generator[Request, Any, list[Outcome]]:
+    outcomes: list[Outcome] = []
+    for op in ops:
+        yield Step.SAVEPOINT
+        try:
+            if isinstance(op, ViewOp):
+                needs = op.needs()
+                ws = WorkingSet(needs, (yield Load(needs)))
+                outcome = ws.apply(op)
+                mutations = ws.mutations()
+                if mutations is not None:
+                    yield Flush(mutations)
+            else:
+                outcome = Outcome((yield Execute(op)))
+        except Exception as exc:
+            yield Step.ROLLBACK_TO
+            outcome = Outcome(error=exc)
+        yield Step.RELEASE
+        outcomes.append(outcome)
+    return outcomes
+
+
+R = TypeVar("R")
+C = TypeVar("C")
+
+
+@dataclass(frozen=True, slots=True)
+class Performer(Generic[R]):
+    """How a back end performs each kind of request; ``R`` is ``object`` or an awaitable."""
+
+    step: Callable[[Step], R]
+    """Run a transaction control statement; the reply is None."""
+    load: Callable[[Needs], R]
+    """Read what :class:`Load` asks for; the reply is :class:`Loaded`."""
+    flush: Callable[[Mutations], R]
+    """Write what :class:`Flush` carries; the reply is None."""
+    execute: Callable[[DirectOp], R]
+    """Run a direct operation; the reply is its result."""
+
+    @classmethod
+    def on(
+        cls,
+        conn: C,
+        step: Callable[[C, Step], R],
+        load: Callable[[C, Needs], R],
+        flush: Callable[[C, Mutations], R],
+        execute: Callable[[C, DirectOp], R],
+    ) -> Performer[R]:
+        """Return the performer that calls each function with ``conn`` first."""
+        return cls(
+            functools.partial(step, conn),
+            functools.partial(load, conn),
+            functools.partial(flush, conn),
+            functools.partial(execute, conn),
+        )
+
+    def __call__(self, request: Request) -> R:
+        """Perform ``request``."""
+        if isinstance(request, Load):
+            return self.load(request.needs)
+        if isinstance(request, Flush):
+            return self.flush(request.mutations)
+        if isinstance(request, Execute):
+            return self.execute(request.op)
+        return self.step(request)
+
+
+async def drive_async(
+    script: Script, perform: Callable[[Request], Awaitable[object]]
+) -> list[Outcome]:
+    """Run ``script``, awaiting each request (asyncpg)."""
+    reply: object = None
+    error: Exception | None = None
+    while True:
+        try:
+            request = script.send(reply) if error is None else script.throw(error)
+        except StopIteration as stop:
+            return list(stop.value)
+        try:
+            reply, error = await perform(request), None
+        except Exception as exc:
+            reply, error = None, exc
+
+
+async def _ready(value: object) -> object:
+    return value
+
+
+def drive(script: Script, perform: Callable[[Request], object]) -> list[Outcome]:
+    """Run ``script``, performing its requests synchronously (SQLite's writer thread).
+
+    The same loop as :func:`drive_async`, which never suspends here: each request is
+    performed before its awaitable is made, so the coroutine runs to its end in one step,
+    without an event loop.
+    """
+    driver = drive_async(script, lambda request: _ready(perform(request)))
+    try:
+        driver.send(None)
+    except StopIteration as stop:
+        return cast(list[Outcome], stop.value)
+    driver.close()
+    raise RuntimeError("a synchronous batch script suspended")

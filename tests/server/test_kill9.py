@@ -1,0 +1,146 @@
+"""kill -9 of the server in the middle of a write storm loses no acknowledged write.
+
+A real ``agentcoord serve`` process takes concurrent writes (distinct keys, and a few hot
+keys updated by compare-and-set); every write whose response arrived is recorded. The
+process is killed with SIGKILL mid-storm and started again on the same store: every
+acknowledged write must be there, its key at that version or a later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentcoord.client import AgentcoordClient, RetryPolicy, RPCError, UpdatePolicy
+
+ADMIN = "kill9-admin"
+DISTINCT_WRITERS = 24
+HOT_WRITERS = 8
+HOT_KEYS = 3
+STORM_SECONDS = 1.5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve(port: int, store_url: str, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run ``agentcoord serve`` until it answers health checks; SIGKILL it on exit."""
+    with log.open("ab") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentcoord.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            store_url,
+            "--admin-token",
+            ADMIN,
+            stdout=output,
+            stderr=output,
+        )
+    try:
+        await wait_serving(port, process, log)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def wait_serving(port: int, process: asyncio.subprocess.Process, log: Path) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(200):
+            assert process.returncode is None, f"server exited:\n{log.read_text()}"
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                response = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"server not serving:\n{log.read_text()}")
+
+
+class Acknowledged:
+    """The newest acknowledged (version, value) of every key."""
+
+    def __init__(self) -> None:
+        self.writes: dict[str, tuple[int, int]] = {}
+        self.count = 0
+
+    def record(self, key: str, version: int, value: int) -> None:
+        self.count += 1
+        self.writes[key] = max(self.writes.get(key, (0, 0)), (version, value))
+
+
+async def storm(client: AgentcoordClient, acked: Acknowledged, stop: asyncio.Event) -> None:
+    """Write until the server dies (or ``stop``); record every acknowledged write."""
+    give_up_fast = UpdatePolicy(max_delay=1.0)
+
+    async def distinct(writer: int) -> None:
+        key = f"shared/storm/{writer}"
+        for value in range(1, 1_000_000):
+            entry = await client.state.put(key, value)
+            acked.record(key, entry.version, value)
+            if stop.is_set():
+                return
+
+    async def hot(writer: int) -> None:
+        key = f"shared/hot/{writer % HOT_KEYS}"
+        while not stop.is_set():
+            entry = await client.state.update(key, lambda n: n + 1, default=0, policy=give_up_fast)
+            acked.record(key, entry.version, entry.value)
+
+    writers = [distinct(w) for w in range(DISTINCT_WRITERS)] + [hot(w) for w in range(HOT_WRITERS)]
+    outcomes = await asyncio.gather(*writers, return_exceptions=True)
+    for outcome in outcomes:  # every writer ends by losing the server, nothing else
+        assert outcome is None or isinstance(outcome, RPCError), repr(outcome)
+
+
+async def test_acknowledged_writes_survive_kill_9(store_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    acked = Acknowledged()
+    stop = asyncio.Event()
+    # One attempt per write: a write in flight when the server dies fails, unacknowledged.
+    once = RetryPolicy(max_attempts=1)
+    async with (
+        serve(port, store_url, log) as process,
+        AgentcoordClient(target, token=ADMIN, retry=once) as client,
+    ):
+        writes = asyncio.create_task(storm(client, acked, stop))
+        await asyncio.sleep(STORM_SECONDS)
+        acked_before_kill = acked.count
+        os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+        stop.set()
+        await asyncio.wait_for(writes, 10)
+    assert process.returncode == -signal.SIGKILL
+    assert acked_before_kill > 200, f"only {acked_before_kill} writes before the kill"
+    assert len(acked.writes) == DISTINCT_WRITERS + HOT_KEYS
+
+    async with serve(port, store_url, log), AgentcoordClient(target, token=ADMIN) as client:
+        stored = {entry.key: entry for entry in await client.state.list("shared/")}
+    lost = []
+    for key, (version, value) in sorted(acked.writes.items()):
+        entry = stored.get(key)
+        if entry is None or (entry.version, entry.value) < (version, value):
+            lost.append((key, version, value, entry and (entry.version, entry.value)))
+        elif entry.version == version:
+            assert entry.value == value, key
+    assert not lost, f"acknowledged writes lost by kill -9: {lost}"
