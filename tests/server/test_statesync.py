@@ -268,7 +268,7 @@ async def test_ttl_and_session_bound_keys_vanish(state: Stub, channel: grpc.aio.
     short = await register(channel, "short", ttl=0.5)
     await put(state, short, "agents/short/lock", 1, bind_to_session=True)
     await put(state, short, "shared/kept", 1)
-    await put(state, short, "shared/brief", 1, ttl=seconds(0.3))
+    await put(state, short, "shared/brief", 1, ttl=seconds(1))
 
     async def gone(key: str) -> bool:
         try:
@@ -416,6 +416,14 @@ async def test_events_log_who_did_what(state: Stub, channel: grpc.aio.Channel, t
             "ttl",
         ),
         (pb.PutStateRequest(key="shared/x", json=number(1), metadata={"bad key": "v"}), "metadata"),
+        (pb.PutStateRequest(key="shared/x", json=number(1), ttl=seconds(0.5)), "ttl"),
+        (pb.PutStateRequest(key="shared/x", json=number(1), ttl=seconds(31 * 86400)), "ttl"),
+        (
+            pb.PutStateRequest(
+                key="shared/x", json=number(1), ttl=seconds(5), bind_to_session=True
+            ),
+            "bind_to_session",
+        ),
         (pb.PutStateRequest(key="shared/x", json=number(1), request_id="r" * 200), "request_id"),
         (
             pb.PutStateRequest(
@@ -467,3 +475,27 @@ async def test_read_validation(state: Stub) -> None:
         invalid = await failure(call)
         assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert field_violations(invalid) == [field]
+
+
+async def test_large_values_are_split_across_messages(state: Stub, token: str) -> None:
+    big = b"x" * (1024 * 1024 - 100)
+    first = None
+    for index in range(6):  # 6 MiB in all: more than one 4 MiB message
+        response = await state.PutState(
+            pb.PutStateRequest(key=f"shared/big/{index}", binary=big), metadata=bearer(token)
+        )
+        first = first or response.revision
+    assert first is not None
+    keys: list[str] = []
+    token_ = ""
+    while True:
+        page = await state.ListStates(pb.ListStatesRequest(prefix="shared/big/", page_token=token_))
+        keys.extend(s.key for s in page.states)
+        token_ = page.next_page_token
+        if not token_:
+            break
+    assert keys == [f"shared/big/{i}" for i in range(6)]
+    watch = state.WatchStates(pb.WatchStatesRequest(prefix="shared/big/", start_revision=first - 1))
+    changes = await asyncio.wait_for(collect(watch, 6), 30)
+    watch.cancel()
+    assert [c.key for c in changes] == keys

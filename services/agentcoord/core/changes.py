@@ -25,7 +25,7 @@ class WatchBatch:
     """Changes a watcher receives at once."""
 
     changes: Sequence[Change]
-    """Matching changes, in revision order; empty for a progress notification."""
+    """Matching changes, in revision order; empty only in a watch's first batch."""
     revision: int
     """Revision the watcher has reached; resume after it."""
 
@@ -86,8 +86,7 @@ class ChangeFeed:
 
         The first batch comes as soon as the watch is registered: it has no changes and
         the revision the watch starts after, so a client that waits for it misses no
-        change made afterwards. Later batches without changes are progress
-        notifications: the revision moved on without a matching change.
+        change made afterwards. Every later batch has at least one matching change.
         """
         subscriber = _Subscriber(self._max_pending)
         self._subscribers.add(subscriber)
@@ -97,7 +96,8 @@ class ChangeFeed:
             while True:
                 async for batch in self._catch_up(last, matches):
                     last = batch.revision
-                    yield batch
+                    if batch.changes:
+                        yield batch
                 subscriber.lagged = False
                 while not subscriber.lagged:
                     announced = await subscriber.next(self._poll_interval)
@@ -109,7 +109,9 @@ class ChangeFeed:
                     if fresh[0].revision != last + 1:
                         break  # a gap: the store has what we missed
                     last = fresh[-1].revision
-                    yield WatchBatch([c for c in fresh if matches(c)], last)
+                    matching = [c for c in fresh if matches(c)]
+                    if matching:
+                        yield WatchBatch(matching, last)
         finally:
             self._subscribers.discard(subscriber)
 

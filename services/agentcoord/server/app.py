@@ -159,8 +159,19 @@ async def _host_services(
             )
         )
     if "statesync" in config.services:
-        statesync = StateSync(store, clock, feed, StateSyncConfig(), is_live)
-        state_servicer = statesync_server.StateSyncServicer(statesync, streams)
+        statesync = StateSync(
+            store,
+            clock,
+            feed,
+            StateSyncConfig(
+                max_operations=config.max_transaction_operations,
+                change_retention=config.change_retention,
+            ),
+            is_live,
+        )
+        state_servicer = statesync_server.StateSyncServicer(
+            statesync, streams, config.max_message_bytes, config.max_value_bytes
+        )
         hosted.append(
             _Hosted(
                 statesync_server.SERVICE.full_name,

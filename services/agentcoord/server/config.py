@@ -48,6 +48,12 @@ class ServerConfig:
     """Calls grpc core queues before the server accepts them; past it new calls are refused."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request or response message."""
+    max_value_bytes: int = 1024 * 1024
+    """Largest StateSync value, encoded."""
+    max_transaction_operations: int = 128
+    """Compares plus operations in one StateSync write at most."""
+    change_retention: float = 7 * 24 * 3600.0
+    """Seconds the change log and idempotency records are kept."""
     log_level: str = "INFO"
     """Logging level name."""
     log_format: str = "text"
@@ -69,6 +75,14 @@ class ServerConfig:
             raise InvalidInput("tls_client_ca", "mutual TLS needs --tls-cert and --tls-key")
         if not (0 < self.min_ttl <= self.default_ttl <= self.max_ttl):
             raise InvalidInput("default_ttl", "need 0 < min_ttl <= default_ttl <= max_ttl")
+        if not 0 < self.max_value_bytes <= self.max_message_bytes // 2:
+            raise InvalidInput(
+                "max_value_bytes", "must be positive and at most max_message_bytes/2"
+            )
+        if self.max_transaction_operations < 1:
+            raise InvalidInput("max_transaction_operations", "must be at least 1")
+        if self.change_retention <= 0:
+            raise InvalidInput("change_retention", "must be positive")
         if self.log_format not in ("text", "json"):
             raise InvalidInput("log_format", "choose text or json")
         if not is_loopback(host) and not self.insecure and not (self.tls_cert and self.join_token):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -23,7 +23,7 @@ from agentcoord.core.models import (
 from agentcoord.core.statesync import PutRequest, StateSync, Writer
 from agentcoord.server import convert, validation
 from agentcoord.server.auth import Access, current_identity
-from agentcoord.server.streams import StreamTracker
+from agentcoord.server.streams import StreamTracker, chunks_by_size
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as pb_grpc
 
@@ -45,19 +45,31 @@ ACCESS = {
 }
 """Access each RPC needs."""
 
-MAX_VALUE_BYTES = 1024 * 1024
-"""Largest value, encoded."""
+M = TypeVar("M", pb.StateChange, pb.Event)
+
 MAX_REQUEST_ID = 128
 """Longest request id."""
+MIN_TTL = 1.0
+"""Shortest key TTL, seconds."""
+MAX_TTL = 30 * 24 * 3600.0
+"""Longest key TTL, seconds."""
 
 
 class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
     """Serves ``agentcoord.statesync.v1.StateSyncService``."""
 
-    def __init__(self, core: StateSync, streams: StreamTracker) -> None:
-        """Serve ``core``; ``streams`` ends long streams at shutdown."""
+    def __init__(
+        self, core: StateSync, streams: StreamTracker, max_message_bytes: int, max_value_bytes: int
+    ) -> None:
+        """Serve ``core``; ``streams`` ends long streams at shutdown.
+
+        Responses carrying many values are split to stay under half of
+        ``max_message_bytes``; values are at most ``max_value_bytes``.
+        """
         self._core = core
         self._streams = streams
+        self._max_bytes = max_message_bytes // 2
+        self._max_value_bytes = max_value_bytes
 
     async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.GetStateResponse:
         """Return one key's entry."""
@@ -82,11 +94,15 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             limit=validation.page_size("page_size", request.page_size),
             live_agents_only=request.live_agents_only,
         )
+        states = [convert.state_to_proto(e, keys_only=request.keys_only) for e in entries]
+        fitting = next(chunks_by_size(states, self._max_bytes), [])
+        if len(fitting) < len(states):
+            states, next_key = list(fitting), fitting[-1].key
         token = ""
         if next_key:
             token = validation.encode_page_token(f"{next_key}@{revision_read}", fingerprint)
         return pb.ListStatesResponse(
-            states=[convert.state_to_proto(e, keys_only=request.keys_only) for e in entries],
+            states=states,
             next_page_token=token,
             revision=revision_read,
         )
@@ -120,7 +136,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         compares = []
         if request.HasField("expected_version"):
             compares.append(Compare(key, version=_version("expected_version", request)))
-        put = _put_request("", request, key)
+        put = _put_request("", request, key, self._max_value_bytes)
         result = await self._core.write(
             writer,
             compares,
@@ -159,14 +175,19 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         writer = _writer(request.agent_id)
         if not request.operations:
             raise InvalidInput("operations", "at least one operation is required")
-        compares = [_compare(f"compares[{i}]", c) for i, c in enumerate(request.compares)]
+        compares = [
+            _compare(f"compares[{i}]", c, self._max_value_bytes)
+            for i, c in enumerate(request.compares)
+        ]
         operations: list[PutRequest | DeleteCommand] = []
         for index, operation in enumerate(request.operations):
             field = f"operations[{index}]"
             kind = operation.WhichOneof("operation")
             if kind == "put":
                 key = validation.state_key(f"{field}.put.key", operation.put.key)
-                operations.append(_put_request(f"{field}.put.", operation.put, key))
+                operations.append(
+                    _put_request(f"{field}.put.", operation.put, key, self._max_value_bytes)
+                )
             elif kind == "delete":
                 key = validation.state_key(f"{field}.delete.key", operation.delete.key)
                 operations.append(DeleteCommand(key, allow_missing=True))
@@ -189,15 +210,12 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         start = _start_revision(request.start_revision)
         with self._streams.track():
             async for batch in self._core.watch_states(prefix, start):
-                yield pb.WatchStatesResponse(
-                    changes=[
-                        convert.state_change_to_proto(
-                            change, include_previous=request.include_previous
-                        )
-                        for change in batch.changes
-                    ],
-                    revision=batch.revision,
-                )
+                changes = [
+                    convert.state_change_to_proto(change, include_previous=request.include_previous)
+                    for change in batch.changes
+                ]
+                for chunk, revision in _chunks(changes, batch.revision, self._max_bytes):
+                    yield pb.WatchStatesResponse(changes=chunk, revision=revision)
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context
@@ -207,10 +225,17 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         start = _start_revision(request.start_revision)
         with self._streams.track():
             async for batch in self._core.watch(start, where):
-                yield pb.WatchEventsResponse(
-                    events=[convert.event_to_proto(change) for change in batch.changes],
-                    revision=batch.revision,
-                )
+                events = [convert.event_to_proto(change) for change in batch.changes]
+                for chunk, revision in _chunks(events, batch.revision, self._max_bytes):
+                    yield pb.WatchEventsResponse(events=chunk, revision=revision)
+
+
+def _chunks(items: Sequence[M], revision: int, max_bytes: int) -> Iterator[tuple[Sequence[M], int]]:
+    """Split a watch batch into responses; each but the last resumes after its last item."""
+    chunks = list(chunks_by_size(items, max_bytes)) or [items]
+    for index, chunk in enumerate(chunks):
+        last = index == len(chunks) - 1
+        yield chunk, revision if last or not chunk else chunk[-1].revision
 
 
 def _writer(agent_id: str) -> Writer:
@@ -250,7 +275,7 @@ def _fencing(request: Any) -> Fencing | None:
     return Fencing(fencing.subtask_id, fencing.fencing_token)
 
 
-def _value(field_prefix: str, message: Any, oneof: str = "value") -> StateValue:
+def _value(field_prefix: str, message: Any, max_bytes: int, oneof: str = "value") -> StateValue:
     kind = message.WhichOneof(oneof)
     if kind == "json":
         if message.json.WhichOneof("kind") is None:
@@ -260,23 +285,28 @@ def _value(field_prefix: str, message: Any, oneof: str = "value") -> StateValue:
         value = StateValue(ValueKind.BINARY, bytes(message.binary))
     else:
         raise InvalidInput(f"{field_prefix}value", "set json or binary")
-    if len(value.data) > MAX_VALUE_BYTES:
+    if len(value.data) > max_bytes:
         raise InvalidInput(
-            f"{field_prefix}{kind}", f"is {len(value.data)} bytes; at most {MAX_VALUE_BYTES}"
+            f"{field_prefix}{kind}", f"is {len(value.data)} bytes; at most {max_bytes}"
         )
     return value
 
 
-def _put_request(field_prefix: str, message: Any, key: str) -> PutRequest:
+def _put_request(field_prefix: str, message: Any, key: str, max_bytes: int) -> PutRequest:
     metadata: Mapping[str, str] = validation.labels(f"{field_prefix}metadata", message.metadata)
+    ttl = validation.duration(f"{field_prefix}ttl", message.ttl)
+    if ttl and not MIN_TTL <= ttl <= MAX_TTL:
+        raise InvalidInput(f"{field_prefix}ttl", "must be between 1 s and 30 days (0: no TTL)")
+    if ttl and message.bind_to_session:
+        raise InvalidInput(f"{field_prefix}bind_to_session", "cannot be combined with ttl")
     return PutRequest(
-        PutCommand(key, _value(field_prefix, message), metadata),
-        ttl=validation.duration(f"{field_prefix}ttl", message.ttl),
+        PutCommand(key, _value(field_prefix, message, max_bytes), metadata),
+        ttl=ttl,
         bind_to_session=message.bind_to_session,
     )
 
 
-def _compare(field: str, compare: pb.Compare) -> Compare:
+def _compare(field: str, compare: pb.Compare, max_bytes: int) -> Compare:
     key = validation.state_key(f"{field}.key", compare.key)
     target = compare.WhichOneof("target")
     if target == "version":
@@ -286,7 +316,7 @@ def _compare(field: str, compare: pb.Compare) -> Compare:
     if target == "exists":
         return Compare(key, exists=compare.exists)
     if target in ("json", "binary"):
-        return Compare(key, value=_value(f"{field}.", compare, "target"))
+        return Compare(key, value=_value(f"{field}.", compare, max_bytes, "target"))
     raise InvalidInput(field, "set version, exists, json or binary")
 
 

@@ -757,7 +757,7 @@ class WatchAgentsResponse(_message.Message):
     """Store revision the stream has reached; resume from it after a disconnect."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentEvent]:
-        """Events in revision order; may be empty on a progress notification."""
+        """Events in revision order; empty only in the first message, sent once the watch is registered."""
 
     def __init__(
         self,

@@ -189,7 +189,7 @@ class StateChange(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
-    """Store revision of the change; the changes of one transaction share it."""
+    """Store revision of the change; the changes of one Transact have consecutive revisions."""
     type: Global___StateChange.Type.ValueType
     """What happened to the key."""
     key: _builtins.str
@@ -993,7 +993,9 @@ class WatchStatesRequest(_message.Message):
     """Fills `previous` in each change (costs a read per change)."""
     @_builtins.property
     def progress_interval(self) -> _duration_pb2.Duration:
-        """Interval of progress messages (no changes) while idle; unset or zero sends none. At least 1 s."""
+        """Interval of progress messages (no changes) while idle. Reserved: not honoured yet; the
+        stream sends a message when the watch is registered and then only with changes.
+        """
 
     def __init__(
         self,
@@ -1067,7 +1069,9 @@ class WatchEventsRequest(_message.Message):
     """Streams only events about this subject; empty for any."""
     @_builtins.property
     def progress_interval(self) -> _duration_pb2.Duration:
-        """Interval of progress messages (no events) while idle; unset or zero sends none. At least 1 s."""
+        """Interval of progress messages (no events) while idle. Reserved: not honoured yet; the
+        stream sends a message when the watch is registered and then only with events.
+        """
 
     def __init__(
         self,

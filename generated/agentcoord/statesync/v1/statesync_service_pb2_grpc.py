@@ -165,7 +165,8 @@ class StateSyncServiceServicer:
     def Transact(self, request, context):
         """Applies several puts and deletes all or none, if every comparison holds.
 
-        Compares and operations are checked and applied in one transaction under one revision.
+        Compares and operations are checked and applied in one transaction; each operation that
+        changes a key gets its own revision, consecutive, and `revision` is the last of them.
         A failed comparison is ABORTED with `failed_compare` (its index) and the key's
         `current_version` in the ErrorInfo metadata, and nothing is written. At most 128 compares
         plus operations (configurable); more, or one key named by two operations, is

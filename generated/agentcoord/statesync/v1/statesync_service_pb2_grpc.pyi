@@ -81,7 +81,8 @@ class StateSyncServiceStub:
     Transact: _grpc.UnaryUnaryMultiCallable[_statesync_service_pb2.TransactRequest, _statesync_service_pb2.TransactResponse]
     """Applies several puts and deletes all or none, if every comparison holds.
 
-    Compares and operations are checked and applied in one transaction under one revision.
+    Compares and operations are checked and applied in one transaction; each operation that
+    changes a key gets its own revision, consecutive, and `revision` is the last of them.
     A failed comparison is ABORTED with `failed_compare` (its index) and the key's
     `current_version` in the ErrorInfo metadata, and nothing is written. At most 128 compares
     plus operations (configurable); more, or one key named by two operations, is
@@ -157,7 +158,8 @@ class StateSyncServiceAsyncStub(StateSyncServiceStub):
     Transact: _aio.UnaryUnaryMultiCallable[_statesync_service_pb2.TransactRequest, _statesync_service_pb2.TransactResponse]  # type: ignore[assignment]
     """Applies several puts and deletes all or none, if every comparison holds.
 
-    Compares and operations are checked and applied in one transaction under one revision.
+    Compares and operations are checked and applied in one transaction; each operation that
+    changes a key gets its own revision, consecutive, and `revision` is the last of them.
     A failed comparison is ABORTED with `failed_compare` (its index) and the key's
     `current_version` in the ErrorInfo metadata, and nothing is written. At most 128 compares
     plus operations (configurable); more, or one key named by two operations, is
@@ -266,7 +268,8 @@ class StateSyncServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_statesync_service_pb2.TransactResponse, _abc.Awaitable[_statesync_service_pb2.TransactResponse]]:
         """Applies several puts and deletes all or none, if every comparison holds.
 
-        Compares and operations are checked and applied in one transaction under one revision.
+        Compares and operations are checked and applied in one transaction; each operation that
+        changes a key gets its own revision, consecutive, and `revision` is the last of them.
         A failed comparison is ABORTED with `failed_compare` (its index) and the key's
         `current_version` in the ErrorInfo metadata, and nothing is written. At most 128 compares
         plus operations (configurable); more, or one key named by two operations, is
