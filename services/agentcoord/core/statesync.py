@@ -188,8 +188,7 @@ class StateSync:
 
     async def get(self, key: str) -> tuple[StateEntry | None, int]:
         """Return the entry of ``key`` (None if missing) and the current revision."""
-        revision = await self._store.current_revision()
-        return await self._store.get_state(key), revision
+        return await self._store.read_state(key)
 
     async def list_states(
         self,

@@ -147,6 +147,13 @@ class Store(Protocol):
         """Return the current entry of ``key``, or None."""
         ...
 
+    async def read_state(self, key: str) -> tuple[StateEntry | None, int]:
+        """Return the current entry of ``key`` (or None) and the current revision.
+
+        Both come from one read, so the entry is exactly the one at that revision.
+        """
+        ...
+
     async def list_states(
         self, prefix: str, after_key: str, limit: int
     ) -> tuple[list[StateEntry], int]:

@@ -152,8 +152,14 @@ class SqlStore(abc.ABC):
 
     async def get_state(self, key: str) -> StateEntry | None:
         """Return the current entry of ``key``, or None."""
-        rows = await self._fetch(self._sql.select_state, (key,))
-        return self._codec.state_from_row(rows[0]) if rows else None
+        entry, _ = await self.read_state(key)
+        return entry
+
+    async def read_state(self, key: str) -> tuple[StateEntry | None, int]:
+        """Return the current entry of ``key`` (or None) and the revision, in one read."""
+        [row] = await self._fetch(self._sql.select_state, (key,))
+        entry = self._codec.state_from_row(row) if row["key"] is not None else None
+        return entry, int(row["revision"])
 
     async def list_states(
         self, prefix: str, after_key: str, limit: int

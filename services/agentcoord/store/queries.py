@@ -33,7 +33,11 @@ class Statements:
     select_agent_by_token: str = (
         f"SELECT {_AGENTS} FROM agents WHERE token_hash = $1 ORDER BY agent_id LIMIT 1"
     )
-    select_state: str = f"SELECT {_STATES} FROM states WHERE key = $1"
+    select_state: str = (
+        "SELECT counter.value AS revision, entry.* FROM revision_counter AS counter"
+        f" LEFT JOIN (SELECT {_STATES} FROM states WHERE key = $1) AS entry ON true"
+        " WHERE counter.id = 1"
+    )
     revisions: str = "SELECT value, compact_revision FROM revision_counter WHERE id = 1"
 
     @classmethod

@@ -38,6 +38,8 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT = 30.0
 """Seconds a connection waits for another process's write lock before giving up."""
+READ_BUSY_TIMEOUT = 0.2
+"""Seconds a read waits when the file is locked (rare in WAL mode); it runs on the loop."""
 
 CODEC = Codec(
     encode_time=lambda value: to_utc(value).isoformat(timespec="microseconds"),
@@ -112,9 +114,9 @@ _CREATE_SCHEMA_MIGRATIONS = """
 """
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
     # isolation_level=None: the store issues BEGIN/COMMIT itself.
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -242,7 +244,6 @@ class SqliteStore(SqlStore):
         self.path = Path(path).absolute()
         """The database file."""
         self._writer: ThreadPoolExecutor | None = None
-        self._reader: ThreadPoolExecutor | None = None
         self._write_conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._closed = False
@@ -253,11 +254,10 @@ class SqliteStore(SqlStore):
             raise RuntimeError("a store is opened once")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentcoord-sqlite-writer")
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="agentcoord-sqlite-reader")
         try:
             self._write_conn = await self._on(self._writer, _connect_writer, self.path)
             await self._on(self._writer, _migrate, self._write_conn)
-            self._read_conn = await self._on(self._reader, _connect, self.path)
+            self._read_conn = _connect(self.path, READ_BUSY_TIMEOUT)
         except BaseException:
             await self._release()
             raise
@@ -272,18 +272,23 @@ class SqliteStore(SqlStore):
         await self._release()
 
     async def _release(self) -> None:
-        for executor, conn in ((self._writer, self._write_conn), (self._reader, self._read_conn)):
-            if executor is not None:
-                if conn is not None:
-                    await self._on(executor, conn.close)
-                executor.shutdown()
+        if self._read_conn is not None:
+            self._read_conn.close()
+        if self._writer is not None:
+            if self._write_conn is not None:
+                await self._on(self._writer, self._write_conn.close)
+            self._writer.shutdown()
         self._write_conn = self._read_conn = None
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
-        if self._read_conn is None or self._reader is None or self._closed:
+        # Reads run on the event loop: in WAL mode a read never waits for the writer, and
+        # an indexed read costs less than handing it to a thread and back.
+        if self._read_conn is None or self._closed:
             raise Unavailable("the store is not open")
-        conn = self._read_conn
-        return await self._on(self._reader, lambda: conn.execute(sql, params).fetchall())
+        try:
+            return self._read_conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as error:
+            raise Unavailable(f"SQLite read failed: {error}") from error
 
     async def _run_batch(self, ops: list[writes.Op]) -> list[Outcome]:
         assert self._writer is not None
