@@ -1,7 +1,8 @@
-"""``make bench``: Discovery beside a bare grpc.aio echo service, one markdown table.
+"""``make bench``: Discovery and StateSync beside a bare grpc.aio echo service, one table.
 
 .venv/bin/python -m tests.bench [--quick] [--agents 1000,10000] [--channels 16,agent]
     [--duration 20] [--calls 2000] [--store sqlite|postgresql://...] [--output FILE]
+    [--only discovery|statesync] [--rmw-duration 10] [--rmw-writers 32] [--rmw-keys 4]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.bench import procs, report, unary
+from tests.bench import procs, report, statesync, unary
 from tests.bench.expiry import ExpiryResult, measure_expiry
 from tests.bench.load import LoadResult, LoadSpec, OpenStats, run_load
 from tests.bench.report import Table, ms, percentile, ratio
@@ -56,7 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{LIMITED_PENDING}",
     )
     parser.add_argument("--store", default="sqlite", help="sqlite (default) or postgresql://...")
-    parser.add_argument("--profile", action="store_true", help="cProfile Discovery under load")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile Discovery and StateSync under load"
+    )
+    parser.add_argument(
+        "--only", choices=["discovery", "statesync"], help="run one service's workloads"
+    )
+    parser.add_argument(
+        "--rmw-duration", type=float, help="seconds of contended read-modify-write (10; quick 3)"
+    )
+    parser.add_argument("--rmw-writers", type=int, default=32, help="concurrent update() writers")
+    parser.add_argument("--rmw-keys", type=int, default=4, help="hot keys they increment")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -64,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.channels = (args.channels or ("16" if quick else "16,agent")).split(",")
     args.duration = args.duration or (5.0 if quick else 20.0)
     args.calls = args.calls or (200 if quick else 2000)
+    args.rmw_duration = args.rmw_duration or (3.0 if quick else 10.0)
     args.expiry_agents = args.expiry_agents or (20 if quick else 50)
     args.pending_demo = not (quick or args.no_pending_demo) and max(args.agents) > LIMITED_PENDING
     if args.long_ttl is None:
@@ -100,7 +112,7 @@ class Bench:
                 self.stores.fresh(name),
                 self.workdir,
                 ["--default-ttl", str(self.args.ttl), *(extra or [])],
-                profile=self.args.profile and kind == "load",
+                profile=self.args.profile and kind in ("load", "state-rmw"),
             )
         self.stack.callback(server.stop)
         return server
@@ -108,6 +120,10 @@ class Bench:
     def run(self) -> None:
         """All workloads in order; echo always next to the figure it is compared with."""
         echo = self.server("echo")
+        if self.args.only != "discovery":
+            self.statesync(echo)
+        if self.args.only == "statesync":
+            return
         self.unary(echo)
         list_during: Callable[[procs.Server], Any] | None = self._list_during(echo)
         first = self.args.channels[0]
@@ -135,6 +151,87 @@ class Bench:
                 "(20,000); compare their start and storm rows."
             )
         self.expiry()
+
+    def statesync(self, echo: procs.Server) -> None:
+        """StateSync: unary PutState / GetState, then contended update() beside echo."""
+        server = self.server("state")
+        progress(f"StateSync unary latency, {self.args.calls} sequential calls each")
+        samples = asyncio.run(
+            statesync.measure_unary(server.address, echo.address, self.args.calls, warmup=50)
+        )
+        server.stop()
+        e50 = percentile(samples["echo"], 50)
+        for name in ("PutState", "GetState"):
+            self.latency_row(
+                f"unary {name}, 1 sequential caller",
+                samples[name],
+                samples["echo"],
+                "p50 <= 1.3x echo",
+                percentile(samples[name], 50) <= 1.3 * e50,
+            )
+        args = self.args
+        runs: dict[str, statesync.RmwResult] = {}
+        for mode in ("echo", "statesync"):
+            spec = statesync.RmwSpec(
+                mode, args.rmw_writers, args.rmw_keys, args.workers, args.rmw_duration
+            )
+            server = self.server("echo" if mode == "echo" else "state-rmw")
+            progress(f"contended update(), {mode}: {spec.label}, {spec.duration:g} s")
+            result = statesync.run_rmw(spec, server)
+            server.stop()
+            progress(
+                f"  {result.rate:,.0f} increments/s, {result.conflicts:,} conflicts, "
+                f"lost {result.lost if mode == 'statesync' else '-'}, "
+                f"server {result.server_cpu:.0%}, "
+                f"clients {result.client_cpu:.0%} of a core"
+            )
+            if server.profile:
+                print(f"## cProfile of {server.name} ({spec.label})\n{server.profile_summary()}")
+            runs[mode] = result
+        self.rmw_rows(runs["statesync"], runs["echo"])
+
+    def rmw_rows(self, result: statesync.RmwResult, echo: statesync.RmwResult) -> None:
+        """The rows of the contended read-modify-write load."""
+        spec = result.spec
+        name = f"contended update(), {spec.label}, {spec.duration:g} s"
+        self.table.add(
+            name,
+            "committed increments/s (echo: get + put pairs/s)",
+            f"{result.rate:,.0f}",
+            f"{echo.rate:,.0f}",
+            ratio(result.rate, echo.rate),
+            ">= 1,500/s",
+            result.rate >= 1500,
+        )
+        self.table.add(
+            name,
+            "conflicts retried (per commit); gave up; other errors",
+            f"{result.conflicts:,} ({result.conflicts / max(1, result.committed):.2f}); "
+            f"{result.gave_up:,}; {dict(result.errors) or 0}",
+        )
+        self.table.add(
+            name,
+            "lost updates (committed - sum of counters)",
+            f"{result.lost:,} ({result.committed:,} committed, counters {result.counters:,})",
+            target="0",
+            met=result.lost == 0,
+        )
+        self.latency_row(
+            name, result.latencies, echo.latencies, figure="increment p50 / p99 ms (with retries)"
+        )
+        self.table.add(
+            name,
+            "server CPU, % of one core",
+            f"{result.server_cpu:.0%}",
+            f"{echo.server_cpu:.0%}",
+            ratio(result.server_cpu, echo.server_cpu),
+        )
+        self.table.add(
+            name,
+            "load generator CPU, % of one core",
+            f"{result.client_cpu:.0%}",
+            f"{echo.client_cpu:.0%}",
+        )
 
     def pair(
         self,
@@ -372,8 +469,14 @@ def main(argv: list[str] | None = None) -> int:
         table.notes.insert(0, f"Machine: {machine}.")
         table.notes.insert(
             1,
-            f"Heartbeat loads: {args.workers} client processes, {args.duration:g} s measured "
-            f"each, TTL {args.ttl:g} s; unary: {args.calls} sequential calls per figure. "
+            (
+                ""
+                if args.only == "statesync"
+                else f"Heartbeat loads: {args.workers} client processes, {args.duration:g} s "
+                f"measured each, TTL {args.ttl:g} s; "
+            )
+            + f"unary: {args.calls} sequential calls per figure; contended update(): "
+            f"{args.workers} client processes, {args.rmw_duration:g} s. "
             f"Total bench time {time.monotonic() - started:.0f} s.",
         )
         text = table.markdown()
