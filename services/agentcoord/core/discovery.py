@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from agentcoord.core.changes import ChangeFeed
 from agentcoord.core.clock import Clock
@@ -185,12 +186,38 @@ class Summary:
 
 @dataclass(slots=True)
 class _Entry:
-    """In-memory record of one agent."""
+    """In-memory record of one agent.
 
-    agent: Agent
+    Heartbeats only set the volatile load fields here; they are merged into ``base`` (a new
+    frozen :class:`Agent`) when the agent is read, not on every heartbeat.
+    """
+
+    base: Agent
     token_hash: str
     deadline: float
-    dirty: bool = False
+    active_subtasks: int = 0
+    held_subtask_ids: tuple[str, ...] = ()
+    last_heartbeat_time: datetime | None = None
+    pending: bool = False
+    """Whether the volatile fields are newer than ``base``."""
+
+    @property
+    def agent(self) -> Agent:
+        """The agent with the latest heartbeat facts merged in."""
+        if self.pending:
+            self.base = replace(
+                self.base,
+                active_subtasks=self.active_subtasks,
+                held_subtask_ids=self.held_subtask_ids,
+                last_heartbeat_time=self.last_heartbeat_time,
+            )
+            self.pending = False
+        return self.base
+
+    def set_agent(self, agent: Agent) -> None:
+        """Replace the agent as a whole (its load fields included)."""
+        self.base = agent
+        self.pending = False
 
 
 def hash_token(token: str) -> str:
@@ -213,6 +240,12 @@ class Discovery:
         self._sorted_ids: list[str] = []
         self._by_token: dict[str, str] = {}
         self._deadlines: list[tuple[float, str]] = []
+        self._dirty: dict[str, None] = {}
+        """Agents with heartbeat facts not flushed yet (an ordered set)."""
+        self._by_capability: dict[str, list[str]] = {}
+        """Sorted ids of the agents (any state) with each capability."""
+        self._by_role: dict[str, list[str]] = {}
+        """Sorted ids of the agents (any state) with each non-empty role."""
 
     async def start(self) -> None:
         """Load agents from the store; live ones get a full TTL from now.
@@ -226,17 +259,38 @@ class Discovery:
             self._remember(agent, token_hash, now + agent.ttl)
 
     def _remember(self, agent: Agent, token_hash: str, deadline: float) -> _Entry:
-        previous = self._entries.get(agent.agent_id)
+        agent_id = agent.agent_id
+        previous = self._entries.get(agent_id)
         if previous is None:
-            bisect.insort(self._sorted_ids, agent.agent_id)
+            bisect.insort(self._sorted_ids, agent_id)
+            self._index(agent_id, agent.capabilities, agent.role)
         else:
             self._by_token.pop(previous.token_hash, None)
+            if previous.base.capabilities != agent.capabilities or previous.base.role != agent.role:
+                self._unindex(agent_id, previous.base.capabilities, previous.base.role)
+                self._index(agent_id, agent.capabilities, agent.role)
+        self._dirty.pop(agent_id, None)
         entry = _Entry(agent, token_hash, deadline)
         self._entries[agent.agent_id] = entry
         if agent.state is AgentState.LIVE:
             self._by_token[token_hash] = agent.agent_id
             heapq.heappush(self._deadlines, (deadline, agent.agent_id))
         return entry
+
+    def _index(self, agent_id: str, capabilities: tuple[str, ...], role: str) -> None:
+        for capability in capabilities:
+            bisect.insort(self._by_capability.setdefault(capability, []), agent_id)
+        if role:
+            bisect.insort(self._by_role.setdefault(role, []), agent_id)
+
+    def _unindex(self, agent_id: str, capabilities: tuple[str, ...], role: str) -> None:
+        for key, index in [(c, self._by_capability) for c in capabilities] + (
+            [(role, self._by_role)] if role else []
+        ):
+            ids = index[key]
+            del ids[bisect.bisect_left(ids, agent_id)]
+            if not ids:
+                del index[key]
 
     def _grant_ttl(self, requested: float) -> float:
         if requested <= 0:
@@ -273,7 +327,7 @@ class Discovery:
         if agent_id is not None:
             entry = self._entries[agent_id]
             if hmac.compare_digest(entry.token_hash, token_hash):
-                return Session(agent_id, entry.agent.epoch)
+                return Session(agent_id, entry.base.epoch)
         # A session opened through another process of the same store.
         agent = await self._store.find_agent_by_token_hash(token_hash)
         if agent is None or agent.state is not AgentState.LIVE:
@@ -290,8 +344,8 @@ class Discovery:
         entry = self._entries.get(session.agent_id)
         if (
             entry is None
-            or entry.agent.epoch != session.epoch
-            or entry.agent.state is not AgentState.LIVE
+            or entry.base.epoch != session.epoch
+            or entry.base.state is not AgentState.LIVE
         ):
             return None
         return entry
@@ -317,23 +371,22 @@ class Discovery:
         if now >= entry.deadline:
             await self._expire(entry)
             return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
-        entry.deadline = now + entry.agent.ttl
-        if status is not AgentStatus.UNSPECIFIED and status is not entry.agent.status:
+        agent = entry.base
+        ttl = agent.ttl
+        entry.deadline = now + ttl
+        wall = self._clock.now()
+        if status is not AgentStatus.UNSPECIFIED and status is not agent.status:
             updated = await self._store.update_agent_status(
-                entry.agent.agent_id, entry.agent.epoch, status, self._clock.now()
+                agent.agent_id, agent.epoch, status, wall
             )
             if updated is not None:
-                entry.agent = updated
-        entry.agent = replace(
-            entry.agent,
-            active_subtasks=active_subtasks,
-            held_subtask_ids=held_subtask_ids,
-            last_heartbeat_time=self._clock.now(),
-        )
-        entry.dirty = True
-        return HeartbeatAck(
-            entry.agent.ttl, entry.agent.heartbeat_interval, session.epoch, HeartbeatCommand.NONE
-        )
+                entry.set_agent(updated)
+        entry.active_subtasks = active_subtasks
+        entry.held_subtask_ids = held_subtask_ids
+        entry.last_heartbeat_time = wall
+        entry.pending = True
+        self._dirty[session.agent_id] = None
+        return HeartbeatAck(ttl, ttl / 3, session.epoch, HeartbeatCommand.NONE)
 
     async def deregister(self, session: Session | None, agent_id: str) -> Agent:
         """End an agent's session; ``session`` None means an operator acting for it.
@@ -348,9 +401,9 @@ class Discovery:
         entry = self._entries.get(target)
         if entry is None:
             raise NotFound(f"agent_id: agent {target!r} does not exist", reason="AGENT_NOT_FOUND")
-        if entry.agent.state is AgentState.LIVE:
+        if entry.base.state is AgentState.LIVE:
             ended = await self._store.end_agent_session(
-                target, entry.agent.epoch, AgentState.LEFT, self._clock.now()
+                target, entry.base.epoch, AgentState.LEFT, self._clock.now()
             )
             if ended is not None:
                 self._end(entry, ended)
@@ -358,12 +411,12 @@ class Discovery:
 
     def _end(self, entry: _Entry, ended: Agent) -> None:
         self._by_token.pop(entry.token_hash, None)
-        entry.agent = ended
-        entry.dirty = False
+        entry.set_agent(ended)
+        self._dirty.pop(ended.agent_id, None)
 
     async def _expire(self, entry: _Entry) -> None:
         ended = await self._store.end_agent_session(
-            entry.agent.agent_id, entry.agent.epoch, AgentState.EXPIRED, self._clock.now()
+            entry.base.agent_id, entry.base.epoch, AgentState.EXPIRED, self._clock.now()
         )
         if ended is not None:
             self._end(entry, ended)
@@ -375,7 +428,7 @@ class Discovery:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, agent_id = heapq.heappop(self._deadlines)
             entry = self._entries.get(agent_id)
-            if entry is None or entry.agent.state is not AgentState.LIVE:
+            if entry is None or entry.base.state is not AgentState.LIVE:
                 continue
             if entry.deadline > now:
                 heapq.heappush(self._deadlines, (entry.deadline, agent_id))
@@ -384,24 +437,27 @@ class Discovery:
         expired = []
         for entry in due:
             await self._expire(entry)
-            if entry.agent.state is AgentState.EXPIRED:
+            if entry.base.state is AgentState.EXPIRED:
                 expired.append(entry.agent)
         return expired
 
     async def flush(self) -> None:
         """Write the heartbeat facts gathered since the last flush, in one batch."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
         records = []
-        for entry in self._entries.values():
-            if entry.dirty and entry.agent.last_heartbeat_time is not None:
-                entry.dirty = False
+        for agent_id in dirty:
+            entry = self._entries[agent_id]
+            if entry.last_heartbeat_time is not None:
                 records.append(
                     HeartbeatRecord(
-                        agent_id=entry.agent.agent_id,
-                        epoch=entry.agent.epoch,
-                        last_heartbeat_time=entry.agent.last_heartbeat_time,
-                        status=entry.agent.status,
-                        active_subtasks=entry.agent.active_subtasks,
-                        held_subtask_ids=entry.agent.held_subtask_ids,
+                        agent_id=agent_id,
+                        epoch=entry.base.epoch,
+                        last_heartbeat_time=entry.last_heartbeat_time,
+                        status=entry.base.status,
+                        active_subtasks=entry.active_subtasks,
+                        held_subtask_ids=entry.held_subtask_ids,
                     )
                 )
         if records:
@@ -424,7 +480,11 @@ class Discovery:
     async def is_live(self, agent_id: str) -> bool:
         """Return whether the agent is live, on this process's clock."""
         entry = self._entries.get(agent_id)
-        return entry is not None and self._view(entry, self._clock.monotonic()).ttl_remaining > 0
+        return (
+            entry is not None
+            and entry.base.state is AgentState.LIVE
+            and entry.deadline > self._clock.monotonic()
+        )
 
     async def revision(self) -> int:
         """Return the store's current revision."""
@@ -460,14 +520,40 @@ class Discovery:
         """
         now = self._clock.monotonic()
         page: list[AgentView] = []
-        start = bisect.bisect_right(self._sorted_ids, after_agent_id) if after_agent_id else 0
-        for index in range(start, len(self._sorted_ids)):
-            view = self._view(self._entries[self._sorted_ids[index]], now)
-            if not query.matches(view.agent):
+        # Walk only the shortest id list that every match must be in (all sorted by id).
+        candidates = self._sorted_ids
+        for capability in query.capabilities:
+            ids = self._by_capability.get(capability)
+            if ids is None:
+                return page, ""
+            if len(ids) < len(candidates):
+                candidates = ids
+        if query.role:
+            ids = self._by_role.get(query.role)
+            if ids is None:
+                return page, ""
+            if len(ids) < len(candidates):
+                candidates = ids
+        states = query.states
+        role = query.role
+        capabilities = query.capabilities
+        entries = self._entries
+        start = bisect.bisect_right(candidates, after_agent_id) if after_agent_id else 0
+        for index in range(start, len(candidates)):
+            entry = entries[candidates[index]]
+            base = entry.base
+            state = base.state
+            if state is AgentState.LIVE and entry.deadline <= now:
+                state = AgentState.EXPIRED
+            if (
+                state not in states
+                or (role and base.role != role)
+                or not capabilities.issubset(base.capabilities)
+            ):
                 continue
             if len(page) == limit:
                 return page, page[-1].agent.agent_id
-            page.append(view)
+            page.append(self._view(entry, now))
         return page, ""
 
     def summary(self) -> Summary:
@@ -477,12 +563,12 @@ class Discovery:
         by_capability: Counter[str] = Counter()
         live = capacity = active = 0
         for entry in self._entries.values():
-            agent = entry.agent
+            agent = entry.base
             if agent.state is not AgentState.LIVE or entry.deadline <= now:
                 continue
             live += 1
             capacity += agent.capacity
-            active += agent.active_subtasks
+            active += entry.active_subtasks if entry.pending else agent.active_subtasks
             by_role[agent.role] += 1
             by_capability.update(agent.capabilities)
         return Summary(live, dict(by_role), dict(by_capability), capacity, active)

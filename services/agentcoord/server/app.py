@@ -230,6 +230,7 @@ async def start_app(
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.server.max_pending_requests", config.max_pending_requests),
             ("grpc.server.max_pending_requests_hard_limit", config.max_pending_requests),
+            ("grpc.server_max_unrequested_time_in_server", 600),  # > max TTL: queued opens wait
             *KEEPALIVE_OPTIONS,
         ],
     )

@@ -104,6 +104,35 @@ def agent_view_to_proto(view: AgentView) -> discovery_pb.Agent:
     return agent_to_proto(view.agent, view.ttl_remaining)
 
 
+class AgentProtoCache:
+    """Wire forms of agents, rebuilt only when the core hands out a new :class:`Agent`.
+
+    Core agents are frozen and replaced, never mutated, so an entry is valid as long as the
+    view's agent is the very object it was built from; only ``ttl_remaining`` differs per
+    call, and is set on a copy (``CopyFrom`` runs in C).
+    """
+
+    def __init__(self) -> None:
+        """Start empty; holds at most one message per agent id."""
+        self._built: dict[str, tuple[Agent, discovery_pb.Agent]] = {}
+
+    def fill(self, into: discovery_pb.Agent, view: AgentView) -> None:
+        """Set ``into`` (empty) to the wire form of ``view``."""
+        agent = view.agent
+        built = self._built.get(agent.agent_id)
+        if built is None or built[0] is not agent:
+            built = (agent, agent_to_proto(agent))
+            self._built[agent.agent_id] = built
+        into.CopyFrom(built[1])
+        into.ttl_remaining.FromNanoseconds(round(max(view.ttl_remaining, 0.0) * 1e9))
+
+    def view_to_proto(self, view: AgentView) -> discovery_pb.Agent:
+        """Return the wire form of ``view``, as :func:`agent_view_to_proto` does."""
+        message = discovery_pb.Agent()
+        self.fill(message, view)
+        return message
+
+
 def skill_from_proto(skill: discovery_pb.Skill) -> Skill:
     """Return the core form of a (validated) skill."""
     return Skill(skill.id, skill.name, skill.description, tuple(skill.tags))
@@ -119,11 +148,24 @@ def agent_event_to_proto(event: AgentEvent) -> discovery_pb.AgentEvent:
     )
 
 
+_ACK_DURATIONS: dict[float, duration_pb2.Duration] = {}
+"""Durations of heartbeat acks by seconds: a handful of TTLs, reused (they are copied)."""
+
+
+def _ack_duration(seconds: float) -> duration_pb2.Duration:
+    value = _ACK_DURATIONS.get(seconds)
+    if value is None:
+        value = seconds_to_duration(seconds)
+        if len(_ACK_DURATIONS) < 1024:
+            _ACK_DURATIONS[seconds] = value
+    return value
+
+
 def heartbeat_ack_to_proto(ack: HeartbeatAck) -> discovery_pb.HeartbeatResponse:
     """Return the wire form of a heartbeat acknowledgement."""
     return discovery_pb.HeartbeatResponse(
-        ttl_remaining=seconds_to_duration(ack.ttl_remaining),
-        heartbeat_interval=seconds_to_duration(ack.heartbeat_interval),
+        ttl_remaining=_ack_duration(ack.ttl_remaining),
+        heartbeat_interval=_ack_duration(ack.heartbeat_interval),
         epoch=ack.epoch,
         command=HEARTBEAT_COMMAND_TO_PROTO[ack.command],
     )

@@ -41,13 +41,14 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         """Serve ``core``; ``streams`` ends long streams at shutdown."""
         self._core = core
         self._streams = streams
+        self._protos = convert.AgentProtoCache()
 
     async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.GetAgentResponse:
         """Return one agent."""
         agent_id = _agent_id("agent_id", request.agent_id)
-        return pb.GetAgentResponse(
-            agent=convert.agent_view_to_proto(self._core.get_agent(agent_id))
-        )
+        response = pb.GetAgentResponse()
+        self._protos.fill(response.agent, self._core.get_agent(agent_id))
+        return response
 
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: Context
@@ -62,10 +63,13 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         after = validation.decode_page_token("page_token", request.page_token, fingerprint)
         limit = validation.page_size("page_size", request.page_size)
         views, last = self._core.list_agents(query, after_agent_id=after, limit=limit)
-        return pb.ListAgentsResponse(
-            agents=[convert.agent_view_to_proto(view) for view in views],
-            next_page_token=validation.encode_page_token(last, fingerprint) if last else "",
+        response = pb.ListAgentsResponse(
+            next_page_token=validation.encode_page_token(last, fingerprint) if last else ""
         )
+        agents = response.agents
+        for view in views:
+            self._protos.fill(agents.add(), view)
+        return response
 
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
         """Register an agent and open a session."""
