@@ -230,7 +230,8 @@ async def start_app(
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.server.max_pending_requests", config.max_pending_requests),
             ("grpc.server.max_pending_requests_hard_limit", config.max_pending_requests),
-            ("grpc.server_max_unrequested_time_in_server", 600),  # > max TTL: queued opens wait
+            # Queued stream opens wait instead of being cancelled after grpc's 30 s default.
+            ("grpc.server_max_unrequested_time_in_server", int(max(600, 2 * config.max_ttl))),
             *KEEPALIVE_OPTIONS,
         ],
     )
