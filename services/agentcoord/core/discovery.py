@@ -96,6 +96,30 @@ class Session:
     epoch: int
     """The session's generation."""
 
+    def check_acts_as(self, agent_id: str) -> None:
+        """Check a request naming ``agent_id`` (empty: the session's own) acts as this agent.
+
+        Raises:
+            PermissionDenied: the request names another agent.
+        """
+        if agent_id and agent_id != self.agent_id:
+            raise PermissionDenied(
+                f"agent_id: session belongs to agent {self.agent_id!r}, not {agent_id!r}",
+                reason="AGENT_MISMATCH",
+            )
+
+
+async def session_from_store(store: Store, token: str) -> Session:
+    """Return the live session a token belongs to, as the store records it.
+
+    Raises:
+        Unauthenticated: the token is unknown, replaced, or its session ended.
+    """
+    agent = await store.find_agent_by_token_hash(hash_token(token))
+    if agent is None or agent.state is not AgentState.LIVE:
+        raise Unauthenticated("session token is unknown or its session has ended")
+    return Session(agent.agent_id, agent.epoch)
+
 
 class HeartbeatCommand(enum.Enum):
     """What the server asks of an agent in a heartbeat acknowledgement."""
@@ -329,18 +353,11 @@ class Discovery:
             if hmac.compare_digest(entry.token_hash, token_hash):
                 return Session(agent_id, entry.base.epoch)
         # A session opened through another process of the same store.
-        agent = await self._store.find_agent_by_token_hash(token_hash)
-        if agent is None or agent.state is not AgentState.LIVE:
-            raise Unauthenticated("session token is unknown or its session has ended")
-        return Session(agent.agent_id, agent.epoch)
+        return await session_from_store(self._store, token)
 
     def _session_entry(self, session: Session, agent_id: str) -> _Entry | None:
         """Return the entry of a still-current session, checking the caller acts as itself."""
-        if agent_id and agent_id != session.agent_id:
-            raise PermissionDenied(
-                f"agent_id: session belongs to agent {session.agent_id!r}, not {agent_id!r}",
-                reason="AGENT_MISMATCH",
-            )
+        session.check_acts_as(agent_id)
         entry = self._entries.get(session.agent_id)
         if (
             entry is None
@@ -579,7 +596,7 @@ class Discovery:
         """Yield agent events matching ``query`` (its states ignored) after ``start_revision``.
 
         Each item is the events of one batch and the revision reached; the list is empty
-        for a progress notification.
+        only in the first item, which comes once the watch is registered.
         """
         any_state = replace(query, states=frozenset(AgentState))
 

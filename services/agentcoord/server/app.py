@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 import signal
@@ -17,8 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from agentcoord.core.changes import ChangeFeed
 from agentcoord.core.clock import Clock, SystemClock
-from agentcoord.core.discovery import Discovery, DiscoveryConfig, Session, hash_token
-from agentcoord.core.errors import Unauthenticated
+from agentcoord.core.discovery import Discovery, DiscoveryConfig, session_from_store
 from agentcoord.core.models import AgentState
 from agentcoord.core.statesync import Liveness, StateSync, StateSyncConfig
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc
@@ -83,16 +83,6 @@ class App:
         await self.store.close()
 
 
-def _store_session_lookup(store: Store) -> SessionLookup:
-    async def lookup(token: str) -> Session:
-        agent = await store.find_agent_by_token_hash(hash_token(token))
-        if agent is None or agent.state is not AgentState.LIVE:
-            raise Unauthenticated("session token is unknown or its session has ended")
-        return Session(agent.agent_id, agent.epoch)
-
-    return lookup
-
-
 def _store_liveness(store: Store) -> Liveness:
     async def is_live(agent_id: str) -> bool:
         agent = await store.get_agent(agent_id)
@@ -134,7 +124,7 @@ async def _host_services(
 ) -> tuple[list[_Hosted], SessionLookup]:
     """Build the cores and servicers of the configured services."""
     hosted: list[_Hosted] = []
-    lookup = _store_session_lookup(store)
+    lookup: SessionLookup = functools.partial(session_from_store, store)
     is_live = _store_liveness(store)
     if "discovery" in config.services:
         discovery = Discovery(

@@ -125,12 +125,8 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         if request.start_revision < 0:
             raise InvalidInput("start_revision", "must not be negative")
         query = _query(request.capabilities, request.role, ())
-        last_sent = -1  # the first message always goes: it says the watch is registered
         with self._streams.track():
             async for events, revision in self._core.watch(request.start_revision, query):
-                if not events and revision == last_sent:
-                    continue
-                last_sent = revision
                 yield pb.WatchAgentsResponse(
                     events=[convert.agent_event_to_proto(event) for event in events],
                     revision=revision,

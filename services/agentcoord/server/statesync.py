@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from agentcoord.core.errors import InvalidInput, NotFound, PermissionDenied
+from agentcoord.core.errors import InvalidInput, NotFound
 from agentcoord.core.models import (
     ChangeFilter,
     Compare,
@@ -246,11 +246,7 @@ def _writer(agent_id: str) -> Writer:
         return Writer(admin=True)
     session = identity.session
     assert session is not None  # Access.AGENT guarantees a session or the admin
-    if agent_id and agent_id != session.agent_id:
-        raise PermissionDenied(
-            f"agent_id: session belongs to agent {session.agent_id!r}, not {agent_id!r}",
-            reason="AGENT_MISMATCH",
-        )
+    session.check_acts_as(agent_id)
     return Writer(agent_id=session.agent_id, epoch=session.epoch)
 
 
