@@ -77,21 +77,29 @@ LAYERS = [
     Layer(
         "store.base",
         modules=("agentcoord.store.base",),
-        may_import=("agentcoord.core.models", "agentcoord.core.errors"),
+        may_import=(
+            "agentcoord.core.models",
+            "agentcoord.core.errors",
+            "agentcoord.core.tasks",
+            "agentcoord.core.task_rules",
+        ),
     ),
     Layer(
         "store shared helpers",
         # agentcoord.store itself, and what both back ends share below the SQL
         # (group commit, migrations loader, row encoding, the write path). The write path
-        # applies the pure rules of a state write (core.state_rules: no I/O, no clock)
-        # inside the store's transaction, so that both back ends share them instead of
-        # re-implementing them; the back ends themselves do not need them.
+        # applies the pure rules of a state write and of task transitions
+        # (core.state_rules, core.task_rules: no I/O, no clock) inside the store's
+        # transaction, so that both back ends share them instead of re-implementing them;
+        # the back ends themselves do not need them.
         modules=("agentcoord.store",),
         may_import=(
             "agentcoord.store",
             "agentcoord.core.models",
             "agentcoord.core.errors",
             "agentcoord.core.state_rules",
+            "agentcoord.core.tasks",
+            "agentcoord.core.task_rules",
         ),
         must_not_import=(*STORE_BACKENDS, "agentcoord.store.factory"),
         excludes=(*STORE_BACKENDS, "agentcoord.store.factory", "agentcoord.store.base"),

@@ -24,6 +24,8 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
+from agentcoord.core.task_rules import RetryPolicy, TaskUpdate
+from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
 
 ChangeListener = Callable[[Sequence[Change]], None]
 """Receives committed change log entries, in revision order."""
@@ -173,4 +175,88 @@ class Store(Protocol):
 
         Each deletion appends a ``state.expire`` change. Returns the deleted entries.
         """
+        ...
+
+    # Distribution
+
+    async def submit_task(self, task: Task, subtasks: Sequence[Subtask]) -> tuple[Task, bool]:
+        """Store a new task and its sub-tasks (revisions 0, assigned here).
+
+        Appends ``task.submitted`` then one ``subtask.<state>`` per sub-task. When
+        ``task.request_id`` is set and a task with that request id exists, nothing is
+        written and that task is returned with False.
+        """
+        ...
+
+    async def lease_subtask(self, subtask_id: str, agent_id: str, now: datetime) -> TaskUpdate:
+        """Lease a READY sub-task whose back-off has passed to ``agent_id``.
+
+        The lease's fencing token is the revision of its ``subtask.leased`` change.
+
+        Raises:
+            NotFound: no such sub-task.
+            FailedPrecondition: it is not READY (reason ``SUBTASK_NOT_READY``).
+        """
+        ...
+
+    async def complete_subtask(
+        self, subtask_id: str, agent_id: str, fencing_token: int, result: str, now: datetime
+    ) -> TaskUpdate:
+        """Record a result (:func:`agentcoord.core.task_rules.complete_subtask`).
+
+        Raises:
+            NotFound: no such sub-task.
+            FailedPrecondition: the lease is not the caller's current one.
+        """
+        ...
+
+    async def fail_subtask(
+        self, failure: Failure, fencing_token: int, retry: RetryPolicy
+    ) -> TaskUpdate:
+        """Record a failed attempt (:func:`agentcoord.core.task_rules.fail_subtask`).
+
+        Raises:
+            NotFound: no such sub-task.
+            FailedPrecondition: the lease is not the failing agent's current one.
+        """
+        ...
+
+    async def release_leases(self, agent_id: str, now: datetime) -> list[TaskUpdate]:
+        """Make every sub-task leased by ``agent_id`` READY again (failure AGENT_DIED)."""
+        ...
+
+    async def cancel_task(
+        self, task_id: str, reason: str, agent_id: str, now: datetime
+    ) -> TaskUpdate:
+        """Cancel a task (:func:`agentcoord.core.task_rules.cancel_task`).
+
+        Raises:
+            NotFound: no such task.
+            FailedPrecondition: it SUCCEEDED or FAILED.
+        """
+        ...
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """Return one task, or None."""
+        ...
+
+    async def get_subtask(self, subtask_id: str) -> Subtask | None:
+        """Return one sub-task, or None."""
+        ...
+
+    async def list_subtasks(self, task_id: str) -> list[Subtask]:
+        """Return every sub-task of a task, in task order (``seq``)."""
+        ...
+
+    async def list_tasks(
+        self, where: TaskFilter, after: TaskCursor | None, limit: int
+    ) -> list[Task]:
+        """Return up to ``limit`` tasks passing ``where``, newest first, after ``after``.
+
+        Order: ``create_time`` descending, then ``task_id`` descending.
+        """
+        ...
+
+    async def load_open_subtasks(self) -> list[Subtask]:
+        """Return every READY or LEASED sub-task (what a scheduler rebuilds its queue from)."""
         ...

@@ -25,14 +25,25 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
+from agentcoord.core.task_rules import RetryPolicy, TaskUpdate
+from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
 from agentcoord.store.batching import GroupCommitter, Listener, Outcome
 from agentcoord.store.queries import (
     Statements,
     select_changes,
     select_states_page,
+    select_tasks_page,
     state_changed_since,
 )
 from agentcoord.store.rows import Codec, Row, to_utc
+from agentcoord.store.task_writes import (
+    CancelTask,
+    CompleteSubtask,
+    FailSubtask,
+    LeaseSubtask,
+    ReleaseLeases,
+    SubmitTask,
+)
 from agentcoord.store.writes import (
     CompactChanges,
     EndAgentSession,
@@ -181,3 +192,66 @@ class SqlStore(abc.ABC):
     async def expire_states(self, now: datetime) -> list[StateEntry]:
         """Delete every entry whose ``expire_time`` is at or before ``now``."""
         return cast(list[StateEntry], await self._submit(ExpireStates(now)))
+
+    # Distribution
+
+    async def submit_task(self, task: Task, subtasks: Sequence[Subtask]) -> tuple[Task, bool]:
+        """Store a new task and its sub-tasks, or return the task of the same request id."""
+        return cast(tuple[Task, bool], await self._submit(SubmitTask(task, tuple(subtasks))))
+
+    async def lease_subtask(self, subtask_id: str, agent_id: str, now: datetime) -> TaskUpdate:
+        """Lease a READY sub-task to ``agent_id``."""
+        return cast(TaskUpdate, await self._submit(LeaseSubtask(subtask_id, agent_id, now)))
+
+    async def complete_subtask(
+        self, subtask_id: str, agent_id: str, fencing_token: int, result: str, now: datetime
+    ) -> TaskUpdate:
+        """Record the result of a leased sub-task."""
+        op = CompleteSubtask(subtask_id, agent_id, fencing_token, result, now)
+        return cast(TaskUpdate, await self._submit(op))
+
+    async def fail_subtask(
+        self, failure: Failure, fencing_token: int, retry: RetryPolicy
+    ) -> TaskUpdate:
+        """Record a failed attempt of a leased sub-task."""
+        return cast(TaskUpdate, await self._submit(FailSubtask(failure, fencing_token, retry)))
+
+    async def release_leases(self, agent_id: str, now: datetime) -> list[TaskUpdate]:
+        """Make every sub-task leased by ``agent_id`` READY again."""
+        return cast(list[TaskUpdate], await self._submit(ReleaseLeases(agent_id, now)))
+
+    async def cancel_task(
+        self, task_id: str, reason: str, agent_id: str, now: datetime
+    ) -> TaskUpdate:
+        """Cancel a task and its unfinished sub-tasks."""
+        return cast(TaskUpdate, await self._submit(CancelTask(task_id, reason, agent_id, now)))
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """Return one task, or None."""
+        rows = await self._fetch(self._sql.select_task, (task_id,))
+        return self._codec.task_from_row(rows[0]) if rows else None
+
+    async def get_subtask(self, subtask_id: str) -> Subtask | None:
+        """Return one sub-task, or None."""
+        rows = await self._fetch(self._sql.select_subtask, (subtask_id,))
+        return self._codec.subtask_from_row(rows[0]) if rows else None
+
+    async def list_subtasks(self, task_id: str) -> list[Subtask]:
+        """Return every sub-task of a task, in task order."""
+        rows = await self._fetch(self._sql.select_subtasks_of_task, (task_id,))
+        return [self._codec.subtask_from_row(row) for row in rows]
+
+    async def list_tasks(
+        self, where: TaskFilter, after: TaskCursor | None, limit: int
+    ) -> list[Task]:
+        """Return a page of tasks passing ``where``, newest first."""
+        if limit <= 0:
+            raise InvalidInput("limit", "must be positive")
+        query = select_tasks_page(self._marker, where, after, limit, self._codec.encode_time)
+        rows = await self._fetch(query.sql, query.params)
+        return [self._codec.task_from_row(row) for row in rows]
+
+    async def load_open_subtasks(self) -> list[Subtask]:
+        """Return every READY or LEASED sub-task."""
+        rows = await self._fetch(self._sql.select_open_subtasks, ())
+        return [self._codec.subtask_from_row(row) for row in rows]

@@ -5,7 +5,8 @@ statements is standard SQL that both run verbatim. Building them here keeps the 
 that turns a filter into conditions in one place. Prefixes become index ranges
 (:func:`~agentcoord.store.rows.prefix_end`), which relies on code point order: SQLite's
 default BINARY collation, and ``COLLATE "C"`` on PostgreSQL's ``states.key``,
-``changes.kind`` and ``changes.subject``.
+``changes.kind`` and ``changes.subject``. Task ids (``COLLATE "C"`` too) break ties of
+ListTasks' order in the same code point order on both back ends.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from datetime import datetime
 from typing import Any
 
 from agentcoord.core.models import ChangeFilter, Service
-from agentcoord.store.rows import AGENT_COLUMNS, CHANGE_COLUMNS, STATE_COLUMNS, prefix_end
+from agentcoord.core.tasks import TaskCursor, TaskFilter
+from agentcoord.store.rows import (
+    AGENT_COLUMNS,
+    CHANGE_COLUMNS,
+    STATE_COLUMNS,
+    SUBTASK_COLUMNS,
+    TASK_COLUMNS,
+    prefix_end,
+)
 
 _AGENTS = ", ".join(AGENT_COLUMNS)
 _CHANGES = ", ".join(CHANGE_COLUMNS)
 _STATES = ", ".join(STATE_COLUMNS)
+_TASKS = ", ".join(TASK_COLUMNS)
+_SUBTASKS = ", ".join(SUBTASK_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +50,15 @@ class Statements:
         " WHERE counter.id = 1"
     )
     revisions: str = "SELECT value, compact_revision FROM revision_counter WHERE id = 1"
+    select_task: str = f"SELECT {_TASKS} FROM tasks WHERE task_id = $1"
+    select_subtask: str = f"SELECT {_SUBTASKS} FROM subtasks WHERE subtask_id = $1"
+    select_subtasks_of_task: str = (
+        f"SELECT {_SUBTASKS} FROM subtasks WHERE task_id = $1 ORDER BY seq"
+    )
+    select_open_subtasks: str = (
+        # The condition is the one of the partial index subtasks_open, word for word.
+        f"SELECT {_SUBTASKS} FROM subtasks WHERE state IN ('ready', 'leased') ORDER BY task_id, seq"
+    )
 
     @classmethod
     def numbered(cls, marker: str) -> Statements:
@@ -147,5 +167,38 @@ def state_changed_since(marker: str, prefix: str, revision: int) -> Query:
         f"SELECT (counter.compact_revision > {after} OR EXISTS (SELECT 1 FROM changes"
         f" WHERE {' AND '.join(conditions)})) AS changed"
         " FROM revision_counter AS counter WHERE counter.id = 1"
+    )
+    return query
+
+
+def select_tasks_page(
+    marker: str,
+    where: TaskFilter,
+    after: TaskCursor | None,
+    limit: int,
+    encode_time: Callable[[datetime], Any],
+) -> Query:
+    """Return the page of tasks passing ``where`` after ``after``, newest first.
+
+    Order: ``create_time`` descending, then ``task_id`` descending; the cursor is the
+    last task of the previous page, so the page starts strictly after it.
+    """
+    query = Query(marker)
+    conditions: list[str] = []
+    if where.states:
+        values = sorted(state.value for state in where.states)
+        states = ", ".join(query.param(value) for value in values)
+        conditions.append(f"state IN ({states})")
+    if where.submitter_agent_id:
+        conditions.append(f"submitter_agent_id = {query.param(where.submitter_agent_id)}")
+    if after is not None:
+        conditions.append(
+            f"(create_time, task_id) < ({query.param(encode_time(after.create_time))},"
+            f" {query.param(after.task_id)})"
+        )
+    filtered = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    query.sql = (
+        f"SELECT {_TASKS} FROM tasks {filtered}"
+        f" ORDER BY create_time DESC, task_id DESC LIMIT {query.param(limit)}"
     )
     return query

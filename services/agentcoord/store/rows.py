@@ -30,6 +30,7 @@ from agentcoord.core.models import (
     ValueKind,
 )
 from agentcoord.core.state_rules import result_from_json, result_to_json
+from agentcoord.core.tasks import Subtask, SubtaskState, Task, canonical_json
 
 AGENT_COLUMNS = (
     "agent_id",
@@ -73,6 +74,12 @@ STATE_COLUMNS = (
 
 REQUEST_COLUMNS = ("agent_id", "request_id", "result", "time")
 """Columns of the ``write_requests`` table, in the order of :meth:`Codec.request_params`."""
+
+TASK_COLUMNS = ("task_id", "state", "submitter_agent_id", "request_id", "create_time", "body")
+"""Columns of the ``tasks`` table, in the order of :meth:`Codec.task_params`."""
+
+SUBTASK_COLUMNS = ("subtask_id", "task_id", "seq", "state", "lease_agent_id", "body")
+"""Columns of the ``subtasks`` table, in the order of :meth:`Codec.subtask_params`."""
 
 HEARTBEAT_PARAMS = (
     "agent_id",
@@ -262,6 +269,44 @@ class Codec:
             result_from_json(json.loads(row["result"])),
             self.decode_time(row["time"]),
         )
+
+    def task_params(self, task: Task) -> tuple[Any, ...]:
+        """Return the values of :data:`TASK_COLUMNS` for ``task``.
+
+        ``body`` is the whole record (canonical JSON of its snapshot); the other columns
+        copy fields of it for indexes and filters.
+        """
+        return (
+            task.task_id,
+            task.state.value,
+            task.submitter_agent_id,
+            task.request_id,
+            self.encode_time(task.create_time),
+            canonical_json(task.to_snapshot()),
+        )
+
+    def task_from_row(self, row: Row) -> Task:
+        """Rebuild a task from the ``body`` of a row holding :data:`TASK_COLUMNS`."""
+        return Task.from_snapshot(json.loads(row["body"]))
+
+    def subtask_params(self, subtask: Subtask) -> tuple[Any, ...]:
+        """Return the values of :data:`SUBTASK_COLUMNS` for ``subtask``.
+
+        ``lease_agent_id`` is the lease holder while the sub-task is LEASED, else empty.
+        """
+        lease = subtask.lease if subtask.state is SubtaskState.LEASED else None
+        return (
+            subtask.subtask_id,
+            subtask.task_id,
+            subtask.seq,
+            subtask.state.value,
+            "" if lease is None else lease.agent_id,
+            canonical_json(subtask.to_snapshot()),
+        )
+
+    def subtask_from_row(self, row: Row) -> Subtask:
+        """Rebuild a sub-task from the ``body`` of a row holding :data:`SUBTASK_COLUMNS`."""
+        return Subtask.from_snapshot(json.loads(row["body"]))
 
 
 @dataclass(frozen=True, slots=True)

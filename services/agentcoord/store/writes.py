@@ -47,6 +47,8 @@ from agentcoord.core.models import (
     StateWriteResult,
 )
 from agentcoord.core.state_rules import keys_of, plan_expiry, plan_write
+from agentcoord.core.task_rules import check_holder
+from agentcoord.core.tasks import Subtask, Task
 from agentcoord.store.batching import Outcome
 from agentcoord.store.rows import (
     WriteRequest,
@@ -75,6 +77,20 @@ class Needs:
     """Every entry bound to a session of these agents."""
     expired_at: datetime | None = None
     """Every entry whose expire time is at or before this time."""
+    task_ids: frozenset[str] = frozenset()
+    """These tasks."""
+    task_request_ids: frozenset[str] = frozenset()
+    """The tasks submitted with these idempotency keys."""
+    subtask_ids: frozenset[str] = frozenset()
+    """These sub-tasks."""
+    dependents_of: frozenset[str] = frozenset()
+    """The sub-tasks that depend on these sub-tasks."""
+    families_of: frozenset[str] = frozenset()
+    """Every sub-task of the tasks these sub-tasks belong to."""
+    task_subtasks: frozenset[str] = frozenset()
+    """Every sub-task of these tasks."""
+    leased_by: frozenset[str] = frozenset()
+    """The LEASED sub-tasks whose lease these agents hold."""
 
     def __or__(self, other: Needs) -> Needs:
         """Return what both need."""
@@ -85,6 +101,13 @@ class Needs:
             self.agent_ids | other.agent_ids,
             self.bound_to | other.bound_to,
             max(times) if times else None,
+            self.task_ids | other.task_ids,
+            self.task_request_ids | other.task_request_ids,
+            self.subtask_ids | other.subtask_ids,
+            self.dependents_of | other.dependents_of,
+            self.families_of | other.families_of,
+            self.task_subtasks | other.task_subtasks,
+            self.leased_by | other.leased_by,
         )
 
 
@@ -100,6 +123,10 @@ class Loaded:
     """The agents asked for that exist, with their token hashes."""
     requests: Sequence[WriteRequest] = ()
     """The remembered writes asked for that exist."""
+    subtasks: Sequence[Subtask] = ()
+    """Every sub-task the needs cover (each once)."""
+    tasks: Sequence[Task] = ()
+    """The tasks the needs name, and the task of every loaded sub-task (each once)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +145,10 @@ class Mutations:
     """Results of writes to remember (new rows)."""
     changes: Sequence[Change]
     """Change log entries to append, in revision order."""
+    tasks: Sequence[Task] = ()
+    """Tasks inserted or replaced."""
+    subtasks: Sequence[Subtask] = ()
+    """Sub-tasks inserted or replaced."""
 
 
 # The working set
@@ -136,6 +167,10 @@ class WorkingSet:
         self._states = {entry.key: entry for entry in loaded.states}
         self._agents = {agent.agent_id: (agent, token) for agent, token in loaded.agents}
         self._requests = {(r.agent_id, r.request_id): r for r in loaded.requests}
+        self._tasks = {task.task_id: task for task in loaded.tasks}
+        self._subtasks = {subtask.subtask_id: subtask for subtask in loaded.subtasks}
+        self._task_writes: dict[str, Task] = {}
+        self._subtask_writes: dict[str, Subtask] = {}
         self._known_keys = set(needs.state_keys) | set(self._states)
         self._state_writes: dict[str, StateEntry | None] = {}
         self._agent_writes: dict[str, tuple[Agent, str]] = {}
@@ -189,7 +224,48 @@ class WorkingSet:
             key=lambda entry: entry.key,
         )
 
+    def task(self, task_id: str) -> Task | None:
+        """Return a task that was loaded (by id, or as the task of a loaded sub-task)."""
+        return self._tasks.get(task_id)
+
+    def task_by_request(self, request_id: str) -> Task | None:
+        """Return the task submitted with idempotency key ``request_id``, or None."""
+        if request_id not in self._needs.task_request_ids:
+            raise LookupError(f"task request {request_id!r} was not loaded: declare it in Needs")
+        return next((t for t in self._tasks.values() if t.request_id == request_id), None)
+
+    def subtask(self, subtask_id: str) -> Subtask | None:
+        """Return a loaded sub-task, or None if it does not exist."""
+        return self._subtasks.get(subtask_id)
+
+    def subtasks_of(self, task_id: str) -> dict[str, Subtask]:
+        """Return the loaded sub-tasks of a task, by id."""
+        return {s.subtask_id: s for s in self._subtasks.values() if s.task_id == task_id}
+
+    def leased_by(self, agent_id: str) -> list[Subtask]:
+        """Return the LEASED sub-tasks whose lease ``agent_id`` holds, in task order."""
+        if agent_id not in self._needs.leased_by:
+            raise LookupError(f"leases of {agent_id!r} were not loaded: declare it in Needs")
+        return sorted(
+            (
+                s
+                for s in self._subtasks.values()
+                if s.lease is not None and s.lease.agent_id == agent_id
+            ),
+            key=lambda s: (s.task_id, s.seq),
+        )
+
     # Writes
+
+    def put_task(self, task: Task) -> None:
+        """Insert or replace a task."""
+        self._set(self._tasks, task.task_id, task)
+        self._set(self._task_writes, task.task_id, task)
+
+    def put_subtask(self, subtask: Subtask) -> None:
+        """Insert or replace a sub-task."""
+        self._set(self._subtasks, subtask.subtask_id, subtask)
+        self._set(self._subtask_writes, subtask.subtask_id, subtask)
 
     def append(self, revision: int, now: datetime, new: NewChange) -> Change:
         """Append a change log entry at ``revision``, the next one."""
@@ -270,7 +346,13 @@ class WorkingSet:
 
     def mutations(self) -> Mutations | None:
         """Return what the operations applied so far changed, or None if nothing."""
-        if not (self._state_writes or self._agent_writes or self._request_writes):
+        if not (
+            self._state_writes
+            or self._agent_writes
+            or self._request_writes
+            or self._task_writes
+            or self._subtask_writes
+        ):
             return None
         return Mutations(
             revision=self.revision,
@@ -279,6 +361,8 @@ class WorkingSet:
             agents=list(self._agent_writes.values()),
             requests=list(self._request_writes.values()),
             changes=list(self._changes),
+            tasks=list(self._task_writes.values()),
+            subtasks=list(self._subtask_writes.values()),
         )
 
 
@@ -376,28 +460,30 @@ class UpdateAgentStatus(ViewOp):
         return ws.save_agent(updated, current[1], AgentEventKind.UPDATED, self.now)
 
 
-def check_fencing(write: StateWrite) -> None:
-    """Refuse a write whose fencing token is not that of a lease it holds.
+def check_fencing(write: StateWrite, subtask: Subtask | None) -> None:
+    """Refuse a write whose fencing token is not that of a lease the writer holds.
 
     The one place where StateSync writes meet Distribution's leases, inside the write's
-    transaction. Leases do not exist yet (issue 4), so no lease is held and any fencing
-    is refused; the lease check replaces this body (and :meth:`WriteStates.needs`
-    declares the sub-task's lease, so that the batch loads it).
+    transaction: the sub-task must be LEASED to the writer with exactly this token.
 
     Raises:
-        FailedPrecondition: reason ``LEASE_NOT_HELD``.
+        FailedPrecondition: reason ``LEASE_NOT_HELD`` (no such sub-task),
+            ``STALE_FENCING_TOKEN`` or ``LEASE_NOT_HELD`` (see ``check_holder``).
     """
-    if write.fencing is not None:
+    fencing = write.fencing
+    if fencing is None:
+        return
+    if subtask is None:
         raise FailedPrecondition(
-            f"fencing: no lease of sub-task {write.fencing.subtask_id!r} is held "
-            f"with fencing token {write.fencing.fencing_token}",
+            f"fencing: sub-task {fencing.subtask_id!r} does not exist, so no lease of it is held",
             reason="LEASE_NOT_HELD",
             metadata={
                 "field": "fencing",
-                "subtask_id": write.fencing.subtask_id,
-                "fencing_token": str(write.fencing.fencing_token),
+                "subtask_id": fencing.subtask_id,
+                "fencing_token": str(fencing.fencing_token),
             },
         )
+    check_holder(subtask, write.agent_id, fencing.fencing_token)
 
 
 def _bound_epochs(write: StateWrite) -> set[int]:
@@ -455,6 +541,9 @@ class WriteStates(ViewOp):
                 else frozenset()
             ),
             agent_ids=frozenset((write.agent_id,)) if _bound_epochs(write) else frozenset(),
+            subtask_ids=(
+                frozenset((write.fencing.subtask_id,)) if write.fencing is not None else frozenset()
+            ),
         )
 
     def apply(self, ws: WorkingSet) -> StateWriteResult:
@@ -464,7 +553,9 @@ class WriteStates(ViewOp):
             repeat = ws.request(write.agent_id, write.request_id)
             if repeat is not None:
                 return repeat.result
-        check_fencing(write)
+        check_fencing(
+            write, None if write.fencing is None else ws.subtask(write.fencing.subtask_id)
+        )
         if _bound_epochs(write):
             writer = ws.agent(write.agent_id)
             check_session(write, None if writer is None else writer[0])

@@ -30,6 +30,8 @@ from agentcoord.store.rows import (
     CHANGE_COLUMNS,
     REQUEST_COLUMNS,
     STATE_COLUMNS,
+    SUBTASK_COLUMNS,
+    TASK_COLUMNS,
     Codec,
     to_utc,
 )
@@ -61,6 +63,8 @@ _AGENT_TYPES = _typed(
 )
 _REQUEST_TYPES = _typed(REQUEST_COLUMNS, "text text jsonb timestamptz")
 _CHANGE_TYPES = _typed(CHANGE_COLUMNS, "bigint timestamptz text text text text jsonb")
+_TASK_TYPES = _typed(TASK_COLUMNS, "text text text text timestamptz jsonb")
+_SUBTASK_TYPES = _typed(SUBTASK_COLUMNS, "text text integer text text jsonb")
 
 
 class _Numbers:
@@ -95,7 +99,9 @@ def _flush_statement() -> str:
         f" put AS ({_insert_unnest(numbers, 'states', _STATE_TYPES, 'key')}),"
         f" saved AS ({_insert_unnest(numbers, 'agents', _AGENT_TYPES, 'agent_id')}),"
         f" remembered AS ({_insert_unnest(numbers, 'write_requests', _REQUEST_TYPES)}),"
-        f" logged AS ({_insert_unnest(numbers, 'changes', _CHANGE_TYPES)})"
+        f" logged AS ({_insert_unnest(numbers, 'changes', _CHANGE_TYPES)}),"
+        f" tasked AS ({_insert_unnest(numbers, 'tasks', _TASK_TYPES, 'task_id')}),"
+        f" subtasked AS ({_insert_unnest(numbers, 'subtasks', _SUBTASK_TYPES, 'subtask_id')})"
         f" UPDATE revision_counter SET value = {numbers.next()} WHERE id = 1"
     )
 
@@ -115,6 +121,25 @@ plan is cheaper) cost more than running them. Every statement of a batch is an i
 lookup, so sequential scans are off: a generic plan made while a table was small must not
 stay a sequential scan once the table has grown."""
 _LOAD = """
+    WITH loaded AS MATERIALIZED (
+        SELECT s FROM subtasks AS s
+        WHERE s.subtask_id = ANY(ARRAY(
+            SELECT unnest($7::text[])
+            UNION ALL
+            SELECT jsonb_array_elements_text(d.body -> 'dependents')
+            FROM subtasks AS d WHERE d.subtask_id = ANY($8::text[])
+            UNION ALL
+            SELECT f.subtask_id FROM subtasks AS f
+            WHERE f.task_id = ANY(ARRAY(
+                SELECT o.task_id FROM subtasks AS o WHERE o.subtask_id = ANY($9::text[])
+            ))
+            UNION ALL
+            SELECT t.subtask_id FROM subtasks AS t WHERE t.task_id = ANY($10::text[])
+            UNION ALL
+            SELECT l.subtask_id FROM subtasks AS l
+            WHERE l.state = 'leased' AND l.lease_agent_id = ANY($11::text[])
+        ))
+    )
     SELECT
         (SELECT value FROM revision_counter WHERE id = 1) AS revision,
         ARRAY(SELECT s FROM states AS s WHERE s.key = ANY($1::text[])) AS keyed,
@@ -127,8 +152,27 @@ _LOAD = """
         ARRAY(
             SELECT w FROM write_requests AS w
             WHERE (w.agent_id, w.request_id) IN (SELECT * FROM unnest($5::text[], $6::text[]))
-        ) AS requests
+        ) AS requests,
+        ARRAY(SELECT loaded.s FROM loaded) AS subtasks,
+        ARRAY(
+            SELECT t FROM tasks AS t
+            WHERE t.task_id = ANY(ARRAY(
+                SELECT unnest($12::text[]) UNION ALL SELECT (loaded.s).task_id FROM loaded
+            ))
+        ) AS tasks,
+        ARRAY(
+            SELECT t FROM tasks AS t
+            WHERE t.request_id = ANY($13::text[]) AND t.request_id <> ''
+        ) AS requested_tasks
 """
+"""One statement reads every row a run of operations needs.
+
+Sub-tasks (``loaded``) are the union of what each field of Needs covers: the dependents
+come from the ``dependents`` array of the named sub-tasks' bodies, the families and a
+task's sub-tasks by the (task_id, seq) index, the leases of agents by the partial index
+on ``lease_agent_id`` (hence ``state = 'leased'`` written out). Tasks are those named,
+those of the loaded sub-tasks, and those of the request ids asked for; a task found both
+ways comes twice, and :func:`_load` keeps it once."""
 _RECORD_HEARTBEAT = """
     UPDATE agents
     SET last_heartbeat_time = $3, status = $4, active_subtasks = $5, held_subtask_ids = $6
@@ -193,13 +237,23 @@ async def _load(conn: asyncpg.Connection, needs: writes.Needs) -> writes.Loaded:
         sorted(needs.agent_ids),
         [agent_id for agent_id, _ in requests],
         [request_id for _, request_id in requests],
+        sorted(needs.subtask_ids),
+        sorted(needs.dependents_of),
+        sorted(needs.families_of),
+        sorted(needs.task_subtasks),
+        sorted(needs.leased_by),
+        sorted(needs.task_ids),
+        sorted(needs.task_request_ids),
     )
     states = {s["key"]: s for part in ("keyed", "bound", "expired") for s in row[part]}
+    tasks = {t["task_id"]: t for part in ("tasks", "requested_tasks") for t in row[part]}
     return writes.Loaded(
         revision=row["revision"],
         states=[CODEC.state_from_row(state) for state in states.values()],
         agents=[(CODEC.agent_from_row(a), a["token_hash"]) for a in row["agents"]],
         requests=[CODEC.request_from_row(r) for r in row["requests"]],
+        subtasks=[CODEC.subtask_from_row(s) for s in row["subtasks"]],
+        tasks=[CODEC.task_from_row(t) for t in tasks.values()],
     )
 
 
@@ -212,6 +266,8 @@ async def _flush(conn: asyncpg.Connection, m: writes.Mutations) -> None:
         *_columns([CODEC.agent_params(a, t) for a, t in m.agents], len(AGENT_COLUMNS)),
         *_columns([CODEC.request_params(r) for r in m.requests], len(REQUEST_COLUMNS)),
         *_columns([CODEC.change_params(c) for c in m.changes], len(CHANGE_COLUMNS)),
+        *_columns([CODEC.task_params(t) for t in m.tasks], len(TASK_COLUMNS)),
+        *_columns([CODEC.subtask_params(s) for s in m.subtasks], len(SUBTASK_COLUMNS)),
         m.revision,
     )
 

@@ -30,6 +30,8 @@ from agentcoord.store.rows import (
     CHANGE_COLUMNS,
     REQUEST_COLUMNS,
     STATE_COLUMNS,
+    SUBTASK_COLUMNS,
+    TASK_COLUMNS,
     Codec,
     to_utc,
 )
@@ -54,6 +56,17 @@ def _insert(table: str, columns: Sequence[str], verb: str = "INSERT") -> str:
     return f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
+def _upsert(table: str, columns: Sequence[str]) -> str:
+    """Return an insert that replaces the row of the same key (the first column).
+
+    Unlike INSERT OR REPLACE, a conflict on another unique index (a task's request id)
+    fails instead of deleting the row that holds it.
+    """
+    key, *rest = columns
+    updates = ", ".join(f"{column} = excluded.{column}" for column in rest)
+    return f"{_insert(table, columns)} ON CONFLICT ({key}) DO UPDATE SET {updates}"
+
+
 def _select(table: str, columns: Sequence[str], where: str) -> str:
     return f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
 
@@ -69,12 +82,37 @@ _LOAD_REQUESTS = _select(
     "(agent_id, request_id) IN"
     " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
 )
+_IDS_IN_JSON = f"subtask_id {_IN_JSON}"
+_LOAD_SUBTASKS = _select("subtasks", SUBTASK_COLUMNS, _IDS_IN_JSON)
+_LOAD_DEPENDENTS = _select(
+    "subtasks",
+    SUBTASK_COLUMNS,
+    "subtask_id IN (SELECT dependent.value FROM subtasks AS s,"
+    f" json_each(s.body, '$.dependents') AS dependent WHERE s.{_IDS_IN_JSON})",
+)
+_LOAD_FAMILIES = _select(
+    "subtasks",
+    SUBTASK_COLUMNS,
+    f"task_id IN (SELECT task_id FROM subtasks WHERE {_IDS_IN_JSON})",
+)
+_LOAD_TASK_SUBTASKS = _select("subtasks", SUBTASK_COLUMNS, f"task_id {_IN_JSON}")
+# state = 'leased' as in the partial index subtasks_lease_agent, so that it is usable.
+_LOAD_LEASED = _select(
+    "subtasks", SUBTASK_COLUMNS, f"state = 'leased' AND lease_agent_id {_IN_JSON}"
+)
+_LOAD_TASKS = _select("tasks", TASK_COLUMNS, f"task_id {_IN_JSON}")
+# request_id <> '' as in the partial index tasks_request_id, so that it is usable.
+_LOAD_TASKS_BY_REQUEST = _select(
+    "tasks", TASK_COLUMNS, f"request_id {_IN_JSON} AND request_id <> ''"
+)
 _LOAD_REVISION = "SELECT value FROM revision_counter WHERE id = 1"
 _DELETE_STATE = "DELETE FROM states WHERE key = ?"
 _SAVE_STATE = _insert("states", STATE_COLUMNS, "INSERT OR REPLACE")
 _SAVE_AGENT = _insert("agents", AGENT_COLUMNS, "INSERT OR REPLACE")
 _INSERT_REQUEST = _insert("write_requests", REQUEST_COLUMNS)
 _INSERT_CHANGE = _insert("changes", CHANGE_COLUMNS)
+_SAVE_TASK = _upsert("tasks", TASK_COLUMNS)
+_SAVE_SUBTASK = _upsert("subtasks", SUBTASK_COLUMNS)
 _SET_REVISION = "UPDATE revision_counter SET value = ? WHERE id = 1"
 _RECORD_HEARTBEAT = """
     UPDATE agents
@@ -193,12 +231,49 @@ def _load(conn: sqlite3.Connection, needs: writes.Needs) -> writes.Loaded:
         if needs.requests
         else []
     )
+    subtasks = _subtask_rows(conn, needs)
+    of_subtasks = {row["task_id"] for row in subtasks}
     return writes.Loaded(
         revision=int(conn.execute(_LOAD_REVISION).fetchone()[0]),
         states=[CODEC.state_from_row(row) for row in states.values()],
         agents=[(CODEC.agent_from_row(row), row["token_hash"]) for row in agents],
         requests=[CODEC.request_from_row(row) for row in requests],
+        subtasks=[CODEC.subtask_from_row(row) for row in subtasks],
+        tasks=[CODEC.task_from_row(row) for row in _task_rows(conn, needs, of_subtasks)],
     )
+
+
+def _subtask_rows(conn: sqlite3.Connection, needs: writes.Needs) -> list[sqlite3.Row]:
+    """Read every sub-task ``needs`` covers, each once."""
+    rows: dict[str, sqlite3.Row] = {}
+    queries = (
+        (_LOAD_SUBTASKS, needs.subtask_ids),
+        (_LOAD_DEPENDENTS, needs.dependents_of),
+        (_LOAD_FAMILIES, needs.families_of),
+        (_LOAD_TASK_SUBTASKS, needs.task_subtasks),
+        (_LOAD_LEASED, needs.leased_by),
+    )
+    for sql, values in queries:
+        if values:
+            found = conn.execute(sql, (json.dumps(sorted(values)),))
+            rows.update((row["subtask_id"], row) for row in found)
+    return list(rows.values())
+
+
+def _task_rows(
+    conn: sqlite3.Connection, needs: writes.Needs, of_subtasks: set[str]
+) -> list[sqlite3.Row]:
+    """Read the tasks ``needs`` names and those of the loaded sub-tasks, each once."""
+    rows: dict[str, sqlite3.Row] = {}
+    queries = (
+        (_LOAD_TASKS, needs.task_ids | of_subtasks),
+        (_LOAD_TASKS_BY_REQUEST, needs.task_request_ids),
+    )
+    for sql, values in queries:
+        if values:
+            found = conn.execute(sql, (json.dumps(sorted(values)),))
+            rows.update((row["task_id"], row) for row in found)
+    return list(rows.values())
 
 
 def _flush(conn: sqlite3.Connection, m: writes.Mutations) -> None:
@@ -208,6 +283,8 @@ def _flush(conn: sqlite3.Connection, m: writes.Mutations) -> None:
     conn.executemany(_SAVE_AGENT, [CODEC.agent_params(a, token) for a, token in m.agents])
     conn.executemany(_INSERT_REQUEST, [CODEC.request_params(r) for r in m.requests])
     conn.executemany(_INSERT_CHANGE, [CODEC.change_params(c) for c in m.changes])
+    conn.executemany(_SAVE_TASK, [CODEC.task_params(task) for task in m.tasks])
+    conn.executemany(_SAVE_SUBTASK, [CODEC.subtask_params(s) for s in m.subtasks])
     conn.execute(_SET_REVISION, (m.revision,))
 
 

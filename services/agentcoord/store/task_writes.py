@@ -1,0 +1,231 @@
+"""Distribution's write operations: each loads what it needs and applies the task rules.
+
+Every operation runs inside a batch's transaction (:mod:`agentcoord.store.writes`): it
+reads the task and sub-tasks it declared, applies :mod:`agentcoord.core.task_rules`, and
+stores the changed records with their change log entries. A rule that refuses (a stale
+fencing token, a sub-task no longer READY) raises, and the operation changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from agentcoord.core.errors import NotFound
+from agentcoord.core.task_rules import (
+    Journal,
+    RetryPolicy,
+    TaskTransitions,
+    TaskUpdate,
+    cancel_task,
+    complete_subtask,
+    fail_subtask,
+    lease_subtask,
+)
+from agentcoord.core.tasks import Failure, FailureClass, Subtask, Task
+from agentcoord.store.rows import to_utc
+from agentcoord.store.writes import Needs, ViewOp, WorkingSet
+
+
+def _subtask_or_raise(ws: WorkingSet, subtask_id: str) -> Subtask:
+    subtask = ws.subtask(subtask_id)
+    if subtask is None:
+        raise NotFound(
+            f"subtask_id: sub-task {subtask_id!r} does not exist", reason="SUBTASK_NOT_FOUND"
+        )
+    return subtask
+
+
+def _transact(
+    ws: WorkingSet,
+    task_id: str,
+    now: datetime,
+    actor: str,
+    apply: Callable[[TaskTransitions], Subtask | None],
+) -> TaskUpdate:
+    """Run ``apply`` on a task and its loaded sub-tasks, and store what it changed."""
+    task = ws.task(task_id)
+    if task is None:
+        raise NotFound(f"task_id: task {task_id!r} does not exist", reason="TASK_NOT_FOUND")
+    journal = Journal(ws.revision + 1)
+    tx = TaskTransitions(task, ws.subtasks_of(task_id), journal, to_utc(now), actor)
+    primary = apply(tx)
+    for planned in journal.entries:
+        ws.append(planned.revision, now, planned.change)
+    for subtask in tx.changed.values():
+        ws.put_subtask(subtask)
+    if tx.task != task:
+        ws.put_task(tx.task)
+    return TaskUpdate(tx.task, primary, tuple(tx.changed.values()), tuple(tx.revocations))
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitTask(ViewOp):
+    """``Store.submit_task``: a new task and its sub-tasks, or the one of the same request."""
+
+    task: Task
+    subtasks: tuple[Subtask, ...]
+
+    def needs(self) -> Needs:
+        """The task of the same idempotency key, if any."""
+        rid = self.task.request_id
+        return Needs(task_request_ids=frozenset((rid,)) if rid else frozenset())
+
+    def apply(self, ws: WorkingSet) -> tuple[Task, bool]:
+        """Store the task (False: an earlier task of the same request is returned)."""
+        if self.task.request_id:
+            earlier = ws.task_by_request(self.task.request_id)
+            if earlier is not None:
+                return earlier, False
+        journal = Journal(ws.revision + 1)
+        now = to_utc(self.task.create_time)
+        task = replace(self.task, create_time=now, update_time=now)
+        tx = TaskTransitions(task, {}, journal, now, task.submitter_agent_id)
+        tx.record_submission()
+        for subtask in self.subtasks:
+            tx.create(replace(subtask, create_time=now, update_time=now))
+        for planned in journal.entries:
+            ws.append(planned.revision, now, planned.change)
+        ws.put_task(tx.task)
+        for subtask in tx.changed.values():
+            ws.put_subtask(subtask)
+        return tx.task, True
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSubtask(ViewOp):
+    """``Store.lease_subtask``."""
+
+    subtask_id: str
+    agent_id: str
+    now: datetime
+
+    def needs(self) -> Needs:
+        """The sub-task and its task."""
+        return Needs(subtask_ids=frozenset((self.subtask_id,)))
+
+    def apply(self, ws: WorkingSet) -> TaskUpdate:
+        """Lease the sub-task if it is READY."""
+        subtask = _subtask_or_raise(ws, self.subtask_id)
+        return _transact(
+            ws,
+            subtask.task_id,
+            self.now,
+            self.agent_id,
+            lambda tx: lease_subtask(tx, self.subtask_id, self.agent_id, to_utc(self.now)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteSubtask(ViewOp):
+    """``Store.complete_subtask``."""
+
+    subtask_id: str
+    agent_id: str
+    fencing_token: int
+    result: str
+    now: datetime
+
+    def needs(self) -> Needs:
+        """The sub-task, its task and its dependents."""
+        ids = frozenset((self.subtask_id,))
+        return Needs(subtask_ids=ids, dependents_of=ids)
+
+    def apply(self, ws: WorkingSet) -> TaskUpdate:
+        """Record the result if the caller holds the current lease."""
+        subtask = _subtask_or_raise(ws, self.subtask_id)
+        return _transact(
+            ws,
+            subtask.task_id,
+            self.now,
+            self.agent_id,
+            lambda tx: complete_subtask(
+                tx, self.subtask_id, self.agent_id, self.fencing_token, self.result
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FailSubtask(ViewOp):
+    """``Store.fail_subtask``: an agent's report, or the server's (lease lost, agent died)."""
+
+    failure: Failure
+    fencing_token: int
+    retry: RetryPolicy
+
+    def needs(self) -> Needs:
+        """Every sub-task of the task: a final failure may cancel them all."""
+        return Needs(families_of=frozenset((self.failure.subtask_id,)))
+
+    def apply(self, ws: WorkingSet) -> TaskUpdate:
+        """Record the failure if the lease ``fencing_token`` is the current one."""
+        subtask = _subtask_or_raise(ws, self.failure.subtask_id)
+        return _transact(
+            ws,
+            subtask.task_id,
+            self.failure.time,
+            self.failure.agent_id,
+            lambda tx: fail_subtask(tx, self.failure, self.fencing_token, self.retry),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseLeases(ViewOp):
+    """``Store.release_leases``: an agent died; its sub-tasks are READY again at once."""
+
+    agent_id: str
+    now: datetime
+
+    def needs(self) -> Needs:
+        """The agent's leased sub-tasks and their tasks."""
+        return Needs(leased_by=frozenset((self.agent_id,)))
+
+    def apply(self, ws: WorkingSet) -> list[TaskUpdate]:
+        """Fail each lease with AGENT_DIED (retried at once, no attempt burned)."""
+        updates = []
+        for subtask in ws.leased_by(self.agent_id):
+            updates.append(
+                _transact(ws, subtask.task_id, self.now, "", self._died(subtask.subtask_id))
+            )
+        return updates
+
+    def _died(self, subtask_id: str) -> Callable[[TaskTransitions], Subtask]:
+        def fail(tx: TaskTransitions) -> Subtask:
+            subtask = tx.subtask(subtask_id)
+            assert subtask.lease is not None
+            failure = Failure(
+                failure_class=FailureClass.AGENT_DIED,
+                message=f"agent {self.agent_id!r} expired or left while holding the lease",
+                retryable=True,
+                subtask_id=subtask_id,
+                agent_id=self.agent_id,
+                attempt=subtask.attempt,
+                time=to_utc(self.now),
+            )
+            return fail_subtask(tx, failure, subtask.lease.fencing_token, RetryPolicy())
+
+        return fail
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTask(ViewOp):
+    """``Store.cancel_task``."""
+
+    task_id: str
+    reason: str
+    agent_id: str
+    now: datetime
+
+    def needs(self) -> Needs:
+        """The task and all its sub-tasks."""
+        ids = frozenset((self.task_id,))
+        return Needs(task_ids=ids, task_subtasks=ids)
+
+    def apply(self, ws: WorkingSet) -> TaskUpdate:
+        """Cancel the task and its unfinished sub-tasks, revoking their leases."""
+
+        def cancel(tx: TaskTransitions) -> None:
+            cancel_task(tx, self.reason)
+
+        return _transact(ws, self.task_id, self.now, self.agent_id, cancel)
