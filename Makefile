@@ -68,9 +68,14 @@ run: $(STAMP)
 	mkdir -p var
 	$(VENV)/bin/agentcoord serve
 
-run-discovery run-distribution run-statesync: run-%: $(STAMP)
+run-discovery run-statesync: run-%: $(STAMP)
 	mkdir -p var
 	$(VENV)/bin/agentcoord serve $* --listen $${LISTEN:-$(AGENTCOORD_LISTEN)}
+
+# Distribution judges liveness and renews leases from heartbeats: Discovery comes with it.
+run-distribution: $(STAMP)
+	mkdir -p var
+	$(VENV)/bin/agentcoord serve discovery distribution --listen $${LISTEN:-$(AGENTCOORD_LISTEN)}
 
 bench: $(STAMP)
 	$(PY) -m tests.bench $(ARGS)

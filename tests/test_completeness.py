@@ -2,11 +2,9 @@
 
 This is Temporal's ``test_all_grpc_calls_present`` for agentcoord.
 
-A service is either implemented (its servicer, in ``agentcoord.server.<service>``, overrides
-every RPC) or explicitly pending (``agentcoord.server.pending``: it overrides none, so every
-RPC answers UNIMPLEMENTED) until the issue named in PENDING lands. Implementing a pending
-service without moving it from PENDING to SERVICERS fails these tests, and so does an RPC
-added to a proto and forgotten in a servicer or in the client.
+Every service's servicer, in ``agentcoord.server.<service>``, overrides every RPC and
+declares its access; an RPC added to a proto and forgotten in a servicer, its ACCESS map
+or the client fails these tests, and no RPC answers UNIMPLEMENTED on the wire.
 """
 
 from __future__ import annotations
@@ -24,25 +22,20 @@ from google.protobuf import descriptor
 
 from agentcoord.client import DiscoveryClient, DistributionClient, StateSyncClient
 from agentcoord.server import discovery as discovery_server
-from agentcoord.server import pending
+from agentcoord.server import distribution as distribution_server
 from agentcoord.server import statesync as statesync_server
 from agentcoord.server.app import start_app
 from agentcoord.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "generated"
-SERVER_PACKAGE = ROOT / "services" / "agentcoord" / "server"
 
 SERVICERS: dict[str, type] = {
     "agentcoord.discovery.v1.DiscoveryService": discovery_server.DiscoveryServicer,
     "agentcoord.statesync.v1.StateSyncService": statesync_server.StateSyncServicer,
+    "agentcoord.distribution.v1.DistributionService": distribution_server.DistributionServicer,
 }
-"""Implemented services and their servicer classes."""
-
-PENDING: dict[str, tuple[int, type]] = {
-    "agentcoord.distribution.v1.DistributionService": (4, pending.DistributionServicer),
-}
-"""Services that answer UNIMPLEMENTED until their issue lands: issue number and servicer."""
+"""Every service and its servicer class."""
 
 CLIENTS: dict[str, type] = {
     "agentcoord.discovery.v1.DiscoveryService": DiscoveryClient,
@@ -90,11 +83,10 @@ def test_there_are_three_services() -> None:
     assert set(SERVICES) == set(CLIENTS)
 
 
-def test_every_service_is_implemented_or_explicitly_pending() -> None:
-    assert not set(SERVICERS) & set(PENDING)
-    unaccounted = set(SERVICES) - set(SERVICERS) - set(PENDING)
-    assert not unaccounted, f"add {sorted(unaccounted)} to SERVICERS or PENDING"
-    stale = (set(SERVICERS) | set(PENDING)) - set(SERVICES)
+def test_every_service_has_a_servicer() -> None:
+    unaccounted = set(SERVICES) - set(SERVICERS)
+    assert not unaccounted, f"add {sorted(unaccounted)} to SERVICERS"
+    stale = set(SERVICERS) - set(SERVICES)
     assert not stale, f"{sorted(stale)} are in no proto any more"
 
 
@@ -116,25 +108,6 @@ def test_implemented_service_declares_the_access_of_every_rpc(name: str) -> None
     assert set(access) == methods, (
         f"{module.__name__}.ACCESS: missing {sorted(methods - set(access))}, "
         f"unknown {sorted(set(access) - methods)}"
-    )
-
-
-@pytest.mark.parametrize("name", sorted(PENDING))
-def test_pending_servicer_is_still_pending(name: str) -> None:
-    issue, servicer = PENDING[name]
-    service = SERVICES[name]
-    base = generated_base(service)
-    assert servicer.__module__ == pending.__name__
-    assert issubclass(servicer, base)
-    done = [m.name for m in service.methods if overridden(servicer, base, m.name)]
-    assert not done, (
-        f"{name} implements {done}: it is pending until issue {issue}; "
-        "implement it in its own servicer module and move it from PENDING to SERVICERS"
-    )
-    module = SERVER_PACKAGE / f"{service.name.removesuffix('Service').lower()}.py"
-    assert not module.exists(), (
-        f"{module.relative_to(ROOT)} exists: if issue {issue} landed, move {name} "
-        "from PENDING to SERVICERS (and docs/architecture.md's 'not done yet')"
     )
 
 
@@ -199,7 +172,7 @@ async def _code_of(channel: grpc.aio.Channel, method: descriptor.MethodDescripto
     return code.name  # type: ignore[no-any-return]
 
 
-async def test_on_the_wire_pending_rpcs_are_unimplemented_and_the_rest_are_not(
+async def test_on_the_wire_no_rpc_is_unimplemented(
     tmp_path: Path,
 ) -> None:
     app = await start_app(ServerConfig(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/c.db"))
@@ -209,8 +182,7 @@ async def test_on_the_wire_pending_rpcs_are_unimplemented_and_the_rest_are_not(
             for name, service in sorted(SERVICES.items()):
                 for method in service.methods:
                     code = await _code_of(channel, method)
-                    unimplemented = code == "UNIMPLEMENTED"
-                    if unimplemented != (name in PENDING):
+                    if code == "UNIMPLEMENTED":
                         wrong.append(f"{name}/{method.name} answered {code}")
             assert not wrong, "\n".join(wrong)
     finally:

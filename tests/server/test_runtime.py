@@ -18,8 +18,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agentcoord.core.errors import InvalidInput
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
-from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_pb
-from agentcoord.distribution.v1 import distribution_service_pb2_grpc as distribution_grpc
 from agentcoord.server import config as server_config
 from agentcoord.server.config import ServerConfig
 from tests.helpers import bearer
@@ -56,11 +54,11 @@ async def test_join_and_admin_tokens(start_server: StartServer) -> None:
         assert left.agent.state == pb.Agent.STATE_LEFT
 
 
-async def test_pending_services_answer_unimplemented(channel: grpc.aio.Channel) -> None:
-    stub = distribution_grpc.DistributionServiceStub(channel)
-    with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await stub.GetTask(distribution_pb.GetTaskRequest(task_id="t"))
-    assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_distribution_is_refused_without_discovery() -> None:
+    config = ServerConfig(listen="127.0.0.1:0", services=("distribution",))
+    with pytest.raises(InvalidInput) as refused:
+        config.validate()
+    assert refused.value.field == "services" and "discovery" in refused.value.message
 
 
 async def test_one_service_per_process(start_server: StartServer) -> None:

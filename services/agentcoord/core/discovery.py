@@ -18,7 +18,7 @@ import hmac
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -270,6 +270,8 @@ class Discovery:
         """Sorted ids of the agents (any state) with each capability."""
         self._by_role: dict[str, list[str]] = {}
         """Sorted ids of the agents (any state) with each non-empty role."""
+        self.heartbeat_listeners: list[Callable[[str, tuple[str, ...]], None]] = []
+        """Called with the agent id and its held sub-task ids on every accepted heartbeat."""
 
     async def start(self) -> None:
         """Load agents from the store; live ones get a full TTL from now.
@@ -403,6 +405,8 @@ class Discovery:
         entry.last_heartbeat_time = wall
         entry.pending = True
         self._dirty[session.agent_id] = None
+        for listener in self.heartbeat_listeners:
+            listener(session.agent_id, held_subtask_ids)
         return HeartbeatAck(ttl, ttl / 3, session.epoch, HeartbeatCommand.NONE)
 
     async def deregister(self, session: Session | None, agent_id: str) -> Agent:

@@ -19,16 +19,19 @@ from grpc_reflection.v1alpha import reflection
 from agentcoord.core.changes import ChangeFeed
 from agentcoord.core.clock import Clock, SystemClock
 from agentcoord.core.discovery import Discovery, DiscoveryConfig, session_from_store
+from agentcoord.core.distribution import Distribution, DistributionConfig
 from agentcoord.core.models import AgentState
 from agentcoord.core.statesync import Liveness, StateSync, StateSyncConfig
+from agentcoord.core.task_rules import RetryPolicy, TaskDefaults
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc
 from agentcoord.server import discovery as discovery_server
-from agentcoord.server import pending
+from agentcoord.server import distribution as distribution_server
 from agentcoord.server import statesync as statesync_server
 from agentcoord.server.auth import Access, Authenticator, SessionLookup
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.interceptors import CallInterceptor
+from agentcoord.server.splitters import load_splitter
 from agentcoord.server.streams import StreamTracker
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc
 from agentcoord.store.base import Store
@@ -126,6 +129,7 @@ async def _host_services(
     hosted: list[_Hosted] = []
     lookup: SessionLookup = functools.partial(session_from_store, store)
     is_live = _store_liveness(store)
+    discovery: Discovery | None = None
     if "discovery" in config.services:
         discovery = Discovery(
             store,
@@ -173,16 +177,33 @@ async def _host_services(
             )
         )
     if "distribution" in config.services:
+        assert discovery is not None  # ServerConfig.validate requires it
+        distribution = Distribution(
+            store,
+            clock,
+            feed,
+            DistributionConfig(
+                defaults=TaskDefaults(
+                    max_attempts=config.default_max_attempts, lease_ttl=config.default_lease_ttl
+                ),
+                retry=RetryPolicy(base=config.retry_backoff),
+            ),
+            load_splitter(config.splitter),
+            is_live,
+        )
+        await distribution.start()
+        discovery.heartbeat_listeners.append(distribution.renew_leases)
+        distribution_servicer = distribution_server.DistributionServicer(distribution, streams)
         hosted.append(
             _Hosted(
-                pending.DISTRIBUTION_SERVICE.full_name,
-                {},
+                distribution_server.SERVICE.full_name,
+                distribution_server.ACCESS,
                 lambda server: (
                     distribution_service_pb2_grpc.add_DistributionServiceServicer_to_server(
-                        pending.DistributionServicer(),  # type: ignore[abstract]
-                        server,
+                        distribution_servicer, server
                     )
                 ),
+                distribution.run,
             )
         )
     return hosted, lookup

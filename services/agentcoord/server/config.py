@@ -54,6 +54,14 @@ class ServerConfig:
     """Compares plus operations in one StateSync write at most."""
     change_retention: float = 7 * 24 * 3600.0
     """Seconds the change log and idempotency records are kept."""
+    default_lease_ttl: float = 30.0
+    """Lease TTL in seconds of tasks that ask for none."""
+    default_max_attempts: int = 3
+    """Attempts per sub-task of tasks that ask for none."""
+    retry_backoff: float = 1.0
+    """Seconds before the first retry of a failed sub-task; doubles per failure, up to 60 s."""
+    splitter: str = "builtin"
+    """AUTO splitter: ``builtin`` or ``module:attribute`` naming a Splitter class or factory."""
     log_level: str = "INFO"
     """Logging level name."""
     log_format: str = "text"
@@ -83,6 +91,18 @@ class ServerConfig:
             raise InvalidInput("max_transaction_operations", "must be at least 1")
         if self.change_retention <= 0:
             raise InvalidInput("change_retention", "must be positive")
+        if "distribution" in self.services and "discovery" not in self.services:
+            raise InvalidInput(
+                "services",
+                "distribution needs discovery in the same process: it judges agent liveness "
+                "and renews leases from heartbeats",
+            )
+        if not 1.0 <= self.default_lease_ttl <= 3600.0:
+            raise InvalidInput("default_lease_ttl", "must be between 1 and 3600 seconds")
+        if not 1 <= self.default_max_attempts <= 100:
+            raise InvalidInput("default_max_attempts", "must be between 1 and 100")
+        if not 0.0 <= self.retry_backoff <= 60.0:
+            raise InvalidInput("retry_backoff", "must be between 0 and 60 seconds")
         if self.log_format not in ("text", "json"):
             raise InvalidInput("log_format", "choose text or json")
         if not is_loopback(host) and not self.insecure and not (self.tls_cert and self.join_token):

@@ -1,0 +1,834 @@
+"""Distribution: tasks in, leases out; the scheduler that matches READY sub-tasks to agents.
+
+The store is the truth: every lease, completion, failure and cancellation is a store
+operation that checks the sub-task's state and fencing token inside its transaction, so
+no sub-task succeeds twice whatever this process believes. This process keeps a mirror
+for speed, rebuilt from the store at start and updated from each operation's result:
+
+- READY sub-tasks in one priority queue per set of required capabilities (``-priority``,
+  task age, position in the task), and sub-tasks waiting out a retry back-off in a heap;
+- the agents Discovery knows, from the change log, with the leases each one holds;
+- lease deadlines on the monotonic clock, renewed by heartbeats that name the sub-task
+  (Discovery calls :meth:`Distribution.renew_leases`).
+
+Assignment never scans every sub-task or agent: a new READY sub-task is offered to the
+agents capable of its capability set only, least loaded first (held leases / capacity,
+ties to the agent that waited longest); an agent with free capacity takes the best head
+among the queues of the capability sets it covers. Leases are pushed to agents with an
+open StreamAssignments stream; ClaimSubtask pulls from the same queues. One Distribution
+process per store: it must be the process that hosts Discovery (liveness and heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from agentcoord.core.changes import ChangeFeed
+from agentcoord.core.clock import Clock
+from agentcoord.core.discovery import Session
+from agentcoord.core.errors import (
+    AgentcoordError,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+)
+from agentcoord.core.loops import run_periodically
+from agentcoord.core.models import Agent, AgentEventKind, AgentState, AgentStatus, Change, Service
+from agentcoord.core.splitter import Splitter
+from agentcoord.core.statesync import Liveness
+from agentcoord.core.task_rules import (
+    RetryPolicy,
+    TaskDefaults,
+    TaskUpdate,
+    aggregate_result,
+    build_task,
+    check_plan,
+    plan_of,
+)
+from agentcoord.core.tasks import (
+    Failure,
+    FailureClass,
+    Lease,
+    Plan,
+    RevocationReason,
+    SplitPolicy,
+    Subtask,
+    SubtaskState,
+    Task,
+    TaskCursor,
+    TaskFilter,
+    TaskSpec,
+    TaskState,
+)
+from agentcoord.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DistributionConfig:
+    """Defaults and timing of Distribution."""
+
+    defaults: TaskDefaults = field(default_factory=TaskDefaults)
+    """Attempts and lease TTL of tasks that ask for none."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Back-off of retried sub-tasks."""
+    sweep_interval: float = 0.1
+    """Seconds between sweeps of lease expiries and finished back-offs."""
+    max_claim_wait: float = 60.0
+    """Longest ``wait`` of ClaimSubtask."""
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A lease for an agent, with the sub-task to work on."""
+
+    lease: Lease
+    subtask: Subtask
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """Notice that an agent lost a lease and must stop working on the sub-task."""
+
+    subtask_id: str
+    fencing_token: int
+    reason: RevocationReason
+
+
+AssignmentMessage = Assignment | Revoked
+"""What StreamAssignments sends."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskView:
+    """A task as read, with its sub-tasks when asked for and its aggregated result."""
+
+    task: Task
+    subtasks: tuple[Subtask, ...] | None
+    """Every sub-task in task order (FULL view), or None (BASIC view)."""
+    result: str | None
+    """Canonical JSON of the aggregated result once SUCCEEDED."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskWatchItem:
+    """One message of WatchTask: transitions (empty in the first) and the task after them."""
+
+    changes: Sequence[Change]
+    view: TaskView
+    revision: int
+
+
+class StreamReplaced(FailedPrecondition):
+    """A newer StreamAssignments stream of the same agent replaced this one."""
+
+
+class SessionEnded(FailedPrecondition):
+    """The agent's session ended while its stream was open."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """A lease this process knows of."""
+
+    lease: Lease
+    task_id: str
+    deadline: float
+
+
+class _Stream:
+    """The open StreamAssignments stream of one agent."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[AssignmentMessage | AgentcoordError] = asyncio.Queue()
+
+    def send(self, message: AssignmentMessage | AgentcoordError) -> None:
+        self.queue.put_nowait(message)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """An agent as the scheduler sees it."""
+
+    agent_id: str
+    capabilities: frozenset[str]
+    capacity: int
+    live: bool = True
+    draining: bool = False
+    held: dict[str, _Held] = field(default_factory=dict)
+    reserved: int = 0
+    """Leases being granted (store write in flight)."""
+    stream: _Stream | None = None
+    last_grant: int = 0
+    """Sequence number of the latest grant; the lower, the longer it waited."""
+
+    @property
+    def load(self) -> int:
+        return len(self.held) + self.reserved
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.load
+
+    @property
+    def hungry(self) -> bool:
+        """Whether leases may be pushed to it now."""
+        return self.stream is not None and self.live and not self.draining and self.free > 0
+
+    def rank(self) -> tuple[float, int, str]:
+        """Least loaded first, then the one that waited longest."""
+        return (self.load / self.capacity, self.last_grant, self.agent_id)
+
+
+def _queue_key(subtask: Subtask) -> tuple[int, float, int, str]:
+    return (-subtask.priority, subtask.create_time.timestamp(), subtask.seq, subtask.subtask_id)
+
+
+class Distribution:
+    """The Distribution domain service and its scheduler."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        feed: ChangeFeed,
+        config: DistributionConfig,
+        splitter: Splitter,
+        is_live: Liveness,
+    ) -> None:
+        """Wire the service; call :meth:`start` before use."""
+        self._store = store
+        self._clock = clock
+        self._feed = feed
+        self.config = config
+        self.splitter = splitter
+        self._is_live = is_live
+        self._slots: dict[str, _Slot] = {}
+        self._ready: dict[str, Subtask] = {}
+        """READY sub-tasks that may be leased now (not reserved, back-off passed)."""
+        self._queues: dict[frozenset[str], list[tuple[tuple[int, float, int, str], str]]] = {}
+        self._capable: dict[frozenset[str], list[str]] = {}
+        """Agents (ids) covering each capability set that has a queue."""
+        self._delayed: list[tuple[datetime, str]] = []
+        self._waiting: dict[str, Subtask] = {}
+        """READY sub-tasks waiting out a back-off."""
+        self._held: dict[str, _Held] = {}
+        self._deadlines: list[tuple[float, str, int]] = []
+        self._claims: dict[tuple[str, str], str] = {}
+        self._grants = itertools.count(1)
+        self._work_arrived = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # Start and background work
+
+    async def start(self) -> None:
+        """Rebuild the mirror from the store; leases held get a full TTL from now."""
+        for agent, _ in await self._store.load_agents():
+            if agent.state is AgentState.LIVE:
+                self._slots[agent.agent_id] = self._slot_of(agent)
+        now = self._clock.monotonic()
+        for subtask in await self._store.load_open_subtasks():
+            if subtask.state is SubtaskState.READY:
+                self._enqueue(subtask)
+            elif subtask.lease is not None:
+                lease = subtask.lease
+                slot = self._slots.get(lease.agent_id)
+                if slot is None:
+                    slot = _Slot(lease.agent_id, frozenset(), 1, live=False)
+                    self._slots[lease.agent_id] = slot
+                self._track(slot, lease, subtask.task_id, now + lease.ttl)
+
+    @staticmethod
+    def _slot_of(agent: Agent) -> _Slot:
+        return _Slot(
+            agent.agent_id,
+            frozenset(agent.capabilities),
+            max(agent.capacity, 1),
+            draining=agent.status is AgentStatus.DRAINING,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow agent changes and sweep leases and back-offs until ``stop`` is set."""
+        follower = asyncio.create_task(self._follow_agents(), name="distribution-agents")
+        try:
+            # Leases of agents that died while the server was down.
+            for slot in list(self._slots.values()):
+                if not slot.live and slot.held:
+                    await self._release(slot.agent_id)
+            await run_periodically(stop, self.config.sweep_interval, self.sweep, "lease sweep")
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _follow_agents(self) -> None:
+        def is_agent_change(change: Change) -> bool:
+            return change.service is Service.DISCOVERY and change.kind.startswith("agent.")
+
+        async for batch in self._feed.watch(0, is_agent_change):
+            for change in batch.changes:
+                try:
+                    await self._on_agent_change(change)
+                except Exception:
+                    log.exception("distribution: handling %s failed", change.kind)
+
+    async def _on_agent_change(self, change: Change) -> None:
+        agent = Agent.from_snapshot(change.details["agent"])
+        kind = AgentEventKind(change.kind.removeprefix("agent."))
+        slot = self._slots.get(agent.agent_id)
+        if kind in (AgentEventKind.LEFT, AgentEventKind.EXPIRED):
+            if slot is not None:
+                slot.live = False
+                if slot.stream is not None:
+                    slot.stream.send(
+                        SessionEnded(
+                            f"agent {agent.agent_id!r} {kind.value}: its session ended",
+                            reason="SESSION_ENDED",
+                        )
+                    )
+            await self._release(agent.agent_id)
+            return
+        if slot is None:
+            self._slots[agent.agent_id] = slot = self._slot_of(agent)
+        else:
+            slot.capabilities = frozenset(agent.capabilities)
+            slot.capacity = max(agent.capacity, 1)
+            slot.draining = agent.status is AgentStatus.DRAINING
+            slot.live = True
+        self._capable.clear()  # capability sets are re-matched lazily
+        self._feed_agent(slot)
+
+    async def _release(self, agent_id: str) -> None:
+        """Return a dead agent's leased sub-tasks to READY (failure AGENT_DIED)."""
+        updates = await self._store.release_leases(agent_id, self._clock.now())
+        for update in updates:
+            self._absorb(update)
+        slot = self._slots.get(agent_id)
+        if slot is not None and not slot.live and not slot.held and slot.stream is None:
+            del self._slots[agent_id]
+            self._capable.clear()
+
+    async def sweep(self) -> None:
+        """Expire overdue leases and make sub-tasks whose back-off ended leasable."""
+        now = self._clock.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, subtask_id, token = heapq.heappop(self._deadlines)
+            held = self._held.get(subtask_id)
+            if held is None or held.lease.fencing_token != token:
+                continue
+            if held.deadline > now:
+                heapq.heappush(self._deadlines, (held.deadline, subtask_id, token))
+                continue
+            await self._expire(held)
+        wall = self._clock.now()
+        while self._delayed and self._delayed[0][0] <= wall:
+            _, subtask_id = heapq.heappop(self._delayed)
+            subtask = self._waiting.pop(subtask_id, None)
+            if subtask is not None:
+                self._enqueue(replace(subtask, next_attempt_time=None))
+
+    async def _expire(self, held: _Held) -> None:
+        lease = held.lease
+        failure = Failure(
+            failure_class=FailureClass.LEASE_LOST,
+            message=f"lease expired: not renewed within {lease.ttl:g} s",
+            retryable=True,
+            subtask_id=lease.subtask_id,
+            agent_id=lease.agent_id,
+            attempt=lease.attempt,
+            time=self._clock.now(),
+        )
+        try:
+            update = await self._store.fail_subtask(failure, lease.fencing_token, self.config.retry)
+        except FailedPrecondition:
+            update = None  # ended meanwhile; the operation that ended it updated the mirror
+        slot = self._slots.get(lease.agent_id)
+        if slot is not None and slot.stream is not None:
+            slot.stream.send(
+                Revoked(lease.subtask_id, lease.fencing_token, RevocationReason.LEASE_EXPIRED)
+            )
+        if update is not None:
+            self._absorb(update)
+
+    # The mirror
+
+    def _enqueue(self, subtask: Subtask) -> None:
+        """Queue a READY sub-task (or park it until its back-off ends) and offer it."""
+        if subtask.next_attempt_time is not None and subtask.next_attempt_time > self._clock.now():
+            self._waiting[subtask.subtask_id] = subtask
+            heapq.heappush(self._delayed, (subtask.next_attempt_time, subtask.subtask_id))
+            return
+        self._ready[subtask.subtask_id] = subtask
+        group = frozenset(subtask.required_capabilities)
+        heapq.heappush(
+            self._queues.setdefault(group, []), (_queue_key(subtask), subtask.subtask_id)
+        )
+        self._offer(group)
+        self._work_arrived.set()
+        self._work_arrived = asyncio.Event()
+
+    def _forget(self, subtask_id: str) -> None:
+        """Drop a sub-task from the queues (lazily: heap entries are skipped later)."""
+        self._ready.pop(subtask_id, None)
+        self._waiting.pop(subtask_id, None)
+
+    def _track(self, slot: _Slot, lease: Lease, task_id: str, deadline: float) -> None:
+        held = _Held(lease, task_id, deadline)
+        slot.held[lease.subtask_id] = held
+        self._held[lease.subtask_id] = held
+        heapq.heappush(self._deadlines, (deadline, lease.subtask_id, lease.fencing_token))
+
+    def _untrack(self, subtask_id: str) -> _Slot | None:
+        held = self._held.pop(subtask_id, None)
+        if held is None:
+            return None
+        slot = self._slots.get(held.lease.agent_id)
+        if slot is not None:
+            slot.held.pop(subtask_id, None)
+        return slot
+
+    def _absorb(self, update: TaskUpdate) -> None:
+        """Bring the mirror up to date with what a store operation did."""
+        freed: dict[str, _Slot] = {}
+        for subtask in update.changed:
+            held = self._held.get(subtask.subtask_id)
+            if held is not None and (
+                subtask.lease is None or subtask.lease.fencing_token != held.lease.fencing_token
+            ):
+                slot = self._untrack(subtask.subtask_id)
+                if slot is not None:
+                    freed[slot.agent_id] = slot
+            self._forget(subtask.subtask_id)
+            if subtask.state is SubtaskState.READY:
+                self._enqueue(subtask)
+        for revocation in update.revocations:
+            slot = self._slots.get(revocation.lease.agent_id)
+            if slot is not None and slot.stream is not None:
+                slot.stream.send(
+                    Revoked(
+                        revocation.lease.subtask_id,
+                        revocation.lease.fencing_token,
+                        RevocationReason(revocation.reason),
+                    )
+                )
+        for slot in freed.values():
+            if not slot.live and not slot.held and slot.stream is None:
+                self._slots.pop(slot.agent_id, None)
+                self._capable.clear()
+            else:
+                self._feed_agent(slot)
+
+    # Matching
+
+    def _capable_of(self, group: frozenset[str]) -> list[str]:
+        agents = self._capable.get(group)
+        if agents is None:
+            agents = [a for a, slot in self._slots.items() if group <= slot.capabilities]
+            self._capable[group] = agents
+        return agents
+
+    def _head(self, group: frozenset[str]) -> Subtask | None:
+        """Return the best leasable sub-task of a queue, dropping stale entries."""
+        queue = self._queues.get(group)
+        while queue:
+            _, subtask_id = queue[0]
+            subtask = self._ready.get(subtask_id)
+            if subtask is None:
+                heapq.heappop(queue)
+                continue
+            return subtask
+        if queue is not None:
+            del self._queues[group]
+        return None
+
+    def _offer(self, group: frozenset[str]) -> None:
+        """Push the queue's sub-tasks to its capable hungry agents, least loaded first."""
+        while True:
+            subtask = self._head(group)
+            if subtask is None:
+                return
+            hungry = [
+                slot
+                for agent_id in self._capable_of(group)
+                if (slot := self._slots[agent_id]).hungry
+            ]
+            if not hungry:
+                return
+            slot = min(hungry, key=_Slot.rank)
+            avoided = _last_failed_agent(subtask)
+            if slot.agent_id == avoided and len(hungry) > 1:
+                slot = min((s for s in hungry if s.agent_id != avoided), key=_Slot.rank)
+            self._reserve_and_grant(slot, subtask)
+
+    def _feed_agent(self, slot: _Slot) -> None:
+        """Push work to an agent that has free capacity, best sub-task first."""
+        while slot.hungry:
+            subtask = self._best_for(slot)
+            if subtask is None:
+                return
+            self._reserve_and_grant(slot, subtask)
+
+    def _best_for(self, slot: _Slot) -> Subtask | None:
+        best: Subtask | None = None
+        for group in list(self._queues):
+            if not group <= slot.capabilities:
+                continue
+            subtask = self._head(group)
+            if subtask is not None and (best is None or _queue_key(subtask) < _queue_key(best)):
+                best = subtask
+        return best
+
+    def _reserve(self, slot: _Slot, subtask: Subtask) -> None:
+        self._ready.pop(subtask.subtask_id, None)
+        slot.reserved += 1
+        slot.last_grant = next(self._grants)
+
+    def _reserve_and_grant(self, slot: _Slot, subtask: Subtask) -> None:
+        self._reserve(slot, subtask)
+        task = asyncio.create_task(self._push(slot, subtask))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _push(self, slot: _Slot, subtask: Subtask) -> None:
+        assignment = await self._grant(slot, subtask)
+        if assignment is not None:
+            if slot.stream is not None:
+                slot.stream.send(assignment)
+            # Otherwise the stream closed meanwhile: the lease is re-sent when it reopens.
+        elif slot.hungry:
+            self._feed_agent(slot)
+
+    async def _grant(self, slot: _Slot, subtask: Subtask) -> Assignment | None:
+        """Lease a reserved sub-task to ``slot``'s agent in the store."""
+        try:
+            if not await self._is_live(slot.agent_id):
+                slot.live = False  # its expiry is on the way through the change log
+                update = None
+            else:
+                update = await self._store.lease_subtask(
+                    subtask.subtask_id, slot.agent_id, self._clock.now()
+                )
+        except FailedPrecondition:
+            return None  # cancelled or leased meanwhile: the store knows best
+        except Exception:
+            log.exception("leasing sub-task %s failed; retrying in 1 s", subtask.subtask_id)
+            retry_at = self._clock.now() + timedelta(seconds=1)
+            update, subtask = None, replace(subtask, next_attempt_time=retry_at)
+        finally:
+            slot.reserved -= 1
+        if update is None:
+            self._enqueue(subtask)
+            return None
+        leased = update.subtask
+        assert leased is not None and leased.lease is not None
+        self._track(slot, leased.lease, leased.task_id, self._clock.monotonic() + leased.lease_ttl)
+        self._absorb(update)
+        return Assignment(leased.lease, leased)
+
+    # Agent-facing calls
+
+    async def _slot_for(self, session: Session, agent_id: str) -> _Slot:
+        session.check_acts_as(agent_id)
+        slot = self._slots.get(session.agent_id)
+        if slot is None or not slot.live:
+            agent = await self._store.get_agent(session.agent_id)
+            if agent is None or agent.state is not AgentState.LIVE or agent.epoch != session.epoch:
+                raise SessionEnded(
+                    f"agent_id: the session of agent {session.agent_id!r} has ended",
+                    reason="SESSION_ENDED",
+                )
+            held = slot.held if slot is not None else {}
+            slot = self._slot_of(agent)
+            slot.held = held
+            self._slots[agent.agent_id] = slot
+            self._capable.clear()
+        return slot
+
+    async def assignments(
+        self, session: Session, agent_id: str
+    ) -> AsyncIterator[AssignmentMessage]:
+        """Stream leases to the agent: first those it holds, then new ones as granted.
+
+        Raises:
+            StreamReplaced: a newer stream of the same agent took over.
+            SessionEnded: the agent's session ended.
+        """
+        slot = await self._slot_for(session, agent_id)
+        if slot.stream is not None:
+            slot.stream.send(
+                StreamReplaced(
+                    f"agent_id: a newer StreamAssignments stream of {slot.agent_id!r} replaced "
+                    "this one",
+                    reason="STREAM_REPLACED",
+                )
+            )
+        stream = _Stream()
+        slot.stream = stream
+        try:
+            for held in sorted(slot.held.values(), key=lambda h: h.lease.fencing_token):
+                subtask = await self._store.get_subtask(held.lease.subtask_id)
+                if subtask is not None and subtask.state is SubtaskState.LEASED:
+                    yield Assignment(self._live_lease(held), subtask)
+            self._feed_agent(slot)
+            while True:
+                message = await stream.queue.get()
+                if isinstance(message, AgentcoordError):
+                    raise message
+                yield message
+        finally:
+            if slot.stream is stream:
+                slot.stream = None
+
+    def _live_lease(self, held: _Held) -> Lease:
+        """Return a lease with the expiry this process judges it by."""
+        remaining = max(0.0, held.deadline - self._clock.monotonic())
+        return replace(held.lease, expire_time=self._clock.now() + timedelta(seconds=remaining))
+
+    async def claim(
+        self, session: Session, agent_id: str, wait: float, request_id: str
+    ) -> Assignment | None:
+        """Lease the best sub-task for the agent, waiting up to ``wait`` seconds for one.
+
+        Raises:
+            ResourceExhausted: the agent holds as many leases as its capacity.
+        """
+        slot = await self._slot_for(session, agent_id)
+        key = (slot.agent_id, request_id)
+        if request_id and key in self._claims:
+            held = slot.held.get(self._claims[key])
+            if held is not None:
+                subtask = await self._store.get_subtask(held.lease.subtask_id)
+                if subtask is not None:
+                    return Assignment(self._live_lease(held), subtask)
+        if slot.free <= 0:
+            raise ResourceExhausted(
+                f"agent_id: agent {slot.agent_id!r} holds {len(slot.held)} leases, its capacity",
+                reason="AGENT_AT_CAPACITY",
+                metadata={"capacity": str(slot.capacity)},
+            )
+        deadline = self._clock.monotonic() + min(wait, self.config.max_claim_wait)
+        while True:
+            subtask = self._best_for(slot)
+            if subtask is not None:
+                self._reserve(slot, subtask)
+                assignment = await self._grant(slot, subtask)
+                if assignment is not None:
+                    if request_id:
+                        self._claims[key] = assignment.lease.subtask_id
+                    return assignment
+                continue
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                return None
+            arrived = self._work_arrived
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), remaining)
+
+    def _check_not_expired(self, subtask_id: str, fencing_token: int) -> None:
+        held = self._held.get(subtask_id)
+        if (
+            held is not None
+            and held.lease.fencing_token == fencing_token
+            and held.deadline <= self._clock.monotonic()
+        ):
+            raise FailedPrecondition(
+                f"fencing_token: the lease {fencing_token} of sub-task {subtask_id!r} expired",
+                reason="LEASE_EXPIRED",
+                metadata={"subtask_id": subtask_id, "fencing_token": str(fencing_token)},
+            )
+
+    async def complete(
+        self, session: Session, agent_id: str, subtask_id: str, fencing_token: int, result: str
+    ) -> TaskUpdate:
+        """Record the result of a leased sub-task (see the store's ``complete_subtask``)."""
+        session.check_acts_as(agent_id)
+        self._check_not_expired(subtask_id, fencing_token)
+        update = await self._store.complete_subtask(
+            subtask_id, session.agent_id, fencing_token, result, self._clock.now()
+        )
+        self._absorb(update)
+        self._forget_claims(subtask_id)
+        return update
+
+    async def fail(
+        self,
+        session: Session,
+        agent_id: str,
+        subtask_id: str,
+        fencing_token: int,
+        *,
+        message: str,
+        retryable: bool,
+        failure_class: FailureClass,
+        details: str | None,
+    ) -> TaskUpdate:
+        """Record a failed attempt reported by the lease holder."""
+        session.check_acts_as(agent_id)
+        if failure_class not in (FailureClass.TASK_ERROR, FailureClass.TIMEOUT):
+            raise InvalidInput(
+                "failure_class", "agents report FAILURE_CLASS_TASK_ERROR or FAILURE_CLASS_TIMEOUT"
+            )
+        self._check_not_expired(subtask_id, fencing_token)
+        held = self._held.get(subtask_id)
+        failure = Failure(
+            failure_class=failure_class,
+            message=message,
+            retryable=retryable,
+            subtask_id=subtask_id,
+            agent_id=session.agent_id,
+            attempt=held.lease.attempt if held is not None else 0,
+            time=self._clock.now(),
+            details=details,
+        )
+        update = await self._store.fail_subtask(failure, fencing_token, self.config.retry)
+        self._absorb(update)
+        self._forget_claims(subtask_id)
+        return update
+
+    def _forget_claims(self, subtask_id: str) -> None:
+        for key in [k for k, v in self._claims.items() if v == subtask_id]:
+            del self._claims[key]
+
+    def renew_leases(self, agent_id: str, subtask_ids: Sequence[str]) -> None:
+        """Renew the named leases the agent holds, each by its TTL (from its heartbeat)."""
+        slot = self._slots.get(agent_id)
+        if slot is None:
+            return
+        now = self._clock.monotonic()
+        for subtask_id in subtask_ids:
+            held = slot.held.get(subtask_id)
+            if held is not None:
+                held.deadline = now + held.lease.ttl
+
+    # Planner-facing calls
+
+    def analyze(self, spec: TaskSpec) -> Plan:
+        """Return the plan SubmitTask would run for ``spec``.
+
+        Raises:
+            InvalidInput: the sub-tasks do not form a valid DAG, or AUTO has no description.
+        """
+        if spec.split_policy is SplitPolicy.AUTO:
+            plan: Plan = self.splitter.split(spec)
+            if spec.aggregation_local_id:
+                plan = replace(plan, aggregation_local_id=spec.aggregation_local_id)
+        else:
+            plan = plan_of(spec)
+        check_plan(plan)
+        return plan
+
+    async def submit(self, spec: TaskSpec, request_id: str, submitter_agent_id: str) -> TaskView:
+        """Create a task and queue its READY sub-tasks; a repeated request id gives the first."""
+        task, subtasks = build_task(
+            spec,
+            self.analyze(spec),
+            new_id=lambda: str(uuid.uuid4()),
+            submitter_agent_id=submitter_agent_id,
+            request_id=request_id,
+            now=self._clock.now(),
+            defaults=self.config.defaults,
+        )
+        stored, created = await self._store.submit_task(task, subtasks)
+        if created:
+            ready = [s for s in subtasks if s.state is SubtaskState.READY]
+            for subtask in ready:
+                self._enqueue(subtask)
+        return await self.get_task(stored.task_id, full=True)
+
+    async def get_task(self, task_id: str, *, full: bool) -> TaskView:
+        """Return a task; ``full`` includes every sub-task.
+
+        Raises:
+            NotFound: no such task.
+        """
+        task = await self._store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"task_id: task {task_id!r} does not exist", reason="TASK_NOT_FOUND")
+        return await self._view(task, full)
+
+    async def _view(self, task: Task, full: bool) -> TaskView:
+        subtasks: list[Subtask] = []
+        if full or task.state is TaskState.SUCCEEDED:
+            subtasks = [
+                self._with_live_lease(s) for s in await self._store.list_subtasks(task.task_id)
+            ]
+        return TaskView(task, tuple(subtasks) if full else None, aggregate_result(task, subtasks))
+
+    def _with_live_lease(self, subtask: Subtask) -> Subtask:
+        held = self._held.get(subtask.subtask_id)
+        if held is None or subtask.lease is None:
+            return subtask
+        return replace(subtask, lease=self._live_lease(held))
+
+    async def list_task_views(
+        self, where: TaskFilter, after: TaskCursor | None, limit: int, *, full: bool
+    ) -> tuple[list[TaskView], TaskCursor | None]:
+        """Return a page of task views, newest first, and the cursor of the next page."""
+        tasks = await self._store.list_tasks(where, after, limit + 1)
+        views = [await self._view(t, full) for t in tasks[:limit]]
+        cursor = None
+        if len(tasks) > limit:
+            last = tasks[limit - 1]
+            cursor = TaskCursor(last.create_time, last.task_id)
+        return views, cursor
+
+    async def cancel(self, task_id: str, reason: str, agent_id: str) -> TaskView:
+        """Cancel a task, revoking its leases.
+
+        Raises:
+            NotFound: no such task.
+            FailedPrecondition: it SUCCEEDED or FAILED (reason ``TASK_ENDED``).
+        """
+        update = await self._store.cancel_task(task_id, reason, agent_id, self._clock.now())
+        self._absorb(update)
+        return await self._view(update.task, False)
+
+    async def watch(
+        self, task_id: str, start_revision: int, *, full: bool
+    ) -> AsyncIterator[TaskWatchItem]:
+        """Yield the task's transitions after ``start_revision`` until the task ends.
+
+        Raises:
+            NotFound: no such task.
+        """
+        view = await self.get_task(task_id, full=full)
+
+        def is_task_change(change: Change) -> bool:
+            return change.service is Service.DISTRIBUTION and change.subject == task_id
+
+        first = True
+        async for batch in self._feed.watch(start_revision, is_task_change):
+            if first:
+                first = False
+                # Read after the watch is registered: no later change can be missed.
+                view = await self.get_task(task_id, full=full)
+                yield TaskWatchItem([], view, batch.revision)
+                if view.task.state.is_final and start_revision <= 0:
+                    return
+                continue
+            view = await self.get_task(task_id, full=full)
+            yield TaskWatchItem(batch.changes, view, batch.revision)
+            if any(_ends_task(change) for change in batch.changes):
+                return
+
+
+def _ends_task(change: Change) -> bool:
+    return change.kind in ("task.succeeded", "task.failed", "task.cancelled")
+
+
+def _last_failed_agent(subtask: Subtask) -> str:
+    failure = subtask.last_failure
+    return failure.agent_id if failure is not None else ""

@@ -1,0 +1,554 @@
+"""DistributionService handlers: validate, call the core, translate."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from agentcoord.core.discovery import Session
+from agentcoord.core.distribution import Assignment, Distribution, Revoked, TaskView
+from agentcoord.core.errors import InvalidInput, PermissionDenied
+from agentcoord.core.models import Change
+from agentcoord.core.tasks import (
+    Failure,
+    FailureClass,
+    Lease,
+    Plan,
+    RevocationReason,
+    SplitPolicy,
+    Subtask,
+    SubtaskSpec,
+    SubtaskState,
+    Task,
+    TaskCursor,
+    TaskFilter,
+    TaskSpec,
+    TaskState,
+)
+from agentcoord.distribution.v1 import distribution_service_pb2 as pb
+from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
+from agentcoord.server import convert, validation
+from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.streams import StreamTracker
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE = pb.DESCRIPTOR.services_by_name["DistributionService"]
+"""Descriptor of the service."""
+
+ACCESS = {
+    "GetTask": Access.READ,
+    "ListTasks": Access.READ,
+    "AnalyzeTask": Access.READ,
+    "SubmitTask": Access.READ,
+    "CancelTask": Access.READ,
+    "WatchTask": Access.READ,
+    "StreamAssignments": Access.AGENT,
+    "ClaimSubtask": Access.AGENT,
+    "CompleteSubtask": Access.AGENT,
+    "FailSubtask": Access.AGENT,
+}
+"""Access each RPC needs."""
+
+LOCAL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""A sub-task's local id."""
+MAX_TITLE = 256
+MAX_DESCRIPTION = 65536
+MAX_SUBTASKS = 10000
+MAX_JSON_BYTES = 1 << 20
+"""Largest encoded input or result."""
+MAX_DETAILS_BYTES = 64 << 10
+MAX_ERROR_MESSAGE = 4096
+MAX_REQUEST_ID = 128
+MAX_REASON = 1024
+
+TASK_STATE_TO_PROTO = {
+    TaskState.PENDING: pb.Task.STATE_PENDING,
+    TaskState.RUNNING: pb.Task.STATE_RUNNING,
+    TaskState.SUCCEEDED: pb.Task.STATE_SUCCEEDED,
+    TaskState.FAILED: pb.Task.STATE_FAILED,
+    TaskState.CANCELLED: pb.Task.STATE_CANCELLED,
+}
+TASK_STATE_FROM_PROTO = {value: key for key, value in TASK_STATE_TO_PROTO.items()}
+SUBTASK_STATE_TO_PROTO = {
+    SubtaskState.BLOCKED: pb.Subtask.STATE_BLOCKED,
+    SubtaskState.READY: pb.Subtask.STATE_READY,
+    SubtaskState.LEASED: pb.Subtask.STATE_LEASED,
+    SubtaskState.SUCCEEDED: pb.Subtask.STATE_SUCCEEDED,
+    SubtaskState.FAILED: pb.Subtask.STATE_FAILED,
+    SubtaskState.CANCELLED: pb.Subtask.STATE_CANCELLED,
+}
+SPLIT_POLICY_FROM_PROTO = {
+    pb.SPLIT_POLICY_NONE: SplitPolicy.NONE,
+    pb.SPLIT_POLICY_EXPLICIT: SplitPolicy.EXPLICIT,
+    pb.SPLIT_POLICY_AUTO: SplitPolicy.AUTO,
+}
+SPLIT_POLICY_TO_PROTO = {value: key for key, value in SPLIT_POLICY_FROM_PROTO.items()}
+FAILURE_CLASS_TO_PROTO = {
+    FailureClass.AGENT_DIED: pb.FAILURE_CLASS_AGENT_DIED,
+    FailureClass.LEASE_LOST: pb.FAILURE_CLASS_LEASE_LOST,
+    FailureClass.TASK_ERROR: pb.FAILURE_CLASS_TASK_ERROR,
+    FailureClass.TIMEOUT: pb.FAILURE_CLASS_TIMEOUT,
+}
+FAILURE_CLASS_FROM_PROTO = {value: key for key, value in FAILURE_CLASS_TO_PROTO.items()}
+REVOCATION_REASON_TO_PROTO = {
+    RevocationReason.TASK_CANCELLED: pb.Revocation.REASON_TASK_CANCELLED,
+    RevocationReason.TASK_FAILED: pb.Revocation.REASON_TASK_FAILED,
+    RevocationReason.LEASE_EXPIRED: pb.Revocation.REASON_LEASE_EXPIRED,
+}
+
+
+class DistributionServicer(pb_grpc.DistributionServiceServicer):
+    """Serves ``agentcoord.distribution.v1.DistributionService``."""
+
+    def __init__(self, core: Distribution, streams: StreamTracker) -> None:
+        """Serve ``core``; ``streams`` ends long streams at shutdown."""
+        self._core = core
+        self._streams = streams
+
+    async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
+        """Return one task."""
+        task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
+        full = request.view != pb.TASK_VIEW_BASIC
+        return pb.GetTaskResponse(task=task_to_proto(await self._core.get_task(task_id, full=full)))
+
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: Context
+    ) -> pb.ListTasksResponse:
+        """List tasks, newest first."""
+        states = []
+        for index, state in enumerate(request.states):
+            if state not in TASK_STATE_FROM_PROTO:
+                raise InvalidInput(f"states[{index}]", "must be a known state, not UNSPECIFIED")
+            states.append(TASK_STATE_FROM_PROTO[state])
+        submitter = request.submitter_agent_id
+        if submitter:
+            validation.matching("submitter_agent_id", submitter, validation.AGENT_ID, "agent id")
+        where = TaskFilter(frozenset(states), submitter)
+        fingerprint = {"states": sorted(s.value for s in states), "submitter": submitter}
+        position = validation.decode_page_token("page_token", request.page_token, fingerprint)
+        after = None
+        if position:
+            time, _, task_id = position.partition("|")
+            after = TaskCursor(datetime.fromisoformat(time), task_id)
+        views, cursor = await self._core.list_task_views(
+            where,
+            after,
+            validation.page_size("page_size", request.page_size),
+            full=request.view == pb.TASK_VIEW_FULL,
+        )
+        token = ""
+        if cursor is not None:
+            token = validation.encode_page_token(
+                f"{cursor.create_time.isoformat()}|{cursor.task_id}", fingerprint
+            )
+        return pb.ListTasksResponse(
+            tasks=[task_to_proto(view) for view in views], next_page_token=token
+        )
+
+    async def AnalyzeTask(
+        self, request: pb.AnalyzeTaskRequest, context: Context
+    ) -> pb.AnalyzeTaskResponse:
+        """Return the plan SubmitTask would run."""
+        plan = self._core.analyze(task_spec_from_proto(request))
+        return plan_to_proto(plan)
+
+    async def SubmitTask(
+        self, request: pb.SubmitTaskRequest, context: Context
+    ) -> pb.SubmitTaskResponse:
+        """Create a task."""
+        spec = task_spec_from_proto(request)
+        request_id = validation.text("request_id", request.request_id, max_length=MAX_REQUEST_ID)
+        session = current_identity().session
+        view = await self._core.submit(spec, request_id, session.agent_id if session else "")
+        return pb.SubmitTaskResponse(task=task_to_proto(view))
+
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: Context
+    ) -> pb.CancelTaskResponse:
+        """Cancel a task."""
+        task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
+        reason = validation.text("reason", request.reason, max_length=MAX_REASON)
+        session = current_identity().session
+        view = await self._core.cancel(task_id, reason, session.agent_id if session else "")
+        return pb.CancelTaskResponse(task=task_to_proto(view))
+
+    async def WatchTask(
+        self, request: pb.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTaskResponse]:
+        """Stream a task's transitions until it ends."""
+        task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
+        if request.start_revision < 0:
+            raise InvalidInput("start_revision", "must not be negative")
+        full = request.view == pb.TASK_VIEW_FULL
+        with self._streams.track():
+            async for item in self._core.watch(task_id, request.start_revision, full=full):
+                yield pb.WatchTaskResponse(
+                    events=[task_event_to_proto(change) for change in item.changes],
+                    task=task_to_proto(item.view),
+                    revision=item.revision,
+                )
+
+    async def StreamAssignments(
+        self, request: pb.StreamAssignmentsRequest, context: Context
+    ) -> AsyncIterator[pb.StreamAssignmentsResponse]:
+        """Push leases to the calling agent."""
+        session = _agent_session()
+        with self._streams.track():
+            async for message in self._core.assignments(session, request.agent_id):
+                if isinstance(message, Assignment):
+                    yield pb.StreamAssignmentsResponse(assignment=assignment_to_proto(message))
+                else:
+                    yield pb.StreamAssignmentsResponse(revocation=revocation_to_proto(message))
+
+    async def ClaimSubtask(
+        self, request: pb.ClaimSubtaskRequest, context: Context
+    ) -> pb.ClaimSubtaskResponse:
+        """Lease one READY sub-task to the calling agent, waiting up to ``wait``."""
+        session = _agent_session()
+        wait = 0.0
+        if request.HasField("wait"):
+            wait = validation.duration("wait", request.wait)
+            if wait < 0 or wait > 60:
+                raise InvalidInput("wait", "must be between 0 and 60 s")
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = max(0.0, min(wait, remaining - 0.05))
+        request_id = validation.text("request_id", request.request_id, max_length=MAX_REQUEST_ID)
+        assignment = await self._core.claim(session, request.agent_id, wait, request_id)
+        if assignment is None:
+            return pb.ClaimSubtaskResponse()
+        return pb.ClaimSubtaskResponse(assignment=assignment_to_proto(assignment))
+
+    async def CompleteSubtask(
+        self, request: pb.CompleteSubtaskRequest, context: Context
+    ) -> pb.CompleteSubtaskResponse:
+        """Record a sub-task's result."""
+        session = _agent_session()
+        subtask_id = validation.text(
+            "subtask_id", request.subtask_id, max_length=128, required=True
+        )
+        token = _fencing_token(request.fencing_token)
+        validation.text("request_id", request.request_id, max_length=MAX_REQUEST_ID)
+        result = _json(request, "result", MAX_JSON_BYTES) or "null"
+        update = await self._core.complete(session, request.agent_id, subtask_id, token, result)
+        assert update.subtask is not None
+        return pb.CompleteSubtaskResponse(
+            subtask=subtask_to_proto(update.subtask),
+            task_state=TASK_STATE_TO_PROTO[update.task.state],
+        )
+
+    async def FailSubtask(
+        self, request: pb.FailSubtaskRequest, context: Context
+    ) -> pb.FailSubtaskResponse:
+        """Record a failed attempt of a sub-task."""
+        session = _agent_session()
+        subtask_id = validation.text(
+            "subtask_id", request.subtask_id, max_length=128, required=True
+        )
+        token = _fencing_token(request.fencing_token)
+        message = validation.text(
+            "error_message", request.error_message, max_length=MAX_ERROR_MESSAGE, required=True
+        )
+        failure_class = FAILURE_CLASS_FROM_PROTO.get(request.failure_class)
+        if failure_class not in (FailureClass.TASK_ERROR, FailureClass.TIMEOUT):
+            raise InvalidInput(
+                "failure_class", "must be FAILURE_CLASS_TASK_ERROR or FAILURE_CLASS_TIMEOUT"
+            )
+        validation.text("request_id", request.request_id, max_length=MAX_REQUEST_ID)
+        update = await self._core.fail(
+            session,
+            request.agent_id,
+            subtask_id,
+            token,
+            message=message,
+            retryable=request.retryable,
+            failure_class=failure_class,
+            details=_json(request, "details", MAX_DETAILS_BYTES),
+        )
+        assert update.subtask is not None
+        return pb.FailSubtaskResponse(
+            subtask=subtask_to_proto(update.subtask),
+            task_state=TASK_STATE_TO_PROTO[update.task.state],
+        )
+
+
+def _agent_session() -> Session:
+    session = current_identity().session
+    if session is None:
+        raise PermissionDenied(
+            "authorization: this call acts as an agent and needs its session token, "
+            "not the admin token",
+            reason="AGENT_SESSION_REQUIRED",
+        )
+    return session
+
+
+def _fencing_token(value: int) -> int:
+    if value <= 0:
+        raise InvalidInput("fencing_token", "must be positive (the token of your lease)")
+    return value
+
+
+def _json(message: Any, field: str, max_bytes: int) -> str | None:
+    """Return the canonical JSON text of a Value field, or None when it is unset."""
+    if not message.HasField(field):
+        return None
+    text = convert.json_text(getattr(message, field))
+    if len(text) > max_bytes:
+        raise InvalidInput(field, f"encodes to {len(text)} bytes; at most {max_bytes}")
+    return text.decode()
+
+
+def _value(text: str | None) -> struct_pb2.Value | None:
+    if text is None:
+        return None
+    return json_format.Parse(text, struct_pb2.Value())
+
+
+def _local_id(field: str, value: str) -> str:
+    return validation.matching(field, value, LOCAL_ID, "local id (1-64 of [A-Za-z0-9._-])")
+
+
+def _subtask_spec_from_proto(prefix: str, spec: pb.SubtaskSpec) -> SubtaskSpec:
+    validation.at_most(f"{prefix}.depends_on", spec.depends_on, MAX_SUBTASKS)
+    return SubtaskSpec(
+        local_id=_local_id(f"{prefix}.local_id", spec.local_id),
+        title=validation.text(f"{prefix}.title", spec.title, max_length=MAX_TITLE, required=True),
+        description=validation.text(
+            f"{prefix}.description", spec.description, max_length=MAX_DESCRIPTION
+        ),
+        input=_json(spec, "input", MAX_JSON_BYTES),
+        required_capabilities=validation.capabilities(
+            f"{prefix}.required_capabilities", spec.required_capabilities
+        ),
+        depends_on=tuple(
+            _local_id(f"{prefix}.depends_on[{index}]", local_id)
+            for index, local_id in enumerate(spec.depends_on)
+        ),
+        max_attempts=validation.in_range(f"{prefix}.max_attempts", spec.max_attempts, 0, 100),
+    )
+
+
+def task_spec_from_proto(request: pb.SubmitTaskRequest | pb.AnalyzeTaskRequest) -> TaskSpec:
+    """Validate and translate the ``task`` of a SubmitTask or AnalyzeTask request."""
+    if not request.HasField("task"):
+        raise InvalidInput("task", "is required")
+    task = request.task
+    policy = SPLIT_POLICY_FROM_PROTO.get(task.split_policy)
+    if policy is None:
+        raise InvalidInput("task.split_policy", "must be NONE, EXPLICIT or AUTO")
+    validation.at_most("task.subtasks", task.subtasks, MAX_SUBTASKS)
+    if policy is SplitPolicy.EXPLICIT and not task.subtasks:
+        raise InvalidInput("task.subtasks", "SPLIT_POLICY_EXPLICIT needs at least one sub-task")
+    if policy is not SplitPolicy.EXPLICIT and task.subtasks:
+        raise InvalidInput("task.subtasks", "must be empty unless the split policy is EXPLICIT")
+    description = validation.text("task.description", task.description, max_length=MAX_DESCRIPTION)
+    if policy is SplitPolicy.AUTO and not description.strip():
+        raise InvalidInput("task.description", "SPLIT_POLICY_AUTO splits the description: give one")
+    # Unset or zero: the server default; otherwise clamped to the server's limits.
+    lease_ttl = validation.duration("task.lease_ttl", task.lease_ttl)
+    aggregation = task.aggregation_local_id
+    if aggregation:
+        _local_id("task.aggregation_local_id", aggregation)
+    return TaskSpec(
+        title=validation.text("task.title", task.title, max_length=MAX_TITLE, required=True),
+        split_policy=policy,
+        description=description,
+        input=_json(task, "input", MAX_JSON_BYTES),
+        required_capabilities=validation.capabilities(
+            "task.required_capabilities", task.required_capabilities
+        ),
+        priority=validation.in_range("task.priority", task.priority, -1000, 1000),
+        max_attempts=validation.in_range("task.max_attempts", task.max_attempts, 0, 100),
+        lease_ttl=lease_ttl,
+        allow_partial_results=task.allow_partial_results,
+        subtasks=tuple(
+            _subtask_spec_from_proto(f"task.subtasks[{index}]", spec)
+            for index, spec in enumerate(task.subtasks)
+        ),
+        aggregation_local_id=aggregation,
+    )
+
+
+def _subtask_spec_to_proto(spec: SubtaskSpec) -> pb.SubtaskSpec:
+    return pb.SubtaskSpec(
+        local_id=spec.local_id,
+        title=spec.title,
+        description=spec.description,
+        input=_value(spec.input),
+        required_capabilities=spec.required_capabilities,
+        depends_on=spec.depends_on,
+        max_attempts=spec.max_attempts,
+    )
+
+
+def plan_to_proto(plan: Plan) -> pb.AnalyzeTaskResponse:
+    """Return the wire form of a plan."""
+    return pb.AnalyzeTaskResponse(
+        parallelizable=plan.parallelizable,
+        reason=plan.reason,
+        subtasks=[_subtask_spec_to_proto(spec) for spec in plan.subtasks],
+        aggregation_local_id=plan.aggregation_local_id,
+        splitter=plan.splitter,
+    )
+
+
+def failure_to_proto(failure: Failure | None) -> pb.Failure | None:
+    """Return the wire form of a failure."""
+    if failure is None:
+        return None
+    return pb.Failure(
+        failure_class=FAILURE_CLASS_TO_PROTO[failure.failure_class],
+        message=failure.message,
+        retryable=failure.retryable,
+        details=_value(failure.details),
+        subtask_id=failure.subtask_id,
+        agent_id=failure.agent_id,
+        attempt=failure.attempt,
+        failure_time=convert.to_timestamp(failure.time),
+    )
+
+
+def lease_to_proto(lease: Lease | None) -> pb.Lease | None:
+    """Return the wire form of a lease."""
+    if lease is None:
+        return None
+    return pb.Lease(
+        subtask_id=lease.subtask_id,
+        fencing_token=lease.fencing_token,
+        expire_time=convert.to_timestamp(lease.expire_time),
+        ttl=convert.seconds_to_duration(lease.ttl),
+        agent_id=lease.agent_id,
+        attempt=lease.attempt,
+    )
+
+
+def subtask_to_proto(subtask: Subtask) -> pb.Subtask:
+    """Return the wire form of a sub-task."""
+    return pb.Subtask(
+        subtask_id=subtask.subtask_id,
+        task_id=subtask.task_id,
+        local_id=subtask.local_id,
+        title=subtask.title,
+        description=subtask.description,
+        input=_value(subtask.input),
+        required_capabilities=subtask.required_capabilities,
+        depends_on=subtask.depends_on,
+        state=SUBTASK_STATE_TO_PROTO[subtask.state],
+        attempt=subtask.attempt,
+        max_attempts=subtask.max_attempts,
+        lease=lease_to_proto(subtask.lease),
+        agent_id=subtask.agent_id,
+        result=_value(subtask.result),
+        last_failure=failure_to_proto(subtask.last_failure),
+        next_attempt_time=convert.to_timestamp(subtask.next_attempt_time),
+        create_time=convert.to_timestamp(subtask.create_time),
+        update_time=convert.to_timestamp(subtask.update_time),
+        start_time=convert.to_timestamp(subtask.start_time),
+        end_time=convert.to_timestamp(subtask.end_time),
+        revision=subtask.revision,
+    )
+
+
+def task_to_proto(view: TaskView) -> pb.Task:
+    """Return the wire form of a task view."""
+    task: Task = view.task
+    counts = task.counts
+    return pb.Task(
+        task_id=task.task_id,
+        title=task.title,
+        description=task.description,
+        input=_value(task.input),
+        required_capabilities=task.required_capabilities,
+        priority=task.priority,
+        max_attempts=task.max_attempts,
+        lease_ttl=convert.seconds_to_duration(task.lease_ttl),
+        split_policy=SPLIT_POLICY_TO_PROTO[task.split_policy],
+        allow_partial_results=task.allow_partial_results,
+        aggregation_subtask_id=task.aggregation_subtask_id,
+        state=TASK_STATE_TO_PROTO[task.state],
+        subtasks=[subtask_to_proto(s) for s in view.subtasks or ()],
+        result=_value(view.result),
+        counts=pb.Task.SubtaskCounts(
+            total=counts.total,
+            blocked=counts.blocked,
+            ready=counts.ready,
+            leased=counts.leased,
+            succeeded=counts.succeeded,
+            failed=counts.failed,
+            cancelled=counts.cancelled,
+        ),
+        failure=failure_to_proto(task.failure),
+        state_reason=task.state_reason,
+        submitter_agent_id=task.submitter_agent_id,
+        request_id=task.request_id,
+        create_time=convert.to_timestamp(task.create_time),
+        update_time=convert.to_timestamp(task.update_time),
+        end_time=convert.to_timestamp(task.end_time),
+        revision=task.revision,
+    )
+
+
+def assignment_to_proto(assignment: Assignment) -> pb.Assignment:
+    """Return the wire form of an assignment."""
+    return pb.Assignment(
+        lease=lease_to_proto(assignment.lease), subtask=subtask_to_proto(assignment.subtask)
+    )
+
+
+def revocation_to_proto(revoked: Revoked) -> pb.Revocation:
+    """Return the wire form of a revocation."""
+    return pb.Revocation(
+        subtask_id=revoked.subtask_id,
+        fencing_token=revoked.fencing_token,
+        reason=REVOCATION_REASON_TO_PROTO[revoked.reason],
+    )
+
+
+def task_event_to_proto(change: Change) -> pb.TaskEvent:
+    """Return the TaskEvent of a Distribution change log entry."""
+    details = change.details
+    event = pb.TaskEvent(
+        revision=change.revision,
+        event_time=convert.to_timestamp(change.time),
+        task_id=change.subject,
+        agent_id=change.agent_id,
+    )
+    if change.kind.startswith("subtask."):
+        failure = details.get("failure")
+        event.subtask.CopyFrom(
+            pb.TaskEvent.SubtaskTransition(
+                subtask_id=details["subtask_id"],
+                local_id=details["local_id"],
+                from_state=(
+                    SUBTASK_STATE_TO_PROTO[SubtaskState(details["from"])]
+                    if details["from"]
+                    else pb.Subtask.STATE_UNSPECIFIED
+                ),
+                to_state=SUBTASK_STATE_TO_PROTO[SubtaskState(details["to"])],
+                attempt=details["attempt"],
+                fencing_token=details["fencing_token"],
+                failure=failure_to_proto(
+                    None if failure is None else Failure.from_snapshot(failure)
+                ),
+            )
+        )
+    else:
+        event.task.CopyFrom(
+            pb.TaskEvent.TaskTransition(
+                from_state=(
+                    TASK_STATE_TO_PROTO[TaskState(details["from"])]
+                    if details["from"]
+                    else pb.Task.STATE_UNSPECIFIED
+                ),
+                to_state=TASK_STATE_TO_PROTO[TaskState(details["to"])],
+            )
+        )
+    return event

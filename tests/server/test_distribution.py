@@ -1,0 +1,307 @@
+"""DistributionService through real stubs against a real server, on both stores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, json_format, struct_pb2
+
+from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
+from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
+from agentcoord.distribution.v1 import distribution_service_pb2 as pb
+from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
+from agentcoord.server.app import App
+from tests.helpers import bearer, error_info
+from tests.server.conftest import StartServer
+
+Stub = pb_grpc.DistributionServiceStub
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(value * 1e9))
+    return duration
+
+
+def value(data: object) -> struct_pb2.Value:
+    return json_format.Parse(json.dumps(data), struct_pb2.Value())
+
+
+def plain(message: struct_pb2.Value) -> object:
+    return json_format.MessageToDict(message)
+
+
+class Worker:
+    """A registered agent that claims, completes and fails through real stubs."""
+
+    def __init__(self, channel: grpc.aio.Channel, agent_id: str, token: str) -> None:
+        self.agent_id = agent_id
+        self.metadata = bearer(token)
+        self.stub = Stub(channel)
+        self.discovery = discovery_grpc.DiscoveryServiceStub(channel)
+        self.token = token
+
+    async def claim(self, wait: float = 0.0) -> pb.Assignment | None:
+        response = await self.stub.ClaimSubtask(
+            pb.ClaimSubtaskRequest(agent_id=self.agent_id, wait=seconds(wait)),
+            metadata=self.metadata,
+        )
+        return response.assignment if response.HasField("assignment") else None
+
+    async def complete(
+        self, assignment: pb.Assignment, result: object
+    ) -> pb.CompleteSubtaskResponse:
+        return await self.stub.CompleteSubtask(
+            pb.CompleteSubtaskRequest(
+                subtask_id=assignment.lease.subtask_id,
+                agent_id=self.agent_id,
+                fencing_token=assignment.lease.fencing_token,
+                result=value(result),
+            ),
+            metadata=self.metadata,
+        )
+
+    async def fail(
+        self, assignment: pb.Assignment, message: str, *, retryable: bool
+    ) -> pb.FailSubtaskResponse:
+        return await self.stub.FailSubtask(
+            pb.FailSubtaskRequest(
+                subtask_id=assignment.lease.subtask_id,
+                agent_id=self.agent_id,
+                fencing_token=assignment.lease.fencing_token,
+                error_message=message,
+                retryable=retryable,
+                failure_class=pb.FAILURE_CLASS_TASK_ERROR,
+            ),
+            metadata=self.metadata,
+        )
+
+
+async def join(
+    channel: grpc.aio.Channel,
+    agent_id: str,
+    capabilities: tuple[str, ...] = (),
+    capacity: int = 1,
+    ttl: float = 10.0,
+) -> Worker:
+    response = await discovery_grpc.DiscoveryServiceStub(channel).Register(
+        discovery_pb.RegisterRequest(
+            agent_id=agent_id,
+            name=agent_id,
+            capabilities=list(capabilities),
+            capacity=capacity,
+            ttl=seconds(ttl),
+        )
+    )
+    return Worker(channel, agent_id, response.session_token)
+
+
+def explicit(*subtasks: pb.SubtaskSpec, **fields: object) -> pb.TaskSpec:
+    return pb.TaskSpec(
+        title=str(fields.pop("title", "a task")),
+        split_policy=pb.SPLIT_POLICY_EXPLICIT,
+        subtasks=list(subtasks),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def sub(local_id: str, *depends_on: str, **fields: object) -> pb.SubtaskSpec:
+    return pb.SubtaskSpec(
+        local_id=local_id,
+        title=f"do {local_id}",
+        depends_on=list(depends_on),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> Stub:
+    return Stub(channel)
+
+
+async def submit(stub: Stub, spec: pb.TaskSpec, request_id: str = "") -> pb.Task:
+    response = await stub.SubmitTask(pb.SubmitTaskRequest(task=spec, request_id=request_id))
+    return response.task
+
+
+async def get(stub: Stub, task_id: str) -> pb.Task:
+    return (await stub.GetTask(pb.GetTaskRequest(task_id=task_id))).task
+
+
+async def test_dag_runs_in_order_and_results_are_aggregated(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(stub, explicit(sub("a"), sub("b", "a"), sub("c", "a"), sub("d", "b", "c")))
+    assert task.state == pb.Task.STATE_PENDING
+    assert [s.state for s in task.subtasks] == [
+        pb.Subtask.STATE_READY,
+        pb.Subtask.STATE_BLOCKED,
+        pb.Subtask.STATE_BLOCKED,
+        pb.Subtask.STATE_BLOCKED,
+    ]
+    order = []
+    while True:
+        assignment = await worker.claim()
+        if assignment is None:
+            break
+        order.append(assignment.subtask.local_id)
+        response = await worker.complete(assignment, {"from": assignment.subtask.local_id})
+    assert order[0] == "a" and set(order[1:3]) == {"b", "c"} and order[3] == "d"
+    assert response.task_state == pb.Task.STATE_SUCCEEDED
+    done = await get(stub, task.task_id)
+    assert done.state == pb.Task.STATE_SUCCEEDED
+    assert plain(done.result) == {
+        "a": {"from": "a"},
+        "b": {"from": "b"},
+        "c": {"from": "c"},
+        "d": {"from": "d"},
+    }
+    assert done.counts.succeeded == 4 and done.counts.total == 4
+
+
+async def test_stale_token_is_refused_and_changes_nothing(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(stub, explicit(sub("a")))
+    assignment = await worker.claim()
+    assert assignment is not None
+    stale = pb.Assignment()
+    stale.CopyFrom(assignment)
+    stale.lease.fencing_token -= 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await worker.complete(stale, "late")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "STALE_FENCING_TOKEN"
+    assert (await get(stub, task.task_id)).subtasks[0].state == pb.Subtask.STATE_LEASED
+    await worker.complete(assignment, "ok")
+    assert (await get(stub, task.task_id)).state == pb.Task.STATE_SUCCEEDED
+
+
+async def test_streamed_assignments_respect_capacity_and_capabilities(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    gpu = await join(channel, "gpu", ("gpu",), capacity=2)
+    cpu = await join(channel, "cpu", (), capacity=5)
+    call = gpu.stub.StreamAssignments(
+        pb.StreamAssignmentsRequest(agent_id="gpu"), metadata=gpu.metadata
+    )
+    task = await submit(
+        stub,
+        explicit(*(sub(f"g{i}", required_capabilities=["gpu"]) for i in range(4))),
+    )
+    first = await call.read()
+    second = await call.read()
+    assert first.assignment.subtask.local_id and second.assignment.subtask.local_id
+    assert await cpu.claim() is None  # cpu lacks the capability
+    current = await get(stub, task.task_id)
+    assert current.counts.leased == 2 and current.counts.ready == 2  # capacity 2, never more
+    await gpu.complete(first.assignment, 1)
+    third = await asyncio.wait_for(call.read(), 5)
+    assert third.assignment.lease.agent_id == "gpu"
+    call.cancel()
+
+
+async def test_dead_agents_lease_returns_to_ready_without_burning_an_attempt(
+    start_server: StartServer,
+) -> None:
+    app: App = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = Stub(channel)
+        doomed = await join(channel, "doomed", ttl=1.0)
+        task = await submit(stub, explicit(sub("a"), max_attempts=1))
+        assignment = await doomed.claim()
+        assert assignment is not None
+        # No heartbeats: the agent expires and its lease comes back at once.
+        survivor = await join(channel, "survivor")
+        again = await survivor.claim(wait=5)
+        assert again is not None and again.subtask.local_id == "a"
+        assert again.lease.attempt == 2
+        assert again.subtask.last_failure.failure_class == pb.FAILURE_CLASS_AGENT_DIED
+        await survivor.complete(again, "done")
+        assert (await get(stub, task.task_id)).state == pb.Task.STATE_SUCCEEDED
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await doomed.complete(assignment, "too late")
+        assert caught.value.code() in (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+
+
+async def test_retryable_failures_retry_until_max_attempts_then_fail_the_task(
+    start_server: StartServer,
+) -> None:
+    app: App = await start_server(retry_backoff=0.0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = Stub(channel)
+        worker = await join(channel, "w1")
+        task = await submit(stub, explicit(sub("a"), sub("b"), max_attempts=2))
+        attempts = []
+        while True:
+            assignment = await worker.claim(wait=1)
+            if assignment is None:
+                break
+            if assignment.subtask.local_id == "b":
+                await worker.complete(assignment, "b")
+                continue
+            attempts.append(assignment.lease.attempt)
+            await worker.fail(assignment, "boom", retryable=True)
+        assert attempts == [1, 2]
+        failed = await get(stub, task.task_id)
+        assert failed.state == pb.Task.STATE_FAILED
+        assert failed.failure.message == "boom"
+        assert failed.failure.failure_class == pb.FAILURE_CLASS_TASK_ERROR
+
+
+async def test_cancel_revokes_leases_on_the_stream(channel: grpc.aio.Channel, stub: Stub) -> None:
+    worker = await join(channel, "w1")
+    call = worker.stub.StreamAssignments(
+        pb.StreamAssignmentsRequest(agent_id="w1"), metadata=worker.metadata
+    )
+    task = await submit(stub, explicit(sub("a"), sub("b", "a")))
+    leased = (await call.read()).assignment
+    cancelled = await stub.CancelTask(pb.CancelTaskRequest(task_id=task.task_id, reason="no"))
+    assert cancelled.task.state == pb.Task.STATE_CANCELLED
+    revoked = (await asyncio.wait_for(call.read(), 5)).revocation
+    assert revoked.subtask_id == leased.lease.subtask_id
+    assert revoked.reason == pb.Revocation.REASON_TASK_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await worker.complete(leased, "late")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    call.cancel()
+
+
+async def test_submit_is_idempotent_by_request_id(stub: Stub) -> None:
+    first = await submit(stub, explicit(sub("a")), request_id="req-1")
+    again = await submit(stub, explicit(sub("x"), sub("y")), request_id="req-1")
+    assert again.task_id == first.task_id and len(again.subtasks) == 1
+
+
+async def test_watch_task_streams_every_transition_until_the_end(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(stub, explicit(sub("a")))
+    call = stub.WatchTask(pb.WatchTaskRequest(task_id=task.task_id, start_revision=1))
+    assignment = await worker.claim()
+    assert assignment is not None
+    await worker.complete(assignment, "ok")
+    kinds = []
+    async for response in call:
+        for event in response.events:
+            kinds.append(event.WhichOneof("transition"))
+    assert kinds.count("subtask") >= 3 and kinds[-1] == "task"
+
+
+async def test_bad_input_names_the_field(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await submit(stub, explicit(sub("a", "b"), sub("b", "a")))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cycle" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetTask(pb.GetTaskRequest(task_id="nope"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
