@@ -305,3 +305,196 @@ async def test_bad_input_names_the_field(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetTask(pb.GetTaskRequest(task_id="nope"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def stream(
+    worker: Worker,
+) -> grpc.aio.UnaryStreamCall[pb.StreamAssignmentsRequest, pb.StreamAssignmentsResponse]:
+    return worker.stub.StreamAssignments(
+        pb.StreamAssignmentsRequest(agent_id=worker.agent_id), metadata=worker.metadata
+    )
+
+
+async def test_work_spreads_to_the_least_loaded_agents(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    workers = [await join(channel, f"w{i}", capacity=4) for i in range(3)]
+    calls = [await stream(worker) for worker in workers]
+    await submit(stub, explicit(*(sub(f"s{i}") for i in range(6))))
+    for call in calls:  # six sub-tasks over three agents of capacity 4: two each
+        for _ in range(2):
+            response = await asyncio.wait_for(call.read(), 5)
+            assert response.assignment.lease.agent_id in {w.agent_id for w in workers}
+    for call in calls:
+        call.cancel()
+
+
+async def test_claim_waits_for_work_and_refuses_beyond_capacity(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1", capacity=1)
+    waiting = asyncio.create_task(worker.claim(wait=5))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await submit(stub, explicit(sub("a"), sub("b")))
+    assignment = await asyncio.wait_for(waiting, 5)
+    assert assignment is not None and assignment.subtask.local_id == "a"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await worker.claim()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value).reason == "AGENT_AT_CAPACITY"
+
+
+async def test_higher_priority_runs_first(channel: grpc.aio.Channel, stub: Stub) -> None:
+    worker = await join(channel, "w1")
+    await submit(stub, explicit(sub("low"), title="low", priority=-5))
+    await submit(stub, explicit(sub("high"), title="high", priority=7))
+    first = await worker.claim()
+    assert first is not None and first.subtask.local_id == "high"
+
+
+async def test_unrenewed_lease_expires_and_is_reassigned(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    slow = await join(channel, "slow")
+    task = await submit(stub, explicit(sub("a"), lease_ttl=seconds(1), max_attempts=3))
+    first = await slow.claim()
+    assert first is not None
+    call = await stream(slow)
+    resent = await asyncio.wait_for(call.read(), 5)  # a new stream first re-sends held leases
+    assert resent.assignment.lease.fencing_token == first.lease.fencing_token
+    revoked = await asyncio.wait_for(call.read(), 5)  # nothing renews it: the lease expires
+    assert revoked.revocation.reason == pb.Revocation.REASON_LEASE_EXPIRED
+    again = (await asyncio.wait_for(call.read(), 5)).assignment  # READY again at once
+    assert again.lease.attempt == 2
+    assert again.lease.fencing_token > first.lease.fencing_token
+    assert again.subtask.last_failure.failure_class == pb.FAILURE_CLASS_LEASE_LOST
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await slow.complete(first, "stale")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    call.cancel()
+    assert (await get(stub, task.task_id)).subtasks[0].attempt == 2
+
+
+async def test_heartbeats_naming_the_subtask_renew_its_lease(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(stub, explicit(sub("a"), lease_ttl=seconds(1)))
+    assignment = await worker.claim()
+    assert assignment is not None
+    beats = worker.discovery.Heartbeat(metadata=worker.metadata)
+    for _ in range(8):  # 2 s of heartbeats, twice the lease TTL
+        await beats.write(
+            discovery_pb.HeartbeatRequest(
+                agent_id="w1",
+                load=discovery_pb.Load(held_subtask_ids=[assignment.lease.subtask_id]),
+            )
+        )
+        await beats.read()
+        await asyncio.sleep(0.25)
+    beats.cancel()
+    await worker.complete(assignment, "kept")
+    assert (await get(stub, task.task_id)).state == pb.Task.STATE_SUCCEEDED
+
+
+async def test_a_retry_prefers_another_capable_agent(
+    start_server: StartServer,
+) -> None:
+    app: App = await start_server(retry_backoff=0.0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = Stub(channel)
+        first, second = await join(channel, "first"), await join(channel, "second")
+        first_call, second_call = await stream(first), await stream(second)
+        await submit(stub, explicit(sub("a")))
+        reads = [asyncio.ensure_future(c.read()) for c in (first_call, second_call)]
+        done, _ = await asyncio.wait(reads, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        holder, other = (first, second) if reads[0] in done else (second, first)
+        assignment = next(iter(done)).result().assignment
+        await holder.fail(assignment, "flaky", retryable=True)
+        retried = await asyncio.wait_for(reads[1 if holder is first else 0], 5)
+        assert retried.assignment.lease.agent_id == other.agent_id
+        for call in (first_call, second_call):
+            call.cancel()
+
+
+async def test_partial_results_keep_the_successes(channel: grpc.aio.Channel, stub: Stub) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(
+        stub,
+        explicit(sub("ok"), sub("bad"), sub("after-bad", "bad"), allow_partial_results=True),
+    )
+    while (assignment := await worker.claim()) is not None:
+        if assignment.subtask.local_id == "bad":
+            await worker.fail(assignment, "no", retryable=False)
+        else:
+            await worker.complete(assignment, assignment.subtask.local_id)
+    done = await get(stub, task.task_id)
+    assert done.state == pb.Task.STATE_SUCCEEDED
+    assert plain(done.result) == {"ok": "ok"}
+    assert done.counts.failed == 1 and done.counts.cancelled == 1
+
+
+async def test_aggregation_subtask_result_is_the_tasks(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(
+        stub,
+        explicit(sub("x"), sub("y"), sub("merge", "x", "y"), aggregation_local_id="merge"),
+    )
+    while (assignment := await worker.claim()) is not None:
+        await worker.complete(assignment, {"merged": assignment.subtask.local_id == "merge"})
+    assert plain((await get(stub, task.task_id)).result) == {"merged": True}
+
+
+async def test_auto_split_runs_the_proposed_dag(channel: grpc.aio.Channel, stub: Stub) -> None:
+    description = "1. Fetch the data\n2. Clean it\n3. Train the model\n"
+    spec = pb.TaskSpec(title="pipeline", description=description, split_policy=pb.SPLIT_POLICY_AUTO)
+    plan = await stub.AnalyzeTask(pb.AnalyzeTaskRequest(task=spec))
+    assert len(plan.subtasks) == 3 and not plan.parallelizable and plan.reason
+    task = await submit(stub, spec)
+    assert [s.local_id for s in task.subtasks] == [s.local_id for s in plan.subtasks]
+    assert task.counts.ready == 1 and task.counts.blocked == 2
+
+
+async def test_a_new_stream_replaces_the_old_one(channel: grpc.aio.Channel) -> None:
+    worker = await join(channel, "w1")
+    old = await stream(worker)
+    new = await stream(worker)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(old.read(), 5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "STREAM_REPLACED"
+    new.cancel()
+
+
+async def test_watch_resumes_from_a_revision_without_gaps(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(stub, explicit(sub("a"), sub("b", "a")))
+    seen: list[int] = []
+    call = stub.WatchTask(pb.WatchTaskRequest(task_id=task.task_id, start_revision=1))
+    first = await call.read()
+    assignment = await worker.claim()
+    assert assignment is not None
+    await worker.complete(assignment, 1)
+    while True:
+        response = await asyncio.wait_for(call.read(), 5)
+        seen.extend(e.revision for e in response.events)
+        if any(
+            e.subtask.local_id == "a" and e.subtask.to_state == pb.Subtask.STATE_SUCCEEDED
+            for e in response.events
+        ):
+            break
+    call.cancel()
+    resumed = stub.WatchTask(pb.WatchTaskRequest(task_id=task.task_id, start_revision=seen[-1]))
+    await resumed.read()
+    assignment = await worker.claim()
+    assert assignment is not None
+    await worker.complete(assignment, 2)
+    while (response := await asyncio.wait_for(resumed.read(), 5)) is not grpc.aio.EOF:
+        seen.extend(e.revision for e in response.events)
+    assert first.revision >= 1 and seen == sorted(set(seen))
+    assert seen[-1] == (await get(stub, task.task_id)).revision
