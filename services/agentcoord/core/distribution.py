@@ -228,11 +228,13 @@ class Distribution:
         self._grants = itertools.count(1)
         self._work_arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._agents_revision = 0
 
     # Start and background work
 
     async def start(self) -> None:
         """Rebuild the mirror from the store; leases held get a full TTL from now."""
+        self._agents_revision = await self._store.current_revision()
         for agent, _ in await self._store.load_agents():
             if agent.state is AgentState.LIVE:
                 self._slots[agent.agent_id] = self._slot_of(agent)
@@ -278,7 +280,8 @@ class Distribution:
         def is_agent_change(change: Change) -> bool:
             return change.service is Service.DISCOVERY and change.kind.startswith("agent.")
 
-        async for batch in self._feed.watch(0, is_agent_change):
+        # From the revision the agents were loaded at: no join or expiry in between is missed.
+        async for batch in self._feed.watch(self._agents_revision, is_agent_change):
             for change in batch.changes:
                 try:
                     await self._on_agent_change(change)
@@ -367,16 +370,27 @@ class Distribution:
 
     def _enqueue(self, subtask: Subtask) -> None:
         """Queue a READY sub-task (or park it until its back-off ends) and offer it."""
-        if subtask.next_attempt_time is not None and subtask.next_attempt_time > self._clock.now():
-            self._waiting[subtask.subtask_id] = subtask
-            heapq.heappush(self._delayed, (subtask.next_attempt_time, subtask.subtask_id))
+        self._enqueue_all([subtask])
+
+    def _enqueue_all(self, subtasks: Sequence[Subtask]) -> None:
+        """Queue READY sub-tasks, then offer each queue they joined once."""
+        groups: dict[frozenset[str], None] = {}
+        wall = self._clock.now()
+        for subtask in subtasks:
+            if subtask.next_attempt_time is not None and subtask.next_attempt_time > wall:
+                self._waiting[subtask.subtask_id] = subtask
+                heapq.heappush(self._delayed, (subtask.next_attempt_time, subtask.subtask_id))
+                continue
+            self._ready[subtask.subtask_id] = subtask
+            group = frozenset(subtask.required_capabilities)
+            heapq.heappush(
+                self._queues.setdefault(group, []), (_queue_key(subtask), subtask.subtask_id)
+            )
+            groups[group] = None
+        if not groups:
             return
-        self._ready[subtask.subtask_id] = subtask
-        group = frozenset(subtask.required_capabilities)
-        heapq.heappush(
-            self._queues.setdefault(group, []), (_queue_key(subtask), subtask.subtask_id)
-        )
-        self._offer(group)
+        for group in groups:
+            self._offer(group)
         self._work_arrived.set()
         self._work_arrived = asyncio.Event()
 
@@ -412,8 +426,7 @@ class Distribution:
                 if slot is not None:
                     freed[slot.agent_id] = slot
             self._forget(subtask.subtask_id)
-            if subtask.state is SubtaskState.READY:
-                self._enqueue(subtask)
+        self._enqueue_all([s for s in update.changed if s.state is SubtaskState.READY])
         for revocation in update.revocations:
             slot = self._slots.get(revocation.lease.agent_id)
             if slot is not None and slot.stream is not None:
@@ -743,9 +756,7 @@ class Distribution:
         )
         stored, created = await self._store.submit_task(task, subtasks)
         if created:
-            ready = [s for s in subtasks if s.state is SubtaskState.READY]
-            for subtask in ready:
-                self._enqueue(subtask)
+            self._enqueue_all([s for s in subtasks if s.state is SubtaskState.READY])
         return await self.get_task(stored.task_id, full=True)
 
     async def get_task(self, task_id: str, *, full: bool) -> TaskView:

@@ -28,15 +28,6 @@ from agentcoord.store.rows import to_utc
 from agentcoord.store.writes import Needs, ViewOp, WorkingSet
 
 
-def _subtask_or_raise(ws: WorkingSet, subtask_id: str) -> Subtask:
-    subtask = ws.subtask(subtask_id)
-    if subtask is None:
-        raise NotFound(
-            f"subtask_id: sub-task {subtask_id!r} does not exist", reason="SUBTASK_NOT_FOUND"
-        )
-    return subtask
-
-
 def _transact(
     ws: WorkingSet,
     task_id: str,
@@ -58,6 +49,22 @@ def _transact(
     if tx.task != task:
         ws.put_task(tx.task)
     return TaskUpdate(tx.task, primary, tuple(tx.changed.values()), tuple(tx.revocations))
+
+
+def _on_subtask(
+    ws: WorkingSet,
+    subtask_id: str,
+    now: datetime,
+    actor: str,
+    apply: Callable[[TaskTransitions], Subtask | None],
+) -> TaskUpdate:
+    """Run ``apply`` on the task of a loaded sub-task (see :func:`_transact`)."""
+    subtask = ws.subtask(subtask_id)
+    if subtask is None:
+        raise NotFound(
+            f"subtask_id: sub-task {subtask_id!r} does not exist", reason="SUBTASK_NOT_FOUND"
+        )
+    return _transact(ws, subtask.task_id, now, actor, apply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +114,9 @@ class LeaseSubtask(ViewOp):
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
         """Lease the sub-task if it is READY."""
-        subtask = _subtask_or_raise(ws, self.subtask_id)
-        return _transact(
+        return _on_subtask(
             ws,
-            subtask.task_id,
+            self.subtask_id,
             self.now,
             self.agent_id,
             lambda tx: lease_subtask(tx, self.subtask_id, self.agent_id, to_utc(self.now)),
@@ -134,10 +140,9 @@ class CompleteSubtask(ViewOp):
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
         """Record the result if the caller holds the current lease."""
-        subtask = _subtask_or_raise(ws, self.subtask_id)
-        return _transact(
+        return _on_subtask(
             ws,
-            subtask.task_id,
+            self.subtask_id,
             self.now,
             self.agent_id,
             lambda tx: complete_subtask(
@@ -160,10 +165,9 @@ class FailSubtask(ViewOp):
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
         """Record the failure if the lease ``fencing_token`` is the current one."""
-        subtask = _subtask_or_raise(ws, self.failure.subtask_id)
-        return _transact(
+        return _on_subtask(
             ws,
-            subtask.task_id,
+            self.failure.subtask_id,
             self.failure.time,
             self.failure.agent_id,
             lambda tx: fail_subtask(tx, self.failure, self.fencing_token, self.retry),
@@ -186,7 +190,7 @@ class ReleaseLeases(ViewOp):
         updates = []
         for subtask in ws.leased_by(self.agent_id):
             updates.append(
-                _transact(ws, subtask.task_id, self.now, "", self._died(subtask.subtask_id))
+                _on_subtask(ws, subtask.subtask_id, self.now, "", self._died(subtask.subtask_id))
             )
         return updates
 
