@@ -1,8 +1,9 @@
-"""``make bench``: Discovery and StateSync beside a bare grpc.aio echo service, one table.
+"""``make bench``: Discovery, StateSync and Distribution beside a bare grpc.aio echo service.
 
 .venv/bin/python -m tests.bench [--quick] [--agents 1000,10000] [--channels 16,agent]
     [--duration 20] [--calls 2000] [--store sqlite|postgresql://...] [--output FILE]
-    [--only discovery|statesync] [--rmw-duration 10] [--rmw-writers 32] [--rmw-keys 4]
+    [--only discovery|statesync|distribution] [--rmw-duration 10] [--rmw-writers 32]
+    [--rmw-keys 4] [--subtasks 10000] [--dist-agents 16,100] [--capacity 4] [--cycles 500]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.bench import procs, report, statesync, unary
+from tests.bench import distribution, procs, report, statesync, unary
 from tests.bench.expiry import ExpiryResult, measure_expiry
 from tests.bench.load import LoadResult, LoadSpec, OpenStats, run_load
 from tests.bench.report import Table, ms, percentile, ratio
@@ -58,16 +59,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--store", default="sqlite", help="sqlite (default) or postgresql://...")
     parser.add_argument(
-        "--profile", action="store_true", help="cProfile Discovery and StateSync under load"
+        "--profile",
+        action="store_true",
+        help="cProfile the servers under load (Discovery, StateSync, Distribution)",
     )
     parser.add_argument(
-        "--only", choices=["discovery", "statesync"], help="run one service's workloads"
+        "--only",
+        choices=["discovery", "statesync", "distribution"],
+        help="run one service's workloads",
     )
     parser.add_argument(
         "--rmw-duration", type=float, help="seconds of contended read-modify-write (10; quick 3)"
     )
     parser.add_argument("--rmw-writers", type=int, default=32, help="concurrent update() writers")
     parser.add_argument("--rmw-keys", type=int, default=4, help="hot keys they increment")
+    parser.add_argument(
+        "--subtasks", type=int, help="sub-tasks of the end-to-end task (10000; quick 1000)"
+    )
+    parser.add_argument(
+        "--dist-agents", default="16,100", help="agents completing them, one run each (16,100)"
+    )
+    parser.add_argument("--capacity", type=int, default=4, help="capacity of each such agent")
+    parser.add_argument("--cycles", type=int, help="sequential coordination cycles (500; 50)")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -77,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.calls = args.calls or (200 if quick else 2000)
     args.rmw_duration = args.rmw_duration or (3.0 if quick else 10.0)
     args.expiry_agents = args.expiry_agents or (20 if quick else 50)
+    args.subtasks = args.subtasks or (1000 if quick else 10_000)
+    args.dist_agents = [int(n) for n in args.dist_agents.split(",")]
+    args.cycles = args.cycles or (50 if quick else 500)
     args.pending_demo = not (quick or args.no_pending_demo) and max(args.agents) > LIMITED_PENDING
     if args.long_ttl is None:
         args.long_ttl = 0.0 if quick else 10.0
@@ -99,20 +115,26 @@ class Bench:
         stack.callback(self.stores.drop_all)
         self.table = Table()
         self.serial = 0
+        self.store_urls: dict[str, str] = {}
+        """Store URL of each agentcoord server started, by server name."""
 
-    def server(self, kind: str, extra: list[str] | None = None) -> procs.Server:
-        """Start a fresh server; it is stopped when the bench ends, whatever happens."""
+    def server(
+        self, kind: str, extra: list[str] | None = None, store: str | None = None
+    ) -> procs.Server:
+        """Start a server on a fresh store (or ``store``); it is stopped when the bench ends."""
         self.serial += 1
         name = f"{kind}-{self.serial}"
         if kind == "echo":
             server = procs.start_echo(name, self.workdir)
         else:
+            url = store or self.stores.fresh(name)
+            self.store_urls[name] = url
             server = procs.start_agentcoord(
                 name,
-                self.stores.fresh(name),
+                url,
                 self.workdir,
                 ["--default-ttl", str(self.args.ttl), *(extra or [])],
-                profile=self.args.profile and kind in ("load", "state-rmw"),
+                profile=self.args.profile and kind in ("load", "state-rmw", "dist"),
             )
         self.stack.callback(server.stop)
         return server
@@ -120,9 +142,12 @@ class Bench:
     def run(self) -> None:
         """All workloads in order; echo always next to the figure it is compared with."""
         echo = self.server("echo")
-        if self.args.only != "discovery":
+        only = self.args.only
+        if only in (None, "statesync"):
             self.statesync(echo)
-        if self.args.only == "statesync":
+        if only in (None, "distribution"):
+            self.distribution(echo)
+        if only in ("statesync", "distribution"):
             return
         self.unary(echo)
         list_during: Callable[[procs.Server], Any] | None = self._list_during(echo)
@@ -189,6 +214,184 @@ class Bench:
                 print(f"## cProfile of {server.name} ({spec.label})\n{server.profile_summary()}")
             runs[mode] = result
         self.rmw_rows(runs["statesync"], runs["echo"])
+
+    def distribution(self, echo: procs.Server) -> None:
+        """Distribution: sub-tasks end to end beside echo, then the coordination cycle."""
+        args = self.args
+        # The fleets of the throughput target, then one agent of capacity 1: the latency of
+        # an assignment on an otherwise idle server (one sub-task in flight at a time).
+        shapes = [(args.subtasks, agents, args.capacity) for agents in args.dist_agents]
+        shapes.append((200 if args.quick else 500, 1, 1))
+        for subtasks, agents, capacity in shapes:
+            runs: dict[str, distribution.FlowResult] = {}
+            for mode in ("echo", "distribution"):
+                workers = min(args.workers, agents)
+                spec = distribution.FlowSpec(mode, subtasks, agents, capacity, workers)
+                server = self.server("echo" if mode == "echo" else "dist")
+                progress(f"end to end, {mode}: {spec.label}")
+                result = distribution.run_flow(spec, server)
+                if mode == "distribution":
+                    self._check_flow(server, result)
+                server.stop()
+                progress(
+                    f"  {result.rate:,.0f} sub-tasks/s ({result.ok:,} in {result.seconds:.2f} s), "
+                    f"server {result.server_cpu:.0%}, clients {result.client_cpu:.0%} of a core"
+                    + (f", errors {dict(result.errors)}" if result.errors else "")
+                )
+                if server.profile:
+                    print(
+                        f"## cProfile of {server.name} ({spec.label})\n{server.profile_summary()}"
+                    )
+                runs[mode] = result
+            self.flow_rows(runs["distribution"], runs["echo"])
+        self.cycle(echo)
+
+    def _check_flow(self, server: procs.Server, result: distribution.FlowResult) -> None:
+        """Exactly-once checks, then SIGKILL and a restart on the same store."""
+        if not result.task_id:
+            return
+        progress("  checking: GetTask(FULL), ListEvents subtask.succeeded")
+        asyncio.run(distribution.check_exactly_once(server.address, result))
+        if server.profile:
+            server.stop()  # cProfile writes its output at a graceful exit only
+            how = "stopped (SIGTERM: --profile)"
+        else:
+            server.proc.kill()
+            server.proc.wait(10)
+            how = "killed -9"
+        restarted = self.server("dist-restart", store=self.store_urls[server.name])
+        progress(f"  {how} and restarted on the same store: GetTask(FULL)")
+        asyncio.run(distribution.check_after_restart(restarted.address, result))
+        restarted.stop()
+
+    def flow_rows(self, result: distribution.FlowResult, echo: distribution.FlowResult) -> None:
+        """The rows of one end-to-end run, beside the echo run of the same shape."""
+        spec, checks, total = result.spec, result.checks, result.spec.subtasks
+        name = f"sub-tasks end to end, {spec.label}"
+        target, met = ("", None)
+        if spec.agents == 16:
+            target, met = ">= 2,500/s", result.finished and result.rate >= 2500
+        self.table.add(
+            name,
+            "sub-tasks completed/s, submit -> last completion (seconds)",
+            f"{result.rate:,.0f} ({result.seconds:.2f} s)",
+            f"{echo.rate:,.0f} ({echo.seconds:.2f} s)",
+            ratio(result.rate, echo.rate),
+            target,
+            met,
+        )
+        self.table.add(
+            name,
+            "sub-tasks completed/s, first assignment -> last completion",
+            f"{result.steady_rate:,.0f}",
+            f"{echo.steady_rate:,.0f}",
+            ratio(result.steady_rate, echo.steady_rate),
+        )
+        self.table.add(
+            name,
+            "SubmitTask call ms; submit -> first assignment ms",
+            f"{ms(result.submit_seconds)}; {ms(result.first_assignment)}",
+        )
+        self.latency_row(
+            name,
+            result.refill,
+            echo.refill,
+            figure="assignment latency, capacity freed -> next assignment, p50 / p99 ms",
+        )
+        self.latency_row(
+            name,
+            result.queued,
+            echo.queued,
+            figure="READY (submit sent) -> assigned, p50 / p99 ms (queue wait)",
+        )
+        self.latency_row(
+            name, result.complete, echo.complete, figure="CompleteSubtask p50 / p99 ms"
+        )
+        self.table.add(
+            name,
+            "server CPU, % of one core",
+            f"{result.server_cpu:.0%}",
+            f"{echo.server_cpu:.0%}",
+            ratio(result.server_cpu, echo.server_cpu),
+        )
+        self.table.add(
+            name,
+            "load generator CPU, % of one core",
+            f"{result.client_cpu:.0%}",
+            f"{echo.client_cpu:.0%}",
+        )
+        state = checks.task_state.removeprefix("STATE_")
+        self.table.add(
+            name,
+            "exactly once: task; sub-tasks SUCCEEDED holding their one completer's result",
+            f"{state}; {checks.matching:,} of {total:,} ({checks.succeeded:,} SUCCEEDED)",
+            target="all",
+            met=state == "SUCCEEDED" and checks.matching == checks.succeeded == total,
+        )
+        errors = ", ".join(f"{k} {v:,}" for k, v in result.errors.most_common()) or "none"
+        if result.revoked:
+            errors += f"; {result.revoked:,} leases revoked"
+        self.table.add(
+            name,
+            "successful CompleteSubtask responses; sub-tasks completed twice; errors",
+            f"{result.ok:,}; {result.duplicates:,}; {errors}",
+            target=f"{total:,}; 0",
+            met=result.ok == total and not result.duplicates,
+        )
+        self.table.add(
+            name,
+            "change log subtask.succeeded entries (distinct sub-tasks; ListEvents pages)",
+            f"{checks.events:,} ({checks.event_subtasks:,}; {checks.event_pages})",
+            target="1 per sub-task",
+            met=checks.events == checks.event_subtasks == total,
+        )
+        restarted = checks.restarted_state.removeprefix("STATE_")
+        self.table.add(
+            name,
+            "durable: after SIGKILL + restart on the same store, GetTask(FULL)",
+            f"{restarted}; {max(0, checks.restarted_matching):,} of {total:,} results intact",
+            target="all",
+            met=restarted == "SUCCEEDED" and checks.restarted_matching == total,
+        )
+        early = sum(1 for value in result.refill if value < 0)
+        if early:
+            self.table.notes.append(
+                f"{name}: {early:,} of {len(result.refill):,} refills arrived before the agent "
+                "had read the CompleteSubtask response that freed the slot (negative latency)."
+            )
+
+    def cycle(self, echo: procs.Server) -> None:
+        """The old prototype's coordination cycle, sequential, beside echo round trips."""
+        server = self.server("cycle")
+        cycles = self.args.cycles
+        progress(f"coordination cycle, {cycles} sequential cycles")
+        samples, split = asyncio.run(
+            distribution.measure_cycle(server.address, echo.address, cycles, warmup=20)
+        )
+        server.stop()
+        p50 = percentile(samples["cycle"], 50)
+        self.latency_row(
+            f"coordination cycle: ListAgents + SubmitTask (AUTO, 3 bullets -> {split} "
+            "sub-tasks) + PutState, 1 sequential caller",
+            samples["cycle"],
+            samples["echo"],
+            "p50 <= 2 ms",
+            p50 <= 0.002,
+            figure="cycle p50 / p99 ms (echo: one round trip)",
+        )
+        self.latency_row(
+            "coordination cycle, SubmitTask and PutState sent together",
+            samples["overlapped"],
+            samples["echo"],
+            figure="cycle p50 / p99 ms (echo: one round trip)",
+        )
+        for step in ("ListAgents", "SubmitTask", "PutState"):
+            self.latency_row(f"coordination cycle, step {step}", samples[step], samples["echo"])
+        self.table.add(
+            "coordination cycle vs the old prototype (~160 ms per cycle)",
+            "speed-up at p50",
+            f"{0.160 / p50:,.0f}x" if p50 > 0 else "-",
+        )
 
     def rmw_rows(self, result: statesync.RmwResult, echo: statesync.RmwResult) -> None:
         """The rows of the contended read-modify-write load."""
@@ -467,17 +670,26 @@ def main(argv: list[str] | None = None) -> int:
             stack.close()  # servers stop before the table is printed
         table = bench.table
         table.notes.insert(0, f"Machine: {machine}.")
-        table.notes.insert(
-            1,
-            (
-                ""
-                if args.only == "statesync"
-                else f"Heartbeat loads: {args.workers} client processes, {args.duration:g} s "
-                f"measured each, TTL {args.ttl:g} s; "
+        parts = []
+        if args.only in (None, "discovery"):
+            parts.append(
+                f"Heartbeat loads: {args.workers} client processes, {args.duration:g} s "
+                f"measured each, TTL {args.ttl:g} s"
             )
-            + f"unary: {args.calls} sequential calls per figure; contended update(): "
-            f"{args.workers} client processes, {args.rmw_duration:g} s. "
-            f"Total bench time {time.monotonic() - started:.0f} s.",
+        if args.only != "distribution":
+            parts.append(f"unary: {args.calls} sequential calls per figure")
+        if args.only in (None, "statesync"):
+            parts.append(
+                f"contended update(): {args.workers} client processes, {args.rmw_duration:g} s"
+            )
+        if args.only in (None, "distribution"):
+            parts.append(
+                f"end to end: {args.workers} client processes, agents of capacity "
+                f"{args.capacity}, one connection each, TTL 60 s, heartbeats every 20 s; "
+                f"coordination cycle: {args.cycles} sequential cycles"
+            )
+        table.notes.insert(
+            1, "; ".join(parts) + f". Total bench time {time.monotonic() - started:.0f} s."
         )
         text = table.markdown()
         print(text)
