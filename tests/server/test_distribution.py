@@ -14,7 +14,7 @@ from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
 from agentcoord.server.app import App
-from tests.helpers import bearer, error_info
+from tests.helpers import bearer, error_info, eventually
 from tests.server.conftest import StartServer
 
 Stub = pb_grpc.DistributionServiceStub
@@ -498,3 +498,52 @@ async def test_watch_resumes_from_a_revision_without_gaps(
         seen.extend(e.revision for e in response.events)
     assert first.revision >= 1 and seen == sorted(set(seen))
     assert seen[-1] == (await get(stub, task.task_id)).revision
+
+
+async def test_concurrent_claims_never_exceed_capacity(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1", capacity=1)
+    call = await stream(worker)
+    waiting = [asyncio.create_task(worker.claim(wait=2)) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    task = await submit(stub, explicit(sub("a"), sub("b"), sub("c")))
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    claimed = [o for o in outcomes if isinstance(o, pb.Assignment)]
+    await asyncio.sleep(0.2)
+    current = await get(stub, task.task_id)
+    assert current.counts.leased == 1  # stream and claims together: never above capacity 1
+    assert len(claimed) <= 1
+    call.cancel()
+
+
+async def test_a_failure_after_the_lease_was_lost_is_refused(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(stub, explicit(sub("a"), lease_ttl=seconds(1), max_attempts=5))
+    assignment = await worker.claim()
+    assert assignment is not None
+
+    async def lost() -> bool:
+        current = (await get(stub, task.task_id)).subtasks[0]
+        return current.last_failure.failure_class == pb.FAILURE_CLASS_LEASE_LOST
+
+    await eventually(lost)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await worker.fail(assignment, "late", retryable=True)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_watch_resumed_after_the_end_ends_at_once(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1")
+    task = await submit(stub, explicit(sub("a")))
+    assignment = await worker.claim()
+    assert assignment is not None
+    await worker.complete(assignment, 1)
+    final = await get(stub, task.task_id)
+    call = stub.WatchTask(pb.WatchTaskRequest(task_id=task.task_id, start_revision=final.revision))
+    responses = [response async for response in call]
+    assert len(responses) == 1 and responses[0].task.state == pb.Task.STATE_SUCCEEDED

@@ -82,7 +82,9 @@ async def agent(
                     )
                     try:
                         await until_answered(
-                            lambda r=request: stub.CompleteSubtask(r, metadata=metadata, timeout=5)
+                            lambda r=request, s=stub: s.CompleteSubtask(
+                                r, metadata=metadata, timeout=5
+                            )
                         )
                     except grpc.aio.AioRpcError as error:
                         # The lease moved on (it expired while the server was down).

@@ -13,11 +13,27 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from agentcoord.core.errors import OutOfRange
 from agentcoord.core.models import Change
 from agentcoord.store.base import Store
 
 CATCH_UP_BATCH = 500
 """Changes read from the store per query while catching up."""
+
+
+async def check_retained(store: Store, field: str, revision: int) -> None:
+    """Refuse a start revision whose later changes compaction may have dropped.
+
+    Raises:
+        OutOfRange: ``revision`` is below the compact revision (reason ``REVISION_COMPACTED``).
+    """
+    compacted = await store.compact_revision()
+    if revision and revision < compacted:
+        raise OutOfRange(
+            f"{field}: revision {revision} is compacted; the oldest kept is {compacted + 1}",
+            reason="REVISION_COMPACTED",
+            metadata={"compact_revision": str(compacted)},
+        )
 
 
 @dataclass(frozen=True, slots=True)

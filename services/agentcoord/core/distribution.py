@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from agentcoord.core.changes import ChangeFeed
+from agentcoord.core.changes import ChangeFeed, check_retained
 from agentcoord.core.clock import Clock
 from agentcoord.core.discovery import Session
 from agentcoord.core.errors import (
@@ -626,14 +626,14 @@ class Distribution:
                 subtask = await self._store.get_subtask(held.lease.subtask_id)
                 if subtask is not None:
                     return Assignment(self._live_lease(held), subtask)
-        if slot.free <= 0:
-            raise ResourceExhausted(
-                f"agent_id: agent {slot.agent_id!r} holds {len(slot.held)} leases, its capacity",
-                reason="AGENT_AT_CAPACITY",
-                metadata={"capacity": str(slot.capacity)},
-            )
         deadline = self._clock.monotonic() + min(wait, self.config.max_claim_wait)
         while True:
+            if slot.free <= 0:  # checked again after each wait: a stream may have filled it
+                raise ResourceExhausted(
+                    f"agent_id: agent {slot.agent_id!r} holds {slot.load} leases, its capacity",
+                    reason="AGENT_AT_CAPACITY",
+                    metadata={"capacity": str(slot.capacity)},
+                )
             subtask = self._best_for(slot)
             if subtask is not None:
                 self._reserve(slot, subtask)
@@ -814,8 +814,10 @@ class Distribution:
 
         Raises:
             NotFound: no such task.
+            OutOfRange: ``start_revision`` is compacted.
         """
         view = await self.get_task(task_id, full=full)
+        await check_retained(self._store, "start_revision", start_revision)
 
         def is_task_change(change: Change) -> bool:
             return change.service is Service.DISTRIBUTION and change.subject == task_id
@@ -827,8 +829,8 @@ class Distribution:
                 # Read after the watch is registered: no later change can be missed.
                 view = await self.get_task(task_id, full=full)
                 yield TaskWatchItem([], view, batch.revision)
-                if view.task.state.is_final and start_revision <= 0:
-                    return
+                if view.task.state.is_final and view.task.revision <= batch.revision:
+                    return  # its last transition is behind the watch: nothing more comes
                 continue
             view = await self.get_task(task_id, full=full)
             yield TaskWatchItem(batch.changes, view, batch.revision)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from agentcoord.core.changes import ChangeFeed, WatchBatch
+from agentcoord.core.changes import ChangeFeed, WatchBatch, check_retained
 from agentcoord.core.clock import Clock
 from agentcoord.core.errors import InvalidInput, OutOfRange, PermissionDenied
 from agentcoord.core.loops import run_periodically
@@ -230,20 +230,11 @@ class StateSync:
         self, where: ChangeFilter, *, after_revision: int, limit: int
     ) -> tuple[list[Change], int]:
         """Return a page of the change log and the revision to continue after (0 at the end)."""
-        await self._check_retained("page_token", after_revision)
+        await check_retained(self._store, "page_token", after_revision)
         changes = await self._store.list_changes(after_revision, limit + 1, where)
         more = len(changes) > limit
         changes = changes[:limit]
         return changes, changes[-1].revision if more else 0
-
-    async def _check_retained(self, field: str, revision: int) -> None:
-        compacted = await self._store.compact_revision()
-        if revision and revision < compacted:
-            raise OutOfRange(
-                f"{field}: revision {revision} is compacted; the oldest kept is {compacted + 1}",
-                reason="REVISION_COMPACTED",
-                metadata={"compact_revision": str(compacted)},
-            )
 
     async def watch(self, start_revision: int, where: ChangeFilter) -> AsyncIterator[WatchBatch]:
         """Yield the changes passing ``where`` after ``start_revision`` (0: from now on).
@@ -251,7 +242,7 @@ class StateSync:
         Raises:
             OutOfRange: ``start_revision`` is compacted.
         """
-        await self._check_retained("start_revision", start_revision)
+        await check_retained(self._store, "start_revision", start_revision)
         async for batch in self._feed.watch(start_revision, where.matches):
             yield batch
 

@@ -577,6 +577,7 @@ def fail_subtask(
     last = subtask.last_failure
     if (
         last is not None
+        and not last.failure_class.set_by_server
         and last.fencing_token == fencing_token
         and last.agent_id == failure.agent_id
         and subtask.fencing_token == fencing_token

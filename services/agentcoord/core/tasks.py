@@ -77,6 +77,11 @@ class FailureClass(enum.Enum):
     TIMEOUT = "timeout"
 
     @property
+    def set_by_server(self) -> bool:
+        """Whether the server records failures of this class (agents report the others)."""
+        return self in (FailureClass.AGENT_DIED, FailureClass.LEASE_LOST)
+
+    @property
     def burns_attempt(self) -> bool:
         """Whether a failure of this class counts against ``max_attempts``."""
         return self is not FailureClass.AGENT_DIED
