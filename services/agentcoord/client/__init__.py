@@ -1,5 +1,20 @@
-"""Python client for agentcoord: typed async methods over the generated stubs."""
+"""Python client for agentcoord: typed async methods over the generated stubs.
 
+- :class:`AgentcoordClient`: one method per RPC (``client.discovery``, ``client.distribution``,
+  ``client.statesync``), typed state operations (``client.state``) and the planner side
+  (``client.tasks``).
+- :class:`Agent`: registers, heartbeats, runs a handler for each assigned sub-task.
+- :class:`SyncClient` and :class:`SyncAgent`: the same without asyncio.
+"""
+
+from agentcoord.client._agent import (
+    Agent,
+    AgentStats,
+    Assignment,
+    Handler,
+    NonRetryableError,
+    WorkItem,
+)
 from agentcoord.client._client import (
     AgentcoordClient,
     DiscoveryClient,
@@ -7,6 +22,26 @@ from agentcoord.client._client import (
     StateSyncClient,
 )
 from agentcoord.client._errors import RPCError
+from agentcoord.client._planner import (
+    Failure,
+    FailureClass,
+    Lease,
+    Plan,
+    Planner,
+    SplitPolicy,
+    Subtask,
+    SubtaskCounts,
+    SubtaskSpec,
+    SubtaskState,
+    SubtaskTransition,
+    Task,
+    TaskCancelled,
+    TaskEvent,
+    TaskFailed,
+    TaskSpec,
+    TaskState,
+    TaskTransition,
+)
 from agentcoord.client._retry import RetryPolicy
 from agentcoord.client._state import (
     Change,
@@ -31,10 +66,22 @@ from agentcoord.client._state import (
     UpdateStats,
     ValueIs,
     VersionIs,
+    fenced,
+)
+from agentcoord.client._sync import (
+    SyncAgent,
+    SyncClient,
+    SyncHandler,
+    SyncPlanner,
+    SyncState,
+    SyncWorkItem,
 )
 
 __all__ = [
+    "Agent",
+    "AgentStats",
     "AgentcoordClient",
+    "Assignment",
     "Change",
     "ChangeType",
     "ConflictError",
@@ -44,17 +91,43 @@ __all__ = [
     "Entry",
     "Exists",
     "FailedPreconditionError",
+    "Failure",
+    "FailureClass",
     "Fencing",
+    "Handler",
     "InvalidArgumentError",
+    "Lease",
+    "NonRetryableError",
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
+    "Plan",
+    "Planner",
     "Put",
     "RPCError",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "SplitPolicy",
     "StateClient",
     "StateSyncClient",
+    "Subtask",
+    "SubtaskCounts",
+    "SubtaskSpec",
+    "SubtaskState",
+    "SubtaskTransition",
+    "SyncAgent",
+    "SyncClient",
+    "SyncHandler",
+    "SyncPlanner",
+    "SyncState",
+    "SyncWorkItem",
+    "Task",
+    "TaskCancelled",
+    "TaskEvent",
+    "TaskFailed",
+    "TaskSpec",
+    "TaskState",
+    "TaskTransition",
     "TransactResult",
     "UnauthenticatedError",
     "UnavailableError",
@@ -62,4 +135,6 @@ __all__ = [
     "UpdateStats",
     "ValueIs",
     "VersionIs",
+    "WorkItem",
+    "fenced",
 ]

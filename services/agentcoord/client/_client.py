@@ -9,6 +9,7 @@ import grpc
 from google.protobuf.message import Message
 
 from agentcoord.client._errors import RPCError
+from agentcoord.client._planner import Planner
 from agentcoord.client._retry import RetryPolicy
 from agentcoord.client._state import StateClient
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
@@ -24,35 +25,44 @@ JOIN_TOKEN_HEADER = "x-agentcoord-join-token"
 
 
 class _ServiceClient:
-    """Calls one service's stub with credentials, a deadline and retries."""
+    """Calls one service's stub with credentials, a deadline, retries and failover."""
 
-    def __init__(self, stub: Any, client: AgentcoordClient) -> None:
-        self._stub = stub
+    def __init__(
+        self, stub_type: Callable[[grpc.aio.Channel], Any], client: AgentcoordClient
+    ) -> None:
+        self._stub_type = stub_type
         self._client = client
+        self._stub: Any = None
+
+    def _connect(self, channel: grpc.aio.Channel) -> None:
+        """Make calls through ``channel`` from now on."""
+        self._stub = self._stub_type(channel)
 
     async def _unary(
         self, method: str, request: Message, response_type: type[Response], *, idempotent: bool
     ) -> Response:
-        call: Callable[..., Any] = getattr(self._stub, method)
         policy = self._client.retry if idempotent else RetryPolicy(max_attempts=1)
         async for attempt in policy.retrying():
             with attempt:
+                target = self._client.target
+                call: Callable[..., Any] = getattr(self._stub, method)
                 try:
                     response = await call(
                         request, metadata=self._client.metadata(), timeout=self._client.timeout
                     )
                 except grpc.aio.AioRpcError as error:
-                    raise RPCError.from_call_error(error) from None
+                    raise self._client.call_error(error, target) from None
         assert isinstance(response, response_type)
         return response
 
     async def _server_stream(self, method: str, request: Message) -> AsyncIterator[Any]:
+        target = self._client.target
         call = getattr(self._stub, method)(request, metadata=self._client.metadata())
         try:
             async for response in call:
                 yield response
         except grpc.aio.AioRpcError as error:
-            raise RPCError.from_call_error(error) from None
+            raise self._client.call_error(error, target) from None
         finally:
             call.cancel()
 
@@ -288,14 +298,16 @@ class StateSyncClient(_ServiceClient):
 
 
 class AgentcoordClient:
-    """One channel to an agentcoord server and a client per service.
+    """Channels to agentcoord servers and a client per service.
 
-    Use as ``async with AgentcoordClient("127.0.0.1:50051") as client: ...``.
+    Use as ``async with AgentcoordClient("127.0.0.1:50051") as client: ...``. Given several
+    addresses, calls go to one of them at a time and move to the next when a call answers
+    UNAVAILABLE (failover); idempotent calls are then retried there.
     """
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: str | Sequence[str] = "127.0.0.1:50051",
         *,
         token: str = "",
         agent_id: str = "",
@@ -308,7 +320,7 @@ class AgentcoordClient:
         """Configure the client; the channel opens on entering the context.
 
         Args:
-            target: ``host:port`` of a server.
+            target: ``host:port`` of a server, or several, tried in turn.
             token: Session or admin token sent as ``authorization: Bearer``.
             agent_id: The agent the session token belongs to (set by ``register``), for
                 ``state.own_key`` and ``state.clear_own``.
@@ -318,7 +330,11 @@ class AgentcoordClient:
             retry: Back-off for idempotent calls on UNAVAILABLE.
             options: Extra grpc channel options.
         """
-        self.target = target
+        self.targets: tuple[str, ...] = (target,) if isinstance(target, str) else tuple(target)
+        """Every address, in failover order."""
+        if not self.targets:
+            raise ValueError("give at least one target")
+        self._current = 0
         self.token = token
         self.agent_id = agent_id
         self.join_token = join_token
@@ -326,7 +342,45 @@ class AgentcoordClient:
         self.retry = retry or RetryPolicy()
         self._credentials = credentials
         self._options = list(options)
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def target(self) -> str:
+        """The address calls go to now."""
+        return self.targets[self._current]
+
+    def call_error(self, error: grpc.aio.AioRpcError, target: str) -> RPCError:
+        """Return ``error`` of a call to ``target`` as an RPCError, failing over on UNAVAILABLE."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.failover(target)
+        return RPCError.from_call_error(error)
+
+    def failover(self, failed: str) -> None:
+        """Move to the next target after ``failed`` answered UNAVAILABLE.
+
+        Does nothing with a single target (its channel reconnects by itself), or when another
+        call already moved on from ``failed``. Channels stay open, so streams opened on
+        another target run on until they end.
+        """
+        if len(self.targets) == 1 or failed != self.target or self._channel is None:
+            return
+        self._current = (self._current + 1) % len(self.targets)
+        self._use(self.target)
+
+    def _use(self, target: str) -> None:
+        """Send calls to ``target`` from now on, through its own channel."""
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = self._open(target)
+        self._channel = channel
+        for service in (self.discovery, self.distribution, self.statesync):
+            service._connect(channel)
+
+    def _open(self, target: str) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(target, options=self._options)
+        return grpc.aio.secure_channel(target, self._credentials, options=self._options)
 
     def metadata(self) -> Metadata:
         """Return the credentials metadata of every call."""
@@ -338,21 +392,15 @@ class AgentcoordClient:
         return tuple(pairs)
 
     async def __aenter__(self) -> AgentcoordClient:
-        if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
-        else:
-            self._channel = grpc.aio.secure_channel(
-                self.target, self._credentials, options=self._options
-            )
-        self.discovery = DiscoveryClient(discovery_grpc.DiscoveryServiceStub(self._channel), self)
-        self.distribution = DistributionClient(
-            distribution_grpc.DistributionServiceStub(self._channel), self
-        )
-        self.statesync = StateSyncClient(statesync_grpc.StateSyncServiceStub(self._channel), self)
+        self.discovery = DiscoveryClient(discovery_grpc.DiscoveryServiceStub, self)
+        self.distribution = DistributionClient(distribution_grpc.DistributionServiceStub, self)
+        self.statesync = StateSyncClient(statesync_grpc.StateSyncServiceStub, self)
         self.state = StateClient(self.statesync, self)
+        self.tasks = Planner(self.distribution, self)
+        self._use(self.target)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        channels, self._channels, self._channel = self._channels, {}, None
+        for channel in channels.values():
+            await channel.close()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import contextvars
 import enum
 import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
@@ -35,6 +36,7 @@ Value: TypeAlias = "bytes | JSON"
 
 MAX_EXACT_INTEGER = 2**53
 """Integral JSON numbers up to this magnitude come back as ``int``."""
+Message = TypeVar("Message")
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -389,9 +391,32 @@ def _fill_put(message: Any, put: Put) -> None:
     message.bind_to_session = put.bind_to_session
 
 
+_current_fencing: contextvars.ContextVar[Fencing | None] = contextvars.ContextVar(
+    "agentcoord_fencing", default=None
+)
+
+
+@contextlib.contextmanager
+def fenced(fencing: Fencing | None) -> Iterator[None]:
+    """Make StateClient writes in this context carry ``fencing`` unless they give their own.
+
+    An :class:`~agentcoord.client.Agent` runs each handler under the fencing of its sub-task,
+    so a worker whose lease has moved on cannot overwrite the new holder's state. Tasks
+    started inside the context inherit it; ``fenced(None)`` turns fencing off again.
+    """
+    token = _current_fencing.set(fencing)
+    try:
+        yield
+    finally:
+        _current_fencing.reset(token)
+
+
 def _fencing(fencing: Fencing | None) -> pb.Fencing | None:
+    """Return the wire form of ``fencing``, or of the context's (see :func:`fenced`)."""
     if fencing is None:
-        return None
+        fencing = _current_fencing.get()
+        if fencing is None:
+            return None
     return pb.Fencing(subtask_id=fencing.subtask_id, fencing_token=fencing.fencing_token)
 
 
@@ -422,8 +447,11 @@ def new_request_id() -> str:
 
 UPDATE_CODES = frozenset({grpc.StatusCode.ABORTED, *RETRYABLE_CODES})
 """Codes :meth:`StateClient.update` retries: conflicts and outages."""
-RESUMABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, *RETRYABLE_CODES})
-"""Codes after which :meth:`StateClient.watch` resumes: outages and a slow-watcher cut-off."""
+RESUMABLE_CODES = frozenset(
+    {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED, *RETRYABLE_CODES}
+)
+"""Codes after which :meth:`StateClient.watch` resumes: outages (a server shutting down
+cancels the calls it has not finished), and a slow-watcher cut-off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,7 +537,8 @@ class StateClient:
             metadata: Metadata stored with the value (replaces the previous metadata).
             ttl: Delete the key after this long (seconds or timedelta) unless written again.
             bind_to_session: Delete the key when this agent's session ends.
-            fencing: Write only under this sub-task lease.
+            fencing: Write only under this sub-task lease; by default the context's
+                (:func:`fenced`), which is the handled sub-task's inside an agent's handler.
             request_id: Idempotency key; a fresh one by default.
 
         Raises:
@@ -626,8 +655,9 @@ class StateClient:
     ) -> AsyncGenerator[Change, None]:
         """Yield every change of the keys under ``prefix``, in revision order, exactly once.
 
-        After UNAVAILABLE (a restart, a lost connection) or RESOURCE_EXHAUSTED (a slow
-        watcher cut off) the watch reconnects by itself from the last revision it reached.
+        After UNAVAILABLE or CANCELLED (a restart, a lost connection) or RESOURCE_EXHAUSTED
+        (a slow watcher cut off) the watch reconnects by itself from the last revision it
+        reached.
         Close the generator (``aclose``, or ``contextlib.aclosing``) to end the watch.
 
         Args:
@@ -660,12 +690,7 @@ class StateClient:
                             yield Change.from_proto(change)
                     last = max(last, response.revision)
             except RPCError as error:
-                # A watcher cut off for being slow made progress first; RESOURCE_EXHAUSTED
-                # without progress (a message too large for the channel) would only recur.
-                resumable = error.code == grpc.StatusCode.UNAVAILABLE or (
-                    error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and last > opened_at
-                )
-                if not resumable:
+                if not is_resumable(error, progressed=last > opened_at):
                     raise typed_error(error) from None
             finally:
                 await stream.aclose()
@@ -673,14 +698,7 @@ class StateClient:
     async def _open_watch(
         self, request: pb.WatchStatesRequest
     ) -> AsyncGenerator[pb.WatchStatesResponse, None]:
-        """Open a watch; return once the server confirmed it with its first message."""
-        with _typed_errors():
-            stream = self._raw.watch_states(request)
-            first = await anext(stream, None)
-        if first is None:
-            await _close(stream)
-            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the watch ended at once")
-        return _chain(first, stream)
+        return await open_stream(lambda: self._raw.watch_states(request))
 
     async def update(
         self,
@@ -704,7 +722,8 @@ class StateClient:
             fn: Computes the new value from the current one; may be called several times.
             default: Value passed to ``fn`` when the key does not exist.
             metadata: Metadata stored with the new value.
-            fencing: Write only under this sub-task lease.
+            fencing: Write only under this sub-task lease; by default the context's
+                (:func:`fenced`).
             policy: Back-off and bounds; ``self.update_policy`` by default.
 
         Raises:
@@ -795,19 +814,49 @@ class StateClient:
         return deleted
 
 
-async def _chain(
-    first: pb.WatchStatesResponse, rest: AsyncIterator[pb.WatchStatesResponse]
-) -> AsyncGenerator[pb.WatchStatesResponse, None]:
+def is_resumable(error: RPCError, *, progressed: bool) -> bool:
+    """Whether a watch that ended with ``error`` resumes from the last revision it reached.
+
+    It resumes after UNAVAILABLE and CANCELLED (the server cancelled the call: it is
+    shutting down, or could not accept it; a call cancelled here raises
+    ``asyncio.CancelledError`` instead), and after RESOURCE_EXHAUSTED (a watcher cut off for
+    being slow) if it made progress first: without progress (a message too large for the
+    channel) the error would only recur.
+    """
+    return error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or (
+        error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and progressed
+    )
+
+
+async def open_stream(
+    start: Callable[[], AsyncIterator[Message]],
+) -> AsyncGenerator[Message, None]:
+    """Start a watch stream; return once the server confirmed it with its first message.
+
+    Raises:
+        RPCError: (a typed subclass) the stream failed before its first message;
+            UnavailableError if it ended without one.
+    """
+    with _typed_errors():
+        stream = start()
+        first = await anext(stream, None)
+    if first is None:
+        await close_stream(stream)
+        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the watch ended at once")
+    return _chain(first, stream)
+
+
+async def _chain(first: Message, rest: AsyncIterator[Message]) -> AsyncGenerator[Message, None]:
     """Yield ``first``, then ``rest``; closing this closes ``rest``."""
     try:
         yield first
         async for response in rest:
             yield response
     finally:
-        await _close(rest)
+        await close_stream(rest)
 
 
-async def _close(stream: AsyncIterator[Any]) -> None:
+async def close_stream(stream: AsyncIterator[Any]) -> None:
     """Close ``stream`` (cancelling its call) if it is a generator."""
     if isinstance(stream, AsyncGenerator):
         await stream.aclose()

@@ -647,8 +647,10 @@ class Distribution:
             if remaining <= 0:
                 return None
             arrived = self._work_arrived
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrived.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await arrived.wait()
 
     def _check_not_expired(self, subtask_id: str, fencing_token: int) -> None:
         held = self._held.get(subtask_id)
