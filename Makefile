@@ -10,7 +10,7 @@ AGENTCOORD_STORE ?= sqlite:///var/agentcoord.db
 export AGENTCOORD_LISTEN AGENTCOORD_STORE
 
 .PHONY: venv proto proto-check lint lint-proto fmt typecheck test pytest run run-discovery \
-	run-distribution run-statesync bench clean
+	run-distribution run-statesync bench demo clean
 
 venv: $(STAMP)
 
@@ -76,6 +76,10 @@ run-discovery run-statesync: run-%: $(STAMP)
 run-distribution: $(STAMP)
 	mkdir -p var
 	$(VENV)/bin/agentcoord serve discovery distribution --listen $${LISTEN:-$(AGENTCOORD_LISTEN)}
+
+# Four agents cooperate on an AUTO-split task; one is killed mid-sub-task (see README).
+demo: $(STAMP)
+	$(PY) examples/demo/run_demo.py
 
 bench: $(STAMP)
 	$(PY) -m tests.bench $(ARGS)
