@@ -1,0 +1,47 @@
+"""``agentcoord serve``: run the services in this process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from agentcoord.cli.exits import Exit
+from agentcoord.cli.rpc import Commands
+from agentcoord.core.errors import AgentcoordError, InvalidInput, Unavailable
+from agentcoord.server import config as server_config
+from agentcoord.server.logs import configure_logging
+
+
+def register(commands: Commands) -> None:
+    """Add ``agentcoord serve``."""
+    parser = commands.add_parser(
+        "serve",
+        help="run the services (all three by default)",
+        description="Run agentcoord services. Flags override AGENTCOORD_* variables.",
+    )
+    server_config.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; return the exit status.
+
+    Returns:
+        0 after a graceful shutdown, USAGE for a bad configuration or store URL,
+        UNAVAILABLE when the store cannot be reached.
+    """
+    try:
+        config = server_config.from_sources(args)
+    except InvalidInput as error:
+        print(f"agentcoord: {error.message}", file=sys.stderr)
+        return Exit.USAGE
+    configure_logging(config.log_level, config.log_format)
+    # Imported here: the server stack is not needed by (and would slow) the client commands.
+    from agentcoord.server.app import serve
+
+    try:
+        asyncio.run(serve(config))
+    except AgentcoordError as error:  # the store URL is wrong or the store unreachable
+        print(f"agentcoord: {error.message}", file=sys.stderr)
+        return Exit.UNAVAILABLE if isinstance(error, Unavailable) else Exit.USAGE
+    return Exit.OK
