@@ -547,3 +547,24 @@ async def test_a_watch_resumed_after_the_end_ends_at_once(
     call = stub.WatchTask(pb.WatchTaskRequest(task_id=task.task_id, start_revision=final.revision))
     responses = [response async for response in call]
     assert len(responses) == 1 and responses[0].task.state == pb.Task.STATE_SUCCEEDED
+
+
+async def test_a_deregistered_agent_is_told_its_leases_are_revoked(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1", capacity=2)
+    call = await stream(worker)
+    await submit(stub, explicit(sub("a"), sub("b")))
+    held = {(await asyncio.wait_for(call.read(), 5)).assignment.lease.subtask_id for _ in "ab"}
+    await worker.discovery.Deregister(
+        discovery_pb.DeregisterRequest(agent_id="w1"), metadata=worker.metadata
+    )
+    revoked = set()
+    for _ in held:
+        revocation = (await asyncio.wait_for(call.read(), 5)).revocation
+        assert revocation.reason == pb.Revocation.REASON_SESSION_ENDED
+        revoked.add(revocation.subtask_id)
+    assert revoked == held
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(call.read(), 5)
+    assert error_info(caught.value).reason == "SESSION_ENDED"

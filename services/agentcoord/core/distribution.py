@@ -296,6 +296,14 @@ class Distribution:
             if slot is not None:
                 slot.live = False
                 if slot.stream is not None:
+                    for held in sorted(slot.held.values(), key=lambda h: h.lease.fencing_token):
+                        slot.stream.send(
+                            Revoked(
+                                held.lease.subtask_id,
+                                held.lease.fencing_token,
+                                RevocationReason.SESSION_ENDED,
+                            )
+                        )
                     slot.stream.send(
                         SessionEnded(
                             f"agent {agent.agent_id!r} {kind.value}: its session ended",

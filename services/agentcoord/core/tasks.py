@@ -93,6 +93,7 @@ class RevocationReason(enum.Enum):
     TASK_CANCELLED = "task_cancelled"
     TASK_FAILED = "task_failed"
     LEASE_EXPIRED = "lease_expired"
+    SESSION_ENDED = "session_ended"
 
 
 @dataclass(frozen=True, slots=True)

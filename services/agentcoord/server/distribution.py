@@ -101,6 +101,7 @@ REVOCATION_REASON_TO_PROTO = {
     RevocationReason.TASK_CANCELLED: pb.Revocation.REASON_TASK_CANCELLED,
     RevocationReason.TASK_FAILED: pb.Revocation.REASON_TASK_FAILED,
     RevocationReason.LEASE_EXPIRED: pb.Revocation.REASON_LEASE_EXPIRED,
+    RevocationReason.SESSION_ENDED: pb.Revocation.REASON_SESSION_ENDED,
 }
 
 

@@ -879,6 +879,8 @@ class Revocation(_message.Message):
         """The task failed because another sub-task failed for good."""
         REASON_LEASE_EXPIRED: Revocation._Reason.ValueType  # 3
         """The lease expired without renewal; the sub-task may have been leased to another agent."""
+        REASON_SESSION_ENDED: Revocation._Reason.ValueType  # 4
+        """The holder's session ended (it expired or deregistered); the sub-task is READY again."""
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper):
         """Why a lease was revoked."""
@@ -891,6 +893,8 @@ class Revocation(_message.Message):
     """The task failed because another sub-task failed for good."""
     REASON_LEASE_EXPIRED: Revocation.Reason.ValueType  # 3
     """The lease expired without renewal; the sub-task may have been leased to another agent."""
+    REASON_SESSION_ENDED: Revocation.Reason.ValueType  # 4
+    """The holder's session ended (it expired or deregistered); the sub-task is READY again."""
 
     SUBTASK_ID_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int

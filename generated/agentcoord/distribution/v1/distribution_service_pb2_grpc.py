@@ -186,7 +186,9 @@ class DistributionServiceServicer:
         server first re-sends every lease the agent still holds, so an assignment lost with a
         broken stream is not lost to the agent. One stream per agent: a new stream for the same
         agent replaces the older one, which ends with FAILED_PRECONDITION (reason
-        `STREAM_REPLACED`). Safe to use together with ClaimSubtask.
+        `STREAM_REPLACED`). When the agent's session ends (expiry or Deregister) the stream sends
+        a revocation (REASON_SESSION_ENDED) for every lease it held, then ends with
+        FAILED_PRECONDITION (reason `SESSION_ENDED`). Safe to use together with ClaimSubtask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

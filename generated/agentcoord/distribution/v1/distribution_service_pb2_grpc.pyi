@@ -93,7 +93,9 @@ class DistributionServiceStub:
     server first re-sends every lease the agent still holds, so an assignment lost with a
     broken stream is not lost to the agent. One stream per agent: a new stream for the same
     agent replaces the older one, which ends with FAILED_PRECONDITION (reason
-    `STREAM_REPLACED`). Safe to use together with ClaimSubtask.
+    `STREAM_REPLACED`). When the agent's session ends (expiry or Deregister) the stream sends
+    a revocation (REASON_SESSION_ENDED) for every lease it held, then ends with
+    FAILED_PRECONDITION (reason `SESSION_ENDED`). Safe to use together with ClaimSubtask.
     """
     ClaimSubtask: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.ClaimSubtaskRequest, _distribution_service_pb2.ClaimSubtaskResponse]
     """Leases one READY sub-task to the calling agent (pull), waiting up to `wait` for one.
@@ -185,7 +187,9 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
     server first re-sends every lease the agent still holds, so an assignment lost with a
     broken stream is not lost to the agent. One stream per agent: a new stream for the same
     agent replaces the older one, which ends with FAILED_PRECONDITION (reason
-    `STREAM_REPLACED`). Safe to use together with ClaimSubtask.
+    `STREAM_REPLACED`). When the agent's session ends (expiry or Deregister) the stream sends
+    a revocation (REASON_SESSION_ENDED) for every lease it held, then ends with
+    FAILED_PRECONDITION (reason `SESSION_ENDED`). Safe to use together with ClaimSubtask.
     """
     ClaimSubtask: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.ClaimSubtaskRequest, _distribution_service_pb2.ClaimSubtaskResponse]  # type: ignore[assignment]
     """Leases one READY sub-task to the calling agent (pull), waiting up to `wait` for one.
@@ -316,7 +320,9 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
         server first re-sends every lease the agent still holds, so an assignment lost with a
         broken stream is not lost to the agent. One stream per agent: a new stream for the same
         agent replaces the older one, which ends with FAILED_PRECONDITION (reason
-        `STREAM_REPLACED`). Safe to use together with ClaimSubtask.
+        `STREAM_REPLACED`). When the agent's session ends (expiry or Deregister) the stream sends
+        a revocation (REASON_SESSION_ENDED) for every lease it held, then ends with
+        FAILED_PRECONDITION (reason `SESSION_ENDED`). Safe to use together with ClaimSubtask.
         """
 
     @_abc_1.abstractmethod
