@@ -372,7 +372,7 @@ async def test_a_stale_workers_state_writes_are_refused(
         await item.state.put("shared/report", "final")
         return "fresh"
 
-    async with agent(app, "slow", handle, ttl=5.0) as slow:
+    async with agent(app, "slow", handle, ttl=5.0):
         task = await planner.tasks.submit(one())
         await asyncio.wait_for(first_write.wait(), 10)
         async with agent(app, "fast", handle) as fast:
