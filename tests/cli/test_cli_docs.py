@@ -109,9 +109,14 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def background(command: str, env: dict[str, str], cwd: Path) -> AsyncIterator[None]:
-    """Run a documented ``... &`` command until the block ends, then stop it with SIGTERM."""
-    log = (cwd / "background.log").open("wb")
+async def background(
+    command: str, env: dict[str, str], cwd: Path, log_name: str = "background.log"
+) -> AsyncIterator[None]:
+    """Run a documented ``... &`` command until the block ends, then stop it with SIGTERM.
+
+    Its output goes to ``cwd / log_name``.
+    """
+    log = (cwd / log_name).open("wb")
     process = await asyncio.create_subprocess_exec(
         "bash", "-c", f"exec {command.removesuffix('&')}",
         env=env, cwd=cwd, stdout=log, stderr=log,
