@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import time
-import traceback
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -61,7 +60,7 @@ from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
 from agentcoord.statesync.v1 import statesync_service_pb2 as state_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as state_grpc
-from tests.bench import echo
+from tests.bench import echo, procs
 from tests.bench.procs import Server
 from tests.bench.unary import echo_call, interleaved
 
@@ -484,21 +483,11 @@ async def _worker(plan: _Plan, conn: Connection) -> dict[str, Any]:
 
 def worker_main(plan: _Plan, conn: Connection) -> None:
     """Entry point of one client process: sends back ``("done", stats)`` or ``("error", tb)``."""
-    try:
-        conn.send(("done", asyncio.run(_worker(plan, conn))))
-    except BaseException:  # reported to the parent, which raises
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+    procs.serve_worker(lambda: _worker(plan, conn), conn)
 
 
 def _recv(conn: Connection, timeout: float) -> tuple[Any, ...]:
-    if not conn.poll(timeout):
-        raise TimeoutError("a distribution bench worker did not answer")
-    message = conn.recv()
-    if message[0] == "error":
-        raise RuntimeError(f"distribution bench worker failed:\n{message[1]}")
-    return tuple(message)
+    return procs.receive(conn, timeout, "distribution")
 
 
 def _cpu(processes: list[psutil.Process]) -> float:

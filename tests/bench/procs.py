@@ -13,9 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import urllib.parse
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -164,3 +168,23 @@ class Stores:
         finally:
             await connection.close()
         self._schemas.clear()
+
+
+def serve_worker(run: Callable[[], Coroutine[Any, Any, Any]], conn: Connection) -> None:
+    """Run a load worker's coroutine; send back ``("done", result)`` or ``("error", tb)``."""
+    try:
+        conn.send(("done", asyncio.run(run())))
+    except BaseException:  # reported to the parent, which raises
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def receive(conn: Connection, timeout: float, what: str) -> tuple[Any, ...]:
+    """Return a worker's next message; raise if it failed or did not answer in time."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"a {what} bench worker did not answer")
+    message = conn.recv()
+    if message[0] == "error":
+        raise RuntimeError(f"{what} bench worker failed:\n{message[1]}")
+    return tuple(message)

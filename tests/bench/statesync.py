@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import time
-import traceback
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from agentcoord.client._errors import RPCError
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as pb_grpc
-from tests.bench import echo
+from tests.bench import echo, procs
 from tests.bench.procs import Server
 from tests.bench.unary import echo_call, interleaved
 
@@ -246,21 +245,11 @@ async def _writer(call: Any, end: float, stats: dict[str, Any]) -> None:
 
 def worker_main(plan: _Plan, conn: Connection) -> None:
     """Entry point of one client process: sends back ``("done", stats)`` or ``("error", tb)``."""
-    try:
-        conn.send(("done", asyncio.run(_worker(plan, conn))))
-    except BaseException:  # reported to the parent, which raises
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
+    procs.serve_worker(lambda: _worker(plan, conn), conn)
 
 
 def _recv(conn: Connection, timeout: float) -> tuple[Any, ...]:
-    if not conn.poll(timeout):
-        raise TimeoutError("a state bench worker did not answer")
-    message = conn.recv()
-    if message[0] == "error":
-        raise RuntimeError(f"state bench worker failed:\n{message[1]}")
-    return message
+    return procs.receive(conn, timeout, "state")
 
 
 def run_rmw(spec: RmwSpec, server: Server) -> RmwResult:
