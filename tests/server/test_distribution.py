@@ -14,7 +14,7 @@ from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
 from agentcoord.server.app import App
-from tests.helpers import bearer, error_info, eventually
+from tests.helpers import bearer, error_info, eventually, field_violations
 from tests.server.conftest import StartServer
 
 Stub = pb_grpc.DistributionServiceStub
@@ -305,6 +305,26 @@ async def test_bad_input_names_the_field(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetTask(pb.GetTaskRequest(task_id="nope"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_agents_cannot_report_the_failure_classes_the_server_records(
+    channel: grpc.aio.Channel,
+) -> None:
+    worker = await join(channel, "w1")
+    for failure_class in (pb.FAILURE_CLASS_AGENT_DIED, pb.FAILURE_CLASS_UNSPECIFIED):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await worker.stub.FailSubtask(
+                pb.FailSubtaskRequest(
+                    subtask_id="s",
+                    agent_id="w1",
+                    fencing_token=1,
+                    error_message="x",
+                    failure_class=failure_class,
+                ),
+                metadata=worker.metadata,
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_violations(caught.value) == ["failure_class"]
 
 
 async def stream(

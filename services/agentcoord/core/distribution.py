@@ -700,9 +700,9 @@ class Distribution:
     ) -> TaskUpdate:
         """Record a failed attempt reported by the lease holder."""
         session.check_acts_as(agent_id)
-        if failure_class not in (FailureClass.TASK_ERROR, FailureClass.TIMEOUT):
+        if failure_class.set_by_server:
             raise InvalidInput(
-                "failure_class", "agents report FAILURE_CLASS_TASK_ERROR or FAILURE_CLASS_TIMEOUT"
+                "failure_class", "must be FAILURE_CLASS_TASK_ERROR or FAILURE_CLASS_TIMEOUT"
             )
         self._check_not_expired(subtask_id, fencing_token)
         held = self._held.get(subtask_id)

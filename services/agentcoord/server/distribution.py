@@ -258,7 +258,7 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
             "error_message", request.error_message, max_length=MAX_ERROR_MESSAGE, required=True
         )
         failure_class = FAILURE_CLASS_FROM_PROTO.get(request.failure_class)
-        if failure_class not in (FailureClass.TASK_ERROR, FailureClass.TIMEOUT):
+        if failure_class is None:  # the core refuses the classes only the server records
             raise InvalidInput(
                 "failure_class", "must be FAILURE_CLASS_TASK_ERROR or FAILURE_CLASS_TIMEOUT"
             )
