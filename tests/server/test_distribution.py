@@ -330,9 +330,11 @@ async def test_agents_cannot_report_the_failure_classes_the_server_records(
 async def stream(
     worker: Worker,
 ) -> grpc.aio.UnaryStreamCall[pb.StreamAssignmentsRequest, pb.StreamAssignmentsResponse]:
-    return worker.stub.StreamAssignments(
+    call = worker.stub.StreamAssignments(
         pb.StreamAssignmentsRequest(agent_id=worker.agent_id), metadata=worker.metadata
     )
+    await asyncio.wait_for(call.initial_metadata(), 5)  # the server has registered the stream
+    return call
 
 
 async def test_work_spreads_to_the_least_loaded_agents(

@@ -105,8 +105,13 @@ class Revoked:
     reason: RevocationReason
 
 
-AssignmentMessage = Assignment | Revoked
-"""What StreamAssignments sends."""
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The stream is registered: leases granted from now on are pushed to it."""
+
+
+AssignmentMessage = Connected | Assignment | Revoked
+"""What :meth:`Distribution.assignments` yields (``Connected`` first)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +155,9 @@ class _Stream:
     """The open StreamAssignments stream of one agent."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[AssignmentMessage | AgentcoordError] = asyncio.Queue()
+        self.queue: asyncio.Queue[Assignment | Revoked | AgentcoordError] = asyncio.Queue()
 
-    def send(self, message: AssignmentMessage | AgentcoordError) -> None:
+    def send(self, message: Assignment | Revoked | AgentcoordError) -> None:
         self.queue.put_nowait(message)
 
 
@@ -581,7 +586,7 @@ class Distribution:
     async def assignments(
         self, session: Session, agent_id: str
     ) -> AsyncIterator[AssignmentMessage]:
-        """Stream leases to the agent: first those it holds, then new ones as granted.
+        """Stream leases to the agent: ``Connected``, those it holds, then new ones as granted.
 
         Raises:
             StreamReplaced: a newer stream of the same agent took over.
@@ -599,6 +604,7 @@ class Distribution:
         stream = _Stream()
         slot.stream = stream
         try:
+            yield Connected()
             for held in sorted(slot.held.values(), key=lambda h: h.lease.fencing_token):
                 subtask = await self._store.get_subtask(held.lease.subtask_id)
                 if subtask is not None and subtask.state is SubtaskState.LEASED:

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from agentcoord.core.discovery import Session
-from agentcoord.core.distribution import Assignment, Distribution, Revoked, TaskView
+from agentcoord.core.distribution import Assignment, Connected, Distribution, Revoked, TaskView
 from agentcoord.core.errors import InvalidInput, PermissionDenied
 from agentcoord.core.models import Change
 from agentcoord.core.tasks import (
@@ -203,7 +203,9 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         session = _agent_session()
         with self._streams.track():
             async for message in self._core.assignments(session, request.agent_id):
-                if isinstance(message, Assignment):
+                if isinstance(message, Connected):
+                    await context.send_initial_metadata(())
+                elif isinstance(message, Assignment):
                     yield pb.StreamAssignmentsResponse(assignment=assignment_to_proto(message))
                 else:
                     yield pb.StreamAssignmentsResponse(revocation=revocation_to_proto(message))

@@ -188,7 +188,9 @@ class DistributionServiceServicer:
         agent replaces the older one, which ends with FAILED_PRECONDITION (reason
         `STREAM_REPLACED`). When the agent's session ends (expiry or Deregister) the stream sends
         a revocation (REASON_SESSION_ENDED) for every lease it held, then ends with
-        FAILED_PRECONDITION (reason `SESSION_ENDED`). Safe to use together with ClaimSubtask.
+        FAILED_PRECONDITION (reason `SESSION_ENDED`). The response headers (initial metadata)
+        arrive once the stream is registered: from then on, leases granted reach this stream.
+        Safe to use together with ClaimSubtask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,7 +95,9 @@ class DistributionServiceStub:
     agent replaces the older one, which ends with FAILED_PRECONDITION (reason
     `STREAM_REPLACED`). When the agent's session ends (expiry or Deregister) the stream sends
     a revocation (REASON_SESSION_ENDED) for every lease it held, then ends with
-    FAILED_PRECONDITION (reason `SESSION_ENDED`). Safe to use together with ClaimSubtask.
+    FAILED_PRECONDITION (reason `SESSION_ENDED`). The response headers (initial metadata)
+    arrive once the stream is registered: from then on, leases granted reach this stream.
+    Safe to use together with ClaimSubtask.
     """
     ClaimSubtask: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.ClaimSubtaskRequest, _distribution_service_pb2.ClaimSubtaskResponse]
     """Leases one READY sub-task to the calling agent (pull), waiting up to `wait` for one.
@@ -189,7 +191,9 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
     agent replaces the older one, which ends with FAILED_PRECONDITION (reason
     `STREAM_REPLACED`). When the agent's session ends (expiry or Deregister) the stream sends
     a revocation (REASON_SESSION_ENDED) for every lease it held, then ends with
-    FAILED_PRECONDITION (reason `SESSION_ENDED`). Safe to use together with ClaimSubtask.
+    FAILED_PRECONDITION (reason `SESSION_ENDED`). The response headers (initial metadata)
+    arrive once the stream is registered: from then on, leases granted reach this stream.
+    Safe to use together with ClaimSubtask.
     """
     ClaimSubtask: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.ClaimSubtaskRequest, _distribution_service_pb2.ClaimSubtaskResponse]  # type: ignore[assignment]
     """Leases one READY sub-task to the calling agent (pull), waiting up to `wait` for one.
@@ -322,7 +326,9 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
         agent replaces the older one, which ends with FAILED_PRECONDITION (reason
         `STREAM_REPLACED`). When the agent's session ends (expiry or Deregister) the stream sends
         a revocation (REASON_SESSION_ENDED) for every lease it held, then ends with
-        FAILED_PRECONDITION (reason `SESSION_ENDED`). Safe to use together with ClaimSubtask.
+        FAILED_PRECONDITION (reason `SESSION_ENDED`). The response headers (initial metadata)
+        arrive once the stream is registered: from then on, leases granted reach this stream.
+        Safe to use together with ClaimSubtask.
         """
 
     @_abc_1.abstractmethod
