@@ -62,8 +62,11 @@ class _Subscriber:
             self._queue = asyncio.Queue(self._queue.maxsize)
 
     async def next(self, timeout: float) -> Sequence[Change] | None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result and drops
+        # a cancellation that arrives as the queue delivers, and the watcher never ends.
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
         except TimeoutError:
             return None
 

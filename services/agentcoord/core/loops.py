@@ -24,4 +24,5 @@ async def run_periodically(
         except Exception:
             log.exception("%s failed; retrying in %.2fs", name, interval)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+            async with asyncio.timeout(interval):  # not wait_for: it can drop a cancellation
+                await stop.wait()
