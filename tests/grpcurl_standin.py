@@ -197,7 +197,8 @@ class Reflection:
                 found = find(symbol)
             except KeyError:
                 continue
-            return [f"{symbol} is a {kind}:", *render(found)]  # type: ignore[operator]
+            article = "an" if kind == "enum" else "a"
+            return [f"{symbol} is {article} {kind}:", *render(found)]  # type: ignore[operator]
         try:
             service, method = _split_method(symbol)
             found_method = self.pool.FindServiceByName(service).methods_by_name[method]

@@ -1,9 +1,9 @@
 """docs/distribution.md stays true: its Python and grpcurl examples run as written.
 
 The Python examples run as scripts against a real server; the grpcurl commands (with the shell
-lines that pick values out of their output) run in order through ``tests/grpcurl_standin.py``
-(reflection only), and through the real ``grpcurl`` too when it is installed, with the helpers
-of ``tests/test_docs.py`` and ``tests/test_statesync_docs.py``. The page's reasons table
+lines that pick values out of their output) run in order with the real ``grpcurl``
+(``grpcurl_path`` in ``tests/conftest.py``; the stand-in where none is installed), with the
+helpers of ``tests/test_docs.py`` and ``tests/test_statesync_docs.py``. The page's reasons table
 names every reason the Distribution code raises.
 """
 
@@ -13,12 +13,8 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 from agentcoord.server.app import App
@@ -26,7 +22,6 @@ from tests.test_docs import (
     DOCS,
     ROOT,
     SERVICES,
-    TOOLS,
     code_spans,
     grpcurl_args,
     json_values,
@@ -35,7 +30,6 @@ from tests.test_docs import (
     run_shell,
     section,
     shell_commands,
-    standin_path,
     table_rows,
 )
 from tests.test_statesync_docs import ASSIGNMENT, PYTHON_BLOCK, app, local
@@ -175,11 +169,7 @@ class Walkthrough:
         assert events[-1]["task"]["toState"] == "STATE_SUCCEEDED", events[-1]
 
 
-@pytest.mark.parametrize("tool", TOOLS)
-async def test_grpcurl_examples_work_as_written(tool: str, app: App, tmp_path: Path) -> None:
-    if tool == "grpcurl" and shutil.which("grpcurl") is None:
-        pytest.skip("grpcurl is not installed; the stand-in ran the commands")
-    path = standin_path(tmp_path) if tool == "stand-in" else os.environ.get("PATH", "")
+async def test_grpcurl_examples_work_as_written(app: App, grpcurl_path: str) -> None:
     state = Walkthrough()
 
     async def run(command: str) -> str:
@@ -187,9 +177,9 @@ async def test_grpcurl_examples_work_as_written(tool: str, app: App, tmp_path: P
         assignment = ASSIGNMENT.match(command)
         if assignment:  # run it, then print the variable it set, for the later commands
             script += f'\nprintf %s "${assignment.group(1)}"'
-        env = {**os.environ, "PATH": path, **state.variables}
+        env = {**os.environ, "PATH": grpcurl_path, **state.variables}
         code, stdout, stderr = await run_shell(script, env)
-        assert code == 0, f"{tool}: {command!r} exited {code}:\n{stdout}{stderr}"
+        assert code == 0, f"{command!r} exited {code}:\n{stdout}{stderr}"
         if assignment:
             name = assignment.group(1)
             assert stdout.strip(), f"{command!r} set {name} to nothing"

@@ -5,8 +5,9 @@
 - docs/operations.md: its configuration table matches ``ServerConfig`` field for field (flag,
   environment variable and default), and the metadata and grpc options it names are the code's.
 - README.md (and docs/operations.md): every grpcurl command works as written against a real
-  server, run through ``tests/grpcurl_standin.py`` (reflection only), and through the real
-  ``grpcurl`` too when it is installed; every ``agentcoord serve`` line parses.
+  server, run with the real ``grpcurl`` (the ``grpcurl_path`` fixture of ``tests/conftest.py``;
+  the stand-in ``tests/grpcurl_standin.py`` only where no real one is installed: the test
+  report's header says which ran); every ``agentcoord serve`` line parses.
 - Relative links in README.md and docs/ point at files that exist.
 """
 
@@ -20,8 +21,6 @@ import json
 import os
 import re
 import shlex
-import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,6 @@ README = ROOT / "README.md"
 ERRORS_MD = DOCS / "errors.md"
 OPERATIONS_MD = DOCS / "operations.md"
 SERVICES = ROOT / "services" / "agentcoord"
-STANDIN = Path(__file__).resolve().parent / "grpcurl_standin.py"
 DEFAULT_ADDRESS = re.compile(r"\b(?:127\.0\.0\.1|localhost):50051\b")
 
 
@@ -443,24 +441,9 @@ async def run_shell(script: str, env: dict[str, str]) -> tuple[int, str, str]:
     return process.returncode, stdout.decode(), stderr.decode()
 
 
-def standin_path(tmp_path: Path) -> str:
-    """A PATH whose ``grpcurl`` is the stand-in (run with this interpreter)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    shim = bin_dir / "grpcurl"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STANDIN}" "$@"\n')
-    shim.chmod(0o755)
-    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
-TOOLS = ["stand-in", "grpcurl"]
-
-
-@pytest.mark.parametrize("tool", TOOLS)
-async def test_documented_grpcurl_commands_work_as_written(tool: str, tmp_path: Path) -> None:
-    if tool == "grpcurl" and shutil.which("grpcurl") is None:
-        pytest.skip("grpcurl is not installed; the stand-in ran the commands")
-    path = standin_path(tmp_path) if tool == "stand-in" else os.environ.get("PATH", "")
+async def test_documented_grpcurl_commands_work_as_written(
+    grpcurl_path: str, tmp_path: Path
+) -> None:
     app = await start_app(ServerConfig(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/t.db"))
     try:
         state = Walkthrough()
@@ -473,12 +456,12 @@ async def test_documented_grpcurl_commands_work_as_written(tool: str, tmp_path: 
         ]
         for command in [*readme, *operations]:
             local = DEFAULT_ADDRESS.sub(f"127.0.0.1:{app.port}", command)
-            env = {**os.environ, "PATH": path, **state.variables}
+            env = {**os.environ, "PATH": grpcurl_path, **state.variables}
             assignment = re.match(r"^([A-Z_]+)=\$\(", command)
             if assignment:  # run it, then print the variable it set, for the later commands
                 local += f'\nprintf %s "${assignment.group(1)}"'
             code, stdout, stderr = await run_shell(local, env)
-            assert code == 0, f"{tool}: {command!r} exited {code}:\n{stdout}{stderr}"
+            assert code == 0, f"{command!r} exited {code}:\n{stdout}{stderr}"
             args = grpcurl_args(command)
             if assignment:
                 assert stdout.strip(), f"{command!r} set {assignment.group(1)} to nothing"

@@ -3,8 +3,8 @@
 The page is followed against a real server on a free port and a temporary SQLite file, in a
 temporary working folder, with the helpers of ``tests/test_docs.py`` (each ``sh`` line in its
 own ``bash -euo pipefail``), ``tests/cli/test_cli_docs.py`` (background commands, variables
-that a line sets) and ``tests/test_statesync_docs.py`` (Python blocks). grpcurl is
-``tests/grpcurl_standin.py`` (reflection only), and the real ``grpcurl`` too when installed.
+that a line sets) and ``tests/test_statesync_docs.py`` (Python blocks). grpcurl is the real
+one (``grpcurl_path`` in ``tests/conftest.py``; the stand-in where none is installed).
 The documented address ``127.0.0.1:50051`` is replaced by the test server's everywhere.
 
 Lines that stand for what a person does in a terminal are mapped, not run literally:
@@ -33,12 +33,9 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agentcoord.client import AgentcoordClient
 from tests.cli.test_cli_docs import ASSIGNMENT, EXPECTED_OUTPUT, background, free_port
@@ -48,13 +45,11 @@ from tests.test_docs import (
     DEFAULT_ADDRESS,
     DOCS,
     README,
-    TOOLS,
     Walkthrough,
     check_output,
     grpcurl_args,
     run_shell,
     shell_commands,
-    standin_path,
 )
 
 QUICKSTART_MD = DOCS / "quickstart.md"
@@ -128,15 +123,11 @@ def test_quickstart_shows_the_steps() -> None:
         assert any(needle in c for c in commands), f"docs/quickstart.md runs no {needle!r}"
 
 
-@pytest.mark.parametrize("tool", TOOLS)
-async def test_quickstart_runs_as_written(tool: str, tmp_path: Path) -> None:
-    if tool == "grpcurl" and shutil.which("grpcurl") is None:
-        pytest.skip("grpcurl is not installed; the stand-in ran the commands")
-    path = standin_path(tmp_path) if tool == "stand-in" else os.environ.get("PATH", "")
+async def test_quickstart_runs_as_written(grpcurl_path: str, tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{path}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{grpcurl_path}",
         "AGENTCOORD_LISTEN": address,
         "AGENTCOORD_STORE": f"sqlite:///{tmp_path / 'quickstart.db'}",
         "AGENTCOORD_SERVER": address,
@@ -182,7 +173,7 @@ async def test_quickstart_runs_as_written(tool: str, tmp_path: Path) -> None:
             if assignment:  # print the variable it set, for the later commands
                 script += f'\nprintf %s "${assignment.group(1)}"'
             code, stdout, stderr = await run_shell(script, env)
-            assert code == 0, f"{tool}: {step!r} exited {code}:\n{stdout}{stderr}"
+            assert code == 0, f"{step!r} exited {code}:\n{stdout}{stderr}"
             if assignment:
                 assert stdout.strip(), f"{step!r} set {assignment.group(1)} to nothing"
                 env[assignment.group(1)] = stdout.strip()

@@ -1,8 +1,8 @@
 """docs/statesync.md stays true: its Python and grpcurl examples run as written.
 
-The Python examples run as scripts against a real server; the grpcurl commands run through
-``tests/grpcurl_standin.py`` (reflection only), and through the real ``grpcurl`` too when it is
-installed, with the helpers of ``tests/test_docs.py``.
+The Python examples run as scripts against a real server; the grpcurl commands run with the
+real ``grpcurl`` (``grpcurl_path`` in ``tests/conftest.py``; the stand-in where none is
+installed), with the helpers of ``tests/test_docs.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,14 +24,12 @@ from tests.test_docs import (
     DEFAULT_ADDRESS,
     DOCS,
     ROOT,
-    TOOLS,
     documented_grpcurl_commands,
     grpcurl_args,
     json_values,
     positionals,
     request_of,
     run_shell,
-    standin_path,
 )
 
 STATESYNC_MD = DOCS / "statesync.md"
@@ -104,11 +101,7 @@ def check_output(args: list[str], output: str) -> None:
         raise AssertionError(f"no check for the documented command {' '.join(args)!r}: add one")
 
 
-@pytest.mark.parametrize("tool", TOOLS)
-async def test_grpcurl_examples_work_as_written(tool: str, app: App, tmp_path: Path) -> None:
-    if tool == "grpcurl" and shutil.which("grpcurl") is None:
-        pytest.skip("grpcurl is not installed; the stand-in ran the commands")
-    path = standin_path(tmp_path) if tool == "stand-in" else os.environ.get("PATH", "")
+async def test_grpcurl_examples_work_as_written(app: App, grpcurl_path: str) -> None:
     variables: dict[str, str] = {}
 
     async def run(command: str) -> str:
@@ -116,8 +109,10 @@ async def test_grpcurl_examples_work_as_written(tool: str, app: App, tmp_path: P
         assignment = ASSIGNMENT.match(command)
         if assignment:  # run it, then print the variable it set, for the later commands
             script += f'\nprintf %s "${assignment.group(1)}"'
-        code, stdout, stderr = await run_shell(script, {**os.environ, "PATH": path, **variables})
-        assert code == 0, f"{tool}: {command!r} exited {code}:\n{stdout}{stderr}"
+        code, stdout, stderr = await run_shell(
+            script, {**os.environ, "PATH": grpcurl_path, **variables}
+        )
+        assert code == 0, f"{command!r} exited {code}:\n{stdout}{stderr}"
         if assignment:
             assert stdout.strip(), f"{command!r} set {assignment.group(1)} to nothing"
             variables[assignment.group(1)] = stdout.strip()

@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from agentcoord.core.changes import ChangeFeed
 from agentcoord.core.clock import Clock, SystemClock
@@ -31,6 +30,7 @@ from agentcoord.server import statesync as statesync_server
 from agentcoord.server.auth import Access, Authenticator, SessionLookup
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.interceptors import CallInterceptor
+from agentcoord.server.reflection import enable_reflection
 from agentcoord.server.splitters import load_splitter
 from agentcoord.server.streams import StreamTracker
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc
@@ -251,14 +251,7 @@ async def start_app(
     for service in hosted:
         service.add_to_server(server)
     names = [service.name for service in hosted]
-    reflection.enable_server_reflection(
-        [
-            *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
+    enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     credentials = _server_credentials(config)
     if credentials is None:
         port = server.add_insecure_port(config.listen)
