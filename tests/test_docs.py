@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -325,12 +326,17 @@ def parse_register(body: dict[str, Any]) -> discovery_pb.RegisterRequest:
 
 
 def describe_names(symbol: str) -> list[str]:
-    """Field names of a message, or method names of a service, from the generated descriptors."""
+    """Names a describe of ``symbol`` shows, from the generated descriptors.
+
+    A message's fields, a service's methods, or a method's name and its request and response.
+    """
     pool = descriptor_pool.Default()
-    try:
+    with contextlib.suppress(KeyError):
         return [f.name for f in pool.FindMessageTypeByName(symbol).fields]
-    except KeyError:
+    with contextlib.suppress(KeyError):
         return [m.name for m in pool.FindServiceByName(symbol).methods]
+    method = pool.FindMethodByName(symbol)
+    return [f"rpc {method.name}", method.input_type.full_name, method.output_type.full_name]
 
 
 EXPECTED_SERVICES = {
@@ -338,6 +344,7 @@ EXPECTED_SERVICES = {
     "agentcoord.distribution.v1.DistributionService",
     "agentcoord.statesync.v1.StateSyncService",
     "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
 }
 
