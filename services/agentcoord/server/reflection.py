@@ -7,12 +7,13 @@ grpcio-reflection's servicer does the protocol; this module closes three gaps in
   derived from the ``v1alpha`` file).
 - A method symbol (``pkg.Service.Method``) answers NOT_FOUND: the upb descriptor pool's
   ``FindFileContainingSymbol`` does not resolve methods. Here a method resolves to its service's
-  file, and so does an enum value named inside its enum (``pkg.Enum.VALUE``, as grpcurl asks);
-  services, messages, enums, enum values (``pkg.VALUE``) and fields resolve as before.
+  file, and an enum value named inside its enum (``pkg.Enum.VALUE``, as grpcurl asks) to its
+  enum's; services, messages, enums, enum values (``pkg.VALUE``) and fields resolve as before.
 - The descriptors compiled into generated code carry no ``json_name``, so clients that read it
   from reflection (grpcurl 1.8) would print ``session_token`` instead of the documented
   ``sessionToken``. The served files, and every file they import, get ``json_name`` filled in
-  with the name protobuf computes (lowerCamelCase).
+  with the name protobuf computes (lowerCamelCase). So do the ``google.rpc`` error details,
+  served too so that clients can decode an error's ``ErrorInfo`` and ``BadRequest``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _fill_json_names(
     messages: Iterable[descriptor_pb2.DescriptorProto],
     descriptors: Mapping[str, descriptor.Descriptor],
 ) -> None:
+    """Copy each field's ``json_name`` from its descriptor into ``messages``, nested ones too."""
     for message in messages:
         found = descriptors[message.name]
         for field in message.field:
@@ -51,7 +53,7 @@ def _fill_json_names(
         _fill_json_names(message.nested_type, found.nested_types_by_name)
 
 
-def file_proto(file: descriptor.FileDescriptor) -> descriptor_pb2.FileDescriptorProto:
+def _file_proto(file: descriptor.FileDescriptor) -> descriptor_pb2.FileDescriptorProto:
     """``file`` as a FileDescriptorProto, with ``json_name`` set on every field."""
     proto = descriptor_pb2.FileDescriptorProto()
     file.CopyToProto(proto)
@@ -63,7 +65,7 @@ def file_proto(file: descriptor.FileDescriptor) -> descriptor_pb2.FileDescriptor
 
 def _v1_file() -> descriptor_pb2.FileDescriptorProto:
     """grpc/reflection/v1/reflection.proto, derived from the v1alpha file it renames."""
-    proto = file_proto(descriptor_pool.Default().FindServiceByName(V1ALPHA_SERVICE).file)
+    proto = _file_proto(descriptor_pool.Default().FindServiceByName(V1ALPHA_SERVICE).file)
     proto.name, proto.package = _V1_FILE, _V1_PACKAGE
     proto.options.Clear()
     proto.options.java_package = "io.grpc.reflection.v1"
@@ -82,7 +84,7 @@ def _v1_file() -> descriptor_pb2.FileDescriptorProto:
     return proto
 
 
-def served_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
+def _served_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
     """A pool of the files declaring ``service_names``, the reflection services and error details.
 
     Files are copied from the default pool with their imports and ``json_name`` filled in.
@@ -96,7 +98,7 @@ def served_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
             return
         for dependency in file.dependencies:
             add(dependency)
-        pool.AddSerializedFile(file_proto(file).SerializeToString())
+        pool.AddSerializedFile(_file_proto(file).SerializeToString())
         added.add(file.name)
 
     for name in [*service_names, V1ALPHA_SERVICE]:
@@ -108,11 +110,11 @@ def served_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
 
 
 class _ReflectionServicer(reflection.aio.ReflectionServicer):
-    """grpcio-reflection's servicer over :func:`served_pool`, resolving method symbols too."""
+    """grpcio-reflection's servicer over :func:`_served_pool`, resolving method symbols too."""
 
     def __init__(self, service_names: Iterable[str]) -> None:
         names = list(service_names)
-        self._served = served_pool(names)
+        self._served = _served_pool(names)
         super().__init__([*names, V1ALPHA_SERVICE, V1_SERVICE], pool=self._served)
 
     def _file_containing_symbol(
