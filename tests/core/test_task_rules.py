@@ -85,6 +85,7 @@ def build(spec: TaskSpec, defaults: TaskDefaults | None = None) -> tuple[Task, l
         plan_of(spec),
         new_id=counter_ids(),
         submitter_agent_id="planner",
+        submitter="agent:planner",
         request_id="",
         now=NOW,
         defaults=defaults or TaskDefaults(),
@@ -140,7 +141,9 @@ class World:
 
     def lease(self, local_id: str, agent: str = "agent-a", now: datetime = NOW) -> Subtask:
         subtask_id = self.id_of(local_id)
-        leased, _ = self.run(lambda tx: lease_subtask(tx, subtask_id, agent, now), actor=agent)
+        leased, _ = self.run(
+            lambda tx: lease_subtask(tx, subtask_id, agent, now, epoch=1), actor=agent
+        )
         return leased
 
     def complete(self, local_id: str, result: Any = None, agent: str = "agent-a") -> Step:
@@ -148,7 +151,7 @@ class World:
         token = subtask.lease.fencing_token if subtask.lease else subtask.fencing_token
         _, step = self.run(
             lambda tx: complete_subtask(
-                tx, subtask.subtask_id, agent, token, canonical_json(result)
+                tx, subtask.subtask_id, agent, token, canonical_json(result), epoch=1
             ),
             actor=agent,
         )
@@ -179,11 +182,13 @@ class World:
         )
         fencing_token = token
         return self.run(
-            lambda tx: fail_subtask(tx, failure, fencing_token, RETRY), now=time, actor=agent
+            lambda tx: fail_subtask(tx, failure, fencing_token, RETRY, epoch=1),
+            now=time,
+            actor=agent,
         )
 
     def cancel(self, reason: str = "no longer needed") -> tuple[bool, Step]:
-        return self.run(lambda tx: cancel_task(tx, reason), actor="planner")
+        return self.run(lambda tx: cancel_task(tx, reason, canceller="admin"), actor="planner")
 
     def result(self) -> Any:
         text = aggregate_result(self.task, list(self.subtasks.values()))
@@ -293,6 +298,7 @@ def test_build_task_refuses_an_invalid_plan() -> None:
             plan(*spec.subtasks),
             new_id=counter_ids(),
             submitter_agent_id="planner",
+            submitter="agent:planner",
             request_id="",
             now=NOW,
             defaults=TaskDefaults(),
@@ -465,7 +471,7 @@ def test_lease_token_is_the_revision_of_its_journal_entry() -> None:
     world = diamond()
     subtask_id = world.id_of("a")
     leased, step = world.run(
-        lambda tx: lease_subtask(tx, subtask_id, "agent-a", NOW), actor="agent-a"
+        lambda tx: lease_subtask(tx, subtask_id, "agent-a", NOW, epoch=1), actor="agent-a"
     )
     assert step.kinds == ["subtask.leased", "task.running"]
     entry = step.entry("subtask.leased")
@@ -493,7 +499,7 @@ def test_leases_of_a_running_task_get_growing_tokens_and_no_task_entry() -> None
     world = submit(explicit(sub("a"), sub("b")))
     first = world.lease("a")
     subtask_id = world.id_of("b")
-    second, step = world.run(lambda tx: lease_subtask(tx, subtask_id, "agent-b", NOW))
+    second, step = world.run(lambda tx: lease_subtask(tx, subtask_id, "agent-b", NOW, epoch=1))
     assert step.kinds == ["subtask.leased"]
     assert first.lease is not None and second.lease is not None
     assert second.lease.fencing_token > first.lease.fencing_token
@@ -535,7 +541,7 @@ def test_check_holder_accepts_the_current_holder_and_token() -> None:
     world = submit(explicit(sub("a")))
     leased = world.lease("a")
     assert leased.lease is not None
-    check_holder(leased, "agent-a", leased.lease.fencing_token)
+    check_holder(leased, "agent-a", leased.lease.fencing_token, epoch=1)
 
 
 def test_check_holder_refuses_a_stale_token() -> None:
@@ -543,7 +549,7 @@ def test_check_holder_refuses_a_stale_token() -> None:
     leased = world.lease("a")
     assert leased.lease is not None
     with pytest.raises(FailedPrecondition) as caught:
-        check_holder(leased, "agent-a", leased.lease.fencing_token - 1)
+        check_holder(leased, "agent-a", leased.lease.fencing_token - 1, epoch=1)
     assert caught.value.reason == "STALE_FENCING_TOKEN"
     assert caught.value.metadata["current_fencing_token"] == str(leased.lease.fencing_token)
 
@@ -553,7 +559,7 @@ def test_check_holder_refuses_another_agent_with_the_right_token() -> None:
     leased = world.lease("a")
     assert leased.lease is not None
     with pytest.raises(FailedPrecondition) as caught:
-        check_holder(leased, "agent-b", leased.lease.fencing_token)
+        check_holder(leased, "agent-b", leased.lease.fencing_token, epoch=1)
     assert caught.value.reason == "LEASE_NOT_HELD"
 
 
@@ -563,13 +569,13 @@ def test_a_token_of_an_ended_lease_is_stale() -> None:
     assert first.lease is not None
     world.fail("a", FailureClass.AGENT_DIED)
     with pytest.raises(FailedPrecondition) as ready:
-        check_holder(world.by_local("a"), "agent-a", first.lease.fencing_token)
+        check_holder(world.by_local("a"), "agent-a", first.lease.fencing_token, epoch=1)
     assert ready.value.reason == "STALE_FENCING_TOKEN"
     world.lease("a", agent="agent-b")
     subtask_id = world.id_of("a")
     token = first.lease.fencing_token
     with pytest.raises(FailedPrecondition) as released:
-        world.run(lambda tx: complete_subtask(tx, subtask_id, "agent-a", token, "1"))
+        world.run(lambda tx: complete_subtask(tx, subtask_id, "agent-a", token, "1", epoch=1))
     assert released.value.reason == "STALE_FENCING_TOKEN"
     assert world.by_local("a").state is SubtaskState.LEASED
     assert world.by_local("a").agent_id == "agent-b"
@@ -890,7 +896,9 @@ def test_cancel_revokes_leases_and_cancels_unfinished_subtasks() -> None:
     c = world.lease("c", agent="agent-b")
     assert b.lease is not None and c.lease is not None
     later = NOW + timedelta(seconds=9)
-    cancelled, step = world.run(lambda tx: cancel_task(tx, "changed my mind"), now=later)
+    cancelled, step = world.run(
+        lambda tx: cancel_task(tx, "changed my mind", canceller="admin"), now=later
+    )
     assert cancelled is True
     assert step.kinds == [
         "subtask.cancelled",

@@ -486,7 +486,7 @@ EXPECTED_INDEXES = {
     "states_agent_session": ["agent_id", "session_epoch"],
     "write_requests_time": ["time"],
 }
-EXPECTED_MIGRATIONS = [(1, "init"), (2, "statesync"), (3, "distribution")]
+EXPECTED_MIGRATIONS = [(1, "init"), (2, "statesync"), (3, "distribution"), (4, "session_identity")]
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ from agentcoord.core.task_rules import (
     plan_of,
 )
 from agentcoord.core.tasks import (
+    Caller,
     Failure,
     FailureClass,
     SplitPolicy,
@@ -90,6 +91,7 @@ def make_task(
         plan,
         new_id=lambda: next(names),
         submitter_agent_id=submitter,
+        submitter=Caller(submitter).principal,
         request_id=request_id,
         now=now,
         defaults=TaskDefaults(),
@@ -117,7 +119,7 @@ async def task_of(store: Store, task_id: str = "t1") -> Task:
 
 async def lease(store: Store, subtask_id: str, agent_id: str = "bob", now: datetime = NOW) -> int:
     """Lease a sub-task and return the fencing token."""
-    update = await store.lease_subtask(subtask_id, agent_id, now)
+    update = await store.lease_subtask(subtask_id, agent_id, now, epoch=1)
     assert update.subtask is not None and update.subtask.lease is not None
     return update.subtask.lease.fencing_token
 
@@ -127,7 +129,7 @@ async def run(
 ) -> TaskUpdate:
     """Lease a sub-task and complete it."""
     token = await lease(store, subtask_id, agent_id)
-    return await store.complete_subtask(subtask_id, agent_id, token, result, NOW)
+    return await store.complete_subtask(subtask_id, agent_id, token, result, NOW, epoch=1)
 
 
 def failure(
@@ -163,9 +165,10 @@ async def test_the_distribution_migration_builds_its_tables(store_url: str) -> N
     schema = await inspect_schema(store_url)
 
     assert {"tasks", "subtasks"} <= schema.tables
-    assert (3, "distribution") in [(version, name) for version, name, _ in schema.migrations]
+    applied = [(version, name) for version, name, _ in schema.migrations]
+    assert (3, "distribution") in applied and (4, "session_identity") in applied
     expected = {
-        "tasks_request_id": ["request_id"],
+        "tasks_submitter_request_id": ["submitter", "request_id"],
         "tasks_create_time": ["create_time", "task_id"],
         "tasks_state_create_time": ["state", "create_time", "task_id"],
         "tasks_submitter_create_time": ["submitter_agent_id", "create_time", "task_id"],
@@ -237,12 +240,16 @@ async def test_the_same_request_id_returns_the_first_task(store: Store) -> None:
     first = await submit(store, "t1", request_id="r1")
     changes = await all_changes(store)
 
-    again, created = await store.submit_task(*make_task("t2", request_id="r1", submitter="x"))
+    again, created = await store.submit_task(*make_task("t2", request_id="r1"))
 
     assert (again, created) == (first, False)
     assert await store.get_task("t2") is None
     assert await store.list_subtasks("t2") == []
     assert await all_changes(store) == changes
+
+    # Request ids are scoped to the submitter: another one's equal id is its own task.
+    other, created = await store.submit_task(*make_task("t2", request_id="r1", submitter="x"))
+    assert created and other.task_id == "t2" and other.submitter == "agent:x"
 
     # Another request id, or none at all, is another task.
     await submit(store, "t3", request_id="r2")
@@ -252,6 +259,7 @@ async def test_the_same_request_id_returns_the_first_task(store: Store) -> None:
         "t5",
         "t4",
         "t3",
+        "t2",
         "t1",
     ]
 
@@ -289,7 +297,7 @@ async def test_a_failing_statement_rolls_back_only_its_own_operation(store: Stor
     results = await asyncio.gather(
         store.submit_task(*make_task("t1")),
         store.submit_task(broken_task, broken[1]),  # NOT NULL in the database
-        store.lease_subtask("t1-a", "bob", NOW),
+        store.lease_subtask("t1-a", "bob", NOW, epoch=1),
         return_exceptions=True,
     )
 
@@ -307,7 +315,7 @@ async def test_a_failing_statement_rolls_back_only_its_own_operation(store: Stor
 async def test_lease_grants_a_token_that_is_the_revision_of_its_change(store: Store) -> None:
     await submit(store)
 
-    update = await store.lease_subtask("t1-a", "bob", NOW)
+    update = await store.lease_subtask("t1-a", "bob", NOW, epoch=1)
 
     leased = update.subtask
     assert leased is not None and leased.lease is not None
@@ -339,10 +347,10 @@ async def test_only_a_ready_subtask_is_leased(store: Store) -> None:
 
     for subtask_id in ("t1-a", "t1-b"):  # leased already; blocked
         with pytest.raises(FailedPrecondition) as raised:
-            await store.lease_subtask(subtask_id, "carol", NOW)
+            await store.lease_subtask(subtask_id, "carol", NOW, epoch=1)
         assert raised.value.reason == "SUBTASK_NOT_READY"
     with pytest.raises(NotFound):
-        await store.lease_subtask("t1-x", "carol", NOW)
+        await store.lease_subtask("t1-x", "carol", NOW, epoch=1)
 
     assert (await store.current_revision(), await store.list_subtasks("t1")) == before
 
@@ -352,8 +360,8 @@ async def test_concurrent_leases_of_one_subtask_grant_one(store: Store) -> None:
     calls = commits(store)
 
     results = await asyncio.gather(
-        store.lease_subtask("t1-a", "bob", NOW),
-        store.lease_subtask("t1-a", "carol", NOW),
+        store.lease_subtask("t1-a", "bob", NOW, epoch=1),
+        store.lease_subtask("t1-a", "carol", NOW, epoch=1),
         return_exceptions=True,
     )
 
@@ -376,13 +384,13 @@ async def test_completion_with_a_stale_token_or_by_another_agent_changes_nothing
     before = (await store.current_revision(), await store.list_subtasks("t1"))
 
     with pytest.raises(FailedPrecondition) as stale:
-        await store.complete_subtask("t1-a", "bob", token - 1, "1", NOW)
+        await store.complete_subtask("t1-a", "bob", token - 1, "1", NOW, epoch=1)
     with pytest.raises(FailedPrecondition) as other:
-        await store.complete_subtask("t1-a", "carol", token, "1", NOW)
+        await store.complete_subtask("t1-a", "carol", token, "1", NOW, epoch=1)
     with pytest.raises(FailedPrecondition) as not_leased:
-        await store.complete_subtask("t1-b", "bob", token, "1", NOW)
+        await store.complete_subtask("t1-b", "bob", token, "1", NOW, epoch=1)
     with pytest.raises(NotFound):
-        await store.complete_subtask("t1-x", "bob", token, "1", NOW)
+        await store.complete_subtask("t1-x", "bob", token, "1", NOW, epoch=1)
 
     assert stale.value.reason == "STALE_FENCING_TOKEN"
     assert other.value.reason == "LEASE_NOT_HELD"
@@ -416,7 +424,7 @@ async def test_completions_unblock_dependents_and_the_last_ends_the_task(store: 
     assert (await subtask(store, "t1-d")).state is SubtaskState.READY
 
     token = await lease(store, "t1-d")
-    last = await store.complete_subtask("t1-d", "bob", token, '"done"', LATER)
+    last = await store.complete_subtask("t1-d", "bob", token, '"done"', LATER, epoch=1)
     assert last.task.state is TaskState.SUCCEEDED
     assert last.task.end_time == LATER
     assert last.task.counts == SubtaskCounts(succeeded=4)
@@ -427,14 +435,14 @@ async def test_completions_unblock_dependents_and_the_last_ends_the_task(store: 
 
     # A repeat of the completion returns the sub-task unchanged and writes nothing.
     revision = await store.current_revision()
-    again = await store.complete_subtask("t1-d", "bob", token, '"other"', LATER)
+    again = await store.complete_subtask("t1-d", "bob", token, '"other"', LATER, epoch=1)
     assert again.subtask == last.subtask
     assert again.changed == ()
     assert again.task == last.task
     assert await store.current_revision() == revision
     # ... but a repeat by another agent is refused.
     with pytest.raises(FailedPrecondition):
-        await store.complete_subtask("t1-d", "carol", token, '"done"', LATER)
+        await store.complete_subtask("t1-d", "carol", token, '"done"', LATER, epoch=1)
 
 
 async def test_completions_of_siblings_in_one_batch_see_each_other(store: Store) -> None:
@@ -444,8 +452,8 @@ async def test_completions_of_siblings_in_one_batch_see_each_other(store: Store)
     calls = commits(store)
 
     await asyncio.gather(
-        store.complete_subtask("t1-b", "bob", left, "1", NOW),
-        store.complete_subtask("t1-c", "carol", right, "2", NOW),
+        store.complete_subtask("t1-b", "bob", left, "1", NOW, epoch=1),
+        store.complete_subtask("t1-c", "carol", right, "2", NOW, epoch=1),
     )
 
     joined = await subtask(store, "t1-d")
@@ -461,7 +469,9 @@ async def test_a_retryable_failure_makes_the_subtask_ready_after_a_back_off(stor
     await submit(store)
     token = await lease(store, "t1-a")
 
-    update = await store.fail_subtask(failure("t1-a", retryable=True), token, RetryPolicy(base=1.0))
+    update = await store.fail_subtask(
+        failure("t1-a", retryable=True), token, RetryPolicy(base=1.0), epoch=1
+    )
 
     failed = update.subtask
     assert failed is not None and failed.state is SubtaskState.READY
@@ -478,13 +488,13 @@ async def test_a_retryable_failure_makes_the_subtask_ready_after_a_back_off(stor
 
     # A repeat of the report changes nothing.
     revision = await store.current_revision()
-    again = await store.fail_subtask(failure("t1-a", retryable=True), token, RetryPolicy())
+    again = await store.fail_subtask(failure("t1-a", retryable=True), token, RetryPolicy(), epoch=1)
     assert again.subtask == failed and await store.current_revision() == revision
 
     with pytest.raises(FailedPrecondition) as early:
-        await store.lease_subtask("t1-a", "carol", NOW)
+        await store.lease_subtask("t1-a", "carol", NOW, epoch=1)
     assert early.value.reason == "SUBTASK_NOT_READY"
-    retried = await store.lease_subtask("t1-a", "carol", NOW + timedelta(seconds=1))
+    retried = await store.lease_subtask("t1-a", "carol", NOW + timedelta(seconds=1), epoch=1)
     assert retried.subtask is not None and retried.subtask.lease is not None
     assert (retried.subtask.attempt, retried.subtask.lease.attempt) == (2, 2)
     assert retried.subtask.fencing_token > token
@@ -493,10 +503,10 @@ async def test_a_retryable_failure_makes_the_subtask_ready_after_a_back_off(stor
 async def test_a_final_failure_fails_the_task_and_revokes_the_other_leases(store: Store) -> None:
     await submit(store, subtasks=INDEPENDENT)
     token = await lease(store, "t1-a", "bob")
-    sibling = await store.lease_subtask("t1-b", "carol", NOW)
+    sibling = await store.lease_subtask("t1-b", "carol", NOW, epoch=1)
     assert sibling.subtask is not None and sibling.subtask.lease is not None
 
-    update = await store.fail_subtask(failure("t1-a"), token, RetryPolicy(base=1.0))
+    update = await store.fail_subtask(failure("t1-a"), token, RetryPolicy(base=1.0), epoch=1)
 
     assert update.task.state is TaskState.FAILED
     assert update.task.failure is not None and update.task.failure.subtask_id == "t1-a"
@@ -513,7 +523,9 @@ async def test_a_final_failure_fails_the_task_and_revokes_the_other_leases(store
 
     # The revoked holder can no longer complete.
     with pytest.raises(FailedPrecondition) as revoked:
-        await store.complete_subtask("t1-b", "carol", sibling.subtask.lease.fencing_token, "1", NOW)
+        await store.complete_subtask(
+            "t1-b", "carol", sibling.subtask.lease.fencing_token, "1", NOW, epoch=1
+        )
     assert revoked.value.reason == "STALE_FENCING_TOKEN"
 
 
@@ -521,7 +533,9 @@ async def test_a_failure_of_the_last_attempt_is_final(store: Store) -> None:
     await submit(store, subtasks=(SubtaskSpec("a", "Only", max_attempts=1),))
     token = await lease(store, "t1-a")
 
-    update = await store.fail_subtask(failure("t1-a", retryable=True), token, RetryPolicy())
+    update = await store.fail_subtask(
+        failure("t1-a", retryable=True), token, RetryPolicy(), epoch=1
+    )
 
     assert update.subtask is not None and update.subtask.state is SubtaskState.FAILED
     assert update.task.state is TaskState.FAILED
@@ -531,7 +545,7 @@ async def test_with_partial_results_a_failure_cancels_only_its_dependents(store:
     await submit(store, subtasks=INDEPENDENT, allow_partial_results=True)
     token = await lease(store, "t1-a")
 
-    update = await store.fail_subtask(failure("t1-a"), token, RetryPolicy())
+    update = await store.fail_subtask(failure("t1-a"), token, RetryPolicy(), epoch=1)
 
     assert update.task.state is TaskState.RUNNING
     assert await states(store) == {
@@ -559,7 +573,7 @@ async def test_release_leases_makes_the_agents_subtasks_ready_without_burning(
     await lease(store, "t2-a", "bob")
     kept = await lease(store, "t2-b", "carol")
 
-    updates = await store.release_leases("bob", LATER)
+    updates = await store.release_leases("bob", LATER, through_epoch=1)
 
     assert sorted(u.subtask.subtask_id for u in updates if u.subtask is not None) == [
         "t1-a",
@@ -581,11 +595,11 @@ async def test_release_leases_makes_the_agents_subtasks_ready_without_burning(
     assert (await task_of(store, "t2")).counts == SubtaskCounts(blocked=1, ready=1, leased=1)
 
     revision = await store.current_revision()
-    assert await store.release_leases("bob", LATER) == []
+    assert await store.release_leases("bob", LATER, through_epoch=1) == []
     assert await store.current_revision() == revision
 
     # Retried at once, as the next attempt.
-    again = await store.lease_subtask("t1-a", "carol", LATER)
+    again = await store.lease_subtask("t1-a", "carol", LATER, epoch=1)
     assert again.subtask is not None and again.subtask.attempt == 2
 
 
@@ -597,10 +611,10 @@ async def test_cancel_task_cancels_the_unfinished_subtasks_and_revokes_leases(
 ) -> None:
     await submit(store)
     await run(store, "t1-a")
-    held = await store.lease_subtask("t1-b", "bob", NOW)
+    held = await store.lease_subtask("t1-b", "bob", NOW, epoch=1)
     assert held.subtask is not None and held.subtask.lease is not None
 
-    update = await store.cancel_task("t1", "not needed", "alice", LATER)
+    update = await store.cancel_task("t1", "not needed", "alice", LATER, canceller="admin")
 
     assert update.task.state is TaskState.CANCELLED
     assert (update.task.state_reason, update.task.end_time) == ("not needed", LATER)
@@ -618,12 +632,12 @@ async def test_cancel_task_cancels_the_unfinished_subtasks_and_revokes_leases(
     assert [(c.kind, c.agent_id) for c in tail] == [("task.cancelled", "alice")]
 
     revision = await store.current_revision()
-    again = await store.cancel_task("t1", "again", "alice", LATER)
+    again = await store.cancel_task("t1", "again", "alice", LATER, canceller="admin")
     assert again == TaskUpdate(update.task, None, (), ())
     assert await store.current_revision() == revision
 
     with pytest.raises(NotFound):
-        await store.cancel_task("t9", "", "alice", NOW)
+        await store.cancel_task("t9", "", "alice", NOW, canceller="admin")
 
 
 async def test_an_ended_task_cannot_be_cancelled(store: Store) -> None:
@@ -632,7 +646,7 @@ async def test_an_ended_task_cannot_be_cancelled(store: Store) -> None:
     revision = await store.current_revision()
 
     with pytest.raises(FailedPrecondition) as raised:
-        await store.cancel_task("t1", "", "alice", NOW)
+        await store.cancel_task("t1", "", "alice", NOW, canceller="admin")
 
     assert raised.value.reason == "TASK_ENDED"
     assert (await task_of(store)).state is TaskState.SUCCEEDED
@@ -658,7 +672,7 @@ async def test_list_tasks_newest_first_with_filters_and_pages(store: Store) -> N
         )
     await lease(store, "t3-a")
     await lease(store, "t5-a")
-    await store.cancel_task("t6", "", "alice", NOW)
+    await store.cancel_task("t6", "", "alice", NOW, canceller="admin")
 
     everything = await store.list_tasks(TaskFilter(), None, 100)
     assert [t.task_id for t in everything] == ["t5", "t4", "t3", "t2", "t1", "t6"]
@@ -705,7 +719,7 @@ async def test_load_open_subtasks_returns_the_ready_and_leased_ones(store: Store
     await run(store, "t1-a")  # b, c ready; d blocked
     await lease(store, "t1-b")
     await lease(store, "t2-a")
-    await store.cancel_task("t3", "", "alice", NOW)
+    await store.cancel_task("t3", "", "alice", NOW, canceller="admin")
 
     open_subtasks = await store.load_open_subtasks()
 
@@ -721,8 +735,9 @@ async def test_a_fenced_state_write_needs_the_current_lease(store: Store) -> Non
     await submit(store)
     token = await lease(store, "t1-a", "bob")
 
-    def fenced(agent_id: str, fencing_token: int, key: str = "k") -> StateWrite:
-        return StateWrite(agent_id, (), (put(key),), NOW, Fencing("t1-a", fencing_token))
+    def fenced(agent_id: str, fencing_token: int, key: str = "k", epoch: int = 1) -> StateWrite:
+        fencing = Fencing("t1-a", fencing_token)
+        return StateWrite(agent_id, (), (put(key),), NOW, fencing, epoch=epoch)
 
     result = await store.write_states(fenced("bob", token))
     assert result.results[0].state is not None
@@ -733,12 +748,15 @@ async def test_a_fenced_state_write_needs_the_current_lease(store: Store) -> Non
         await store.write_states(fenced("bob", token - 1, "other"))
     with pytest.raises(FailedPrecondition) as other:
         await store.write_states(fenced("carol", token, "other"))
+    with pytest.raises(FailedPrecondition) as later_session:
+        await store.write_states(fenced("bob", token, "other", epoch=2))
     assert stale.value.reason == "STALE_FENCING_TOKEN"
     assert other.value.reason == "LEASE_NOT_HELD"
+    assert later_session.value.reason == "LEASE_NOT_HELD"
     assert await store.get_state("other") is None
     assert await store.current_revision() == revision
 
-    await store.complete_subtask("t1-a", "bob", token, "1", NOW)
+    await store.complete_subtask("t1-a", "bob", token, "1", NOW, epoch=1)
     with pytest.raises(FailedPrecondition) as ended:
         await store.write_states(fenced("bob", token, "other"))
     assert ended.value.reason == "STALE_FENCING_TOKEN"
@@ -771,7 +789,7 @@ async def test_tasks_survive_a_restart(store_url: str) -> None:
         # The idempotency key, the lease and the DAG carry on.
         again, created = await store.submit_task(*make_task("t2", request_id="r1"))
         assert (again, created) == (before[0], False)
-        await store.complete_subtask("t1-b", "carol", token, "2", NOW)
+        await store.complete_subtask("t1-b", "carol", token, "2", NOW, epoch=1)
         await run(store, "t1-c")
         last = await run(store, "t1-d")
         assert last.task.state is TaskState.SUCCEEDED

@@ -35,6 +35,7 @@ from agentcoord.core.models import (
     HeartbeatRecord,
     Service,
     Skill,
+    agent_session_live,
 )
 from agentcoord.store.base import Store
 
@@ -244,6 +245,19 @@ class _Entry:
         self.pending = False
 
 
+def _registration_fields(agent: Agent) -> tuple[object, ...]:
+    """The fields a registration sets (what a resume may change)."""
+    return (
+        agent.name,
+        agent.role,
+        agent.capabilities,
+        agent.capacity,
+        dict(agent.labels),
+        agent.skills,
+        agent.ttl,
+    )
+
+
 def hash_token(token: str) -> str:
     """Return the stored form of a session token (tokens themselves are never stored)."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -270,8 +284,8 @@ class Discovery:
         """Sorted ids of the agents (any state) with each capability."""
         self._by_role: dict[str, list[str]] = {}
         """Sorted ids of the agents (any state) with each non-empty role."""
-        self.heartbeat_listeners: list[Callable[[str, tuple[str, ...]], None]] = []
-        """Called with the agent id and its held sub-task ids on every accepted heartbeat."""
+        self.heartbeat_listeners: list[Callable[[Session, tuple[str, ...]], None]] = []
+        """Called with the session and its held sub-task ids on every accepted heartbeat."""
 
     async def start(self) -> None:
         """Load agents from the store; live ones get a full TTL from now.
@@ -323,10 +337,76 @@ class Discovery:
             requested = self.config.default_ttl
         return min(max(requested, self.config.min_ttl), self.config.max_ttl)
 
-    async def register(self, spec: AgentSpec) -> Registration:
-        """Register an agent, replacing any earlier session of the same id."""
-        agent = Agent(
-            agent_id=spec.agent_id or str(uuid.uuid4()),
+    async def register(
+        self,
+        spec: AgentSpec,
+        *,
+        current: Session | None = None,
+        token: str = "",
+        admin: bool = False,
+    ) -> Registration:
+        """Open a session for an agent, or resume the caller's own.
+
+        A live session belongs to whoever holds its token; an id is taken over by no one
+        else while it lives (ZooKeeper's ephemeral nodes behave alike):
+
+        - the caller that presents the session token ``token`` of the id's live session
+          (``current``) resumes it: same epoch, token and leases, a full TTL from now, the
+          registration's fields recorded;
+        - otherwise a new session (the next epoch) opens if the id has no live session, or
+          if the caller is the admin, who takes the live one over (it ends; its leases are
+          revoked and offered again, and its bound keys expire);
+        - an empty ``spec.agent_id`` means the caller's own (with ``current``) or a new UUID.
+
+        Raises:
+            PermissionDenied: ``current`` is another agent's session (``AGENT_MISMATCH``).
+            AlreadyExists: the id has a live session the caller may not take over
+                (``AGENT_ALREADY_REGISTERED``, with ``ttl_remaining`` in the metadata).
+        """
+        agent_id = spec.agent_id or (current.agent_id if current else str(uuid.uuid4()))
+        if current is not None:
+            current.check_acts_as(agent_id)
+        agent = self._agent_of(spec, agent_id)
+        entry = self._entries.get(agent_id)
+        if entry is not None and entry.base.state is AgentState.LIVE:
+            remaining = entry.deadline - self._clock.monotonic()
+            if remaining > 0 and current is not None and current.epoch == entry.base.epoch:
+                return await self._resume(entry, agent, token)
+            if remaining > 0 and not admin:
+                raise agent_session_live(agent_id, remaining)
+        # The session that may be replaced: the one memory knows (expired, or taken over by
+        # the admin), else the caller's own (opened through another process); the store
+        # refuses if another registration got in first.
+        replacing = 0
+        if entry is not None and entry.base.state is AgentState.LIVE:
+            replacing = entry.base.epoch
+        elif current is not None:
+            replacing = current.epoch
+        token = secrets.token_urlsafe(32)
+        token_hash = hash_token(token)
+        stored = await self._store.register_agent(
+            agent, token_hash, self._clock.now(), replacing_epoch=replacing
+        )
+        self._remember(stored, token_hash, self._clock.monotonic() + stored.ttl)
+        return Registration(stored, token)
+
+    async def _resume(self, entry: _Entry, agent: Agent, token: str) -> Registration:
+        """Renew a live session for a full TTL, recording changed registration fields."""
+        base = entry.base
+        if _registration_fields(agent) != _registration_fields(base):
+            updated = await self._store.resume_session(
+                replace(agent, epoch=base.epoch), self._clock.now()
+            )
+            if updated is None:  # ended meanwhile
+                raise Unauthenticated("session token is unknown or its session has ended")
+            entry = self._remember(updated, entry.token_hash, entry.deadline)
+        entry.deadline = self._clock.monotonic() + entry.base.ttl
+        heapq.heappush(self._deadlines, (entry.deadline, base.agent_id))
+        return Registration(entry.agent, token)
+
+    def _agent_of(self, spec: AgentSpec, agent_id: str) -> Agent:
+        return Agent(
+            agent_id=agent_id,
             name=spec.name,
             role=spec.role,
             capabilities=spec.capabilities,
@@ -336,11 +416,6 @@ class Discovery:
             ttl=self._grant_ttl(spec.ttl),
             status=AgentStatus.READY,
         )
-        token = secrets.token_urlsafe(32)
-        token_hash = hash_token(token)
-        stored = await self._store.register_agent(agent, token_hash, self._clock.now())
-        self._remember(stored, token_hash, self._clock.monotonic() + stored.ttl)
-        return Registration(stored, token)
 
     async def authenticate(self, token: str) -> Session:
         """Return the live session a token belongs to.
@@ -406,7 +481,7 @@ class Discovery:
         entry.pending = True
         self._dirty[session.agent_id] = None
         for listener in self.heartbeat_listeners:
-            listener(session.agent_id, held_subtask_ids)
+            listener(session, held_subtask_ids)
         return HeartbeatAck(ttl, ttl / 3, session.epoch, HeartbeatCommand.NONE)
 
     async def deregister(self, session: Session | None, agent_id: str) -> Agent:

@@ -55,6 +55,7 @@ from agentcoord.core.task_rules import (
     plan_of,
 )
 from agentcoord.core.tasks import (
+    Caller,
     Failure,
     FailureClass,
     Lease,
@@ -152,9 +153,10 @@ class _Held:
 
 
 class _Stream:
-    """The open StreamAssignments stream of one agent."""
+    """The open StreamAssignments stream of one agent session."""
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
         self.queue: asyncio.Queue[Assignment | Revoked | AgentcoordError] = asyncio.Queue()
 
     def send(self, message: Assignment | Revoked | AgentcoordError) -> None:
@@ -166,6 +168,8 @@ class _Slot:
     """An agent as the scheduler sees it."""
 
     agent_id: str
+    epoch: int
+    """The agent's current session; leases of earlier ones are released, never inherited."""
     capabilities: frozenset[str]
     capacity: int
     live: bool = True
@@ -251,7 +255,7 @@ class Distribution:
                 lease = subtask.lease
                 slot = self._slots.get(lease.agent_id)
                 if slot is None:
-                    slot = _Slot(lease.agent_id, frozenset(), 1, live=False)
+                    slot = _Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
                     self._slots[lease.agent_id] = slot
                 self._track(slot, lease, subtask.task_id, now + lease.ttl)
 
@@ -259,6 +263,7 @@ class Distribution:
     def _slot_of(agent: Agent) -> _Slot:
         return _Slot(
             agent.agent_id,
+            agent.epoch,
             frozenset(agent.capabilities),
             max(agent.capacity, 1),
             draining=agent.status is AgentStatus.DRAINING,
@@ -268,10 +273,11 @@ class Distribution:
         """Follow agent changes and sweep leases and back-offs until ``stop`` is set."""
         follower = asyncio.create_task(self._follow_agents(), name="distribution-agents")
         try:
-            # Leases of agents that died while the server was down.
+            # Leases of sessions that ended while the server was down.
             for slot in list(self._slots.values()):
-                if not slot.live and slot.held:
-                    await self._release(slot.agent_id)
+                stale = [h.lease.epoch for h in slot.held.values() if _is_stale(slot, h.lease)]
+                if stale:
+                    await self._release(slot.agent_id, max(stale))
             await run_periodically(stop, self.config.sweep_interval, self.sweep, "lease sweep")
         finally:
             follower.cancel()
@@ -298,38 +304,56 @@ class Distribution:
         kind = AgentEventKind(change.kind.removeprefix("agent."))
         slot = self._slots.get(agent.agent_id)
         if kind in (AgentEventKind.LEFT, AgentEventKind.EXPIRED):
-            if slot is not None:
+            if slot is not None and slot.epoch <= agent.epoch:
                 slot.live = False
-                if slot.stream is not None:
-                    for held in sorted(slot.held.values(), key=lambda h: h.lease.fencing_token):
-                        slot.stream.send(
-                            Revoked(
-                                held.lease.subtask_id,
-                                held.lease.fencing_token,
-                                RevocationReason.SESSION_ENDED,
-                            )
-                        )
-                    slot.stream.send(
-                        SessionEnded(
-                            f"agent {agent.agent_id!r} {kind.value}: its session ended",
-                            reason="SESSION_ENDED",
-                        )
-                    )
-            await self._release(agent.agent_id)
+                self._end_stream(slot, f"agent {agent.agent_id!r} {kind.value}")
+            await self._release(agent.agent_id, agent.epoch)
             return
         if slot is None:
             self._slots[agent.agent_id] = slot = self._slot_of(agent)
+        elif slot.epoch < agent.epoch:
+            await self._new_session(slot, agent)
+        elif slot.epoch > agent.epoch:
+            return  # a change of a session already replaced
         else:
-            slot.capabilities = frozenset(agent.capabilities)
-            slot.capacity = max(agent.capacity, 1)
-            slot.draining = agent.status is AgentStatus.DRAINING
-            slot.live = True
+            _refresh(slot, agent)
         self._capable.clear()  # capability sets are re-matched lazily
         self._feed_agent(slot)
 
-    async def _release(self, agent_id: str) -> None:
-        """Return a dead agent's leased sub-tasks to READY (failure AGENT_DIED)."""
-        updates = await self._store.release_leases(agent_id, self._clock.now())
+    def _end_stream(self, slot: _Slot, why: str) -> None:
+        """Revoke the leases of the slot's session on its stream, and end the stream."""
+        stream = slot.stream
+        if stream is None:
+            return
+        for held in sorted(slot.held.values(), key=lambda h: h.lease.fencing_token):
+            if held.lease.epoch == stream.epoch:
+                stream.send(
+                    Revoked(
+                        held.lease.subtask_id,
+                        held.lease.fencing_token,
+                        RevocationReason.SESSION_ENDED,
+                    )
+                )
+        stream.send(SessionEnded(f"{why}: its session ended", reason="SESSION_ENDED"))
+        slot.stream = None
+
+    async def _new_session(self, slot: _Slot, agent: Agent) -> None:
+        """Move a slot to the agent's newer session: the earlier one's leases are released.
+
+        They are revoked on the earlier session's stream and offered again without
+        burning an attempt (AGENT_DIED): a new session never inherits them.
+        """
+        self._end_stream(slot, f"session {slot.epoch} of agent {agent.agent_id!r} was replaced")
+        slot.epoch = agent.epoch
+        _refresh(slot, agent)
+        self._capable.clear()
+        await self._release(agent.agent_id, agent.epoch - 1)
+
+    async def _release(self, agent_id: str, through_epoch: int) -> None:
+        """Return the leases of ended sessions (1..``through_epoch``) to READY (AGENT_DIED)."""
+        updates = await self._store.release_leases(
+            agent_id, self._clock.now(), through_epoch=through_epoch
+        )
         for update in updates:
             self._absorb(update)
         slot = self._slots.get(agent_id)
@@ -368,11 +392,13 @@ class Distribution:
             time=self._clock.now(),
         )
         try:
-            update = await self._store.fail_subtask(failure, lease.fencing_token, self.config.retry)
+            update = await self._store.fail_subtask(
+                failure, lease.fencing_token, self.config.retry, epoch=lease.epoch
+            )
         except FailedPrecondition:
             update = None  # ended meanwhile; the operation that ended it updated the mirror
         slot = self._slots.get(lease.agent_id)
-        if slot is not None and slot.stream is not None:
+        if slot is not None and slot.stream is not None and slot.stream.epoch == lease.epoch:
             slot.stream.send(
                 Revoked(lease.subtask_id, lease.fencing_token, RevocationReason.LEASE_EXPIRED)
             )
@@ -442,7 +468,11 @@ class Distribution:
         self._enqueue_all([s for s in update.changed if s.state is SubtaskState.READY])
         for revocation in update.revocations:
             slot = self._slots.get(revocation.lease.agent_id)
-            if slot is not None and slot.stream is not None:
+            if (
+                slot is not None
+                and slot.stream is not None
+                and slot.stream.epoch == revocation.lease.epoch
+            ):
                 slot.stream.send(
                     Revoked(
                         revocation.lease.subtask_id,
@@ -545,7 +575,7 @@ class Distribution:
                 update = None
             else:
                 update = await self._store.lease_subtask(
-                    subtask.subtask_id, slot.agent_id, self._clock.now()
+                    subtask.subtask_id, slot.agent_id, self._clock.now(), epoch=slot.epoch
                 )
         except FailedPrecondition:
             return None  # cancelled or leased meanwhile: the store knows best
@@ -569,18 +599,20 @@ class Distribution:
     async def _slot_for(self, session: Session, agent_id: str) -> _Slot:
         session.check_acts_as(agent_id)
         slot = self._slots.get(session.agent_id)
-        if slot is None or not slot.live:
+        if slot is None or not slot.live or slot.epoch != session.epoch:
             agent = await self._store.get_agent(session.agent_id)
             if agent is None or agent.state is not AgentState.LIVE or agent.epoch != session.epoch:
                 raise SessionEnded(
-                    f"agent_id: the session of agent {session.agent_id!r} has ended",
+                    f"agent_id: session {session.epoch} of agent {session.agent_id!r} has ended",
                     reason="SESSION_ENDED",
                 )
-            held = slot.held if slot is not None else {}
-            slot = self._slot_of(agent)
-            slot.held = held
-            self._slots[agent.agent_id] = slot
-            self._capable.clear()
+            if slot is None:
+                self._slots[agent.agent_id] = slot = self._slot_of(agent)
+                self._capable.clear()
+            elif slot.epoch != agent.epoch:  # the change feed has not brought the join yet
+                await self._new_session(slot, agent)
+            else:
+                _refresh(slot, agent)
         return slot
 
     async def assignments(
@@ -601,11 +633,13 @@ class Distribution:
                     reason="STREAM_REPLACED",
                 )
             )
-        stream = _Stream()
+        stream = _Stream(session.epoch)
         slot.stream = stream
         try:
             yield Connected()
             for held in sorted(slot.held.values(), key=lambda h: h.lease.fencing_token):
+                if held.lease.epoch != session.epoch:
+                    continue  # an earlier session's, being released
                 subtask = await self._store.get_subtask(held.lease.subtask_id)
                 if subtask is not None and subtask.state is SubtaskState.LEASED:
                     yield Assignment(self._live_lease(held), subtask)
@@ -686,7 +720,12 @@ class Distribution:
         session.check_acts_as(agent_id)
         self._check_not_expired(subtask_id, fencing_token)
         update = await self._store.complete_subtask(
-            subtask_id, session.agent_id, fencing_token, result, self._clock.now()
+            subtask_id,
+            session.agent_id,
+            fencing_token,
+            result,
+            self._clock.now(),
+            epoch=session.epoch,
         )
         self._absorb(update)
         self._forget_claims(subtask_id)
@@ -722,7 +761,9 @@ class Distribution:
             time=self._clock.now(),
             details=details,
         )
-        update = await self._store.fail_subtask(failure, fencing_token, self.config.retry)
+        update = await self._store.fail_subtask(
+            failure, fencing_token, self.config.retry, epoch=session.epoch
+        )
         self._absorb(update)
         self._forget_claims(subtask_id)
         return update
@@ -731,15 +772,15 @@ class Distribution:
         for key in [k for k, v in self._claims.items() if v == subtask_id]:
             del self._claims[key]
 
-    def renew_leases(self, agent_id: str, subtask_ids: Sequence[str]) -> None:
-        """Renew the named leases the agent holds, each by its TTL (from its heartbeat)."""
-        slot = self._slots.get(agent_id)
+    def renew_leases(self, session: Session, subtask_ids: Sequence[str]) -> None:
+        """Renew the named leases the session holds, each by its TTL (from its heartbeat)."""
+        slot = self._slots.get(session.agent_id)
         if slot is None:
             return
         now = self._clock.monotonic()
         for subtask_id in subtask_ids:
             held = slot.held.get(subtask_id)
-            if held is not None:
+            if held is not None and held.lease.epoch == session.epoch:
                 held.deadline = now + held.lease.ttl
 
     # Planner-facing calls
@@ -759,13 +800,18 @@ class Distribution:
         check_plan(plan)
         return plan
 
-    async def submit(self, spec: TaskSpec, request_id: str, submitter_agent_id: str) -> TaskView:
-        """Create a task and queue its READY sub-tasks; a repeated request id gives the first."""
+    async def submit(self, spec: TaskSpec, request_id: str, caller: Caller) -> TaskView:
+        """Create a task and queue its READY sub-tasks.
+
+        A request id the same caller used before gives its first task; request ids are
+        scoped to the caller's principal, so another caller's equal id makes a new task.
+        """
         task, subtasks = build_task(
             spec,
             self.analyze(spec),
             new_id=lambda: str(uuid.uuid4()),
-            submitter_agent_id=submitter_agent_id,
+            submitter_agent_id=caller.agent_id,
+            submitter=caller.principal,
             request_id=request_id,
             now=self._clock.now(),
             defaults=self.config.defaults,
@@ -812,14 +858,17 @@ class Distribution:
             cursor = TaskCursor(last.create_time, last.task_id)
         return views, cursor
 
-    async def cancel(self, task_id: str, reason: str, agent_id: str) -> TaskView:
-        """Cancel a task, revoking its leases.
+    async def cancel(self, task_id: str, reason: str, caller: Caller) -> TaskView:
+        """Cancel a task, revoking its leases; only its submitter or the admin may.
 
         Raises:
             NotFound: no such task.
+            PermissionDenied: the caller did not submit it and is not the admin.
             FailedPrecondition: it SUCCEEDED or FAILED (reason ``TASK_ENDED``).
         """
-        update = await self._store.cancel_task(task_id, reason, agent_id, self._clock.now())
+        update = await self._store.cancel_task(
+            task_id, reason, caller.agent_id, self._clock.now(), canceller=caller.principal
+        )
         self._absorb(update)
         return await self._view(update.task, False)
 
@@ -852,6 +901,19 @@ class Distribution:
             yield TaskWatchItem(batch.changes, view, batch.revision)
             if any(_ends_task(change) for change in batch.changes):
                 return
+
+
+def _refresh(slot: _Slot, agent: Agent) -> None:
+    """Bring a slot up to date with its agent's record (of the slot's session)."""
+    slot.capabilities = frozenset(agent.capabilities)
+    slot.capacity = max(agent.capacity, 1)
+    slot.draining = agent.status is AgentStatus.DRAINING
+    slot.live = True
+
+
+def _is_stale(slot: _Slot, lease: Lease) -> bool:
+    """Whether a lease belongs to a session of the slot's agent that has ended."""
+    return not slot.live or lease.epoch != slot.epoch
 
 
 def _ends_task(change: Change) -> bool:

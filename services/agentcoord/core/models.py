@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from agentcoord.core.errors import AlreadyExists
+
 
 class Service(enum.Enum):
     """The service a change belongs to."""
@@ -60,6 +62,25 @@ class Skill:
     """What the skill does."""
     tags: tuple[str, ...] = ()
     """Keywords."""
+
+
+def agent_session_live(agent_id: str, ttl_remaining: float) -> AlreadyExists:
+    """Return the refusal of a registration over the live session of ``agent_id``.
+
+    The details carry ``ttl_remaining``: seconds before that session expires unless it
+    heartbeats (a restarted agent may register once it has).
+    """
+    return AlreadyExists(
+        f"agent_id: agent {agent_id!r} has a live session that expires in "
+        f"{ttl_remaining:.1f} s unless renewed; present its session token to resume it, or "
+        "the admin token to take it over",
+        reason="AGENT_ALREADY_REGISTERED",
+        metadata={
+            "field": "agent_id",
+            "agent_id": agent_id,
+            "ttl_remaining": f"{max(ttl_remaining, 0.0):.3f}",
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +371,8 @@ class StateWrite:
     """A lease the writer must hold."""
     request_id: str = ""
     """Idempotency key: a repeat returns the first result and writes nothing."""
+    epoch: int = 0
+    """The writer's session epoch (0 for the admin); a fenced write needs the lease's."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,6 +169,7 @@ class StateSync:
                 now=now,
                 fencing=fencing,
                 request_id=request_id,
+                epoch=writer.epoch,
             )
         )
 

@@ -21,10 +21,11 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from agentcoord.core.errors import FailedPrecondition, InvalidInput
+from agentcoord.core.errors import FailedPrecondition, InvalidInput, PermissionDenied
 from agentcoord.core.models import NewChange, Service
 from agentcoord.core.state_rules import PlannedChange
 from agentcoord.core.tasks import (
+    ADMIN_PRINCIPAL,
     Failure,
     FailureClass,
     Lease,
@@ -179,6 +180,7 @@ def build_task(
     *,
     new_id: Callable[[], str],
     submitter_agent_id: str,
+    submitter: str,
     request_id: str,
     now: datetime,
     defaults: TaskDefaults,
@@ -237,6 +239,7 @@ def build_task(
         state=TaskState.PENDING,
         counts=SubtaskCounts(),
         submitter_agent_id=submitter_agent_id,
+        submitter=submitter,
         request_id=request_id,
         create_time=now,
         update_time=now,
@@ -420,8 +423,10 @@ def _token_of(lease: Lease | None) -> int:
 # Transitions
 
 
-def lease_subtask(tx: TaskTransitions, subtask_id: str, agent_id: str, now: datetime) -> Subtask:
-    """Lease a READY sub-task to ``agent_id``; its fencing token is the change's revision.
+def lease_subtask(
+    tx: TaskTransitions, subtask_id: str, agent_id: str, now: datetime, *, epoch: int
+) -> Subtask:
+    """Lease a READY sub-task to session ``epoch`` of ``agent_id``; its token is the revision.
 
     Raises:
         FailedPrecondition: the sub-task is not READY or its back-off has not passed
@@ -444,6 +449,7 @@ def lease_subtask(tx: TaskTransitions, subtask_id: str, agent_id: str, now: date
         subtask_id=subtask_id,
         fencing_token=0,  # becomes the revision of the lease's change
         agent_id=agent_id,
+        epoch=epoch,
         attempt=attempt,
         expire_time=now + timedelta(seconds=subtask.lease_ttl),
         ttl=subtask.lease_ttl,
@@ -462,12 +468,13 @@ def lease_subtask(tx: TaskTransitions, subtask_id: str, agent_id: str, now: date
     return leased
 
 
-def check_holder(subtask: Subtask, agent_id: str, fencing_token: int) -> None:
-    """Check that ``agent_id`` holds the sub-task's current lease with ``fencing_token``.
+def check_holder(subtask: Subtask, agent_id: str, fencing_token: int, *, epoch: int) -> None:
+    """Check that session ``epoch`` of ``agent_id`` holds the current lease ``fencing_token``.
 
     Raises:
         FailedPrecondition: reason ``STALE_FENCING_TOKEN`` (not the current lease) or
-            ``LEASE_NOT_HELD`` (the current lease is another agent's).
+            ``LEASE_NOT_HELD`` (the current lease is another agent's, or another session's
+            of the same agent: a new session never inherits the leases of an earlier one).
     """
     lease = subtask.lease
     metadata = {
@@ -496,10 +503,23 @@ def check_holder(subtask: Subtask, agent_id: str, fencing_token: int) -> None:
             reason="LEASE_NOT_HELD",
             metadata=metadata,
         )
+    if lease.epoch != epoch:
+        raise FailedPrecondition(
+            f"agent_id: the lease of sub-task {subtask.subtask_id!r} is held by session "
+            f"{lease.epoch} of agent {agent_id!r}, not session {epoch}",
+            reason="LEASE_NOT_HELD",
+            metadata={**metadata, "epoch": str(epoch), "holder_epoch": str(lease.epoch)},
+        )
 
 
 def complete_subtask(
-    tx: TaskTransitions, subtask_id: str, agent_id: str, fencing_token: int, result: str
+    tx: TaskTransitions,
+    subtask_id: str,
+    agent_id: str,
+    fencing_token: int,
+    result: str,
+    *,
+    epoch: int,
 ) -> Subtask:
     """Record a sub-task's result, unblock its dependents, and end the task if it was last.
 
@@ -516,7 +536,7 @@ def complete_subtask(
         and subtask.agent_id == agent_id
     ):
         return subtask
-    check_holder(subtask, agent_id, fencing_token)
+    check_holder(subtask, agent_id, fencing_token, epoch=epoch)
     done = tx.move(subtask, SubtaskState.SUCCEEDED, lease=None, result=result)
     for dependent_id in subtask.dependents:
         dependent = tx.subtask(dependent_id)
@@ -561,7 +581,7 @@ class RetryPolicy:
 
 
 def fail_subtask(
-    tx: TaskTransitions, failure: Failure, fencing_token: int, retry: RetryPolicy
+    tx: TaskTransitions, failure: Failure, fencing_token: int, retry: RetryPolicy, *, epoch: int
 ) -> Subtask:
     """Record a failed attempt: READY again (after a back-off) or FAILED for good.
 
@@ -584,7 +604,7 @@ def fail_subtask(
         and subtask.state is not SubtaskState.LEASED
     ):
         return subtask
-    check_holder(subtask, failure.agent_id, fencing_token)
+    check_holder(subtask, failure.agent_id, fencing_token, epoch=epoch)
     failure = replace(failure, attempt=subtask.attempt, fencing_token=fencing_token)
     burned = subtask.burned_attempts + (1 if failure.failure_class.burns_attempt else 0)
     if failure.retryable and burned < subtask.max_attempts:
@@ -632,12 +652,29 @@ def _cancel(tx: TaskTransitions, subtasks: Iterable[Subtask], reason: str) -> No
         tx.move(subtask, SubtaskState.CANCELLED, lease=None)
 
 
-def cancel_task(tx: TaskTransitions, reason: str) -> bool:
+def check_canceller(task: Task, canceller: str) -> None:
+    """Check that principal ``canceller`` may cancel ``task``: its submitter, or the admin.
+
+    Raises:
+        PermissionDenied: reason ``NOT_TASK_SUBMITTER``.
+    """
+    if canceller != ADMIN_PRINCIPAL and canceller != task.submitter:
+        raise PermissionDenied(
+            f"task_id: task {task.task_id!r} can be cancelled only by the identity that "
+            "submitted it, or with the admin token",
+            reason="NOT_TASK_SUBMITTER",
+            metadata={"field": "task_id", "task_id": task.task_id},
+        )
+
+
+def cancel_task(tx: TaskTransitions, reason: str, *, canceller: str) -> bool:
     """Cancel the task and its unfinished sub-tasks; False if it was CANCELLED already.
 
     Raises:
+        PermissionDenied: ``canceller`` is not the task's submitter nor the admin.
         FailedPrecondition: the task SUCCEEDED or FAILED (reason ``TASK_ENDED``).
     """
+    check_canceller(tx.task, canceller)
     state = tx.task.state
     if state is TaskState.CANCELLED:
         return False

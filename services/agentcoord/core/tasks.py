@@ -21,6 +21,31 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+ADMIN_PRINCIPAL = "admin"
+"""The principal of a caller presenting the admin token."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who makes a planner call (SubmitTask, CancelTask)."""
+
+    agent_id: str = ""
+    """The agent whose session token was presented; empty for none."""
+    admin: bool = False
+    """Whether the admin token was presented."""
+
+    @property
+    def principal(self) -> str:
+        """The identity tasks record: ``agent:<id>``, ``admin``, or empty for neither.
+
+        An agent is the same principal in every session (epoch) of its id; callers with
+        neither a session nor the admin token share the empty one.
+        """
+        if self.admin:
+            return ADMIN_PRINCIPAL
+        return f"agent:{self.agent_id}" if self.agent_id else ""
+
+
 class TaskState(enum.Enum):
     """Lifecycle of a task."""
 
@@ -223,6 +248,8 @@ class Lease:
     """Grows with every lease of any sub-task: the revision that granted it."""
     agent_id: str
     """The holder."""
+    epoch: int
+    """The holder's session (Discovery epoch); a later session of the agent does not hold it."""
     attempt: int
     """Attempt number, from 1."""
     expire_time: datetime
@@ -236,6 +263,7 @@ class Lease:
             "subtask_id": self.subtask_id,
             "fencing_token": self.fencing_token,
             "agent_id": self.agent_id,
+            "epoch": self.epoch,
             "attempt": self.attempt,
             "expire_time": self.expire_time.isoformat(),
             "ttl": self.ttl,
@@ -248,6 +276,7 @@ class Lease:
             subtask_id=data["subtask_id"],
             fencing_token=int(data["fencing_token"]),
             agent_id=data["agent_id"],
+            epoch=int(data["epoch"]),
             attempt=int(data["attempt"]),
             expire_time=datetime.fromisoformat(data["expire_time"]),
             ttl=float(data["ttl"]),
@@ -321,6 +350,8 @@ class Task:
     state: TaskState
     counts: SubtaskCounts
     submitter_agent_id: str
+    submitter: str
+    """Who submitted it (:attr:`Caller.principal`): scopes ``request_id``, guards CancelTask."""
     request_id: str
     create_time: datetime
     update_time: datetime
@@ -347,6 +378,7 @@ class Task:
             "state": self.state.value,
             "counts": self.counts.to_snapshot(),
             "submitter_agent_id": self.submitter_agent_id,
+            "submitter": self.submitter,
             "request_id": self.request_id,
             "create_time": self.create_time.isoformat(),
             "update_time": self.update_time.isoformat(),
@@ -374,6 +406,7 @@ class Task:
             state=TaskState(data["state"]),
             counts=SubtaskCounts.from_snapshot(data["counts"]),
             submitter_agent_id=data["submitter_agent_id"],
+            submitter=data["submitter"],
             request_id=data["request_id"],
             create_time=datetime.fromisoformat(data["create_time"]),
             update_time=datetime.fromisoformat(data["update_time"]),

@@ -27,7 +27,7 @@ from agentcoord.distribution.v1 import distribution_service_pb2_grpc
 from agentcoord.server import discovery as discovery_server
 from agentcoord.server import distribution as distribution_server
 from agentcoord.server import statesync as statesync_server
-from agentcoord.server.auth import Access, Authenticator, SessionLookup
+from agentcoord.server.auth import Access, Authenticator, CertificateBinding, SessionLookup
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.interceptors import CallInterceptor
 from agentcoord.server.reflection import enable_reflection
@@ -227,7 +227,14 @@ async def start_app(
     feed = ChangeFeed(store)
     hosted, lookup = await _host_services(config, store, clock, feed, streams)
     authenticator = Authenticator(
-        lookup=lookup, join_token=config.join_token, admin_token=config.admin_token
+        lookup=lookup,
+        join_token=config.join_token,
+        admin_token=config.admin_token,
+        binding=(
+            CertificateBinding(config.mtls_agent_id_pattern)
+            if config.mtls_agent_id_pattern
+            else None
+        ),
     )
     access = {
         f"/{service.name}/{method}": need

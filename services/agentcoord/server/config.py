@@ -32,6 +32,11 @@ class ServerConfig:
     """PEM private key file."""
     tls_client_ca: str = ""
     """PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
+    mtls_agent_id_pattern: str = ""
+    """Bind agent ids to client certificates (needs ``tls_client_ca``): a caller acts only as
+    an id for which its certificate's DNS or URI SAN, or its CN, equals this pattern with
+    ``{agent_id}`` replaced by the id (``{agent_id}`` alone: the name is the id; e.g.
+    ``spiffe://example.org/agent/{agent_id}``); the admin token is exempt; empty: unbound."""
     join_token: str = field(default="", repr=False)
     """Secret that Register requires (``x-agentcoord-join-token`` metadata); empty: none."""
     admin_token: str = field(default="", repr=False)
@@ -81,6 +86,13 @@ class ServerConfig:
             raise InvalidInput("tls_cert", "TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca and not self.tls_cert:
             raise InvalidInput("tls_client_ca", "mutual TLS needs --tls-cert and --tls-key")
+        if self.mtls_agent_id_pattern:
+            if not self.tls_client_ca:
+                raise InvalidInput(
+                    "mtls_agent_id_pattern", "binding agent ids to certificates needs mutual TLS"
+                )
+            if self.mtls_agent_id_pattern.count("{agent_id}") != 1:
+                raise InvalidInput("mtls_agent_id_pattern", "must contain {agent_id} exactly once")
         if not (0 < self.min_ttl <= self.default_ttl <= self.max_ttl):
             raise InvalidInput("default_ttl", "need 0 < min_ttl <= default_ttl <= max_ttl")
         if not 0 < self.max_value_bytes <= self.max_message_bytes // 2:

@@ -72,8 +72,19 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         return response
 
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
-        """Register an agent and open a session."""
-        registration = await self._core.register(_agent_spec(request))
+        """Open a session, or resume the caller's own (its session token presented)."""
+        identity = current_identity()
+        spec = _agent_spec(request)
+        if identity.certificate_agent_ids is not None and not identity.admin:
+            agent_id = spec.agent_id or (identity.session.agent_id if identity.session else "")
+            if not agent_id:
+                raise InvalidInput(
+                    "agent_id", "is required: this server binds agent ids to client certificates"
+                )
+            identity.check_may_act_as(agent_id)
+        registration = await self._core.register(
+            spec, current=identity.session, token=identity.token, admin=identity.admin
+        )
         agent = registration.agent
         return pb.RegisterResponse(
             agent=convert.agent_to_proto(agent, agent.ttl),

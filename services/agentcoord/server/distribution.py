@@ -15,6 +15,7 @@ from agentcoord.core.distribution import Assignment, Connected, Distribution, Re
 from agentcoord.core.errors import InvalidInput, PermissionDenied
 from agentcoord.core.models import Change
 from agentcoord.core.tasks import (
+    Caller,
     Failure,
     FailureClass,
     Lease,
@@ -166,8 +167,7 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         """Create a task."""
         spec = task_spec_from_proto(request)
         request_id = validation.text("request_id", request.request_id, max_length=MAX_REQUEST_ID)
-        session = current_identity().session
-        view = await self._core.submit(spec, request_id, session.agent_id if session else "")
+        view = await self._core.submit(spec, request_id, _caller())
         return pb.SubmitTaskResponse(task=task_to_proto(view))
 
     async def CancelTask(
@@ -176,8 +176,7 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         """Cancel a task."""
         task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
         reason = validation.text("reason", request.reason, max_length=MAX_REASON)
-        session = current_identity().session
-        view = await self._core.cancel(task_id, reason, session.agent_id if session else "")
+        view = await self._core.cancel(task_id, reason, _caller())
         return pb.CancelTaskResponse(task=task_to_proto(view))
 
     async def WatchTask(
@@ -280,6 +279,12 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
             subtask=subtask_to_proto(update.subtask),
             task_state=TASK_STATE_TO_PROTO[update.task.state],
         )
+
+
+def _caller() -> Caller:
+    identity = current_identity()
+    session = identity.session
+    return Caller(agent_id=session.agent_id if session else "", admin=identity.admin)
 
 
 def _agent_session() -> Session:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -77,7 +77,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             for key, value in context.invocation_metadata() or ()
             if isinstance(value, str)
         }
-        bind_identity(await self._authenticator.identify(metadata, access))
+        names = certificate_names(context.auth_context())
+        bind_identity(await self._authenticator.identify(metadata, access, names))
 
     def _wrap_unary(self, method: str, access: Access, behavior: Behavior) -> Behavior:
         async def unary(request: Any, context: Context) -> Any:
@@ -109,6 +110,20 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 _log_call(method, context, started)
 
         return stream
+
+
+CERTIFICATE_NAME_PROPERTIES = ("peer_dns", "peer_uri", "x509_common_name")
+"""Properties of grpc's auth context naming a verified client certificate: DNS and URI
+subject alternative names, and the common name."""
+
+
+def certificate_names(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
+    """Return the names of the caller's client certificate (none without mutual TLS)."""
+    return [
+        value.decode(errors="replace")
+        for prop in CERTIFICATE_NAME_PROPERTIES
+        for value in auth_context.get(prop, ())
+    ]
 
 
 def _is_abort(error: BaseException) -> bool:

@@ -73,8 +73,15 @@ class Store(Protocol):
         """Return the highest revision dropped by compaction (0 when none was)."""
         ...
 
-    async def register_agent(self, agent: Agent, token_hash: str, now: datetime) -> Agent:
+    async def register_agent(
+        self, agent: Agent, token_hash: str, now: datetime, *, replacing_epoch: int | None = None
+    ) -> Agent:
         """Insert or replace an agent and open a new session.
+
+        With ``replacing_epoch``, a stored LIVE session of another epoch is not replaced
+        (``AlreadyExists``, reason ``AGENT_ALREADY_REGISTERED``): the caller judged that
+        session ``replacing_epoch`` (0: none) may be replaced, and another registration
+        got in first.
 
         In the same transaction, state keys bound to the agent's earlier sessions are
         deleted, each with a ``state.expire`` change after the ``agent.joined`` one.
@@ -96,6 +103,15 @@ class Store(Protocol):
         deletes the state keys bound to that session, each with a ``state.expire`` change.
         Returns the updated agent, or None when the agent is missing, not live, or has a
         different epoch (nothing changes then).
+        """
+        ...
+
+    async def resume_session(self, agent: Agent, now: datetime) -> Agent | None:
+        """Record new registration fields of live session ``agent.epoch``, same epoch and token.
+
+        Name, role, capabilities, capacity, labels, skills and TTL are taken from ``agent``;
+        an ``agent.updated`` change is appended. Returns the updated agent, or None when
+        the agent is missing, not live or of another epoch.
         """
         ...
 
@@ -183,13 +199,16 @@ class Store(Protocol):
         """Store a new task and its sub-tasks (revisions 0, assigned here).
 
         Appends ``task.submitted`` then one ``subtask.<state>`` per sub-task. When
-        ``task.request_id`` is set and a task with that request id exists, nothing is
-        written and that task is returned with False.
+        ``task.request_id`` is set and a task of the same ``submitter`` with that request id
+        exists, nothing is written and that task is returned with False (request ids are
+        scoped to the submitter: another submitter's equal id makes a new task).
         """
         ...
 
-    async def lease_subtask(self, subtask_id: str, agent_id: str, now: datetime) -> TaskUpdate:
-        """Lease a READY sub-task whose back-off has passed to ``agent_id``.
+    async def lease_subtask(
+        self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int
+    ) -> TaskUpdate:
+        """Lease a READY sub-task whose back-off has passed to session ``epoch`` of ``agent_id``.
 
         The lease's fencing token is the revision of its ``subtask.leased`` change.
 
@@ -200,9 +219,16 @@ class Store(Protocol):
         ...
 
     async def complete_subtask(
-        self, subtask_id: str, agent_id: str, fencing_token: int, result: str, now: datetime
+        self,
+        subtask_id: str,
+        agent_id: str,
+        fencing_token: int,
+        result: str,
+        now: datetime,
+        *,
+        epoch: int,
     ) -> TaskUpdate:
-        """Record a result (:func:`agentcoord.core.task_rules.complete_subtask`).
+        """Record a result of session ``epoch`` (``task_rules.complete_subtask``).
 
         Raises:
             NotFound: no such sub-task.
@@ -211,9 +237,9 @@ class Store(Protocol):
         ...
 
     async def fail_subtask(
-        self, failure: Failure, fencing_token: int, retry: RetryPolicy
+        self, failure: Failure, fencing_token: int, retry: RetryPolicy, *, epoch: int
     ) -> TaskUpdate:
-        """Record a failed attempt (:func:`agentcoord.core.task_rules.fail_subtask`).
+        """Record a failed attempt under session ``epoch`` (``task_rules.fail_subtask``).
 
         Raises:
             NotFound: no such sub-task.
@@ -221,17 +247,25 @@ class Store(Protocol):
         """
         ...
 
-    async def release_leases(self, agent_id: str, now: datetime) -> list[TaskUpdate]:
-        """Make every sub-task leased by ``agent_id`` READY again (failure AGENT_DIED)."""
+    async def release_leases(
+        self, agent_id: str, now: datetime, *, through_epoch: int
+    ) -> list[TaskUpdate]:
+        """Make the sub-tasks leased by sessions 1..``through_epoch`` of an agent READY again.
+
+        Each lease fails as AGENT_DIED: no attempt is burned.
+        """
         ...
 
     async def cancel_task(
-        self, task_id: str, reason: str, agent_id: str, now: datetime
+        self, task_id: str, reason: str, agent_id: str, now: datetime, *, canceller: str
     ) -> TaskUpdate:
         """Cancel a task (:func:`agentcoord.core.task_rules.cancel_task`).
 
+        ``canceller`` is the caller's principal: the task's submitter or the admin's.
+
         Raises:
             NotFound: no such task.
+            PermissionDenied: ``canceller`` may not cancel it.
             FailedPrecondition: it SUCCEEDED or FAILED.
         """
         ...

@@ -51,6 +51,7 @@ from agentcoord.store.writes import (
     Op,
     RecordHeartbeats,
     RegisterAgent,
+    ResumeSession,
     UpdateAgentStatus,
     WriteStates,
 )
@@ -117,9 +118,12 @@ class SqlStore(abc.ABC):
 
     # Discovery
 
-    async def register_agent(self, agent: Agent, token_hash: str, now: datetime) -> Agent:
+    async def register_agent(
+        self, agent: Agent, token_hash: str, now: datetime, *, replacing_epoch: int | None = None
+    ) -> Agent:
         """Insert or replace an agent and open a new session (see the protocol)."""
-        return cast(Agent, await self._submit(RegisterAgent(agent, token_hash, now)))
+        op = RegisterAgent(agent, token_hash, now, replacing_epoch)
+        return cast(Agent, await self._submit(op))
 
     async def end_agent_session(
         self, agent_id: str, epoch: int, state: AgentState, now: datetime
@@ -127,6 +131,10 @@ class SqlStore(abc.ABC):
         """Mark a live agent LEFT or EXPIRED if its stored epoch is ``epoch``."""
         op = EndAgentSession(agent_id, epoch, state, now)
         return cast(Agent | None, await self._submit(op))
+
+    async def resume_session(self, agent: Agent, now: datetime) -> Agent | None:
+        """Record new registration fields of a live session (see the protocol)."""
+        return cast(Agent | None, await self._submit(ResumeSession(agent, now)))
 
     async def update_agent_status(
         self, agent_id: str, epoch: int, status: AgentStatus, now: datetime
@@ -199,32 +207,47 @@ class SqlStore(abc.ABC):
         """Store a new task and its sub-tasks, or return the task of the same request id."""
         return cast(tuple[Task, bool], await self._submit(SubmitTask(task, tuple(subtasks))))
 
-    async def lease_subtask(self, subtask_id: str, agent_id: str, now: datetime) -> TaskUpdate:
-        """Lease a READY sub-task to ``agent_id``."""
-        return cast(TaskUpdate, await self._submit(LeaseSubtask(subtask_id, agent_id, now)))
+    async def lease_subtask(
+        self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int
+    ) -> TaskUpdate:
+        """Lease a READY sub-task to session ``epoch`` of ``agent_id``."""
+        op = LeaseSubtask(subtask_id, agent_id, epoch, now)
+        return cast(TaskUpdate, await self._submit(op))
 
     async def complete_subtask(
-        self, subtask_id: str, agent_id: str, fencing_token: int, result: str, now: datetime
+        self,
+        subtask_id: str,
+        agent_id: str,
+        fencing_token: int,
+        result: str,
+        now: datetime,
+        *,
+        epoch: int,
     ) -> TaskUpdate:
         """Record the result of a leased sub-task."""
-        op = CompleteSubtask(subtask_id, agent_id, fencing_token, result, now)
+        op = CompleteSubtask(subtask_id, agent_id, epoch, fencing_token, result, now)
         return cast(TaskUpdate, await self._submit(op))
 
     async def fail_subtask(
-        self, failure: Failure, fencing_token: int, retry: RetryPolicy
+        self, failure: Failure, fencing_token: int, retry: RetryPolicy, *, epoch: int
     ) -> TaskUpdate:
         """Record a failed attempt of a leased sub-task."""
-        return cast(TaskUpdate, await self._submit(FailSubtask(failure, fencing_token, retry)))
+        op = FailSubtask(failure, epoch, fencing_token, retry)
+        return cast(TaskUpdate, await self._submit(op))
 
-    async def release_leases(self, agent_id: str, now: datetime) -> list[TaskUpdate]:
-        """Make every sub-task leased by ``agent_id`` READY again."""
-        return cast(list[TaskUpdate], await self._submit(ReleaseLeases(agent_id, now)))
+    async def release_leases(
+        self, agent_id: str, now: datetime, *, through_epoch: int
+    ) -> list[TaskUpdate]:
+        """Make every sub-task leased by sessions 1..``through_epoch`` READY again."""
+        op = ReleaseLeases(agent_id, through_epoch, now)
+        return cast(list[TaskUpdate], await self._submit(op))
 
     async def cancel_task(
-        self, task_id: str, reason: str, agent_id: str, now: datetime
+        self, task_id: str, reason: str, agent_id: str, now: datetime, *, canceller: str
     ) -> TaskUpdate:
-        """Cancel a task and its unfinished sub-tasks."""
-        return cast(TaskUpdate, await self._submit(CancelTask(task_id, reason, agent_id, now)))
+        """Cancel a task and its unfinished sub-tasks, if ``canceller`` may."""
+        op = CancelTask(task_id, reason, agent_id, canceller, now)
+        return cast(TaskUpdate, await self._submit(op))
 
     async def get_task(self, task_id: str) -> Task | None:
         """Return one task, or None."""

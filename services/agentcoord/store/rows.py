@@ -75,7 +75,15 @@ STATE_COLUMNS = (
 REQUEST_COLUMNS = ("agent_id", "request_id", "result", "time")
 """Columns of the ``write_requests`` table, in the order of :meth:`Codec.request_params`."""
 
-TASK_COLUMNS = ("task_id", "state", "submitter_agent_id", "request_id", "create_time", "body")
+TASK_COLUMNS = (
+    "task_id",
+    "state",
+    "submitter_agent_id",
+    "submitter",
+    "request_id",
+    "create_time",
+    "body",
+)
 """Columns of the ``tasks`` table, in the order of :meth:`Codec.task_params`."""
 
 SUBTASK_COLUMNS = ("subtask_id", "task_id", "seq", "state", "lease_agent_id", "body")
@@ -280,6 +288,7 @@ class Codec:
             task.task_id,
             task.state.value,
             task.submitter_agent_id,
+            task.submitter,
             task.request_id,
             self.encode_time(task.create_time),
             canonical_json(task.to_snapshot()),

@@ -75,14 +75,14 @@ class SubmitTask(ViewOp):
     subtasks: tuple[Subtask, ...]
 
     def needs(self) -> Needs:
-        """The task of the same idempotency key, if any."""
-        rid = self.task.request_id
-        return Needs(task_request_ids=frozenset((rid,)) if rid else frozenset())
+        """The task of the same submitter and idempotency key, if any."""
+        key = (self.task.submitter, self.task.request_id)
+        return Needs(task_request_ids=frozenset((key,)) if key[1] else frozenset())
 
     def apply(self, ws: WorkingSet) -> tuple[Task, bool]:
-        """Store the task (False: an earlier task of the same request is returned)."""
+        """Store the task (False: the submitter's earlier task of the request is returned)."""
         if self.task.request_id:
-            earlier = ws.task_by_request(self.task.request_id)
+            earlier = ws.task_by_request(self.task.submitter, self.task.request_id)
             if earlier is not None:
                 return earlier, False
         journal = Journal(ws.revision + 1)
@@ -106,6 +106,7 @@ class LeaseSubtask(ViewOp):
 
     subtask_id: str
     agent_id: str
+    epoch: int
     now: datetime
 
     def needs(self) -> Needs:
@@ -113,13 +114,15 @@ class LeaseSubtask(ViewOp):
         return Needs(subtask_ids=frozenset((self.subtask_id,)))
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
-        """Lease the sub-task if it is READY."""
+        """Lease the sub-task to the session if it is READY."""
         return _on_subtask(
             ws,
             self.subtask_id,
             self.now,
             self.agent_id,
-            lambda tx: lease_subtask(tx, self.subtask_id, self.agent_id, to_utc(self.now)),
+            lambda tx: lease_subtask(
+                tx, self.subtask_id, self.agent_id, to_utc(self.now), epoch=self.epoch
+            ),
         )
 
 
@@ -129,6 +132,7 @@ class CompleteSubtask(ViewOp):
 
     subtask_id: str
     agent_id: str
+    epoch: int
     fencing_token: int
     result: str
     now: datetime
@@ -146,7 +150,12 @@ class CompleteSubtask(ViewOp):
             self.now,
             self.agent_id,
             lambda tx: complete_subtask(
-                tx, self.subtask_id, self.agent_id, self.fencing_token, self.result
+                tx,
+                self.subtask_id,
+                self.agent_id,
+                self.fencing_token,
+                self.result,
+                epoch=self.epoch,
             ),
         )
 
@@ -156,6 +165,8 @@ class FailSubtask(ViewOp):
     """``Store.fail_subtask``: an agent's report, or the server's (lease lost, agent died)."""
 
     failure: Failure
+    epoch: int
+    """The session of ``failure.agent_id`` that held the lease."""
     fencing_token: int
     retry: RetryPolicy
 
@@ -170,15 +181,19 @@ class FailSubtask(ViewOp):
             self.failure.subtask_id,
             self.failure.time,
             self.failure.agent_id,
-            lambda tx: fail_subtask(tx, self.failure, self.fencing_token, self.retry),
+            lambda tx: fail_subtask(
+                tx, self.failure, self.fencing_token, self.retry, epoch=self.epoch
+            ),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseLeases(ViewOp):
-    """``Store.release_leases``: an agent died; its sub-tasks are READY again at once."""
+    """``Store.release_leases``: sessions ended; their sub-tasks are READY again at once."""
 
     agent_id: str
+    through_epoch: int
+    """Leases of the agent's sessions 1..``through_epoch`` are released."""
     now: datetime
 
     def needs(self) -> Needs:
@@ -186,12 +201,16 @@ class ReleaseLeases(ViewOp):
         return Needs(leased_by=frozenset((self.agent_id,)))
 
     def apply(self, ws: WorkingSet) -> list[TaskUpdate]:
-        """Fail each lease with AGENT_DIED (retried at once, no attempt burned)."""
+        """Fail each such lease with AGENT_DIED (retried at once, no attempt burned)."""
         updates = []
         for subtask in ws.leased_by(self.agent_id):
-            updates.append(
-                _on_subtask(ws, subtask.subtask_id, self.now, "", self._died(subtask.subtask_id))
-            )
+            assert subtask.lease is not None
+            if subtask.lease.epoch <= self.through_epoch:
+                updates.append(
+                    _on_subtask(
+                        ws, subtask.subtask_id, self.now, "", self._died(subtask.subtask_id)
+                    )
+                )
         return updates
 
     def _died(self, subtask_id: str) -> Callable[[TaskTransitions], Subtask]:
@@ -200,14 +219,18 @@ class ReleaseLeases(ViewOp):
             assert subtask.lease is not None
             failure = Failure(
                 failure_class=FailureClass.AGENT_DIED,
-                message=f"agent {self.agent_id!r} expired or left while holding the lease",
+                message=(
+                    f"session {subtask.lease.epoch} of agent {self.agent_id!r} ended "
+                    "(expired, left or replaced) while holding the lease"
+                ),
                 retryable=True,
                 subtask_id=subtask_id,
                 agent_id=self.agent_id,
                 attempt=subtask.attempt,
                 time=to_utc(self.now),
             )
-            return fail_subtask(tx, failure, subtask.lease.fencing_token, RetryPolicy())
+            lease = subtask.lease
+            return fail_subtask(tx, failure, lease.fencing_token, RetryPolicy(), epoch=lease.epoch)
 
         return fail
 
@@ -219,6 +242,8 @@ class CancelTask(ViewOp):
     task_id: str
     reason: str
     agent_id: str
+    canceller: str
+    """The caller's principal (:attr:`~agentcoord.core.tasks.Caller.principal`)."""
     now: datetime
 
     def needs(self) -> Needs:
@@ -230,6 +255,6 @@ class CancelTask(ViewOp):
         """Cancel the task and its unfinished sub-tasks, revoking their leases."""
 
         def cancel(tx: TaskTransitions) -> None:
-            cancel_task(tx, self.reason)
+            cancel_task(tx, self.reason, canceller=self.canceller)
 
         return _transact(ws, self.task_id, self.now, self.agent_id, cancel)

@@ -45,6 +45,7 @@ from agentcoord.core.models import (
     StateEntry,
     StateWrite,
     StateWriteResult,
+    agent_session_live,
 )
 from agentcoord.core.state_rules import keys_of, plan_expiry, plan_write
 from agentcoord.core.task_rules import check_holder
@@ -79,8 +80,8 @@ class Needs:
     """Every entry whose expire time is at or before this time."""
     task_ids: frozenset[str] = frozenset()
     """These tasks."""
-    task_request_ids: frozenset[str] = frozenset()
-    """The tasks submitted with these idempotency keys."""
+    task_request_ids: frozenset[tuple[str, str]] = frozenset()
+    """The tasks submitted with these ``(submitter, request_id)`` idempotency keys."""
     subtask_ids: frozenset[str] = frozenset()
     """These sub-tasks."""
     dependents_of: frozenset[str] = frozenset()
@@ -228,11 +229,18 @@ class WorkingSet:
         """Return a task that was loaded (by id, or as the task of a loaded sub-task)."""
         return self._tasks.get(task_id)
 
-    def task_by_request(self, request_id: str) -> Task | None:
-        """Return the task submitted with idempotency key ``request_id``, or None."""
-        if request_id not in self._needs.task_request_ids:
+    def task_by_request(self, submitter: str, request_id: str) -> Task | None:
+        """Return the task ``submitter`` submitted with key ``request_id``, or None."""
+        if (submitter, request_id) not in self._needs.task_request_ids:
             raise LookupError(f"task request {request_id!r} was not loaded: declare it in Needs")
-        return next((t for t in self._tasks.values() if t.request_id == request_id), None)
+        return next(
+            (
+                t
+                for t in self._tasks.values()
+                if t.request_id == request_id and t.submitter == submitter
+            ),
+            None,
+        )
 
     def subtask(self, subtask_id: str) -> Subtask | None:
         """Return a loaded sub-task, or None if it does not exist."""
@@ -388,6 +396,8 @@ class RegisterAgent(ViewOp):
     agent: Agent
     token_hash: str
     now: datetime
+    replacing_epoch: int | None = None
+    """The live session it may replace (0: none); None replaces whatever is stored."""
 
     def needs(self) -> Needs:
         """The agent and the entries bound to its sessions."""
@@ -397,10 +407,22 @@ class RegisterAgent(ViewOp):
     def apply(self, ws: WorkingSet) -> Agent:
         """Store the next session, then expire keys bound to the earlier ones."""
         previous = ws.agent(self.agent.agent_id)
+        if previous is not None and self.replacing_epoch is not None:
+            check_replaceable(previous[0], self.replacing_epoch)
         session = new_session(self.agent, None if previous is None else previous[0], self.now)
         stored = ws.save_agent(session, self.token_hash, AgentEventKind.JOINED, self.now)
         ws.expire(ws.bound_entries(stored.agent_id, stored.epoch - 1), self.now)
         return stored
+
+
+def check_replaceable(stored: Agent, replacing_epoch: int) -> None:
+    """Refuse to open a session over a live one other than session ``replacing_epoch``.
+
+    Raises:
+        AlreadyExists: reason ``AGENT_ALREADY_REGISTERED`` (see ``agent_session_live``).
+    """
+    if stored.state is AgentState.LIVE and stored.epoch != replacing_epoch:
+        raise agent_session_live(stored.agent_id, stored.ttl)  # at most its TTL
 
 
 def _current_session(ws: WorkingSet, agent_id: str, epoch: int) -> tuple[Agent, str] | None:
@@ -460,6 +482,37 @@ class UpdateAgentStatus(ViewOp):
         return ws.save_agent(updated, current[1], AgentEventKind.UPDATED, self.now)
 
 
+@dataclass(frozen=True, slots=True)
+class ResumeSession(ViewOp):
+    """``Store.resume_session``: new registration fields of a live session, same epoch."""
+
+    agent: Agent
+    """The registration; its ``epoch`` names the session."""
+    now: datetime
+
+    def needs(self) -> Needs:
+        """The agent."""
+        return Needs(agent_ids=frozenset((self.agent.agent_id,)))
+
+    def apply(self, ws: WorkingSet) -> Agent | None:
+        """Record the fields if the session is the current one."""
+        agent = self.agent
+        current = _current_session(ws, agent.agent_id, agent.epoch)
+        if current is None:
+            return None
+        updated = replace(
+            current[0],
+            name=agent.name,
+            role=agent.role,
+            capabilities=agent.capabilities,
+            capacity=agent.capacity,
+            labels=agent.labels,
+            skills=agent.skills,
+            ttl=agent.ttl,
+        )
+        return ws.save_agent(updated, current[1], AgentEventKind.UPDATED, self.now)
+
+
 def check_fencing(write: StateWrite, subtask: Subtask | None) -> None:
     """Refuse a write whose fencing token is not that of a lease the writer holds.
 
@@ -483,7 +536,7 @@ def check_fencing(write: StateWrite, subtask: Subtask | None) -> None:
                 "fencing_token": str(fencing.fencing_token),
             },
         )
-    check_holder(subtask, write.agent_id, fencing.fencing_token)
+    check_holder(subtask, write.agent_id, fencing.fencing_token, epoch=write.epoch)
 
 
 def _bound_epochs(write: StateWrite) -> set[int]:

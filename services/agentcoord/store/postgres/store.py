@@ -63,7 +63,7 @@ _AGENT_TYPES = _typed(
 )
 _REQUEST_TYPES = _typed(REQUEST_COLUMNS, "text text jsonb timestamptz")
 _CHANGE_TYPES = _typed(CHANGE_COLUMNS, "bigint timestamptz text text text text jsonb")
-_TASK_TYPES = _typed(TASK_COLUMNS, "text text text text timestamptz jsonb")
+_TASK_TYPES = _typed(TASK_COLUMNS, "text text text text text timestamptz jsonb")
 _SUBTASK_TYPES = _typed(SUBTASK_COLUMNS, "text text integer text text jsonb")
 
 
@@ -162,7 +162,8 @@ _LOAD = """
         ) AS tasks,
         ARRAY(
             SELECT t FROM tasks AS t
-            WHERE t.request_id = ANY($13::text[]) AND t.request_id <> ''
+            WHERE (t.submitter, t.request_id) IN (SELECT * FROM unnest($13::text[], $14::text[]))
+            AND t.request_id <> ''
         ) AS requested_tasks
 """
 """One statement reads every row a run of operations needs.
@@ -229,6 +230,7 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 async def _load(conn: asyncpg.Connection, needs: writes.Needs) -> writes.Loaded:
     """Read the revision counter and the rows ``needs`` covers, in one statement."""
     requests = sorted(needs.requests)
+    requested_tasks = sorted(needs.task_request_ids)
     row = await conn.fetchrow(
         _LOAD,
         sorted(needs.state_keys),
@@ -243,7 +245,8 @@ async def _load(conn: asyncpg.Connection, needs: writes.Needs) -> writes.Loaded:
         sorted(needs.task_subtasks),
         sorted(needs.leased_by),
         sorted(needs.task_ids),
-        sorted(needs.task_request_ids),
+        [submitter for submitter, _ in requested_tasks],
+        [request_id for _, request_id in requested_tasks],
     )
     states = {s["key"]: s for part in ("keyed", "bound", "expired") for s in row[part]}
     tasks = {t["task_id"]: t for part in ("tasks", "requested_tasks") for t in row[part]}

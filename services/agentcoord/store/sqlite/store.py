@@ -101,9 +101,13 @@ _LOAD_LEASED = _select(
     "subtasks", SUBTASK_COLUMNS, f"state = 'leased' AND lease_agent_id {_IN_JSON}"
 )
 _LOAD_TASKS = _select("tasks", TASK_COLUMNS, f"task_id {_IN_JSON}")
-# request_id <> '' as in the partial index tasks_request_id, so that it is usable.
+# request_id <> '' as in the partial index tasks_submitter_request_id, so that it is usable.
 _LOAD_TASKS_BY_REQUEST = _select(
-    "tasks", TASK_COLUMNS, f"request_id {_IN_JSON} AND request_id <> ''"
+    "tasks",
+    TASK_COLUMNS,
+    "(submitter, request_id) IN"
+    " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+    " AND request_id <> ''",
 )
 _LOAD_REVISION = "SELECT value FROM revision_counter WHERE id = 1"
 _DELETE_STATE = "DELETE FROM states WHERE key = ?"
