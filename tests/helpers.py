@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2
@@ -50,3 +52,17 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def make_cert(folder: Path, name: str, *extra: str) -> tuple[Path, Path]:
+    """Make a self-signed certificate with CN ``name`` (``extra``: openssl req options).
+
+    Returns the key and certificate files; needs the ``openssl`` command.
+    """
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", key, "-out", cert, "-subj", f"/CN={name}", *extra],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, cert

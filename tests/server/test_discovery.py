@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from tests.helpers import bearer, error_info, eventually, field_violations
+from tests.server.conftest import StartServer
 
 Stub = pb_grpc.DiscoveryServiceStub
 
@@ -132,23 +133,32 @@ async def _is_state(stub: Stub, agent_id: str, state: int) -> bool:
     return await state_of(stub, agent_id) == state
 
 
-async def test_reregistration_ends_the_old_session(discovery: Stub) -> None:
-    old = await register(discovery, "dup", ttl=ttl(5))
-    old_stream = HeartbeatStream(discovery, "dup", old.session_token)
-    await old_stream.beat()
-    new = await register(discovery, "dup", ttl=ttl(5))
-    assert new.epoch == old.epoch + 1
-    ack = await old_stream.beat()
-    assert ack.command == pb.HeartbeatResponse.COMMAND_REREGISTER
-    assert await old_stream.call.read() is grpc.aio.EOF
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await discovery.Deregister(
-            pb.DeregisterRequest(agent_id="dup"), metadata=bearer(old.session_token)
+async def test_an_admin_reregistration_ends_the_old_session(start_server: StartServer) -> None:
+    app = await start_server(admin_token="admin-secret")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        discovery = Stub(channel)
+        old = await register(discovery, "dup", ttl=ttl(5))
+        old_stream = HeartbeatStream(discovery, "dup", old.session_token)
+        await old_stream.beat()
+        with pytest.raises(grpc.aio.AioRpcError) as live:
+            await register(discovery, "dup", ttl=ttl(5))  # without a token: the session is live
+        assert live.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        new = await discovery.Register(
+            pb.RegisterRequest(agent_id="dup", name="dup", ttl=ttl(5)),
+            metadata=bearer("admin-secret"),
         )
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    new_stream = HeartbeatStream(discovery, "dup", new.session_token)
-    assert (await new_stream.beat()).epoch == new.epoch
-    new_stream.close()
+        assert new.epoch == old.epoch + 1
+        ack = await old_stream.beat()
+        assert ack.command == pb.HeartbeatResponse.COMMAND_REREGISTER
+        assert await old_stream.call.read() is grpc.aio.EOF
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await discovery.Deregister(
+                pb.DeregisterRequest(agent_id="dup"), metadata=bearer(old.session_token)
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        new_stream = HeartbeatStream(discovery, "dup", new.session_token)
+        assert (await new_stream.beat()).epoch == new.epoch
+        new_stream.close()
 
 
 async def test_deregister_marks_agent_left(discovery: Stub) -> None:

@@ -20,7 +20,7 @@ from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from agentcoord.server import config as server_config
 from agentcoord.server.config import ServerConfig
-from tests.helpers import bearer
+from tests.helpers import bearer, make_cert
 from tests.server.conftest import StartServer
 
 JOIN = (("x-agentcoord-join-token", "let-me-in"),)
@@ -117,17 +117,10 @@ def test_insecure_flag_allows_listening_beyond_loopback() -> None:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 async def test_tls_and_mutual_tls(start_server: StartServer, tmp_path: Path) -> None:
-    def make_cert(name: str, *extra: str) -> tuple[Path, Path]:
-        key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-keyout", key, "-out", cert, "-subj", f"/CN={name}", *extra],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        return key, cert
-
-    server_key, server_cert = make_cert("localhost", "-addext", "subjectAltName=IP:127.0.0.1")
-    client_key, client_cert = make_cert("agent")
+    server_key, server_cert = make_cert(
+        tmp_path, "localhost", "-addext", "subjectAltName=IP:127.0.0.1"
+    )
+    client_key, client_cert = make_cert(tmp_path, "agent")
     app = await start_server(
         tls_cert=str(server_cert), tls_key=str(server_key), tls_client_ca=str(client_cert)
     )

@@ -9,9 +9,13 @@ exponential back-off when it breaks (a server restart, a lost connection, a fail
   reconnection the server re-sends the leases the agent still holds; the agent keeps
   working on those it already runs.
 
-When the server says the session ended (it expired, or was replaced), the agent registers
-again with the same id. Each sub-task runs the handler in its own asyncio task, at most
-``capacity`` at a time, under the sub-task's fencing token (see
+When the server asks the agent to register again, the agent presents its session token to
+``Register``: a session that is still live is resumed (same epoch, leases kept); one that
+ended (it expired, or the admin took the id over) is replaced by a new session of the same
+id, whose leases start afresh. While another session of the id is live (this agent was
+restarted and lost its token), the agent waits for it to expire or leave, retrying within
+the remaining TTL the server reports. Each sub-task runs the handler in its own asyncio
+task, at most ``capacity`` at a time, under the sub-task's fencing token (see
 :func:`~agentcoord.client.fenced`).
 """
 
@@ -21,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import signal
 import sys
 import traceback
@@ -327,6 +332,8 @@ class Agent:
         self._wake = asyncio.Event()
         self._urgent = False
         self._epoch = 0
+        self._generation = 0
+        """Registrations so far: a stream that saw session ``n`` end registers once."""
         self._interval = 1.0
         self._draining = False
         self._heartbeating: asyncio.Task[None] | None = None
@@ -456,32 +463,83 @@ class Agent:
     # --- registration -------------------------------------------------------------------------
 
     async def _register(self) -> None:
-        self.client.token = ""  # an ended session's token would make the server refuse the call
-        response = await self.client.discovery.register(self._registration)
+        """Resume the session whose token the client holds, or open a new one.
+
+        Waits while another session of this id is live: the server refuses with
+        ALREADY_EXISTS and the seconds that session has left, and Register is tried again
+        with back-off, never sleeping past that expiry.
+        """
+        waits = 0
+        while True:
+            try:
+                response = await self.client.discovery.register(self._registration)
+                break
+            except RPCError as error:
+                if error.code == grpc.StatusCode.UNAUTHENTICATED and self.client.token:
+                    log.info(
+                        "agent %s: the session token is no longer valid; opening a new session",
+                        self.agent_id,
+                    )
+                    self.client.token = ""
+                    continue
+                if error.reason != "AGENT_ALREADY_REGISTERED":
+                    raise
+                await asyncio.sleep(self._wait_for_live_session(error, waits))
+                waits += 1
+        resumed = response.epoch == self._epoch
         self._registration.agent_id = response.agent.agent_id
         self._epoch = response.epoch
         self._interval = seconds(response.heartbeat_interval)
+        self._generation += 1
         self.stats.registrations += 1
+        if waits or resumed:
+            log.info(
+                "agent %s: %s session %d",
+                self.agent_id,
+                "resumed" if resumed else "registered",
+                self._epoch,
+            )
         self._beat_soon()
 
-    async def _register_again(self, epoch: int) -> None:
-        """Register again after session ``epoch`` ended, unless another stream already did."""
+    def _wait_for_live_session(self, error: RPCError, waits: int) -> float:
+        """Return how long to wait before registering again over another live session."""
+        try:
+            remaining = float(error.metadata.get("ttl_remaining", ""))
+        except ValueError:
+            remaining = self.reconnect.max_backoff
+        backoff = min(self.reconnect.initial_backoff * 2.0**waits, self.reconnect.max_backoff)
+        delay = min(backoff, remaining) + random.uniform(0, self.reconnect.jitter)
+        (log.warning if waits == 0 else log.info)(
+            "agent %s: another session of this id is live and expires in %.1f s unless "
+            "renewed (this agent restarted without its token, or another process uses the "
+            "id); registering again in %.2f s",
+            self.agent_id,
+            remaining,
+            delay,
+        )
+        return delay
+
+    async def _register_again(self, generation: int) -> None:
+        """Register again after session ``generation`` ended, unless another stream did."""
         async with self._register_lock:
-            if self._epoch == epoch:
-                log.warning("agent %s: the session ended; registering again", self.agent_id)
+            if self._generation == generation:
+                log.warning(
+                    "agent %s: the server asks to register again; resuming or renewing the session",
+                    self.agent_id,
+                )
                 await self.reconnect.retrying(STREAM_CODES)(self._register)
 
     async def _keep(self, run_stream: Callable[[], Awaitable[None]]) -> None:
         """Run a stream again and again, backing off while it fails to connect."""
         try:
             while True:
-                epoch = self._epoch
+                generation = self._generation
                 try:
                     await self.reconnect.retrying(STREAM_CODES)(run_stream)
                 except _SessionEnded:
                     if self._draining:
                         return  # the server already handed back what this agent held
-                    await self._register_again(epoch)
+                    await self._register_again(generation)
         except RPCError as error:
             self._fail(typed_error(error))
 
@@ -695,14 +753,14 @@ class Agent:
 
     async def _report(self, report: Report) -> None:
         """Send a completion or failure; after a session change, once more as the new one."""
-        epoch = self._epoch
+        generation = self._generation
         try:
             try:
                 await self._send(report)
             except RPCError as error:
                 if error.code != grpc.StatusCode.UNAUTHENTICATED or self._draining:
                     raise
-                await self._register_again(epoch)
+                await self._register_again(generation)
                 await self._send(report)
         except RPCError as error:
             if error.code == grpc.StatusCode.FAILED_PRECONDITION:
