@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
 from agentcoord.core.errors import FailedPrecondition, InvalidInput, NotFound
 from agentcoord.core.models import (
+    Agent,
     Change,
     ChangeFilter,
     Fencing,
@@ -117,9 +121,11 @@ async def task_of(store: Store, task_id: str = "t1") -> Task:
     return found
 
 
-async def lease(store: Store, subtask_id: str, agent_id: str = "bob", now: datetime = NOW) -> int:
-    """Lease a sub-task and return the fencing token."""
-    update = await store.lease_subtask(subtask_id, agent_id, now, epoch=1)
+async def lease(
+    store: Store, subtask_id: str, agent_id: str = "bob", now: datetime = NOW, epoch: int = 1
+) -> int:
+    """Lease a sub-task to session ``epoch`` of ``agent_id`` and return the fencing token."""
+    update = await store.lease_subtask(subtask_id, agent_id, now, epoch=epoch)
     assert update.subtask is not None and update.subtask.lease is not None
     return update.subtask.lease.fencing_token
 
@@ -563,6 +569,32 @@ async def test_with_partial_results_a_failure_cancels_only_its_dependents(store:
 # Released leases (the holder died)
 
 
+async def test_a_lease_belongs_to_a_session_and_only_ended_sessions_are_released(
+    store: Store,
+) -> None:
+    await submit(store, subtasks=INDEPENDENT)
+    old = await lease(store, "t1-a", "bob", epoch=1)
+    new = await lease(store, "t1-b", "bob", epoch=2)
+
+    # The later session does not hold the earlier one's lease, nor the other way round.
+    with pytest.raises(FailedPrecondition) as inherited:
+        await store.complete_subtask("t1-a", "bob", old, "1", NOW, epoch=2)
+    assert inherited.value.reason == "LEASE_NOT_HELD"
+    assert inherited.value.metadata["holder_epoch"] == "1"
+    with pytest.raises(FailedPrecondition):
+        await store.fail_subtask(failure("t1-b"), new, RetryPolicy(), epoch=1)
+
+    updates = await store.release_leases("bob", LATER, through_epoch=1)
+
+    assert [u.subtask.subtask_id for u in updates if u.subtask is not None] == ["t1-a"]
+    released = await subtask(store, "t1-a")
+    assert released.state is SubtaskState.READY and released.burned_attempts == 0
+    kept = await subtask(store, "t1-b")
+    assert kept.state is SubtaskState.LEASED and kept.lease is not None and kept.lease.epoch == 2
+    done = await store.complete_subtask("t1-b", "bob", new, "2", NOW, epoch=2)
+    assert done.subtask is not None and done.subtask.state is SubtaskState.SUCCEEDED
+
+
 async def test_release_leases_makes_the_agents_subtasks_ready_without_burning(
     store: Store,
 ) -> None:
@@ -793,3 +825,36 @@ async def test_tasks_survive_a_restart(store_url: str) -> None:
         await run(store, "t1-c")
         last = await run(store, "t1-d")
         assert last.task.state is TaskState.SUCCEEDED
+
+
+async def test_the_identity_migration_keeps_tasks_and_leases(tmp_path: Path) -> None:
+    """Data written before 0004 gets its submitter and its lease's session."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    async with opened(url) as store:
+        agent = await store.register_agent(
+            Agent("bob", "Bob", "", (), 1, {}, (), 10.0), "hash", NOW
+        )
+        await submit(store, submitter="alice", request_id="r1")
+        token = await lease(store, "t1-a", "bob", epoch=agent.epoch)
+    # Back to the schema and bodies of migration 0003.
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as conn, conn:
+        conn.executescript(
+            """
+            DROP INDEX tasks_submitter_request_id;
+            ALTER TABLE tasks DROP COLUMN submitter;
+            CREATE UNIQUE INDEX tasks_request_id ON tasks (request_id) WHERE request_id <> '';
+            UPDATE tasks SET body = json_remove(body, '$.submitter');
+            UPDATE subtasks SET body = json_remove(body, '$.lease.epoch');
+            DELETE FROM schema_migrations WHERE version = 4;
+            """
+        )
+
+    async with opened(url) as store:
+        task = await task_of(store)
+        assert task.submitter == "agent:alice"
+        again, created = await store.submit_task(*make_task("t2", request_id="r1"))
+        assert (again.task_id, created) == ("t1", False)
+        held = await subtask(store, "t1-a")
+        assert held.lease is not None and held.lease.epoch == agent.epoch
+        done = await store.complete_subtask("t1-a", "bob", token, "1", NOW, epoch=agent.epoch)
+        assert done.subtask is not None and done.subtask.state is SubtaskState.SUCCEEDED

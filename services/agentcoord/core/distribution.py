@@ -561,9 +561,10 @@ class Distribution:
     async def _push(self, slot: _Slot, subtask: Subtask) -> None:
         assignment = await self._grant(slot, subtask)
         if assignment is not None:
-            if slot.stream is not None:
+            if slot.stream is not None and slot.stream.epoch == assignment.lease.epoch:
                 slot.stream.send(assignment)
-            # Otherwise the stream closed meanwhile: the lease is re-sent when it reopens.
+            # Otherwise the stream closed meanwhile: the lease is re-sent when it reopens
+            # (or, granted to a session replaced meanwhile, it is being released).
         elif slot.hungry:
             self._feed_agent(slot)
 
@@ -670,7 +671,7 @@ class Distribution:
         key = (slot.agent_id, request_id)
         if request_id and key in self._claims:
             held = slot.held.get(self._claims[key])
-            if held is not None:
+            if held is not None and held.lease.epoch == session.epoch:
                 subtask = await self._store.get_subtask(held.lease.subtask_id)
                 if subtask is not None:
                     return Assignment(self._live_lease(held), subtask)

@@ -34,7 +34,7 @@ class Access(enum.Enum):
     READ = "read"
     """Anyone; when the server has a join token, any valid credential."""
     JOIN = "join"
-    """The join token, when the server has one (Register)."""
+    """The join token when the server has one, or a live session's token (Register)."""
     AGENT = "agent"
     """An agent's live session, or the admin token."""
 
@@ -162,7 +162,7 @@ class Authenticator:
             raise Unauthenticated(
                 "authorization: this call needs 'authorization: Bearer <session token>'"
             )
-        if access is Access.JOIN and self._join_token and not (join or identity.admin):
+        if access is Access.JOIN and self._join_token and not credentialed:
             raise Unauthenticated(f"{JOIN_TOKEN_HEADER}: this server requires a join token")
         if access is Access.READ and self._join_token and not credentialed:
             raise Unauthenticated(
