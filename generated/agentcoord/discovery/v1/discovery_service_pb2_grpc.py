@@ -101,11 +101,14 @@ class DiscoveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Register(self, request, context):
-        """Registers an agent and opens a new session.
+        """Registers an agent and opens a new session, or resumes the caller's own.
 
-        Registering an id that already exists starts a new epoch: the previous session token
-        is refused from then on and its heartbeat stream is told SESSION_ENDED. When the
-        server has a join token, it must be sent as `x-agentcoord-join-token` metadata.
+        Presenting the live session's token (`authorization: Bearer`) resumes that session:
+        same epoch, token and leases. An id whose session is live is otherwise ALREADY_EXISTS
+        (`ttl_remaining` in the details), unless the admin token takes it over. A new epoch
+        never inherits the leases of an earlier one; the earlier session token is refused from
+        then on and its heartbeat stream is told to register again. When the server has a join
+        token, it must be sent as `x-agentcoord-join-token` metadata.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,11 +44,14 @@ class DiscoveryServiceStub:
     ListAgents: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.ListAgentsRequest, _discovery_service_pb2.ListAgentsResponse]
     """Lists agents in a stable order (by agent id), filtered by capability, role and liveness."""
     Register: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.RegisterRequest, _discovery_service_pb2.RegisterResponse]
-    """Registers an agent and opens a new session.
+    """Registers an agent and opens a new session, or resumes the caller's own.
 
-    Registering an id that already exists starts a new epoch: the previous session token
-    is refused from then on and its heartbeat stream is told SESSION_ENDED. When the
-    server has a join token, it must be sent as `x-agentcoord-join-token` metadata.
+    Presenting the live session's token (`authorization: Bearer`) resumes that session:
+    same epoch, token and leases. An id whose session is live is otherwise ALREADY_EXISTS
+    (`ttl_remaining` in the details), unless the admin token takes it over. A new epoch
+    never inherits the leases of an earlier one; the earlier session token is refused from
+    then on and its heartbeat stream is told to register again. When the server has a join
+    token, it must be sent as `x-agentcoord-join-token` metadata.
     """
     Heartbeat: _grpc.StreamStreamMultiCallable[_discovery_service_pb2.HeartbeatRequest, _discovery_service_pb2.HeartbeatResponse]
     """Keeps an agent alive and reports its load; one long-lived bidirectional stream.
@@ -85,11 +88,14 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     ListAgents: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.ListAgentsRequest, _discovery_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists agents in a stable order (by agent id), filtered by capability, role and liveness."""
     Register: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.RegisterRequest, _discovery_service_pb2.RegisterResponse]  # type: ignore[assignment]
-    """Registers an agent and opens a new session.
+    """Registers an agent and opens a new session, or resumes the caller's own.
 
-    Registering an id that already exists starts a new epoch: the previous session token
-    is refused from then on and its heartbeat stream is told SESSION_ENDED. When the
-    server has a join token, it must be sent as `x-agentcoord-join-token` metadata.
+    Presenting the live session's token (`authorization: Bearer`) resumes that session:
+    same epoch, token and leases. An id whose session is live is otherwise ALREADY_EXISTS
+    (`ttl_remaining` in the details), unless the admin token takes it over. A new epoch
+    never inherits the leases of an earlier one; the earlier session token is refused from
+    then on and its heartbeat stream is told to register again. When the server has a join
+    token, it must be sent as `x-agentcoord-join-token` metadata.
     """
     Heartbeat: _aio.StreamStreamMultiCallable[_discovery_service_pb2.HeartbeatRequest, _discovery_service_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Keeps an agent alive and reports its load; one long-lived bidirectional stream.
@@ -141,11 +147,14 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_service_pb2.RegisterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.RegisterResponse, _abc.Awaitable[_discovery_service_pb2.RegisterResponse]]:
-        """Registers an agent and opens a new session.
+        """Registers an agent and opens a new session, or resumes the caller's own.
 
-        Registering an id that already exists starts a new epoch: the previous session token
-        is refused from then on and its heartbeat stream is told SESSION_ENDED. When the
-        server has a join token, it must be sent as `x-agentcoord-join-token` metadata.
+        Presenting the live session's token (`authorization: Bearer`) resumes that session:
+        same epoch, token and leases. An id whose session is live is otherwise ALREADY_EXISTS
+        (`ttl_remaining` in the details), unless the admin token takes it over. A new epoch
+        never inherits the leases of an earlier one; the earlier session token is refused from
+        then on and its heartbeat stream is told to register again. When the server has a join
+        token, it must be sent as `x-agentcoord-join-token` metadata.
         """
 
     @_abc_1.abstractmethod

@@ -1114,7 +1114,8 @@ class SubmitTaskRequest(_message.Message):
     """Idempotency key (AIP-155), recommended a UUID; at most 128 characters.
 
     A re-submit with the same key returns the task of the first call, whatever the other
-    fields say. Keys are remembered for at least 24 hours. Empty means no deduplication.
+    fields say. Keys are scoped to the caller's identity (another caller's equal key makes
+    a new task) and remembered as long as the task. Empty means no deduplication.
     """
     @_builtins.property
     def task(self) -> Global___TaskSpec:

@@ -159,6 +159,7 @@ class DistributionServiceServicer:
         Holders of revoked leases are told on their StreamAssignments stream, and their later
         CompleteSubtask or FailSubtask calls are FAILED_PRECONDITION. Cancelling a CANCELLED task
         returns it unchanged; cancelling a SUCCEEDED or FAILED task is FAILED_PRECONDITION.
+        Only the identity that submitted the task, or the admin, may cancel it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -74,6 +74,7 @@ class DistributionServiceStub:
     Holders of revoked leases are told on their StreamAssignments stream, and their later
     CompleteSubtask or FailSubtask calls are FAILED_PRECONDITION. Cancelling a CANCELLED task
     returns it unchanged; cancelling a SUCCEEDED or FAILED task is FAILED_PRECONDITION.
+    Only the identity that submitted the task, or the admin, may cancel it.
     """
     WatchTask: _grpc.UnaryStreamMultiCallable[_distribution_service_pb2.WatchTaskRequest, _distribution_service_pb2.WatchTaskResponse]
     """Streams every state transition of one task and its sub-tasks, in revision order.
@@ -170,6 +171,7 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
     Holders of revoked leases are told on their StreamAssignments stream, and their later
     CompleteSubtask or FailSubtask calls are FAILED_PRECONDITION. Cancelling a CANCELLED task
     returns it unchanged; cancelling a SUCCEEDED or FAILED task is FAILED_PRECONDITION.
+    Only the identity that submitted the task, or the admin, may cancel it.
     """
     WatchTask: _aio.UnaryStreamMultiCallable[_distribution_service_pb2.WatchTaskRequest, _distribution_service_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """Streams every state transition of one task and its sub-tasks, in revision order.
@@ -293,6 +295,7 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
         Holders of revoked leases are told on their StreamAssignments stream, and their later
         CompleteSubtask or FailSubtask calls are FAILED_PRECONDITION. Cancelling a CANCELLED task
         returns it unchanged; cancelling a SUCCEEDED or FAILED task is FAILED_PRECONDITION.
+        Only the identity that submitted the task, or the admin, may cancel it.
         """
 
     @_abc_1.abstractmethod
