@@ -396,3 +396,20 @@ async def test_request_ids_are_scoped_to_the_submitter(channel: grpc.aio.Channel
     assert bobs.title == "bob's" and bobs.submitter_agent_id == "bob"
     assert (await submit("again", alice.metadata)).task_id == first.task_id
     assert (await submit("again")).task_id == anonymous.task_id
+
+
+async def test_a_session_token_alone_resumes_on_a_server_with_a_join_token(
+    start_server: StartServer,
+) -> None:
+    app = await start_server(join_token="let-me-in")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        discovery = discovery_grpc.DiscoveryServiceStub(channel)
+        error = await refused(discovery.Register(register_request("joiner")))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        first = await discovery.Register(
+            register_request("joiner"), metadata=(("x-agentcoord-join-token", "let-me-in"),)
+        )
+        resumed = await discovery.Register(
+            register_request("joiner"), metadata=bearer(first.session_token)
+        )
+        assert resumed.epoch == first.epoch
