@@ -382,13 +382,13 @@ class Discovery:
             replacing = entry.base.epoch
         elif current is not None:
             replacing = current.epoch
-        token = secrets.token_urlsafe(32)
-        token_hash = hash_token(token)
+        new_token = secrets.token_urlsafe(32)
+        token_hash = hash_token(new_token)
         stored = await self._store.register_agent(
             agent, token_hash, self._clock.now(), replacing_epoch=replacing
         )
         self._remember(stored, token_hash, self._clock.monotonic() + stored.ttl)
-        return Registration(stored, token)
+        return Registration(stored, new_token)
 
     async def _resume(self, entry: _Entry, agent: Agent, token: str) -> Registration:
         """Renew a live session for a full TTL, recording changed registration fields."""
