@@ -92,9 +92,7 @@ def test_wheel_holds_exactly_the_agentcoord_package(wheel: Path) -> None:
     ):
         assert required in names, f"{required} is missing from {wheel.name}"
     for backend in ("sqlite", "postgres"):
-        migrations = {
-            n for n in names if n.startswith(f"agentcoord/store/{backend}/migrations/")
-        }
+        migrations = {n for n in names if n.startswith(f"agentcoord/store/{backend}/migrations/")}
         in_tree = {
             f"agentcoord/store/{backend}/migrations/{path.name}"
             for path in (SERVICES / "store" / backend / "migrations").glob("*.sql")

@@ -50,9 +50,6 @@ from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_
 
 log = logging.getLogger("agentcoord.client.agent")
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-"""Where an agent connects when given no address."""
-
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     # gRPC waits up to 120 s between connection attempts by default; an agent should find a
     # restarted server within a couple of seconds.
@@ -241,7 +238,7 @@ class Agent:
 
     def __init__(
         self,
-        targets: str | Sequence[str] = DEFAULT_TARGET,
+        targets: str | Sequence[str] | None = None,
         *,
         name: str,
         handler: Handler,
@@ -263,7 +260,8 @@ class Agent:
         """Configure the agent; it registers on entering the context.
 
         Args:
-            targets: ``host:port`` of a server, or several to fail over between.
+            targets: ``host:port`` of a server, or several to fail over between; None
+                reads ``AGENTCOORD_SERVER``, like :class:`AgentcoordClient`.
             name: Human-readable name.
             handler: Coroutine function run for each sub-task.
             agent_id: Identifier to register under; empty lets the server choose one,
