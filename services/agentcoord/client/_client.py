@@ -87,9 +87,15 @@ class _ServiceClient:
         self._stub = self._stub_type(channel)
 
     async def _unary(
-        self, method: str, request: Message, response_type: type[Response], *, idempotent: bool
+        self,
+        method: str,
+        request: Message,
+        response_type: type[Response],
+        *,
+        idempotent: bool,
+        retry: RetryPolicy | None = None,
     ) -> Response:
-        policy = self._client.retry if idempotent else RetryPolicy(max_attempts=1)
+        policy = (retry or self._client.retry) if idempotent else RetryPolicy(max_attempts=1)
         async for attempt in policy.retrying():
             with attempt:
                 target = self._client.target
@@ -256,25 +262,33 @@ class DistributionClient(_ServiceClient):
         )
 
     async def complete_subtask(
-        self, request: distribution_pb.CompleteSubtaskRequest
+        self,
+        request: distribution_pb.CompleteSubtaskRequest,
+        *,
+        retry: RetryPolicy | None = None,
     ) -> distribution_pb.CompleteSubtaskResponse:
-        """Call CompleteSubtask."""
+        """Call CompleteSubtask; retried only when the request carries a request id.
+
+        ``retry`` replaces the client's retry policy for this call.
+        """
         return await self._unary(
             "CompleteSubtask",
             request,
             distribution_pb.CompleteSubtaskResponse,
             idempotent=bool(request.request_id),
+            retry=retry,
         )
 
     async def fail_subtask(
-        self, request: distribution_pb.FailSubtaskRequest
+        self, request: distribution_pb.FailSubtaskRequest, *, retry: RetryPolicy | None = None
     ) -> distribution_pb.FailSubtaskResponse:
-        """Call FailSubtask."""
+        """Call FailSubtask; retried like :meth:`complete_subtask`."""
         return await self._unary(
             "FailSubtask",
             request,
             distribution_pb.FailSubtaskResponse,
             idempotent=bool(request.request_id),
+            retry=retry,
         )
 
 
