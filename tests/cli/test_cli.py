@@ -272,7 +272,8 @@ async def test_state_put_get_ls_watch_rm(cli: Cli) -> None:
     assert put.code == Exit.OK, put.err
     assert put.out.startswith("shared/plan: version 1, revision ")
     conflict = await cli(*admin, "state", "put", "shared/plan", "{}", "--expected-version", "7")
-    assert conflict.code == Exit.CONFLICT and "current version is 1" in conflict.err
+    assert conflict.code == Exit.CONFLICT
+    assert "expected version 7, current version 1" in conflict.err
     assert (await cli(*admin, "state", "put", "shared/x", "not json")).code == Exit.USAGE
     stdin = await cli(*admin, "--json", "state", "put", "shared/status", "-", stdin='"green"\n')
     assert stdin.json["state"]["json"] == "green"
