@@ -392,6 +392,37 @@ async def test_a_stale_workers_state_writes_are_refused(
     assert entry is not None and entry.value == "final"
 
 
+async def test_fenced_writes_work_for_as_long_as_heartbeats_renew_the_lease(
+    start_server: StartServer, port: int
+) -> None:
+    # The lease's record carries its expire time; heartbeats move it, and so does a restart
+    # (a full TTL from then), or the 1 s lease would refuse these writes as LEASE_EXPIRED.
+    app = await start_server(listen=f"127.0.0.1:{port}")
+    halfway, restarted = asyncio.Event(), asyncio.Event()
+
+    async def handle(item: WorkItem) -> str:
+        for step in range(3):  # 3 x 1 s: three times the lease's TTL
+            await item.state.put("shared/progress", step)
+            await asyncio.sleep(1.0)
+        halfway.set()
+        await restarted.wait()
+        await item.state.put("shared/progress", "after the restart")
+        return "done"
+
+    async with agent(app, "w", handle, ttl=5.0) as worker:
+        async with AgentcoordClient(address(app)) as planner:
+            task = await planner.tasks.submit(one())
+            await asyncio.wait_for(halfway.wait(), 20)
+        await app.stop(0)
+        app = await start_server(listen=f"127.0.0.1:{port}")
+        restarted.set()
+        async with AgentcoordClient(address(app)) as planner:
+            assert await planner.tasks.result(task.task_id, timeout=10) == {"a": "done"}
+            entry = await planner.state.get("shared/progress")
+        assert entry is not None and entry.value == "after the restart"
+        assert worker.stats.failed == 0
+
+
 async def test_finished_work_is_reported_after_an_outage_longer_than_the_retries_were(
     start_server: StartServer, port: int
 ) -> None:

@@ -24,7 +24,7 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
-from agentcoord.core.task_rules import RetryPolicy, TaskUpdate
+from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
 
 ChangeListener = Callable[[Sequence[Change]], None]
@@ -223,6 +223,14 @@ class Store(Protocol):
 
     async def release_leases(self, agent_id: str, now: datetime) -> list[TaskUpdate]:
         """Make every sub-task leased by ``agent_id`` READY again (failure AGENT_DIED)."""
+        ...
+
+    async def renew_leases(self, renewals: Sequence[LeaseRenewal]) -> int:
+        """Move the expire time of each lease still held to the later one given.
+
+        The records of a lease carry its real deadline, so a fenced StateSync write checks
+        it in its own transaction. Writes no change log entry; returns how many moved.
+        """
         ...
 
     async def cancel_task(

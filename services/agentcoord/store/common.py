@@ -25,7 +25,7 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
-from agentcoord.core.task_rules import RetryPolicy, TaskUpdate
+from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
 from agentcoord.store.batching import GroupCommitter, Listener, Outcome
 from agentcoord.store.queries import (
@@ -42,6 +42,7 @@ from agentcoord.store.task_writes import (
     FailSubtask,
     LeaseSubtask,
     ReleaseLeases,
+    RenewLeases,
     SubmitTask,
 )
 from agentcoord.store.writes import (
@@ -219,6 +220,12 @@ class SqlStore(abc.ABC):
     async def release_leases(self, agent_id: str, now: datetime) -> list[TaskUpdate]:
         """Make every sub-task leased by ``agent_id`` READY again."""
         return cast(list[TaskUpdate], await self._submit(ReleaseLeases(agent_id, now)))
+
+    async def renew_leases(self, renewals: Sequence[LeaseRenewal]) -> int:
+        """Move the expire times of leases still held."""
+        if not renewals:
+            return 0
+        return cast(int, await self._submit(RenewLeases(tuple(renewals))))
 
     async def cancel_task(
         self, task_id: str, reason: str, agent_id: str, now: datetime
