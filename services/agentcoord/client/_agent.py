@@ -685,7 +685,7 @@ class Agent:
             item.attempt,
             message,
             "as retryable" if retryable else "as final: no other attempt",
-            exc_info=None if isinstance(error, NonRetryableError) else error,
+            exc_info=None if isinstance(error, NonRetryableError) else error,  # deliberate
         )
         return distribution_pb.FailSubtaskRequest(
             subtask_id=item.subtask_id,

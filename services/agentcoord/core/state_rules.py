@@ -74,20 +74,23 @@ def _check(compare: Compare, index: int, entry: StateEntry | None) -> None:
         wanted = "value"
     if holds:
         return
-    reason = "VERSION_MISMATCH" if compare.version is not None else "COMPARE_FAILED"
     metadata = {"key": compare.key, "current_version": str(current_version)}
     if compare.field:  # the expected_version of a PutState or DeleteState
         absent = " (must not exist)" if compare.version == 0 else ""
-        raise Conflict(
-            f"key {compare.key!r}: expected {wanted}{absent}, current version {current_version}",
-            reason=reason,
-            metadata={**metadata, "field": compare.field},
+        message = (
+            f"key {compare.key!r}: expected {wanted}{absent}, current version {current_version}"
         )
+        metadata["field"] = compare.field
+    else:
+        message = (
+            f"key {compare.key!r}: compare {index} wanted {wanted}, "
+            f"current version is {current_version}"
+        )
+        metadata["failed_compare"] = str(index)
     raise Conflict(
-        f"key {compare.key!r}: compare {index} wanted {wanted}, "
-        f"current version is {current_version}",
-        reason=reason,
-        metadata={**metadata, "failed_compare": str(index)},
+        message,
+        reason="VERSION_MISMATCH" if compare.version is not None else "COMPARE_FAILED",
+        metadata=metadata,
     )
 
 
