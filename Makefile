@@ -17,7 +17,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@# setuptools notes every editable install as a BuildBackendWarning ("Editable
+	@# installation."): information, not a problem of this project, so it is not shown.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 # protoc with the pinned grpcio-tools and mypy-protobuf; $(1) is the output folder.

@@ -225,7 +225,9 @@ def test_operations_documents_every_config_field_and_nothing_else() -> None:
 def parses_as(shown: str, default: Any) -> bool:
     if isinstance(default, bool):
         return shown == str(default).lower()
-    if isinstance(default, int | float):
+    if isinstance(default, float):  # a duration: 10s, 5m, 7d
+        return server_config.parse_duration(shown) == default
+    if isinstance(default, int):
         return float(shown.replace("_", "").replace(",", "")) == default
     return (shown if shown != '""' else "") == default
 

@@ -115,7 +115,7 @@ def start_agentcoord(
 ) -> Server:
     """Start ``agentcoord serve`` on an ephemeral loopback port."""
     args = ["agentcoord.cli", "serve", "--listen", "127.0.0.1:0", "--store", store_url]
-    args += ["--log-level", "WARNING", "--grace", "1", *extra]
+    args += ["--log-level", "INFO", "--grace", "1", *extra]  # INFO: the listening line
     return start_server(name, args, workdir, profile=profile)
 
 

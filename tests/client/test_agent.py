@@ -4,8 +4,11 @@ reconnection, re-registration, failover and fencing."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +28,7 @@ from agentcoord.client import (
 )
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.server.app import App
+from agentcoord.server.config import ServerConfig
 from tests.helpers import eventually
 from tests.server import conftest as server_fixtures
 from tests.server.conftest import StartServer
@@ -386,3 +390,110 @@ async def test_a_stale_workers_state_writes_are_refused(
     assert error.reason == "STALE_FENCING_TOKEN"
     entry = await planner.state.get("shared/report")
     assert entry is not None and entry.value == "final"
+
+
+async def test_fenced_writes_work_for_as_long_as_heartbeats_renew_the_lease(
+    start_server: StartServer, port: int
+) -> None:
+    # The lease's record carries its expire time; heartbeats move it, and so does a restart
+    # (a full TTL from then), or the 1 s lease would refuse these writes as LEASE_EXPIRED.
+    app = await start_server(listen=f"127.0.0.1:{port}")
+    halfway, restarted = asyncio.Event(), asyncio.Event()
+
+    async def handle(item: WorkItem) -> str:
+        for step in range(3):  # 3 x 1 s: three times the lease's TTL
+            await item.state.put("shared/progress", step)
+            await asyncio.sleep(1.0)
+        halfway.set()
+        await restarted.wait()
+        await item.state.put("shared/progress", "after the restart")
+        return "done"
+
+    async with agent(app, "w", handle, ttl=5.0) as worker:
+        async with AgentcoordClient(address(app)) as planner:
+            task = await planner.tasks.submit(one())
+            await asyncio.wait_for(halfway.wait(), 20)
+        await app.stop(0)
+        app = await start_server(listen=f"127.0.0.1:{port}")
+        restarted.set()
+        async with AgentcoordClient(address(app)) as planner:
+            assert await planner.tasks.result(task.task_id, timeout=10) == {"a": "done"}
+            entry = await planner.state.get("shared/progress")
+        assert entry is not None and entry.value == "after the restart"
+        assert worker.stats.failed == 0
+
+
+async def test_finished_work_is_reported_after_an_outage_longer_than_the_retries_were(
+    start_server: StartServer, port: int
+) -> None:
+    # Eight results finish while the server is down for 3 s (the client's default retries
+    # give up after about 2 s); each is sent once the server is back, within its lease, so
+    # no sub-task runs a second time.
+    app = await start_server(listen=f"127.0.0.1:{port}")
+    release = asyncio.Event()
+    runs: list[str] = []
+
+    async def handle(item: WorkItem) -> str:
+        runs.append(item.local_id)
+        await release.wait()
+        return f"{item.local_id} done"
+
+    names = [f"s{n}" for n in range(8)]
+    spec = TaskSpec("eight", subtasks=[SubtaskSpec(name) for name in names], lease_ttl=20.0)
+    async with agent(app, "w", handle, ttl=5.0, capacity=8) as worker:
+        async with AgentcoordClient(address(app)) as planner:
+            task = await planner.tasks.submit(spec)
+        await until(lambda: len(runs) == 8)
+        await app.stop(0)
+        release.set()  # the handlers finish; their reports meet a refused connection
+        await asyncio.sleep(3.0)  # the outage
+        app = await start_server(listen=f"127.0.0.1:{port}")
+        async with AgentcoordClient(address(app)) as planner:
+            result = await planner.tasks.result(task.task_id, timeout=20)
+            done = await planner.tasks.get(task.task_id)
+        assert result == {name: f"{name} done" for name in names}
+        assert sorted(runs) == names  # each ran once
+        assert all(subtask.attempt == 1 for subtask in done.subtasks)
+        assert worker.stats.completed == 8
+
+
+async def test_a_handler_that_raises_is_logged_at_warning_with_its_traceback(
+    app: App, planner: AgentcoordClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handle(item: WorkItem) -> str:
+        return str(1 / 0)
+
+    async with agent(app, "w", handle) as worker:
+        await planner.tasks.submit(one(max_attempts=1))
+        await until(lambda: worker.stats.failed == 1)
+    (record,) = [r for r in caplog.records if "the handler failed" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.name == "agentcoord.client.agent"
+    assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
+    assert "ZeroDivisionError: division by zero" in record.getMessage()
+
+
+async def test_clients_and_agents_find_the_server_in_agentcoord_server(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same default as `make run` and `agentcoord serve` listen on.
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    assert f"AGENTCOORD_LISTEN ?= {ServerConfig().listen}\n" in makefile
+    assert AgentcoordClient().targets == (ServerConfig().listen,)
+
+    dead = f"127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("AGENTCOORD_SERVER", f"{dead}, {address(app)}")  # failover list
+    async with AgentcoordClient() as client:
+        summary = await client.discovery.get_summary(discovery_pb.GetSummaryRequest())
+        assert summary.live_agents == 0 and client.targets == (dead, address(app))
+
+    async def handle(item: WorkItem) -> str:
+        return "ok"
+
+    async with Agent(name="env", agent_id="env", handler=handle, ttl=1.0) as worker:
+        assert worker.client.target == address(app)
+
+    monkeypatch.setenv("AGENTCOORD_SERVER", "127.0.0.1:99999")
+    with pytest.raises(ValueError, match=re.escape("AGENTCOORD_SERVER: '127.0.0.1:99999'")):
+        AgentcoordClient()
+    with pytest.raises(ValueError, match="port 1-65535"):
+        AgentcoordClient("127.0.0.1:0")

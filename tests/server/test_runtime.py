@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentcoord.core.errors import InvalidInput
@@ -20,6 +24,8 @@ from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from agentcoord.server import config as server_config
 from agentcoord.server.config import ServerConfig
+from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
+from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
 from tests.helpers import bearer, make_cert
 from tests.server.conftest import StartServer
 
@@ -142,26 +148,167 @@ async def test_tls_and_mutual_tls(start_server: StartServer, tmp_path: Path) -> 
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def _serve_command(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "agentcoord.cli", "serve", *argv]
+
+
+async def _start_serve(
+    *argv: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[asyncio.subprocess.Process, int, str]:
+    """Start ``agentcoord serve``; return it, its port and its first stderr line."""
+    process = await asyncio.create_subprocess_exec(
+        *_serve_command(*argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env, cwd=cwd,
+    )  # fmt: skip
+    assert process.stderr is not None
+    line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+    found = re.search(r"agentcoord listening on 127\.0\.0\.1:(\d+)", line)
+    assert found, line
+    return process, int(found[1]), line
+
+
+async def _stop(process: asyncio.subprocess.Process) -> tuple[str, str]:
+    """SIGTERM the process; return what it printed on stdout and stderr after that."""
+    process.send_signal(signal.SIGTERM)
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    return out.decode(), err.decode()
+
+
 async def test_serve_command_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "AGENTCOORD_LISTEN": "127.0.0.1:0",
         "AGENTCOORD_STORE": f"sqlite:///{tmp_path}/cli.db",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentcoord.cli", "serve",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-    assert line.startswith("agentcoord listening on 127.0.0.1:")
-    port = int(line.rsplit(":", 1)[1])
+    process, port, line = await _start_serve(env=env, cwd=tmp_path)
+    assert " INFO agentcoord.server.app: agentcoord listening on 127.0.0.1:" in line
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.DiscoveryServiceStub(channel)
         await stub.Register(pb.RegisterRequest(agent_id="cli", name="cli"))
-    process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(process.wait(), 30) == 0
+    out, err = await _stop(process)
+    assert out == "", "the start-up line is logged once, not also printed on stdout"
+    assert "listening on" not in err
     assert (tmp_path / "cli.db").exists()
+
+
+async def test_a_second_server_on_a_busy_port_fails_at_start(tmp_path: Path) -> None:
+    first, port, _ = await _start_serve(
+        "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/first.db"
+    )
+    try:
+        second = await asyncio.create_subprocess_exec(
+            *_serve_command(
+                "--listen", f"127.0.0.1:{port}", "--store", f"sqlite:///{tmp_path}/second.db"
+            ),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(second.communicate(), 60)
+        assert second.returncode == 69, err.decode()
+        assert out == b""
+        assert err.decode() == (
+            f"agentcoord: cannot listen on 127.0.0.1:{port}: the port is in use (another "
+            "server?) or the address is not this machine's\n"
+        )
+        # The first server still answers, alone: every call reaches its store.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.DiscoveryServiceStub(channel)
+            await stub.Register(pb.RegisterRequest(agent_id="first", name="first"))
+            for _ in range(5):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as fresh:
+                    listed = await pb_grpc.DiscoveryServiceStub(fresh).ListAgents(
+                        pb.ListAgentsRequest()
+                    )
+                    assert [agent.agent_id for agent in listed.agents] == ["first"]
+    finally:
+        await _stop(first)
+
+
+async def test_json_logs_are_one_object_per_line_with_the_call_facts(tmp_path: Path) -> None:
+    process, port, first_line = await _start_serve(
+        "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/json.db",
+        "--log-format", "json", "--log-level", "DEBUG",
+    )  # fmt: skip
+    started = json.loads(first_line)
+    assert started["address"] == f"127.0.0.1:{port}" and started["level"] == "INFO"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        registered = await pb_grpc.DiscoveryServiceStub(channel).Register(
+            pb.RegisterRequest(agent_id="logged", name="logged")
+        )
+        await statesync_grpc.StateSyncServiceStub(channel).PutState(
+            statesync_pb.PutStateRequest(
+                key="shared/logged", json=struct_pb2.Value(number_value=1)
+            ),
+            metadata=bearer(registered.session_token),
+        )
+    out, err = await _stop(process)
+    assert out == ""
+    entries = [json.loads(line) for line in err.splitlines()]  # every line is one object
+    assert sum("listening on" in entry["message"] for entry in entries) == 0  # read above
+    calls = {entry["rpc"].rsplit("/", 1)[1]: entry for entry in entries if "rpc" in entry}
+    put = calls["PutState"]
+    assert put["code"] == "OK" and put["key"] == "shared/logged" and put["agent_id"] == "logged"
+    assert put["peer"].startswith("ipv4:127.0.0.1:") and isinstance(put["ms"], float)
+    assert calls["Register"]["agent_id"] == "logged"
+    # grpc's own DEBUG chatter has its own level (--grpc-log-level, WARNING by default).
+    assert not [e for e in entries if e["logger"].startswith("grpc") and e["level"] == "DEBUG"]
+
+
+def test_serve_help_shows_description_default_and_unit() -> None:
+    result = subprocess.run(
+        _serve_command("--help"), capture_output=True, text=True, timeout=60, check=True
+    )
+    text = " ".join(result.stdout.split())
+    assert "--default-ttl DURATION Agent TTL when an agent asks for none." in text
+    assert "(default 10s; env AGENTCOORD_DEFAULT_TTL)" in text
+    assert "(default 7d; env AGENTCOORD_CHANGE_RETENTION)" in text
+    assert "--max-message-bytes BYTES Largest request or response message." in text
+    assert "(default 4194304 bytes; env AGENTCOORD_MAX_MESSAGE_BYTES)" in text
+    assert "--grpc-log-level" in text and "(default WARNING; env AGENTCOORD_GRPC_LOG_LEVEL)" in text
+    for spec in dataclasses.fields(ServerConfig):
+        if spec.name != "services":
+            assert server_config.field_docs()[spec.name] in text, spec.name
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--log-level", "chatty"], {}, "--log-level (AGENTCOORD_LOG_LEVEL): 'CHATTY'"),
+        ([], {"AGENTCOORD_LOG_LEVEL": "loud"}, "--log-level (AGENTCOORD_LOG_LEVEL)"),
+        (["--grpc-log-level", "x"], {}, "--grpc-log-level"),
+        (["--log-format", "xml"], {}, "--log-format"),
+        (["--default-ttl", "5x"], {}, "--default-ttl (AGENTCOORD_DEFAULT_TTL): '5x' is not a"),
+        ([], {"AGENTCOORD_MAX_TTL": "forever"}, "--max-ttl (AGENTCOORD_MAX_TTL)"),
+        ([], {"AGENTCOORD_INSECURE": "maybe"}, "--insecure (AGENTCOORD_INSECURE)"),
+        (["--max-pending-requests", "many"], {}, "--max-pending-requests"),
+        (["--max-pending-requests", "0"], {}, "--max-pending-requests"),
+        (["--grace", "-1"], {}, "--grace"),
+        (["--listen", "127.0.0.1:99999"], {}, "--listen (AGENTCOORD_LISTEN)"),
+        ([], {"AGENTCOORD_SERVICES": "gossip"}, "SERVICES (AGENTCOORD_SERVICES)"),
+        (["--no-such-flag"], {}, "--no-such-flag"),
+    ],
+)
+def test_every_bad_setting_ends_in_one_line_and_exit_2(
+    argv: list[str], env: dict[str, str], named: str
+) -> None:
+    result = subprocess.run(
+        _serve_command("--store", "sqlite:///never-opened.db", *argv),
+        capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("agentcoord") and result.stderr.count("\n") == 1
+    assert named in result.stderr
+
+
+def test_durations_take_a_unit_in_flags_and_variables() -> None:
+    config = _parse(
+        ["--default-ttl", "1m", "--change-retention", "7d", "--grace", "500ms",
+         "--retry-backoff", "0.5"],
+        {"AGENTCOORD_MAX_TTL": "1h", "AGENTCOORD_DEFAULT_LEASE_TTL": "90s"},
+    )  # fmt: skip
+    assert (config.default_ttl, config.max_ttl, config.grace) == (60.0, 3600.0, 0.5)
+    assert (config.change_retention, config.default_lease_ttl) == (7 * 86400.0, 90.0)
+    assert config.retry_backoff == 0.5
 
 
 def test_serve_command_rejects_bad_configuration() -> None:

@@ -107,6 +107,24 @@ async def test_compare_and_set(state: Stub, token: str) -> None:
     assert got.state.json.number_value == 2
 
 
+async def test_a_single_key_conflict_speaks_of_the_expected_version(
+    state: Stub, token: str
+) -> None:
+    await put(state, token, "shared/once", 1)
+    taken = await failure(put(state, token, "shared/once", 2, expected_version=0))
+    assert taken.code() == grpc.StatusCode.ABORTED
+    assert taken.details() == (
+        "key 'shared/once': expected version 0 (must not exist), current version 1"
+    )
+    info = error_info(taken)
+    assert info.reason == "VERSION_MISMATCH"
+    assert dict(info.metadata) == {
+        "key": "shared/once",
+        "current_version": "1",
+        "field": "expected_version",
+    }  # no failed_compare: a single write has no list of compares
+
+
 async def test_delete(state: Stub, token: str) -> None:
     await put(state, token, "shared/tmp", 1)
     stale = await failure(
@@ -115,6 +133,7 @@ async def test_delete(state: Stub, token: str) -> None:
         )
     )
     assert stale.code() == grpc.StatusCode.ABORTED
+    assert stale.details() == "key 'shared/tmp': expected version 3, current version 1"
     deleted = await state.DeleteState(
         pb.DeleteStateRequest(key="shared/tmp", expected_version=1), metadata=bearer(token)
     )

@@ -25,6 +25,7 @@ from agentcoord.core.models import (
     ValueKind,
 )
 from agentcoord.core.task_rules import (
+    LeaseRenewal,
     RetryPolicy,
     Revocation,
     TaskDefaults,
@@ -793,6 +794,41 @@ async def test_a_fenced_state_write_needs_the_current_lease(store: Store) -> Non
         await store.write_states(fenced("bob", token, "other"))
     assert ended.value.reason == "STALE_FENCING_TOKEN"
     assert await store.get_state("other") is None
+
+
+async def test_a_fenced_write_at_or_after_the_leases_expire_time_is_refused(store: Store) -> None:
+    # Checked in the write's own transaction against the lease's record: no window between
+    # the expiry and Distribution's sweep in which a late write of a lost lease lands.
+    await submit(store)
+    token = await lease(store, "t1-a", "bob")
+    expire = (await subtask(store, "t1-a")).lease.expire_time  # type: ignore[union-attr]
+
+    def fenced(at: datetime, key: str) -> StateWrite:
+        return StateWrite("bob", (), (put(key),), at, Fencing("t1-a", token))
+
+    await store.write_states(fenced(expire - timedelta(milliseconds=1), "before"))
+    revision = await store.current_revision()
+    with pytest.raises(FailedPrecondition) as late:
+        await store.write_states(fenced(expire, "late"))
+    assert late.value.reason == "LEASE_EXPIRED"
+    assert late.value.metadata == {"subtask_id": "t1-a", "fencing_token": str(token)}
+    assert await store.get_state("late") is None
+    assert await store.current_revision() == revision
+
+    # A heartbeat's renewal moves the record's expire time (no change log entry); a renewal
+    # of an older lease, or to an earlier time, changes nothing.
+    later = expire + timedelta(seconds=30)
+    assert await store.renew_leases([LeaseRenewal("t1-a", token, later)]) == 1
+    assert (
+        await store.renew_leases([LeaseRenewal("t1-a", token - 1, later + timedelta(days=1))]) == 0
+    )
+    assert await store.renew_leases([LeaseRenewal("t1-a", token, expire)]) == 0
+    assert await store.current_revision() == revision
+    assert (await subtask(store, "t1-a")).lease.expire_time == later  # type: ignore[union-attr]
+    await store.write_states(fenced(expire + timedelta(seconds=1), "renewed"))
+    with pytest.raises(FailedPrecondition) as again:
+        await store.write_states(fenced(later, "late"))
+    assert again.value.reason == "LEASE_EXPIRED"
 
 
 # Durability

@@ -13,6 +13,7 @@ from agentcoord.cli.rpc import (
     add_group,
     add_limit_argument,
     add_watch_arguments,
+    count,
     list_all,
     print_stream,
 )
@@ -32,7 +33,7 @@ def register(commands: Commands) -> None:
     ls = add_command(actions, "ls", _list, "list events, oldest first")
     _add_filters(ls)
     ls.add_argument(
-        "--since", type=int, default=0, metavar="REVISION", help="only events after this revision"
+        "--since", type=count, default=0, metavar="REVISION", help="only events after this revision"
     )
     add_limit_argument(ls)
     tail = add_command(actions, "tail", _tail, "print events as they happen")

@@ -64,6 +64,12 @@ async def _health(client: AgentcoordClient, args: argparse.Namespace, out: Outpu
             try:
                 found[target] = await _statuses(channel, names, deadline, wait=args.wait)
             except RPCError as error:
+                if args.wait and error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise CliError(
+                        f"{target}: no server answered within {client.timeout:g} s "
+                        f"(--wait --timeout {client.timeout:g}); is it running, on this address?",
+                        Exit.UNAVAILABLE,
+                    ) from None
                 raise CliError(f"{target}: {error}", exit_for_status(error.code)) from None
     if out.json:
         out.document({"servers": found})

@@ -7,25 +7,39 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn, cast
 
+from agentcoord import __version__
 from agentcoord.cli import agents, events, health, serve, state, tasks
 from agentcoord.cli.exits import CliError, Exit, exit_for_status
 from agentcoord.cli.output import Output
-from agentcoord.cli.rpc import add_client_flags, connect
+from agentcoord.cli.rpc import Commands, add_client_flags, connect
 from agentcoord.client import RPCError
 
 CLIENT_COMMANDS = (agents, tasks, state, events, health)
 """Modules of the commands that talk to a server; each has ``register(commands)``."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit status 2 (USAGE)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``<prog>: <message>`` and a pointer to ``--help``; exit with USAGE."""
+        self.exit(Exit.USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``agentcoord`` command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="agentcoord",
         description="Run agentcoord, or talk to it. Exit codes are listed in docs/cli.md.",
     )
+    parser.add_argument("--version", action="version", version=f"agentcoord {__version__}")
     add_client_flags(parser, nested=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Sub-parsers are Parsers too (argparse makes them of the parent's class).
+    commands = cast(
+        "Commands", parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    )
     serve.register(commands)
     for module in CLIENT_COMMANDS:
         module.register(commands)

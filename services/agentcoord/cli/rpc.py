@@ -7,12 +7,12 @@ import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeAlias, TypeVar
 
-from agentcoord.cli.exits import Exit
+from agentcoord.cli.exits import CliError, Exit
 from agentcoord.cli.output import Output
 from agentcoord.client import AgentcoordClient, RetryPolicy
+from agentcoord.client._client import DEFAULT_TARGET, default_targets, parse_targets
+from agentcoord.server.config import parse_duration
 
-DEFAULT_SERVER = "127.0.0.1:50051"
-"""Where commands connect without ``--server`` or ``AGENTCOORD_SERVER``."""
 DEFAULT_TIMEOUT = 10.0
 """Seconds each call may take without ``--timeout``."""
 MAX_PAGE_SIZE = 1000
@@ -58,7 +58,7 @@ def add_client_flags(parser: argparse.ArgumentParser, *, nested: bool) -> None:
         default=default(None),
         metavar="HOST:PORT",
         help=f"server address; several, comma-separated, fail over in turn "
-        f"(env AGENTCOORD_SERVER, default {DEFAULT_SERVER})",
+        f"(env AGENTCOORD_SERVER, default {DEFAULT_TARGET})",
     )
     parser.add_argument(
         "--token",
@@ -81,17 +81,33 @@ def add_client_flags(parser: argparse.ArgumentParser, *, nested: bool) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_duration,
         default=default(DEFAULT_TIMEOUT),
-        metavar="SECONDS",
-        help=f"deadline of each call (default {DEFAULT_TIMEOUT:g})",
+        metavar="DURATION",
+        help=f"deadline of each call, such as 500ms, 30s, 5m or seconds "
+        f"(default {DEFAULT_TIMEOUT:g}s)",
     )
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
+def positive_duration(text: str) -> float:
+    """Parse a flag's duration (``30s``, ``5m``, ``1h``, ``500ms`` or seconds), above 0."""
+    try:
+        value = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return value
+
+
+def count(text: str) -> int:
+    """Parse a flag's whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
     return value
 
 
@@ -113,9 +129,13 @@ def add_group(commands: Commands, name: str, help: str) -> Commands:
 
 def connect(args: argparse.Namespace) -> AgentcoordClient:
     """Return a client configured by the flags, then ``AGENTCOORD_*`` variables, then defaults."""
-    servers = args.server or os.environ.get("AGENTCOORD_SERVER") or DEFAULT_SERVER
+    try:
+        servers = parse_targets(args.server) if args.server else default_targets()
+    except ValueError as error:
+        flag = "--server: " if args.server else ""
+        raise CliError(f"{flag}{error}") from None
     return AgentcoordClient(
-        [server.strip() for server in servers.split(",") if server.strip()],
+        servers,
         token=args.token or os.environ.get("AGENTCOORD_TOKEN", ""),
         join_token=args.client_join_token or os.environ.get("AGENTCOORD_JOIN_TOKEN", ""),
         timeout=args.timeout,
@@ -160,7 +180,7 @@ async def list_all(
 def add_limit_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--limit`` (100 by default) to a command that lists a possibly long history."""
     parser.add_argument(
-        "--limit", type=int, default=100, metavar="N", help="at most N items; 0 for all"
+        "--limit", type=count, default=100, metavar="N", help="at most N items; 0 for all"
     )
 
 
@@ -168,14 +188,14 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--since`` and ``--count`` to a command that follows a stream."""
     parser.add_argument(
         "--since",
-        type=int,
+        type=count,
         default=0,
         metavar="REVISION",
         help="replay what happened after this store revision first (default: from now on)",
     )
     parser.add_argument(
         "--count",
-        type=int,
+        type=count,
         default=0,
         metavar="N",
         help="exit after N items (default: run until interrupted)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from agentcoord.cli.exits import Exit
@@ -18,7 +19,9 @@ def register(commands: Commands) -> None:
     parser = commands.add_parser(
         "serve",
         help="run the services (all three by default)",
-        description="Run agentcoord services. Flags override AGENTCOORD_* variables.",
+        description="Run agentcoord services. Flags override AGENTCOORD_* variables, which "
+        "override the defaults. Durations take a unit: 500ms, 30s, 5m, 1h, 7d (plain numbers "
+        "are seconds).",
     )
     server_config.add_arguments(parser)
 
@@ -33,15 +36,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = server_config.from_sources(args)
     except InvalidInput as error:
-        print(f"agentcoord: {error.message}", file=sys.stderr)
+        print(f"agentcoord: {server_config.describe(error)}", file=sys.stderr)
         return Exit.USAGE
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, grpc_level=config.grpc_log_level)
     # Imported here: the server stack is not needed by (and would slow) the client commands.
     from agentcoord.server.app import serve
 
     try:
         asyncio.run(serve(config))
-    except AgentcoordError as error:  # the store URL is wrong or the store unreachable
-        print(f"agentcoord: {error.message}", file=sys.stderr)
+    except AgentcoordError as error:  # a bad store URL, the store unreachable, a busy port
+        if config.log_format == "json":  # stderr stays one JSON object per line
+            logging.getLogger("agentcoord.server.app").error(error.message)
+        else:
+            print(f"agentcoord: {error.message}", file=sys.stderr)
         return Exit.UNAVAILABLE if isinstance(error, Unavailable) else Exit.USAGE
     return Exit.OK

@@ -14,6 +14,7 @@ from agentcoord.cli.rpc import (
     add_command,
     add_group,
     add_watch_arguments,
+    count,
     list_all,
     print_stream,
 )
@@ -31,13 +32,15 @@ def register(commands: Commands) -> None:
     put.add_argument("value", metavar="VALUE", help="a JSON value, or '-' to read it from stdin")
     put.add_argument(
         "--expected-version",
-        type=int,
+        type=count,
         metavar="N",
         help="write only at this version; 0: only if the key does not exist",
     )
     rm = add_command(actions, "rm", _remove, "delete one key (needs --token)")
     rm.add_argument("key", metavar="KEY")
-    rm.add_argument("--expected-version", type=int, metavar="N", help="delete only at this version")
+    rm.add_argument(
+        "--expected-version", type=count, metavar="N", help="delete only at this version"
+    )
     ls = add_command(actions, "ls", _list, "list keys and values under a prefix")
     ls.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="default: every key")
     watch = add_command(actions, "watch", _watch, "print changes of the keys under a prefix")

@@ -91,8 +91,18 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         help="a capability every sub-task requires; repeatable",
     )
     parser.add_argument(
-        "--priority", type=int, metavar="N", help="higher runs first; -1000 to 1000"
+        "--priority", type=_priority, metavar="N", help="higher runs first; -1000 to 1000"
     )
+
+
+def _priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not -1000 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{value} is not between -1000 and 1000")
+    return value
 
 
 def _task_spec(args: argparse.Namespace) -> pb.TaskSpec:

@@ -30,7 +30,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -38,7 +38,7 @@ import grpc
 from agentcoord.client._client import AgentcoordClient
 from agentcoord.client._errors import RPCError
 from agentcoord.client._planner import Lease, Planner, Subtask, Task, seconds
-from agentcoord.client._retry import RetryPolicy
+from agentcoord.client._retry import RETRYABLE_CODES, RetryPolicy
 from agentcoord.client._state import (
     JSON,
     Fencing,
@@ -54,9 +54,6 @@ from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_pb
 
 log = logging.getLogger("agentcoord.client.agent")
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-"""Where an agent connects when given no address."""
 
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     # gRPC waits up to 120 s between connection attempts by default; an agent should find a
@@ -75,6 +72,9 @@ RECONNECT = RetryPolicy(
     max_attempts=sys.maxsize, max_delay=math.inf, initial_backoff=0.05, max_backoff=2.0, jitter=0.25
 )
 """Back-off of re-opening streams and registering again: for ever, at most ~2 s apart."""
+REPORT_RETRY = replace(RECONNECT, max_delay=30.0)
+"""Back-off of sending a result while the server is unreachable; ``max_delay`` is set to the
+lease's TTL for each report."""
 
 STREAM_CODES = frozenset(
     {
@@ -246,7 +246,7 @@ class Agent:
 
     def __init__(
         self,
-        targets: str | Sequence[str] = DEFAULT_TARGET,
+        targets: str | Sequence[str] | None = None,
         *,
         name: str,
         handler: Handler,
@@ -268,7 +268,8 @@ class Agent:
         """Configure the agent; it registers on entering the context.
 
         Args:
-            targets: ``host:port`` of a server, or several to fail over between.
+            targets: ``host:port`` of a server, or several to fail over between; None
+                reads ``AGENTCOORD_SERVER``, like :class:`AgentcoordClient`.
             name: Human-readable name.
             handler: Coroutine function run for each sub-task.
             agent_id: Identifier to register under; empty lets the server choose one,
@@ -688,7 +689,7 @@ class Agent:
                 work.started = True
                 report = await self._outcome(item)
                 work.reporting = True
-                await self._report(report)
+                await self._report(report, item.lease.ttl)
         finally:
             if self._work.get(item.subtask_id) is work:
                 del self._work[item.subtask_id]
@@ -735,7 +736,15 @@ class Agent:
         if details is None:
             trace = "".join(traceback.format_exception(error))
             details = {"type": kind, "traceback": trace[-MAX_TRACEBACK:]}
-        log.info("agent %s: sub-task %s failed: %s", self.agent_id, item.subtask_id, message)
+        log.warning(
+            "agent %s: the handler failed on sub-task %s (attempt %d): %s; reporting it %s",
+            self.agent_id,
+            item.subtask_id,
+            item.attempt,
+            message,
+            "as retryable" if retryable else "as final: no other attempt",
+            exc_info=None if isinstance(error, NonRetryableError) else error,  # deliberate
+        )
         return distribution_pb.FailSubtaskRequest(
             subtask_id=item.subtask_id,
             agent_id=self.agent_id,
@@ -751,37 +760,46 @@ class Agent:
             request_id=new_request_id(),
         )
 
-    async def _report(self, report: Report) -> None:
-        """Send a completion or failure; after a session change, once more as the new one."""
+    async def _report(self, report: Report, lease_ttl: float) -> None:
+        """Send a completion or failure; after a session change, once more as the new one.
+
+        While the server is unreachable the report is retried for ``lease_ttl`` seconds:
+        the lease stays renewed while heartbeats get through (it is still held), and cannot
+        outlive the last renewal by more than its TTL, so until then the result can count.
+        """
         generation = self._generation
+        policy = replace(REPORT_RETRY, max_delay=lease_ttl)
         try:
             try:
-                await self._send(report)
+                await self._send(report, policy)
             except RPCError as error:
                 if error.code != grpc.StatusCode.UNAUTHENTICATED or self._draining:
                     raise
                 await self._register_again(generation)
-                await self._send(report)
+                await self._send(report, policy)
         except RPCError as error:
             if error.code == grpc.StatusCode.FAILED_PRECONDITION:
                 self.stats.refused += 1
                 log.info("agent %s: %s: the lease moved on", self.agent_id, error)
             else:
                 log.warning(
-                    "agent %s: could not report sub-task %s (%s); its lease will expire and "
-                    "it will be retried",
+                    "agent %s: gave up reporting sub-task %s (%s)%s; the server will lease it "
+                    "again once this lease ends, and the work will run again if attempts remain",
                     self.agent_id,
                     report.subtask_id,
                     error,
+                    f" after retrying for its lease TTL ({lease_ttl:g} s)"
+                    if error.code in RETRYABLE_CODES
+                    else "",
                 )
 
-    async def _send(self, report: Report) -> None:
+    async def _send(self, report: Report, policy: RetryPolicy) -> None:
         """Send a report (a request id makes retries after UNAVAILABLE safe)."""
         if isinstance(report, distribution_pb.CompleteSubtaskRequest):
-            await self.client.distribution.complete_subtask(report)
+            await self.client.distribution.complete_subtask(report, retry=policy)
             self.stats.completed += 1
         else:
-            await self.client.distribution.fail_subtask(report)
+            await self.client.distribution.fail_subtask(report, retry=policy)
             self.stats.failed += 1
 
 

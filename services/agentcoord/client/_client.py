@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -22,6 +23,53 @@ from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
 Response = TypeVar("Response", bound=Message)
 Metadata = tuple[tuple[str, str], ...]
 JOIN_TOKEN_HEADER = "x-agentcoord-join-token"
+SERVER_VARIABLE = "AGENTCOORD_SERVER"
+"""Where clients given no address find the server: ``host:port``, or several, comma-separated."""
+DEFAULT_TARGET = "127.0.0.1:50051"
+"""The address without ``AGENTCOORD_SERVER``: where ``make run`` listens by default."""
+_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+"""gRPC name-resolver prefixes: such targets are passed to gRPC as they are."""
+
+
+def check_target(target: str) -> str:
+    """Return ``target`` if it is ``host:port`` (``[v6]:port`` too) or a gRPC URI.
+
+    Raises:
+        ValueError: no host, or a port that is not a number from 1 to 65535.
+    """
+    if target.startswith(_SCHEMES):
+        return target
+    host, _, port = target.rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{target!r} is not a server address host:port (port 1-65535)")
+    return target
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """Split a comma-separated list of server addresses, checking each.
+
+    Raises:
+        ValueError: an address is malformed, or there is none.
+    """
+    targets = tuple(check_target(part.strip()) for part in text.split(",") if part.strip())
+    if not targets:
+        raise ValueError(f"{text!r} names no server address")
+    return targets
+
+
+def default_targets(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Return the addresses in ``AGENTCOORD_SERVER``, or :data:`DEFAULT_TARGET` without it.
+
+    Raises:
+        ValueError: the variable holds a malformed address (the message names it).
+    """
+    text = (os.environ if environ is None else environ).get(SERVER_VARIABLE, "").strip()
+    if not text:
+        return (DEFAULT_TARGET,)
+    try:
+        return parse_targets(text)
+    except ValueError as error:
+        raise ValueError(f"{SERVER_VARIABLE}: {error}") from None
 
 
 class _ServiceClient:
@@ -39,9 +87,15 @@ class _ServiceClient:
         self._stub = self._stub_type(channel)
 
     async def _unary(
-        self, method: str, request: Message, response_type: type[Response], *, idempotent: bool
+        self,
+        method: str,
+        request: Message,
+        response_type: type[Response],
+        *,
+        idempotent: bool,
+        retry: RetryPolicy | None = None,
     ) -> Response:
-        policy = self._client.retry if idempotent else RetryPolicy(max_attempts=1)
+        policy = (retry or self._client.retry) if idempotent else RetryPolicy(max_attempts=1)
         async for attempt in policy.retrying():
             with attempt:
                 target = self._client.target
@@ -208,25 +262,33 @@ class DistributionClient(_ServiceClient):
         )
 
     async def complete_subtask(
-        self, request: distribution_pb.CompleteSubtaskRequest
+        self,
+        request: distribution_pb.CompleteSubtaskRequest,
+        *,
+        retry: RetryPolicy | None = None,
     ) -> distribution_pb.CompleteSubtaskResponse:
-        """Call CompleteSubtask."""
+        """Call CompleteSubtask; retried only when the request carries a request id.
+
+        ``retry`` replaces the client's retry policy for this call.
+        """
         return await self._unary(
             "CompleteSubtask",
             request,
             distribution_pb.CompleteSubtaskResponse,
             idempotent=bool(request.request_id),
+            retry=retry,
         )
 
     async def fail_subtask(
-        self, request: distribution_pb.FailSubtaskRequest
+        self, request: distribution_pb.FailSubtaskRequest, *, retry: RetryPolicy | None = None
     ) -> distribution_pb.FailSubtaskResponse:
-        """Call FailSubtask."""
+        """Call FailSubtask; retried like :meth:`complete_subtask`."""
         return await self._unary(
             "FailSubtask",
             request,
             distribution_pb.FailSubtaskResponse,
             idempotent=bool(request.request_id),
+            retry=retry,
         )
 
 
@@ -302,12 +364,14 @@ class AgentcoordClient:
 
     Use as ``async with AgentcoordClient("127.0.0.1:50051") as client: ...``. Given several
     addresses, calls go to one of them at a time and move to the next when a call answers
-    UNAVAILABLE (failover); idempotent calls are then retried there.
+    UNAVAILABLE (failover); idempotent calls are then retried there. Given none, the client
+    reads ``AGENTCOORD_SERVER`` (comma-separated addresses), as the CLI does, and uses
+    ``127.0.0.1:50051`` without it.
     """
 
     def __init__(
         self,
-        target: str | Sequence[str] = "127.0.0.1:50051",
+        target: str | Sequence[str] | None = None,
         *,
         token: str = "",
         agent_id: str = "",
@@ -320,7 +384,8 @@ class AgentcoordClient:
         """Configure the client; the channel opens on entering the context.
 
         Args:
-            target: ``host:port`` of a server, or several, tried in turn.
+            target: ``host:port`` of a server, or several, tried in turn; None reads
+                ``AGENTCOORD_SERVER`` (see :func:`default_targets`).
             token: Session or admin token sent as ``authorization: Bearer``.
             agent_id: The agent the session token belongs to (set by ``register``), for
                 ``state.own_key`` and ``state.clear_own``.
@@ -329,8 +394,16 @@ class AgentcoordClient:
             timeout: Deadline in seconds of each unary call.
             retry: Back-off for idempotent calls on UNAVAILABLE.
             options: Extra grpc channel options.
+
+        Raises:
+            ValueError: no address, or a malformed one (such as port 99999).
         """
-        self.targets: tuple[str, ...] = (target,) if isinstance(target, str) else tuple(target)
+        if target is None:
+            self.targets: tuple[str, ...] = default_targets()
+        else:
+            self.targets = tuple(
+                check_target(t) for t in ((target,) if isinstance(target, str) else target)
+            )
         """Every address, in failover order."""
         if not self.targets:
             raise ValueError("give at least one target")

@@ -30,7 +30,6 @@ from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar
 import grpc
 
 from agentcoord.client._agent import (
-    DEFAULT_TARGET,
     RECONNECT,
     Agent,
     AgentStats,
@@ -190,7 +189,7 @@ class SyncClient:
 
     def __init__(
         self,
-        target: str | Sequence[str] = DEFAULT_TARGET,
+        target: str | Sequence[str] | None = None,
         *,
         token: str = "",
         agent_id: str = "",
@@ -273,7 +272,7 @@ class SyncAgent:
 
     def __init__(
         self,
-        targets: str | Sequence[str] = DEFAULT_TARGET,
+        targets: str | Sequence[str] | None = None,
         *,
         name: str,
         handler: SyncHandler,

@@ -9,7 +9,9 @@ for speed, rebuilt from the store at start and updated from each operation's res
   task age, position in the task), and sub-tasks waiting out a retry back-off in a heap;
 - the agents Discovery knows, from the change log, with the leases each one holds;
 - lease deadlines on the monotonic clock, renewed by heartbeats that name the sub-task
-  (Discovery calls :meth:`Distribution.renew_leases`).
+  (Discovery calls :meth:`Distribution.renew_leases`). Each renewal is also written to the
+  lease's record (coalesced, one write at a time), so that a fenced StateSync write, in any
+  process, is checked against the lease's real expire time in its own transaction.
 
 Assignment never scans every sub-task or agent: a new READY sub-task is offered to the
 agents capable of its capability set only, least loaded first (held leases / capacity,
@@ -46,6 +48,7 @@ from agentcoord.core.models import Agent, AgentEventKind, AgentState, AgentStatu
 from agentcoord.core.splitter import Splitter
 from agentcoord.core.statesync import Liveness
 from agentcoord.core.task_rules import (
+    LeaseRenewal,
     RetryPolicy,
     TaskDefaults,
     TaskUpdate,
@@ -234,6 +237,9 @@ class Distribution:
         self._held: dict[str, _Held] = {}
         self._deadlines: list[tuple[float, str, int]] = []
         self._claims: dict[tuple[str, str], str] = {}
+        self._renewals: dict[str, LeaseRenewal] = {}
+        """Renewals not yet written to the store, by sub-task (the latest of each)."""
+        self._renewed = asyncio.Event()
         self._grants = itertools.count(1)
         self._work_arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -258,6 +264,8 @@ class Distribution:
                     slot = _Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
                     self._slots[lease.agent_id] = slot
                 self._track(slot, lease, subtask.task_id, now + lease.ttl)
+                self._queue_renewal(lease, lease.ttl)
+        await self._write_renewals()  # the stored expire times of the full TTLs just given
 
     @staticmethod
     def _slot_of(agent: Agent) -> _Slot:
@@ -272,6 +280,7 @@ class Distribution:
     async def run(self, stop: asyncio.Event) -> None:
         """Follow agent changes and sweep leases and back-offs until ``stop`` is set."""
         follower = asyncio.create_task(self._follow_agents(), name="distribution-agents")
+        renewer = asyncio.create_task(self._keep_renewals(), name="distribution-renewals")
         try:
             # Leases of sessions that ended while the server was down.
             for slot in list(self._slots.values()):
@@ -280,9 +289,10 @@ class Distribution:
                     await self._release(slot.agent_id, max(stale))
             await run_periodically(stop, self.config.sweep_interval, self.sweep, "lease sweep")
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            for helper in (follower, renewer):
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
             for task in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -783,6 +793,36 @@ class Distribution:
             held = slot.held.get(subtask_id)
             if held is not None and held.lease.epoch == session.epoch:
                 held.deadline = now + held.lease.ttl
+                self._queue_renewal(held.lease, held.lease.ttl)
+        if self._renewals:
+            self._renewed.set()
+
+    def _queue_renewal(self, lease: Lease, ttl: float) -> None:
+        """Note that ``lease`` now expires ``ttl`` seconds from now, for the store."""
+        expire_time = self._clock.now() + timedelta(seconds=ttl)
+        self._renewals[lease.subtask_id] = LeaseRenewal(
+            lease.subtask_id, lease.fencing_token, expire_time
+        )
+
+    async def _write_renewals(self) -> None:
+        """Write the pending renewals to the store in one operation; kept if it fails."""
+        renewals, self._renewals = self._renewals, {}
+        try:
+            await self._store.renew_leases(list(renewals.values()))
+        except BaseException:
+            self._renewals = renewals | self._renewals  # newer renewals win
+            raise
+
+    async def _keep_renewals(self) -> None:
+        """Write renewals as they come, one write at a time (later ones coalesce meanwhile)."""
+        while True:
+            await self._renewed.wait()
+            self._renewed.clear()
+            try:
+                await self._write_renewals()
+            except Exception:
+                log.exception("distribution: writing lease renewals failed; retrying in 1 s")
+                await asyncio.sleep(1.0)
 
     # Planner-facing calls
 

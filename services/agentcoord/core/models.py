@@ -353,6 +353,9 @@ class Compare:
     """Required existence."""
     value: StateValue | None = None
     """Required value (the key must exist)."""
+    field: str = ""
+    """The request field of a single-key write it comes from (``expected_version``); empty
+    for a compare of a transaction, which is named by its index."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,17 +72,26 @@ def _check(compare: Compare, index: int, entry: StateEntry | None) -> None:
     else:
         holds = entry is not None and entry.value == compare.value
         wanted = "value"
-    if not holds:
-        raise Conflict(
-            f"key {compare.key!r}: compare {index} wanted {wanted}, "
-            f"current version is {current_version}",
-            reason="VERSION_MISMATCH" if compare.version is not None else "COMPARE_FAILED",
-            metadata={
-                "key": compare.key,
-                "current_version": str(current_version),
-                "failed_compare": str(index),
-            },
+    if holds:
+        return
+    metadata = {"key": compare.key, "current_version": str(current_version)}
+    if compare.field:  # the expected_version of a PutState or DeleteState
+        absent = " (must not exist)" if compare.version == 0 else ""
+        message = (
+            f"key {compare.key!r}: expected {wanted}{absent}, current version {current_version}"
         )
+        metadata["field"] = compare.field
+    else:
+        message = (
+            f"key {compare.key!r}: compare {index} wanted {wanted}, "
+            f"current version is {current_version}"
+        )
+        metadata["failed_compare"] = str(index)
+    raise Conflict(
+        message,
+        reason="VERSION_MISMATCH" if compare.version is not None else "COMPARE_FAILED",
+        metadata=metadata,
+    )
 
 
 def plan_write(

@@ -512,6 +512,51 @@ def check_holder(subtask: Subtask, agent_id: str, fencing_token: int, *, epoch: 
         )
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRenewal:
+    """A lease's new expire time, from a heartbeat of its holder."""
+
+    subtask_id: str
+    """The sub-task."""
+    fencing_token: int
+    """The lease renewed; a newer lease of the sub-task is left alone."""
+    expire_time: datetime
+    """The new expiry."""
+
+
+def renew_lease(subtask: Subtask, renewal: LeaseRenewal) -> Subtask | None:
+    """Return the sub-task with its lease's expiry moved to ``renewal.expire_time``.
+
+    None when there is nothing to renew: the lease ended or is another one, or it already
+    expires later.
+    """
+    lease = subtask.lease
+    if (
+        subtask.state is not SubtaskState.LEASED
+        or lease is None
+        or lease.fencing_token != renewal.fencing_token
+        or lease.expire_time >= renewal.expire_time
+    ):
+        return None
+    return replace(subtask, lease=replace(lease, expire_time=renewal.expire_time))
+
+
+def check_unexpired(subtask: Subtask, fencing_token: int, now: datetime) -> None:
+    """Check that the lease ``fencing_token`` of a sub-task has not passed its expire time.
+
+    Raises:
+        FailedPrecondition: reason ``LEASE_EXPIRED``.
+    """
+    lease = subtask.lease
+    if lease is not None and lease.fencing_token == fencing_token and lease.expire_time <= now:
+        raise FailedPrecondition(
+            f"fencing_token: the lease {fencing_token} of sub-task {subtask.subtask_id!r} "
+            f"expired at {lease.expire_time.isoformat()}",
+            reason="LEASE_EXPIRED",
+            metadata={"subtask_id": subtask.subtask_id, "fencing_token": str(fencing_token)},
+        )
+
+
 def complete_subtask(
     tx: TaskTransitions,
     subtask_id: str,

@@ -8,6 +8,7 @@ import functools
 import logging
 import resource
 import signal
+import urllib.parse
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from agentcoord.core.changes import ChangeFeed
 from agentcoord.core.clock import Clock, SystemClock
 from agentcoord.core.discovery import Discovery, DiscoveryConfig, session_from_store
 from agentcoord.core.distribution import Distribution, DistributionConfig
+from agentcoord.core.errors import Unavailable
 from agentcoord.core.models import AgentState
 from agentcoord.core.statesync import Liveness, StateSync, StateSyncConfig
 from agentcoord.core.task_rules import RetryPolicy, TaskDefaults
@@ -47,6 +49,11 @@ KEEPALIVE_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+]
+BIND_OPTIONS = [
+    # grpc sets SO_REUSEPORT by default: a second server on a busy port would start and
+    # share the connections with the first. Off, binding a port in use fails at start.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -251,6 +258,7 @@ async def start_app(
             # Queued stream opens wait instead of being cancelled after grpc's 30 s default.
             ("grpc.server_max_unrequested_time_in_server", int(max(600, 2 * config.max_ttl))),
             *KEEPALIVE_OPTIONS,
+            *BIND_OPTIONS,
         ],
     )
     health_servicer = health.aio.HealthServicer()
@@ -259,11 +267,11 @@ async def start_app(
         service.add_to_server(server)
     names = [service.name for service in hosted]
     enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
-    credentials = _server_credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, credentials)
+    try:
+        port = _bind(server, config)
+    except BaseException:
+        await store.close()
+        raise
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -274,6 +282,24 @@ async def start_app(
     return app
 
 
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Listen on ``config.listen``; return the port.
+
+    Raises:
+        Unavailable: the address is in use (another server?) or cannot be bound.
+    """
+    credentials = _server_credentials(config)
+    try:
+        if credentials is None:
+            return server.add_insecure_port(config.listen)
+        return server.add_secure_port(config.listen, credentials)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        raise Unavailable(
+            f"cannot listen on {config.listen}: the port is in use (another server?) or the "
+            "address is not this machine's"
+        ) from None
+
+
 def raise_open_file_limit() -> None:
     """Raise the soft file-descriptor limit to the hard limit: each stream's connection is a fd."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -282,19 +308,29 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def redact_password(url: str) -> str:
+    """Return a store URL with its password, if any, replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = urllib.parse.quote(parts.username or "")
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 async def serve(config: ServerConfig) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
     raise_open_file_limit()
     app = await start_app(config)
-    host = config.listen.rpartition(":")[0]
+    address = f"{config.listen.rpartition(':')[0]}:{app.port}"
+    store = redact_password(config.store)
     log.info(
-        "agentcoord listening on %s:%d (services: %s; store: %s)",
-        host,
-        app.port,
+        "agentcoord listening on %s (services: %s; store: %s)",
+        address,
         ", ".join(config.services),
-        config.store,
+        store,
+        extra={"address": address, "services": list(config.services), "store": store},
     )
-    print(f"agentcoord listening on {host}:{app.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import ipaddress
+import math
 import os
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
 
 from agentcoord.core.errors import InvalidInput
 
 SERVICE_NAMES = ("discovery", "distribution", "statesync")
 """Services one process can host."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""Logging level names a setting accepts (any case)."""
+
+DURATION: Mapping[str, str] = {"unit": "duration"}
+"""Field metadata of a setting in seconds: it is given as ``30s``, ``5m``, ``1h`` or seconds."""
+BYTES: Mapping[str, str] = {"unit": "bytes"}
+"""Field metadata of a setting in bytes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,36 +54,38 @@ class ServerConfig:
     """Secret that Register requires (``x-agentcoord-join-token`` metadata); empty: none."""
     admin_token: str = field(default="", repr=False)
     """Secret that grants operator rights as ``authorization: Bearer <token>``; empty: none."""
-    default_ttl: float = 10.0
-    """Agent TTL in seconds when an agent asks for none."""
-    min_ttl: float = 1.0
-    """Smallest agent TTL granted, seconds."""
-    max_ttl: float = 300.0
-    """Largest agent TTL granted, seconds."""
-    grace: float = 5.0
-    """Seconds in-flight calls get to finish on shutdown."""
+    default_ttl: float = field(default=10.0, metadata=DURATION)
+    """Agent TTL when an agent asks for none."""
+    min_ttl: float = field(default=1.0, metadata=DURATION)
+    """Shortest agent TTL granted; shorter requests are raised to it."""
+    max_ttl: float = field(default=300.0, metadata=DURATION)
+    """Longest agent TTL granted; longer requests are lowered to it."""
+    grace: float = field(default=5.0, metadata=DURATION)
+    """Time in-flight calls get to finish on shutdown."""
     max_pending_requests: int = 20_000
     """Calls grpc core queues before the server accepts them; past it new calls are refused."""
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata=BYTES)
     """Largest request or response message."""
-    max_value_bytes: int = 1024 * 1024
+    max_value_bytes: int = field(default=1024 * 1024, metadata=BYTES)
     """Largest StateSync value, encoded."""
     max_transaction_operations: int = 128
     """Compares plus operations in one StateSync write at most."""
-    change_retention: float = 7 * 24 * 3600.0
-    """Seconds the change log and idempotency records are kept."""
-    default_lease_ttl: float = 30.0
-    """Lease TTL in seconds of tasks that ask for none."""
+    change_retention: float = field(default=7 * 24 * 3600.0, metadata=DURATION)
+    """How long the change log and idempotency records are kept."""
+    default_lease_ttl: float = field(default=30.0, metadata=DURATION)
+    """Lease TTL of tasks that ask for none (1 s to 1 h)."""
     default_max_attempts: int = 3
-    """Attempts per sub-task of tasks that ask for none."""
-    retry_backoff: float = 1.0
-    """Seconds before the first retry of a failed sub-task; doubles per failure, up to 60 s."""
+    """Attempts per sub-task of tasks that ask for none (1-100)."""
+    retry_backoff: float = field(default=1.0, metadata=DURATION)
+    """Wait before the first retry of a failed sub-task; doubles per failure, up to 60 s."""
     splitter: str = "builtin"
     """AUTO splitter: ``builtin`` or ``module:attribute`` naming a Splitter class or factory."""
     log_level: str = "INFO"
-    """Logging level name."""
+    """Logging level: DEBUG (one line per call), INFO, WARNING, ERROR or CRITICAL."""
+    grpc_log_level: str = "WARNING"
+    """Logging level of grpc's Python internals (``grpc.*``, ``asyncio``), apart from ours."""
     log_format: str = "text"
-    """``text`` or ``json`` (one JSON object per line)."""
+    """``text`` or ``json`` (one JSON object per line, the call's facts as fields)."""
 
     def validate(self) -> None:
         """Check the combination of settings.
@@ -116,7 +131,16 @@ class ServerConfig:
         if not 0.0 <= self.retry_backoff <= 60.0:
             raise InvalidInput("retry_backoff", "must be between 0 and 60 seconds")
         if self.log_format not in ("text", "json"):
-            raise InvalidInput("log_format", "choose text or json")
+            raise InvalidInput("log_format", f"{self.log_format!r}: choose text or json")
+        for name in ("log_level", "grpc_log_level"):
+            level = getattr(self, name)
+            if level.upper() not in LOG_LEVELS:
+                raise InvalidInput(name, f"{level!r}: choose one of {', '.join(LOG_LEVELS)}")
+        if self.grace < 0:
+            raise InvalidInput("grace", "must not be negative")
+        for name in ("max_pending_requests", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(name, "must be at least 1")
         if not is_loopback(host) and not self.insecure and not (self.tls_cert and self.join_token):
             raise InvalidInput(
                 "listen",
@@ -133,7 +157,7 @@ def split_host_port(address: str) -> tuple[str, int]:
     """
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise InvalidInput("listen", f"{address!r} is not host:port")
+        raise InvalidInput("listen", f"{address!r} is not host:port (port 0-65535)")
     return host.strip("[]"), int(port)
 
 
@@ -151,25 +175,85 @@ _ENV_PREFIX = "AGENTCOORD_"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`ServerConfig` field (defaults come from the environment)."""
+    """Add one flag per :class:`ServerConfig` field (defaults come from the environment).
+
+    The help of each flag is the field's docstring, its default, unit and variable.
+    """
     parser.add_argument(
         "services",
         nargs="*",
-        help=f"services to host: any of {', '.join(SERVICE_NAMES)} (default: all)",
+        help=f"services to host: any of {', '.join(SERVICE_NAMES)} (default: all; "
+        "env AGENTCOORD_SERVICES, comma-separated)",
     )
+    docs = field_docs()
+    defaults = ServerConfig()
     for spec in fields(ServerConfig):
         if spec.name == "services":
             continue
         flag = "--" + spec.name.replace("_", "-")
+        help = f"{docs.get(spec.name, '')} {_default_text(spec, getattr(defaults, spec.name))}"
         if spec.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=_doc(spec.name))
+            parser.add_argument(flag, action="store_true", default=None, help=help)
         else:
-            parser.add_argument(flag, default=None, help=_doc(spec.name))
+            metavar = {"duration": "DURATION", "bytes": "BYTES"}.get(spec.metadata.get("unit", ""))
+            parser.add_argument(flag, default=None, metavar=metavar, help=help)
 
 
-def _doc(name: str) -> str:
-    env = _ENV_PREFIX + name.upper()
-    return f"(env {env})"
+def _default_text(spec: Field[Any], default: object) -> str:
+    env = _ENV_PREFIX + spec.name.upper()
+    unit = spec.metadata.get("unit")
+    if unit == "duration":
+        assert isinstance(default, float)
+        shown = format_duration(default)
+    elif isinstance(default, bool):
+        shown = str(default).lower()
+    else:
+        shown = repr(default) if default == "" else str(default)
+    suffix = " bytes" if unit == "bytes" else ""
+    return f"(default {shown}{suffix}; env {env})".replace("%", "%%")
+
+
+@cache
+def field_docs() -> dict[str, str]:
+    """Return the docstring of each :class:`ServerConfig` field, read from this module."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    (config,) = (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ServerConfig")
+    docs: dict[str, str] = {}
+    for node, after in zip(config.body, config.body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.replace("``", "").split())
+    return docs
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Return the seconds of ``text``: ``500ms``, ``30s``, ``5m``, ``1h``, ``7d`` or ``1.5``.
+
+    Raises:
+        ValueError: not a non-negative number with an optional unit.
+    """
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (such as 500ms, 30s, 5m, 1h, or seconds)")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def format_duration(seconds: float) -> str:
+    """Return ``seconds`` in the largest unit that shows it whole: ``10s``, ``5m``, ``7d``."""
+    for unit in ("d", "h", "m", "s"):
+        count = seconds / _UNIT_SECONDS[unit]
+        if count >= 1 and math.isclose(count, round(count)):
+            return f"{round(count)}{unit}"
+    return f"{seconds * 1000:g}ms"
 
 
 def from_sources(
@@ -187,7 +271,7 @@ def from_sources(
             chosen: Sequence[str] = args.services or environ.get("AGENTCOORD_SERVICES", "").split(
                 ","
             )
-            chosen = [name for name in chosen if name]
+            chosen = [name.strip() for name in chosen if name.strip()]
             if chosen:
                 values["services"] = tuple(dict.fromkeys(chosen))
             continue
@@ -196,23 +280,50 @@ def from_sources(
             raw = environ.get(_ENV_PREFIX + spec.name.upper())
         if raw is None:
             continue
-        values[spec.name] = _parse(spec.name, spec.type, raw)
+        values[spec.name] = _parse(spec, raw)
     config = ServerConfig(**values)  # type: ignore[arg-type]
     config.validate()
     return config
 
 
-def _parse(name: str, type_name: object, raw: object) -> object:
+def describe(error: InvalidInput) -> str:
+    """Return a refused setting as one line naming its flag and variable."""
+    name = error.field
+    if name in {spec.name for spec in fields(ServerConfig)}:
+        flag = "SERVICES" if name == "services" else "--" + name.replace("_", "-")
+        return f"{flag} ({_ENV_PREFIX}{name.upper()}): {error.description}"
+    return error.message
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLEANS |= {"0": False, "false": False, "no": False, "off": False, "": False}
+
+
+def _parse(spec: Field[Any], raw: object) -> object:
+    """Turn a flag's or variable's text into the field's type.
+
+    Raises:
+        InvalidInput: naming the field.
+    """
     if isinstance(raw, bool):
         return raw
-    text = str(raw)
+    text = str(raw).strip()
     try:
-        if type_name == "bool":
-            return text.lower() in ("1", "true", "yes", "on")
-        if type_name == "int":
-            return int(text)
-        if type_name == "float":
+        if spec.type == "bool":
+            return _BOOLEANS[text.lower()]
+        if spec.metadata.get("unit") == "duration":
+            return parse_duration(text)
+        if spec.type == "int":
+            return int(text.replace("_", ""))
+        if spec.type == "float":
             return float(text)
-    except ValueError:
-        raise InvalidInput(name, f"{text!r} is not a valid {type_name}") from None
+    except KeyError:
+        raise InvalidInput(
+            spec.name, f"{text!r} is not a boolean (true/false, yes/no, on/off, 1/0)"
+        ) from None
+    except ValueError as error:
+        detail = str(error) if "duration" in str(error) else f"{text!r} is not a {spec.type}"
+        raise InvalidInput(spec.name, detail) from None
+    if spec.name in ("log_level", "grpc_log_level"):
+        return text.upper()
     return text

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from agentcoord.server.auth import Access, Authenticator, bind_identity
+from agentcoord.server.auth import Access, Authenticator, bind_identity, current_identity
 from agentcoord.server.errors import abort_with
 
 log = logging.getLogger("agentcoord.rpc")
@@ -91,7 +91,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await abort_with(context, error)
             finally:
-                _log_call(method, context, started)
+                _log_call(method, context, started, request)
 
         return unary
 
@@ -107,7 +107,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await abort_with(context, error)
             finally:
-                _log_call(method, context, started)
+                _log_call(method, context, started, request)
 
         return stream
 
@@ -131,13 +131,37 @@ def _is_abort(error: BaseException) -> bool:
     return isinstance(error, grpc.aio.AbortError)
 
 
-def _log_call(method: str, context: Context, started: float) -> None:
-    if log.isEnabledFor(logging.DEBUG):
-        code = context.code()
-        log.debug(
-            "rpc %s code=%s peer=%s ms=%.2f",
-            method,
-            code.name if isinstance(code, grpc.StatusCode) else "OK",
-            context.peer(),
-            (time.perf_counter() - started) * 1000,
-        )
+SUBJECT_FIELDS = ("agent_id", "task_id", "subtask_id", "key")
+"""Request fields logged with a call when set: who or what the call was about."""
+
+
+def _subjects(request: Any) -> dict[str, str]:
+    """The call's subject fields set in ``request`` (a message; not a request stream)."""
+    found: dict[str, str] = {}
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    for name in SUBJECT_FIELDS:
+        if descriptor is not None and name in descriptor.fields_by_name:
+            value = getattr(request, name)
+            if isinstance(value, str) and value:
+                found[name] = value
+    if "agent_id" not in found:
+        session = current_identity().session
+        if session is not None:
+            found["agent_id"] = session.agent_id
+    return found
+
+
+def _log_call(method: str, context: Context, started: float, request: Any) -> None:
+    """Log one finished call at DEBUG, its facts as fields (``extra``) and in the message."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    code = context.code()
+    facts: dict[str, Any] = {
+        "rpc": method,
+        "code": code.name if isinstance(code, grpc.StatusCode) else "OK",
+        "peer": context.peer(),
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+        **_subjects(request),
+    }
+    text = " ".join(f"{name}={value}" for name, value in facts.items() if name != "rpc")
+    log.debug("rpc %s %s", method, text, extra=facts)

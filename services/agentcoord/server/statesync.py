@@ -133,9 +133,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         """Write one key."""
         writer = _writer(request.agent_id)
         key = validation.state_key("key", request.key)
-        compares = []
-        if request.HasField("expected_version"):
-            compares.append(Compare(key, version=_version("expected_version", request)))
+        compares = _expected_version(request, key)
         put = _put_request("", request, key, self._max_value_bytes)
         result = await self._core.write(
             writer,
@@ -154,9 +152,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         """Delete one key."""
         writer = _writer(request.agent_id)
         key = validation.state_key("key", request.key)
-        compares = []
-        if request.HasField("expected_version"):
-            compares.append(Compare(key, version=_version("expected_version", request)))
+        compares = _expected_version(request, key)
         result = await self._core.write(
             writer,
             compares,
@@ -248,6 +244,16 @@ def _writer(agent_id: str) -> Writer:
     assert session is not None  # Access.AGENT guarantees a session or the admin
     session.check_acts_as(agent_id)
     return Writer(agent_id=session.agent_id, epoch=session.epoch)
+
+
+def _expected_version(
+    request: pb.PutStateRequest | pb.DeleteStateRequest, key: str
+) -> list[Compare]:
+    """The compare a single-key write's ``expected_version`` asks for, if set."""
+    if not request.HasField("expected_version"):
+        return []
+    version = _version("expected_version", request)
+    return [Compare(key, version=version, field="expected_version")]
 
 
 def _version(field: str, request: Any) -> int:

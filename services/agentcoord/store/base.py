@@ -24,7 +24,7 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
-from agentcoord.core.task_rules import RetryPolicy, TaskUpdate
+from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
 
 ChangeListener = Callable[[Sequence[Change]], None]
@@ -253,6 +253,14 @@ class Store(Protocol):
         """Make the sub-tasks leased by sessions 1..``through_epoch`` of an agent READY again.
 
         Each lease fails as AGENT_DIED: no attempt is burned.
+        """
+        ...
+
+    async def renew_leases(self, renewals: Sequence[LeaseRenewal]) -> int:
+        """Move the expire time of each lease still held to the later one given.
+
+        The records of a lease carry its real deadline, so a fenced StateSync write checks
+        it in its own transaction. Writes no change log entry; returns how many moved.
         """
         ...
 

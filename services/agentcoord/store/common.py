@@ -25,7 +25,7 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
-from agentcoord.core.task_rules import RetryPolicy, TaskUpdate
+from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
 from agentcoord.store.batching import GroupCommitter, Listener, Outcome
 from agentcoord.store.queries import (
@@ -42,6 +42,7 @@ from agentcoord.store.task_writes import (
     FailSubtask,
     LeaseSubtask,
     ReleaseLeases,
+    RenewLeases,
     SubmitTask,
 )
 from agentcoord.store.writes import (
@@ -241,6 +242,12 @@ class SqlStore(abc.ABC):
         """Make every sub-task leased by sessions 1..``through_epoch`` READY again."""
         op = ReleaseLeases(agent_id, through_epoch, now)
         return cast(list[TaskUpdate], await self._submit(op))
+
+    async def renew_leases(self, renewals: Sequence[LeaseRenewal]) -> int:
+        """Move the expire times of leases still held."""
+        if not renewals:
+            return 0
+        return cast(int, await self._submit(RenewLeases(tuple(renewals))))
 
     async def cancel_task(
         self, task_id: str, reason: str, agent_id: str, now: datetime, *, canceller: str

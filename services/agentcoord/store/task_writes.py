@@ -8,13 +8,14 @@ fencing token, a sub-task no longer READY) raises, and the operation changes not
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
 from agentcoord.core.errors import NotFound
 from agentcoord.core.task_rules import (
     Journal,
+    LeaseRenewal,
     RetryPolicy,
     TaskTransitions,
     TaskUpdate,
@@ -22,6 +23,7 @@ from agentcoord.core.task_rules import (
     complete_subtask,
     fail_subtask,
     lease_subtask,
+    renew_lease,
 )
 from agentcoord.core.tasks import Failure, FailureClass, Subtask, Task
 from agentcoord.store.rows import to_utc
@@ -258,3 +260,29 @@ class CancelTask(ViewOp):
             cancel_task(tx, self.reason, canceller=self.canceller)
 
         return _transact(ws, self.task_id, self.now, self.agent_id, cancel)
+
+
+@dataclass(frozen=True, slots=True)
+class RenewLeases(ViewOp):
+    """``Store.renew_leases``: move leases' expire times; no change log entry."""
+
+    renewals: Sequence[LeaseRenewal]
+
+    def needs(self) -> Needs:
+        """The sub-tasks."""
+        return Needs(subtask_ids=frozenset(r.subtask_id for r in self.renewals))
+
+    def apply(self, ws: WorkingSet) -> int:
+        """Renew each lease still held under its token; return how many were renewed."""
+        renewed = 0
+        for renewal in self.renewals:
+            subtask = ws.subtask(renewal.subtask_id)
+            moved = None if subtask is None else renew_lease(subtask, _utc_renewal(renewal))
+            if moved is not None:
+                ws.put_subtask(moved)
+                renewed += 1
+        return renewed
+
+
+def _utc_renewal(renewal: LeaseRenewal) -> LeaseRenewal:
+    return replace(renewal, expire_time=to_utc(renewal.expire_time))

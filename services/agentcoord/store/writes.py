@@ -48,7 +48,7 @@ from agentcoord.core.models import (
     agent_session_live,
 )
 from agentcoord.core.state_rules import keys_of, plan_expiry, plan_write
-from agentcoord.core.task_rules import check_holder
+from agentcoord.core.task_rules import check_holder, check_unexpired
 from agentcoord.core.tasks import Subtask, Task
 from agentcoord.store.batching import Outcome
 from agentcoord.store.rows import (
@@ -517,11 +517,14 @@ def check_fencing(write: StateWrite, subtask: Subtask | None) -> None:
     """Refuse a write whose fencing token is not that of a lease the writer holds.
 
     The one place where StateSync writes meet Distribution's leases, inside the write's
-    transaction: the sub-task must be LEASED to the writer with exactly this token.
+    transaction: the sub-task must be LEASED to the writer with exactly this token, and the
+    write must come before the lease's expire time (which heartbeats move: the record carries
+    the deadline the lease is judged by, ``Store.renew_leases``).
 
     Raises:
         FailedPrecondition: reason ``LEASE_NOT_HELD`` (no such sub-task),
-            ``STALE_FENCING_TOKEN`` or ``LEASE_NOT_HELD`` (see ``check_holder``).
+            ``STALE_FENCING_TOKEN`` or ``LEASE_NOT_HELD`` (see ``check_holder``), or
+            ``LEASE_EXPIRED`` (the write's time is at or past the lease's expire time).
     """
     fencing = write.fencing
     if fencing is None:
@@ -537,6 +540,7 @@ def check_fencing(write: StateWrite, subtask: Subtask | None) -> None:
             },
         )
     check_holder(subtask, write.agent_id, fencing.fencing_token, epoch=write.epoch)
+    check_unexpired(subtask, fencing.fencing_token, write.now)
 
 
 def _bound_epochs(write: StateWrite) -> set[int]:

@@ -1415,7 +1415,9 @@ class CompleteSubtaskRequest(_message.Message):
     fencing_token: _builtins.int
     """Fencing token of the caller's lease; a stale token is FAILED_PRECONDITION."""
     request_id: _builtins.str
-    """Idempotency key; a retry with the same key returns the first response. At most 128 characters."""
+    """Accepted for symmetry with other writes, at most 128 characters, and otherwise unused:
+    a repeat is recognised by its fencing token.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
         """JSON result of the sub-task; at most 1 MiB encoded. Unset means JSON null."""
@@ -1492,7 +1494,9 @@ class FailSubtaskRequest(_message.Message):
     failure_class: Global___FailureClass.ValueType
     """FAILURE_CLASS_TASK_ERROR or FAILURE_CLASS_TIMEOUT; other values are INVALID_ARGUMENT."""
     request_id: _builtins.str
-    """Idempotency key; a retry with the same key returns the first response. At most 128 characters."""
+    """Accepted for symmetry with other writes, at most 128 characters, and otherwise unused:
+    a repeat is recognised by its fencing token.
+    """
     @_builtins.property
     def details(self) -> _struct_pb2.Value:
         """Optional JSON details (stack trace, exit code, ...); at most 64 KiB encoded."""

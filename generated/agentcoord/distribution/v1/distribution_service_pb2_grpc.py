@@ -213,8 +213,10 @@ class DistributionServiceServicer:
 
         A fencing token that is not the current one, or a lease that has expired, is
         FAILED_PRECONDITION (reason `STALE_FENCING_TOKEN` or `LEASE_EXPIRED`) and changes nothing.
-        A retry with the same `request_id` returns the first response. When this is the last
-        sub-task, the task becomes SUCCEEDED with the aggregated result in the same transaction.
+        A repeat by the same agent with the same fencing token (say, after a lost response)
+        returns the sub-task as recorded and changes nothing; `request_id` is not needed for it.
+        When this is the last sub-task, the task becomes SUCCEEDED with the aggregated result in
+        the same transaction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,8 +228,9 @@ class DistributionServiceServicer:
         A retryable failure with attempts left makes the sub-task READY again after a back-off,
         preferring another capable agent; otherwise the sub-task becomes FAILED, and so does the
         task (its other unfinished sub-tasks are cancelled) unless it allows partial results. Stale
-        tokens and expired leases are FAILED_PRECONDITION as for CompleteSubtask. A retry with the
-        same `request_id` returns the first response.
+        tokens and expired leases are FAILED_PRECONDITION as for CompleteSubtask. A repeat by the
+        same agent with the same fencing token returns the sub-task as it stands and changes
+        nothing; `request_id` is not needed for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -112,8 +112,10 @@ class DistributionServiceStub:
 
     A fencing token that is not the current one, or a lease that has expired, is
     FAILED_PRECONDITION (reason `STALE_FENCING_TOKEN` or `LEASE_EXPIRED`) and changes nothing.
-    A retry with the same `request_id` returns the first response. When this is the last
-    sub-task, the task becomes SUCCEEDED with the aggregated result in the same transaction.
+    A repeat by the same agent with the same fencing token (say, after a lost response)
+    returns the sub-task as recorded and changes nothing; `request_id` is not needed for it.
+    When this is the last sub-task, the task becomes SUCCEEDED with the aggregated result in
+    the same transaction.
     """
     FailSubtask: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.FailSubtaskRequest, _distribution_service_pb2.FailSubtaskResponse]
     """Records the failure of a leased sub-task and releases its lease.
@@ -121,8 +123,9 @@ class DistributionServiceStub:
     A retryable failure with attempts left makes the sub-task READY again after a back-off,
     preferring another capable agent; otherwise the sub-task becomes FAILED, and so does the
     task (its other unfinished sub-tasks are cancelled) unless it allows partial results. Stale
-    tokens and expired leases are FAILED_PRECONDITION as for CompleteSubtask. A retry with the
-    same `request_id` returns the first response.
+    tokens and expired leases are FAILED_PRECONDITION as for CompleteSubtask. A repeat by the
+    same agent with the same fencing token returns the sub-task as it stands and changes
+    nothing; `request_id` is not needed for it.
     """
 
 @_typing.type_check_only
@@ -209,8 +212,10 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
 
     A fencing token that is not the current one, or a lease that has expired, is
     FAILED_PRECONDITION (reason `STALE_FENCING_TOKEN` or `LEASE_EXPIRED`) and changes nothing.
-    A retry with the same `request_id` returns the first response. When this is the last
-    sub-task, the task becomes SUCCEEDED with the aggregated result in the same transaction.
+    A repeat by the same agent with the same fencing token (say, after a lost response)
+    returns the sub-task as recorded and changes nothing; `request_id` is not needed for it.
+    When this is the last sub-task, the task becomes SUCCEEDED with the aggregated result in
+    the same transaction.
     """
     FailSubtask: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.FailSubtaskRequest, _distribution_service_pb2.FailSubtaskResponse]  # type: ignore[assignment]
     """Records the failure of a leased sub-task and releases its lease.
@@ -218,8 +223,9 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
     A retryable failure with attempts left makes the sub-task READY again after a back-off,
     preferring another capable agent; otherwise the sub-task becomes FAILED, and so does the
     task (its other unfinished sub-tasks are cancelled) unless it allows partial results. Stale
-    tokens and expired leases are FAILED_PRECONDITION as for CompleteSubtask. A retry with the
-    same `request_id` returns the first response.
+    tokens and expired leases are FAILED_PRECONDITION as for CompleteSubtask. A repeat by the
+    same agent with the same fencing token returns the sub-task as it stands and changes
+    nothing; `request_id` is not needed for it.
     """
 
 class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -357,8 +363,10 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         A fencing token that is not the current one, or a lease that has expired, is
         FAILED_PRECONDITION (reason `STALE_FENCING_TOKEN` or `LEASE_EXPIRED`) and changes nothing.
-        A retry with the same `request_id` returns the first response. When this is the last
-        sub-task, the task becomes SUCCEEDED with the aggregated result in the same transaction.
+        A repeat by the same agent with the same fencing token (say, after a lost response)
+        returns the sub-task as recorded and changes nothing; `request_id` is not needed for it.
+        When this is the last sub-task, the task becomes SUCCEEDED with the aggregated result in
+        the same transaction.
         """
 
     @_abc_1.abstractmethod
@@ -372,8 +380,9 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
         A retryable failure with attempts left makes the sub-task READY again after a back-off,
         preferring another capable agent; otherwise the sub-task becomes FAILED, and so does the
         task (its other unfinished sub-tasks are cancelled) unless it allows partial results. Stale
-        tokens and expired leases are FAILED_PRECONDITION as for CompleteSubtask. A retry with the
-        same `request_id` returns the first response.
+        tokens and expired leases are FAILED_PRECONDITION as for CompleteSubtask. A repeat by the
+        same agent with the same fencing token returns the sub-task as it stands and changes
+        nothing; `request_id` is not needed for it.
         """
 
 def add_DistributionServiceServicer_to_server(servicer: DistributionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -753,7 +753,9 @@ class PutStateRequest(_message.Message):
     bind_to_session: _builtins.bool
     """Deletes the key when the writer's session ends; not with `ttl` nor with the admin token."""
     agent_id: _builtins.str
-    """Identifier of the writing agent; must match the session token. Empty only with the admin token."""
+    """Identifier of the writing agent; optional with a session token (empty: the token's agent;
+    another agent's id is PERMISSION_DENIED); must be empty with the admin token (INVALID_ARGUMENT).
+    """
     request_id: _builtins.str
     """Idempotency key (AIP-155), recommended a UUID; at most 128 characters; remembered at least 10 minutes."""
     @_builtins.property
@@ -848,7 +850,9 @@ class DeleteStateRequest(_message.Message):
     allow_missing: _builtins.bool
     """Succeeds without change when the key does not exist, instead of NOT_FOUND."""
     agent_id: _builtins.str
-    """Identifier of the deleting agent; must match the session token. Empty only with the admin token."""
+    """Identifier of the deleting agent; optional with a session token (empty: the token's agent;
+    another agent's id is PERMISSION_DENIED); must be empty with the admin token (INVALID_ARGUMENT).
+    """
     request_id: _builtins.str
     """Idempotency key, as for PutState."""
     @_builtins.property
@@ -915,7 +919,9 @@ class TransactRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """Identifier of the writing agent; must match the session token. Empty only with the admin token."""
+    """Identifier of the writing agent; optional with a session token (empty: the token's agent;
+    another agent's id is PERMISSION_DENIED); must be empty with the admin token (INVALID_ARGUMENT).
+    """
     request_id: _builtins.str
     """Idempotency key, as for PutState."""
     @_builtins.property
