@@ -804,7 +804,7 @@ async def test_a_fenced_write_at_or_after_the_leases_expire_time_is_refused(stor
     expire = (await subtask(store, "t1-a")).lease.expire_time  # type: ignore[union-attr]
 
     def fenced(at: datetime, key: str) -> StateWrite:
-        return StateWrite("bob", (), (put(key),), at, Fencing("t1-a", token))
+        return StateWrite("bob", (), (put(key),), at, Fencing("t1-a", token), epoch=1)
 
     await store.write_states(fenced(expire - timedelta(milliseconds=1), "before"))
     revision = await store.current_revision()
