@@ -10,9 +10,10 @@ import resource
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
+from google.protobuf import descriptor_pool as pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agentcoord.core.changes import ChangeFeed
@@ -29,10 +30,12 @@ from agentcoord.server import distribution as distribution_server
 from agentcoord.server import statesync as statesync_server
 from agentcoord.server.auth import Access, Authenticator, SessionLookup
 from agentcoord.server.config import ServerConfig
+from agentcoord.server.decoding import GuardedRegistration
 from agentcoord.server.interceptors import CallInterceptor
 from agentcoord.server.reflection import enable_reflection
 from agentcoord.server.splitters import load_splitter
 from agentcoord.server.streams import StreamTracker
+from agentcoord.server.tls import server_credentials
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc
 from agentcoord.store.base import Store
 from agentcoord.store.factory import open_store
@@ -92,20 +95,6 @@ def _store_liveness(store: Store) -> Liveness:
         return agent is not None and agent.state is AgentState.LIVE
 
     return is_live
-
-
-def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    if not config.tls_cert:
-        return None
-    with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as chain:
-        pair = (key.read(), chain.read())
-    client_ca = None
-    if config.tls_client_ca:
-        with open(config.tls_client_ca, "rb") as ca:
-            client_ca = ca.read()
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +209,7 @@ async def start_app(
         clock: Clock for the core; the system clock by default.
     """
     config.validate()
+    credentials = server_credentials(config)  # before anything starts: bad files fail fast
     store = store or open_store(config.store)
     await store.open()
     clock = clock or SystemClock()
@@ -249,10 +239,11 @@ async def start_app(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in hosted:
-        service.add_to_server(server)
+        # Generated code registers on what it is given: the stand-in guards the decoding.
+        registration = GuardedRegistration(server, pool.Default().FindServiceByName(service.name))
+        service.add_to_server(cast(grpc.aio.Server, registration))
     names = [service.name for service in hosted]
     enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
-    credentials = _server_credentials(config)
     if credentials is None:
         port = server.add_insecure_port(config.listen)
     else:
