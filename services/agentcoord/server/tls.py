@@ -54,7 +54,7 @@ def _read(setting: str, path: str) -> bytes:
 def _check_certificates(setting: str, path: str, pem: bytes) -> None:
     """Check ``pem`` holds at least one PEM certificate and nothing unreadable among them."""
     try:
-        ssl.create_default_context().load_verify_locations(cadata=pem.decode("ascii"))
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
     except (UnicodeDecodeError, ssl.SSLError, ValueError):
         raise InvalidInput(
             setting, f"{_flag(setting)} {path}: is not a PEM certificate (chain)"
