@@ -15,7 +15,7 @@ import math
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +51,24 @@ def no_traceback_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 @pytest.fixture
-async def app(start_server: StartServer) -> App:
+async def server(start_server: StartServer) -> App:
+    """The server of every test here (conftest's ``channel`` connects to it)."""
     return await start_server(admin_token=ADMIN, max_ttl=600.0)
 
 
 @pytest.fixture
-async def channel(app: App) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-        yield channel
+def agents(channel: grpc.aio.Channel) -> discovery_grpc.DiscoveryServiceStub:
+    return discovery_grpc.DiscoveryServiceStub(channel)
+
+
+@pytest.fixture
+def tasks(channel: grpc.aio.Channel) -> distribution_grpc.DistributionServiceStub:
+    return distribution_grpc.DistributionServiceStub(channel)
+
+
+@pytest.fixture
+def state(channel: grpc.aio.Channel) -> statesync_grpc.StateSyncServiceStub:
+    return statesync_grpc.StateSyncServiceStub(channel)
 
 
 @pytest.fixture
@@ -111,10 +121,10 @@ def task(**fields: Any) -> distribution_pb.TaskSpec:
 
 
 async def test_non_finite_numbers_in_json_values_name_the_field(
-    channel: grpc.aio.Channel, token: str
+    token: str,
+    tasks: distribution_grpc.DistributionServiceStub,
+    state: statesync_grpc.StateSyncServiceStub,
 ) -> None:
-    state = statesync_grpc.StateSyncServiceStub(channel)
-    tasks = distribution_grpc.DistributionServiceStub(channel)
     agent = bearer(token)
     in_list = struct_pb2.Value()
     in_list.list_value.values.extend([number(1), number(-INF)])
@@ -154,9 +164,8 @@ async def test_non_finite_numbers_in_json_values_name_the_field(
 
 
 async def test_json_nested_deeper_than_the_limit_names_the_field(
-    channel: grpc.aio.Channel, token: str
+    token: str, state: statesync_grpc.StateSyncServiceStub
 ) -> None:
-    state = statesync_grpc.StateSyncServiceStub(channel)
     await state.PutState(
         statesync_pb.PutStateRequest(key="shared/deep", json=nested(30)), metadata=bearer(token)
     )
@@ -199,11 +208,11 @@ GARBLED = [
 
 
 async def test_forged_and_garbled_page_tokens_name_page_token(
-    channel: grpc.aio.Channel, token: str
+    token: str,
+    agents: discovery_grpc.DiscoveryServiceStub,
+    tasks: distribution_grpc.DistributionServiceStub,
+    state: statesync_grpc.StateSyncServiceStub,
 ) -> None:
-    agents = discovery_grpc.DiscoveryServiceStub(channel)
-    tasks = distribution_grpc.DistributionServiceStub(channel)
-    state = statesync_grpc.StateSyncServiceStub(channel)
     for name in ("other-1", "other-2"):
         await agents.Register(discovery_pb.RegisterRequest(agent_id=name, name=name))
     for key in ("shared/a", "shared/b", "shared/c"):
@@ -270,11 +279,11 @@ FAR_FUTURE = timestamp_pb2.Timestamp(seconds=253_402_300_800)
 
 
 async def test_out_of_range_timestamps_and_durations_name_the_field(
-    channel: grpc.aio.Channel, token: str
+    token: str,
+    agents: discovery_grpc.DiscoveryServiceStub,
+    tasks: distribution_grpc.DistributionServiceStub,
+    state: statesync_grpc.StateSyncServiceStub,
 ) -> None:
-    agents = discovery_grpc.DiscoveryServiceStub(channel)
-    tasks = distribution_grpc.DistributionServiceStub(channel)
-    state = statesync_grpc.StateSyncServiceStub(channel)
     agent = bearer(token)
     too_long = duration_pb2.Duration(seconds=315_576_000_001)
     mixed_signs = duration_pb2.Duration(seconds=1, nanos=-5)
@@ -404,10 +413,12 @@ async def test_undecodable_stream_requests_name_the_field(
 # --- unknown enum values ------------------------------------------------------------------------
 
 
-async def test_unknown_enum_values_name_the_field(channel: grpc.aio.Channel, token: str) -> None:
-    agents = discovery_grpc.DiscoveryServiceStub(channel)
-    tasks = distribution_grpc.DistributionServiceStub(channel)
-    state = statesync_grpc.StateSyncServiceStub(channel)
+async def test_unknown_enum_values_name_the_field(
+    token: str,
+    agents: discovery_grpc.DiscoveryServiceStub,
+    tasks: distribution_grpc.DistributionServiceStub,
+    state: statesync_grpc.StateSyncServiceStub,
+) -> None:
     heartbeat = agents.Heartbeat(metadata=bearer(token))
     await heartbeat.write(discovery_pb.HeartbeatRequest(agent_id=AGENT, status=99))
     fail = distribution_pb.FailSubtaskRequest(
