@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -446,25 +447,29 @@ async def test_unknown_enum_values_name_the_field(
 # --- every field path names a field of the request ----------------------------------------------
 
 
+PATH_SEGMENT = re.compile(r"([a-z_][a-z0-9_]*)(?:\[([^\]]*)\])?(?:\.|$)")
+"""One ``name`` or ``name[index or map key]`` of a field path, with its trailing dot."""
+
+
 def resolves(descriptor: Descriptor, path: str) -> bool:
-    """Whether ``path`` (``a.b[2].c``, ``labels[key]``; empty: the request) names a field."""
-    if not path:
-        return True
+    """Whether ``path`` (``a.b[2].c``, ``labels[a.b/c]``; empty: the request) names a field."""
     current: Descriptor | None = descriptor
-    for segment in path.split("."):
-        name, _, index = segment.partition("[")
-        if current is None or name not in current.fields_by_name:
+    position = 0
+    while position < len(path):
+        match = PATH_SEGMENT.match(path, position)
+        if match is None or current is None or match[1] not in current.fields_by_name:
             return False
-        field = current.fields_by_name[name]
+        position = match.end()
+        field = current.fields_by_name[match[1]]
         is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
-        if index and not (field.is_repeated and (is_map or index[:-1].isdigit())):
+        if match[2] is not None and not (field.is_repeated and (is_map or match[2].isdigit())):
             return False
         opaque = field.message_type is None or is_map
         if opaque or field.message_type.full_name.startswith("google.protobuf."):
             current = None
         else:
             current = field.message_type
-    return True
+    return not path.endswith(".")
 
 
 def _seconds(value: int) -> duration_pb2.Duration:
@@ -625,7 +630,7 @@ def variants(message: Message, path: str = "") -> Iterator[tuple[str, Message, b
             "google.protobuf."
         )
         if is_map:
-            for key, value in (("\x00", "v"), ("k", "\x00" * 300)):
+            for key, value in (("\x00", "v"), ("k", "\x00" * 300), ("a.b/c", "\x01")):
                 copy = type(message)()
                 copy.CopyFrom(message)
                 getattr(copy, field.name)[key] = value
@@ -742,6 +747,52 @@ async def test_every_field_path_resolves_against_the_request(
                     assert code == grpc.StatusCode.INVALID_ARGUMENT, (label, error.details())
                     assert field_violations(error) == [path], (label, error.details())
     assert checked > 300 and strict_checked > 40, (checked, strict_checked)
+
+
+async def test_paths_the_cores_report_name_fields_of_the_request(
+    token: str,
+    tasks: distribution_grpc.DistributionServiceStub,
+    state: statesync_grpc.StateSyncServiceStub,
+) -> None:
+    def put(key: str, **fields: Any) -> statesync_pb.Operation:
+        return statesync_pb.Operation(
+            put=statesync_pb.PutOperation(key=key, json=number(1), **fields)
+        )
+
+    def dag(*subtasks: distribution_pb.SubtaskSpec, **fields: Any) -> Any:
+        spec = distribution_pb.TaskSpec(
+            title="t", split_policy=distribution_pb.SPLIT_POLICY_EXPLICIT, subtasks=subtasks
+        )
+        return distribution_pb.SubmitTaskRequest(task=spec, **fields)
+
+    a = distribution_pb.SubtaskSpec(local_id="a", title="A", depends_on=["b"])
+    b = distribution_pb.SubtaskSpec(local_id="b", title="B", depends_on=["a"])
+    lone = distribution_pb.SubtaskSpec(local_id="c", title="C", depends_on=["zzz"])
+    died = distribution_pb.FailSubtaskRequest(
+        subtask_id="s",
+        fencing_token=1,
+        error_message="e",
+        failure_class=distribution_pb.FAILURE_CLASS_AGENT_DIED,
+    )
+    agent, admin = bearer(token), ADMIN_METADATA
+    cases: list[tuple[Any, Message, str]] = [
+        (state.Transact, statesync_pb.TransactRequest(
+            operations=[put("shared/a"), put("shared/a")]), "operations[1].put.key"),
+        (state.Transact, statesync_pb.TransactRequest(
+            operations=[put("shared/a", bind_to_session=True)]),
+         "operations[0].put.bind_to_session"),
+        (state.PutState, statesync_pb.PutStateRequest(
+            key="shared/a", json=number(1), bind_to_session=True), "bind_to_session"),
+        (state.PutState, statesync_pb.PutStateRequest(key="shared/a"), "json"),
+        (tasks.SubmitTask, dag(a, b), "task.subtasks"),
+        (tasks.SubmitTask, dag(lone), "task.subtasks[0].depends_on"),
+        (tasks.FailSubtask, died, "failure_class"),
+    ]  # fmt: skip
+    for method, request, field in cases:
+        metadata = admin if "bind_to_session" in field else agent
+        error = await refused(method(request, metadata=metadata))
+        assert_names(error, field)
+        assert resolves(request.DESCRIPTOR, field), field
 
 
 # --- TLS files at start-up ----------------------------------------------------------------------

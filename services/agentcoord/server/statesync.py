@@ -188,25 +188,28 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             for i, c in enumerate(request.compares)
         ]
         operations: list[PutRequest | DeleteCommand] = []
+        fields = []
         for index, operation in enumerate(request.operations):
-            field = f"operations[{index}]"
             kind = operation.WhichOneof("operation")
+            field = f"operations[{index}].{kind}"
             if kind == "put":
-                key = validation.state_key(f"{field}.put.key", operation.put.key)
+                key = validation.state_key(f"{field}.key", operation.put.key)
                 operations.append(
-                    _put_request(f"{field}.put.", operation.put, key, self._max_value_bytes)
+                    _put_request(f"{field}.", operation.put, key, self._max_value_bytes)
                 )
             elif kind == "delete":
-                key = validation.state_key(f"{field}.delete.key", operation.delete.key)
+                key = validation.state_key(f"{field}.key", operation.delete.key)
                 operations.append(DeleteCommand(key, allow_missing=True))
             else:
-                raise InvalidInput(field, "set put or delete")
+                raise InvalidInput(f"operations[{index}]", "set put or delete")
+            fields.append(field)
         result = await self._core.write(
             writer,
             compares,
             operations,
             fencing=_fencing(request),
             request_id=_request_id(request.request_id),
+            fields=fields,
         )
         return pb.TransactResponse(revision=result.revision, results=_results(result))
 
@@ -290,7 +293,7 @@ def _value(field_prefix: str, message: Any, max_bytes: int, oneof: str = "value"
     elif kind == "binary":
         value = StateValue(ValueKind.BINARY, bytes(message.binary))
     else:
-        raise InvalidInput(f"{field_prefix}value", "set json or binary")
+        raise InvalidInput(f"{field_prefix}json", "is required: set json or binary")
     if len(value.data) > max_bytes:
         raise InvalidInput(
             f"{field_prefix}{kind}", f"is {len(value.data)} bytes; at most {max_bytes}"
