@@ -305,6 +305,24 @@ async def test_state_put_get_ls_watch_rm(cli: Cli) -> None:
     assert (await cli("state", "get", "shared/status")).code == Exit.NOT_FOUND
 
 
+async def test_non_finite_numbers_are_refused_before_sending(cli: Cli, tmp_path: Path) -> None:
+    admin = ("--token", ADMIN_TOKEN)
+    spec = tmp_path / "nan.json"
+    spec.write_text('{"title": "t", "splitPolicy": "SPLIT_POLICY_NONE", "input": {"x": NaN}}')
+    refusals = [
+        (("state", "put", "shared/x", "NaN"), "VALUE: NaN"),
+        (("state", "put", "shared/x", "[1, -Infinity]"), "VALUE: -Infinity"),
+        (("state", "put", "shared/x", '{"big": 1e999}'), "VALUE: 1e999"),
+        (("tasks", "submit", "--spec", str(spec)), "--spec: NaN"),
+    ]
+    for argv, message in refusals:
+        refused = await cli(*admin, *argv)
+        assert refused.code == Exit.USAGE, refused.err
+        assert refused.err == f"agentcoord: {message} is not a finite JSON number\n", refused.err
+    assert (await cli("state", "get", "shared/x")).code == Exit.NOT_FOUND  # nothing was sent
+    assert (await cli(*admin, "state", "put", "shared/x", '"NaN"')).code == Exit.OK  # a string
+
+
 # --- events -------------------------------------------------------------------------------------
 
 

@@ -421,7 +421,7 @@ async def test_events_log_who_did_what(state: Stub, channel: grpc.aio.Channel, t
         (pb.PutStateRequest(key="shared/../x", json=number(1)), "key"),
         (pb.PutStateRequest(key="shared/sp ace", json=number(1)), "key"),
         (pb.PutStateRequest(key="shared/" + "x" * 600, json=number(1)), "key"),
-        (pb.PutStateRequest(key="shared/x"), "value"),
+        (pb.PutStateRequest(key="shared/x"), "json"),  # the oneof `value` has no path
         (pb.PutStateRequest(key="shared/x", json=struct_pb2.Value()), "json"),
         (pb.PutStateRequest(key="shared/x", binary=b"x" * (1024 * 1024 + 1)), "binary"),
         (
@@ -466,7 +466,7 @@ async def test_transact_validation(state: Stub, token: str) -> None:
         (pb.TransactRequest(operations=[pb.Operation()]), "operations[0]"),
         (
             pb.TransactRequest(operations=[put_op("shared/a", 1), put_op("shared/a", 2)]),
-            "operations[1]",
+            "operations[1].put.key",
         ),
         (pb.TransactRequest(operations=[put_op("shared/a", 1)] * 129), "operations"),
         (

@@ -54,12 +54,13 @@ class FailedPrecondition(AgentcoordError):
 
 
 class InvalidInput(AgentcoordError):
-    """A request field is malformed; ``field`` names it (dotted path)."""
+    """A request field is malformed; ``field`` names it (dotted path; empty: the whole request)."""
 
     default_reason = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, description: str, *, reason: str | None = None) -> None:
-        super().__init__(f"{field}: {description}", reason=reason, metadata={"field": field})
+        message = f"{field}: {description}" if field else description
+        super().__init__(message, reason=reason, metadata={"field": field})
         self.field = field
         self.description = description
 

@@ -124,7 +124,7 @@ class StateSync:
         *,
         fencing: Fencing | None = None,
         request_id: str = "",
-        field_prefix: str = "operations",
+        fields: Sequence[str] | None = None,
     ) -> StateWriteResult:
         """Apply puts and deletes all or none, if every comparison holds.
 
@@ -134,7 +134,9 @@ class StateSync:
             operations: Puts and deletes, applied in order at consecutive revisions.
             fencing: A sub-task lease the write requires.
             request_id: Idempotency key of the write.
-            field_prefix: Request field naming the operations, for error messages.
+            fields: The request path of each operation (``operations[2].put``), for error
+                messages; None for a lone put or delete whose fields are the request's own
+                (PutState, DeleteState).
 
         Raises:
             InvalidInput: too many parts, a key named twice, or a session binding
@@ -144,7 +146,7 @@ class StateSync:
         """
         if len(compares) + len(operations) > self.config.max_operations:
             raise InvalidInput(
-                field_prefix,
+                "operations" if fields is not None else "expected_version",
                 f"{len(compares)} compares and {len(operations)} operations; "
                 f"at most {self.config.max_operations} in all",
             )
@@ -152,14 +154,16 @@ class StateSync:
         commands: list[PutCommand | DeleteCommand] = []
         seen: set[str] = set()
         for index, operation in enumerate(operations):
-            field = f"{field_prefix}[{index}]" if len(operations) > 1 else "key"
+            prefix = f"{fields[index]}." if fields is not None else ""
             command = operation.command if isinstance(operation, PutRequest) else operation
             if command.key in seen:
-                raise InvalidInput(field, f"key {command.key!r} is named by two operations")
+                raise InvalidInput(
+                    f"{prefix}key", f"key {command.key!r} is named by two operations"
+                )
             seen.add(command.key)
-            self._authorize(writer, field, command.key)
+            self._authorize(writer, f"{prefix}key", command.key)
             if isinstance(operation, PutRequest):
-                command = self._put_command(writer, operation, field, now)
+                command = self._put_command(writer, operation, f"{prefix}bind_to_session", now)
             commands.append(command)
         return await self._store.write_states(
             StateWrite(
@@ -176,9 +180,7 @@ class StateSync:
     @staticmethod
     def _put_command(writer: Writer, put: PutRequest, field: str, now: datetime) -> PutCommand:
         if put.bind_to_session and writer.admin:
-            raise InvalidInput(
-                f"{field}.bind_to_session", "needs an agent session, not the admin token"
-            )
+            raise InvalidInput(field, "needs an agent session, not the admin token")
         return PutCommand(
             key=put.command.key,
             value=put.command.value,

@@ -11,9 +11,10 @@ import signal
 import urllib.parse
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
+from google.protobuf import descriptor_pool as pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agentcoord.core.changes import ChangeFeed
@@ -31,10 +32,12 @@ from agentcoord.server import distribution as distribution_server
 from agentcoord.server import statesync as statesync_server
 from agentcoord.server.auth import Access, Authenticator, CertificateBinding, SessionLookup
 from agentcoord.server.config import ServerConfig
+from agentcoord.server.decoding import GuardedRegistration
 from agentcoord.server.interceptors import CallInterceptor
 from agentcoord.server.reflection import enable_reflection
 from agentcoord.server.splitters import load_splitter
 from agentcoord.server.streams import StreamTracker
+from agentcoord.server.tls import server_credentials
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc
 from agentcoord.store.base import Store
 from agentcoord.store.factory import open_store
@@ -99,20 +102,6 @@ def _store_liveness(store: Store) -> Liveness:
         return agent is not None and agent.state is AgentState.LIVE
 
     return is_live
-
-
-def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    if not config.tls_cert:
-        return None
-    with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as chain:
-        pair = (key.read(), chain.read())
-    client_ca = None
-    if config.tls_client_ca:
-        with open(config.tls_client_ca, "rb") as ca:
-            client_ca = ca.read()
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +216,7 @@ async def start_app(
         clock: Clock for the core; the system clock by default.
     """
     config.validate()
+    credentials = server_credentials(config)  # before anything starts: bad files fail fast
     store = store or open_store(config.store)
     await store.open()
     clock = clock or SystemClock()
@@ -264,11 +254,13 @@ async def start_app(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in hosted:
-        service.add_to_server(server)
+        # Generated code registers on what it is given: the stand-in guards the decoding.
+        registration = GuardedRegistration(server, pool.Default().FindServiceByName(service.name))
+        service.add_to_server(cast(grpc.aio.Server, registration))
     names = [service.name for service in hosted]
     enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     try:
-        port = _bind(server, config)
+        port = _bind(server, config, credentials)
     except BaseException:
         await store.close()
         raise
@@ -282,13 +274,14 @@ async def start_app(
     return app
 
 
-def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
-    """Listen on ``config.listen``; return the port.
+def _bind(
+    server: grpc.aio.Server, config: ServerConfig, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Listen on ``config.listen`` (with TLS when ``credentials`` are given); return the port.
 
     Raises:
         Unavailable: the address is in use (another server?) or cannot be bound.
     """
-    credentials = _server_credentials(config)
     try:
         if credentials is None:
             return server.add_insecure_port(config.listen)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from agentcoord.core.discovery import AgentEvent, AgentView, HeartbeatAck, HeartbeatCommand
+from agentcoord.core.errors import InvalidInput
 from agentcoord.core.models import (
     Agent,
     AgentEventKind,
@@ -188,11 +190,57 @@ STATE_CHANGE_TYPE_TO_PROTO = {
 }
 
 
-def json_text(value: struct_pb2.Value) -> bytes:
-    """Return the canonical JSON text of a Value (sorted keys, no spaces)."""
-    return json.dumps(
-        json_format.MessageToDict(value), sort_keys=True, separators=(",", ":")
-    ).encode()
+MAX_JSON_DEPTH = 30
+"""Deepest nesting of arrays and objects in a JSON value a request carries.
+
+Protobuf decodes at most 100 nested messages and every level of a JSON object costs three,
+so this bound keeps every response that carries the value decodable by clients.
+"""
+
+
+def json_text(field: str, value: struct_pb2.Value) -> bytes:
+    """Return the canonical JSON text of a request's Value (sorted keys, no spaces).
+
+    Raises:
+        InvalidInput: naming ``field`` and the place inside the value, for a NaN or
+            infinite number (JSON has none) or nesting deeper than ``MAX_JSON_DEPTH``.
+    """
+    plain = _plain_json(field, value, "$", 0)
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _plain_json(field: str, value: struct_pb2.Value, where: str, depth: int) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise InvalidInput(
+                field, f"holds {json.dumps(number)} at {where}; JSON numbers must be finite"
+            )
+        return number
+    if kind in ("struct_value", "list_value"):
+        if depth == MAX_JSON_DEPTH:
+            raise InvalidInput(
+                field, f"nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects at {where}"
+            )
+        if kind == "list_value":
+            return [
+                _plain_json(field, item, f"{where}[{index}]", depth + 1)
+                for index, item in enumerate(value.list_value.values)
+            ]
+        return {
+            key: _plain_json(field, item, _member(where, key), depth + 1)
+            for key, item in value.struct_value.fields.items()
+        }
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None  # null_value, or no kind: JSON null, as json_format reads it
+
+
+def _member(where: str, key: str) -> str:
+    return f"{where}.{key}" if key.isidentifier() else f"{where}[{json.dumps(key)}]"
 
 
 def state_value_to_proto(value: StateValue, into: Any) -> None:

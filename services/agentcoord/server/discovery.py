@@ -12,7 +12,7 @@ from agentcoord.core.errors import InvalidInput, PermissionDenied
 from agentcoord.core.models import AgentState, AgentStatus
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
-from agentcoord.server import convert, validation
+from agentcoord.server import convert, page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.streams import StreamTracker
 
@@ -60,11 +60,15 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             "role": query.role,
             "states": sorted(state.value for state in query.states),
         }
-        after = validation.decode_page_token("page_token", request.page_token, fingerprint)
+        position = page_tokens.decode(
+            request.page_token, "ListAgents", fingerprint, page_tokens.agent_id
+        )
         limit = validation.page_size("page_size", request.page_size)
-        views, last = self._core.list_agents(query, after_agent_id=after, limit=limit)
+        views, last = self._core.list_agents(
+            query, after_agent_id=position[0] if position else "", limit=limit
+        )
         response = pb.ListAgentsResponse(
-            next_page_token=validation.encode_page_token(last, fingerprint) if last else ""
+            next_page_token=page_tokens.encode("ListAgents", fingerprint, last) if last else ""
         )
         agents = response.agents
         for view in views:
@@ -176,19 +180,14 @@ def _agent_id(field: str, value: str) -> str:
 
 
 def _status(field: str, value: int) -> AgentStatus:
-    status = convert.AGENT_STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
-    if status is None:
-        raise InvalidInput(field, f"{value} is not a known status")
-    return status  # type: ignore[no-any-return]
+    return validation.known(field, value, convert.AGENT_STATUS_FROM_PROTO, "status")
 
 
 def _query(capabilities: Sequence[str], role: str, states: Sequence[int]) -> AgentQuery:
-    chosen: set[AgentState] = set()
-    for index, value in enumerate(states):
-        state = convert.AGENT_STATE_FROM_PROTO.get(value)  # type: ignore[call-overload]
-        if state is None:
-            raise InvalidInput(f"states[{index}]", f"{value} is not a known agent state")
-        chosen.add(state)
+    chosen = {
+        validation.known(f"states[{index}]", value, convert.AGENT_STATE_FROM_PROTO, "agent state")
+        for index, value in enumerate(states)
+    }
     if role:
         validation.matching("role", role, validation.ROLE, "role ([a-z0-9_.-], 1-64)")
     return AgentQuery(

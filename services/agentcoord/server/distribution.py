@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -33,7 +32,7 @@ from agentcoord.core.tasks import (
 )
 from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
-from agentcoord.server import convert, validation
+from agentcoord.server import convert, page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.streams import StreamTracker
 
@@ -85,6 +84,8 @@ SUBTASK_STATE_TO_PROTO = {
     SubtaskState.FAILED: pb.Subtask.STATE_FAILED,
     SubtaskState.CANCELLED: pb.Subtask.STATE_CANCELLED,
 }
+FULL_BY_VIEW = {pb.TASK_VIEW_BASIC: False, pb.TASK_VIEW_FULL: True}
+"""Whether each known TaskView returns every sub-task."""
 SPLIT_POLICY_FROM_PROTO = {
     pb.SPLIT_POLICY_NONE: SplitPolicy.NONE,
     pb.SPLIT_POLICY_EXPLICIT: SplitPolicy.EXPLICIT,
@@ -117,39 +118,34 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         """Return one task."""
         task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
-        full = request.view != pb.TASK_VIEW_BASIC
+        full = _full_view(request.view, unspecified=True)
         return pb.GetTaskResponse(task=task_to_proto(await self._core.get_task(task_id, full=full)))
 
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
         """List tasks, newest first."""
-        states = []
-        for index, state in enumerate(request.states):
-            if state not in TASK_STATE_FROM_PROTO:
-                raise InvalidInput(f"states[{index}]", "must be a known state, not UNSPECIFIED")
-            states.append(TASK_STATE_FROM_PROTO[state])
+        states = [
+            validation.known(f"states[{index}]", state, TASK_STATE_FROM_PROTO, "task state")
+            for index, state in enumerate(request.states)
+        ]
         submitter = request.submitter_agent_id
         if submitter:
             validation.matching("submitter_agent_id", submitter, validation.AGENT_ID, "agent id")
         where = TaskFilter(frozenset(states), submitter)
         fingerprint = {"states": sorted(s.value for s in states), "submitter": submitter}
-        position = validation.decode_page_token("page_token", request.page_token, fingerprint)
-        after = None
-        if position:
-            time, _, task_id = position.partition("|")
-            after = TaskCursor(datetime.fromisoformat(time), task_id)
+        position = page_tokens.decode(
+            request.page_token, "ListTasks", fingerprint, page_tokens.time, page_tokens.task_id
+        )
         views, cursor = await self._core.list_task_views(
             where,
-            after,
+            TaskCursor(*position) if position else None,
             validation.page_size("page_size", request.page_size),
-            full=request.view == pb.TASK_VIEW_FULL,
+            full=_full_view(request.view, unspecified=False),
         )
         token = ""
         if cursor is not None:
-            token = validation.encode_page_token(
-                f"{cursor.create_time.isoformat()}|{cursor.task_id}", fingerprint
-            )
+            token = page_tokens.encode("ListTasks", fingerprint, cursor.create_time, cursor.task_id)
         return pb.ListTasksResponse(
             tasks=[task_to_proto(view) for view in views], next_page_token=token
         )
@@ -186,7 +182,8 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
         if request.start_revision < 0:
             raise InvalidInput("start_revision", "must not be negative")
-        full = request.view == pb.TASK_VIEW_FULL
+        full = _full_view(request.view, unspecified=False)
+        validation.duration("progress_interval", request.progress_interval)  # reserved
         with self._streams.track():
             async for item in self._core.watch(task_id, request.start_revision, full=full):
                 yield pb.WatchTaskResponse(
@@ -214,11 +211,9 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
     ) -> pb.ClaimSubtaskResponse:
         """Lease one READY sub-task to the calling agent, waiting up to ``wait``."""
         session = _agent_session()
-        wait = 0.0
-        if request.HasField("wait"):
-            wait = validation.duration("wait", request.wait)
-            if wait < 0 or wait > 60:
-                raise InvalidInput("wait", "must be between 0 and 60 s")
+        wait = validation.duration("wait", request.wait)
+        if wait > 60:
+            raise InvalidInput("wait", "must be between 0 and 60 s")
         remaining = context.time_remaining()
         if remaining is not None:
             wait = max(0.0, min(wait, remaining - 0.05))
@@ -298,19 +293,30 @@ def _agent_session() -> Session:
     return session
 
 
+def _full_view(value: int, *, unspecified: bool) -> bool:
+    """Whether TaskView ``value`` asks for every sub-task; ``unspecified`` is the default."""
+    if value == pb.TASK_VIEW_UNSPECIFIED:
+        return unspecified
+    return validation.known("view", value, FULL_BY_VIEW, "task view")
+
+
 def _fencing_token(value: int) -> int:
     if value <= 0:
         raise InvalidInput("fencing_token", "must be positive (the token of your lease)")
     return value
 
 
-def _json(message: Any, field: str, max_bytes: int) -> str | None:
-    """Return the canonical JSON text of a Value field, or None when it is unset."""
+def _json(message: Any, field: str, max_bytes: int, prefix: str = "") -> str | None:
+    """Return the canonical JSON text of a Value field, or None when it is unset.
+
+    ``prefix`` is the path of ``message`` in the request (``task.`` for a TaskSpec).
+    """
     if not message.HasField(field):
         return None
-    text = convert.json_text(getattr(message, field))
+    path = prefix + field
+    text = convert.json_text(path, getattr(message, field))
     if len(text) > max_bytes:
-        raise InvalidInput(field, f"encodes to {len(text)} bytes; at most {max_bytes}")
+        raise InvalidInput(path, f"encodes to {len(text)} bytes; at most {max_bytes}")
     return text.decode()
 
 
@@ -332,7 +338,7 @@ def _subtask_spec_from_proto(prefix: str, spec: pb.SubtaskSpec) -> SubtaskSpec:
         description=validation.text(
             f"{prefix}.description", spec.description, max_length=MAX_DESCRIPTION
         ),
-        input=_json(spec, "input", MAX_JSON_BYTES),
+        input=_json(spec, "input", MAX_JSON_BYTES, f"{prefix}."),
         required_capabilities=validation.capabilities(
             f"{prefix}.required_capabilities", spec.required_capabilities
         ),
@@ -369,7 +375,7 @@ def task_spec_from_proto(request: pb.SubmitTaskRequest | pb.AnalyzeTaskRequest) 
         title=validation.text("task.title", task.title, max_length=MAX_TITLE, required=True),
         split_policy=policy,
         description=description,
-        input=_json(task, "input", MAX_JSON_BYTES),
+        input=_json(task, "input", MAX_JSON_BYTES, "task."),
         required_capabilities=validation.capabilities(
             "task.required_capabilities", task.required_capabilities
         ),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -21,7 +21,7 @@ from agentcoord.core.models import (
     ValueKind,
 )
 from agentcoord.core.statesync import PutRequest, StateSync, Writer
-from agentcoord.server import convert, validation
+from agentcoord.server import convert, page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.streams import StreamTracker, chunks_by_size
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
@@ -85,12 +85,18 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         """List entries under a prefix, one page, consistent at one revision."""
         prefix = validation.state_key("prefix", request.prefix, prefix=True)
         fingerprint = {"prefix": prefix, "live": request.live_agents_only}
-        position = validation.decode_page_token("page_token", request.page_token, fingerprint)
-        after_key, _, revision = position.rpartition("@")
+        position = page_tokens.decode(
+            request.page_token,
+            "ListStates",
+            fingerprint,
+            page_tokens.state_key,
+            page_tokens.revision,
+        )
+        after_key, at_revision = position or ("", 0)
         entries, next_key, revision_read = await self._core.list_states(
             prefix,
             after_key=after_key,
-            at_revision=int(revision) if revision.isdigit() else 0,
+            at_revision=at_revision,
             limit=validation.page_size("page_size", request.page_size),
             live_agents_only=request.live_agents_only,
         )
@@ -100,7 +106,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             states, next_key = list(fitting), fitting[-1].key
         token = ""
         if next_key:
-            token = validation.encode_page_token(f"{next_key}@{revision_read}", fingerprint)
+            token = page_tokens.encode("ListStates", fingerprint, next_key, revision_read)
         return pb.ListStatesResponse(
             states=states,
             next_page_token=token,
@@ -118,15 +124,17 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         )
         start = _start_revision(request.start_revision)
         fingerprint = {"filter": repr(where), "start": request.start_revision}
-        position = validation.decode_page_token("page_token", request.page_token, fingerprint)
+        position = page_tokens.decode(
+            request.page_token, "ListEvents", fingerprint, page_tokens.revision
+        )
         changes, last = await self._core.list_events(
             where,
-            after_revision=int(position) if position else start,
+            after_revision=position[0] if position else start,
             limit=validation.page_size("page_size", request.page_size),
         )
         return pb.ListEventsResponse(
             events=[convert.event_to_proto(change) for change in changes],
-            next_page_token=validation.encode_page_token(str(last), fingerprint) if last else "",
+            next_page_token=page_tokens.encode("ListEvents", fingerprint, last) if last else "",
         )
 
     async def PutState(self, request: pb.PutStateRequest, context: Context) -> pb.PutStateResponse:
@@ -176,25 +184,28 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             for i, c in enumerate(request.compares)
         ]
         operations: list[PutRequest | DeleteCommand] = []
+        fields = []
         for index, operation in enumerate(request.operations):
-            field = f"operations[{index}]"
             kind = operation.WhichOneof("operation")
+            field = f"operations[{index}].{kind}"
             if kind == "put":
-                key = validation.state_key(f"{field}.put.key", operation.put.key)
+                key = validation.state_key(f"{field}.key", operation.put.key)
                 operations.append(
-                    _put_request(f"{field}.put.", operation.put, key, self._max_value_bytes)
+                    _put_request(f"{field}.", operation.put, key, self._max_value_bytes)
                 )
             elif kind == "delete":
-                key = validation.state_key(f"{field}.delete.key", operation.delete.key)
+                key = validation.state_key(f"{field}.key", operation.delete.key)
                 operations.append(DeleteCommand(key, allow_missing=True))
             else:
-                raise InvalidInput(field, "set put or delete")
+                raise InvalidInput(f"operations[{index}]", "set put or delete")
+            fields.append(field)
         result = await self._core.write(
             writer,
             compares,
             operations,
             fencing=_fencing(request),
             request_id=_request_id(request.request_id),
+            fields=fields,
         )
         return pb.TransactResponse(revision=result.revision, results=_results(result))
 
@@ -204,6 +215,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         """Stream the changes of keys under a prefix."""
         prefix = validation.state_key("prefix", request.prefix, prefix=True)
         start = _start_revision(request.start_revision)
+        validation.duration("progress_interval", request.progress_interval)  # reserved
         with self._streams.track():
             async for batch in self._core.watch_states(prefix, start):
                 changes = [
@@ -219,6 +231,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         """Stream the change log."""
         where = _change_filter(request)
         start = _start_revision(request.start_revision)
+        validation.duration("progress_interval", request.progress_interval)  # reserved
         with self._streams.track():
             async for batch in self._core.watch(start, where):
                 events = [convert.event_to_proto(change) for change in batch.changes]
@@ -282,11 +295,11 @@ def _value(field_prefix: str, message: Any, max_bytes: int, oneof: str = "value"
     if kind == "json":
         if message.json.WhichOneof("kind") is None:
             raise InvalidInput(f"{field_prefix}json", "is an empty Value; set one of its kinds")
-        value = StateValue(ValueKind.JSON, convert.json_text(message.json))
+        value = StateValue(ValueKind.JSON, convert.json_text(f"{field_prefix}json", message.json))
     elif kind == "binary":
         value = StateValue(ValueKind.BINARY, bytes(message.binary))
     else:
-        raise InvalidInput(f"{field_prefix}value", "set json or binary")
+        raise InvalidInput(f"{field_prefix}json", "is required: set json or binary")
     if len(value.data) > max_bytes:
         raise InvalidInput(
             f"{field_prefix}{kind}", f"is {len(value.data)} bytes; at most {max_bytes}"
@@ -359,4 +372,4 @@ def _change_filter(request: Any) -> ChangeFilter:
 def _time(request: Any, field: str) -> datetime | None:
     if not request.HasField(field):
         return None
-    return getattr(request, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+    return validation.timestamp(field, getattr(request, field))

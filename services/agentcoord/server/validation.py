@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from agentcoord.core.errors import InvalidInput
 
@@ -21,6 +19,8 @@ CAPABILITY = re.compile(r"[a-z0-9_.:-]{1,64}")
 """Capabilities: 1-64 characters of lower-case letters, digits and ``_.:-``."""
 LABEL_KEY = re.compile(r"[A-Za-z0-9_./-]{1,63}")
 """Label keys: 1-63 characters of letters, digits and ``_./-``."""
+T = TypeVar("T")
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_PAGE_SIZE = 1000
@@ -77,11 +77,46 @@ def labels(field: str, values: Mapping[str, str]) -> dict[str, str]:
     return dict(values)
 
 
+MAX_DURATION_SECONDS = 315_576_000_000
+"""Longest valid ``google.protobuf.Duration`` (about 10,000 years)."""
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+"""Seconds of 0001-01-01T00:00:00Z, the earliest valid ``google.protobuf.Timestamp``."""
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+"""Seconds of 9999-12-31T23:59:59Z, the latest valid ``google.protobuf.Timestamp``."""
+_NANOS = 1_000_000_000
+
+
 def duration(field: str, value: duration_pb2.Duration) -> float:
-    """Return a non-negative duration in seconds."""
-    if value.seconds < 0 or value.nanos < 0 or value.nanos >= 1_000_000_000:
-        raise InvalidInput(field, "must be a non-negative duration")
-    return value.seconds + value.nanos / 1e9
+    """Return a valid, non-negative Duration in seconds; every request Duration goes here."""
+    if not 0 <= value.seconds <= MAX_DURATION_SECONDS or not 0 <= value.nanos < _NANOS:
+        raise InvalidInput(
+            field,
+            f"{{seconds: {value.seconds}, nanos: {value.nanos}}} is not a valid non-negative "
+            f"duration (seconds 0 to {MAX_DURATION_SECONDS}, nanos 0 to 999999999)",
+        )
+    return value.seconds + value.nanos / _NANOS
+
+
+def timestamp(field: str, value: timestamp_pb2.Timestamp) -> datetime:
+    """Return a valid Timestamp as a UTC datetime; every request Timestamp goes here."""
+    if (
+        not MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS
+        or not 0 <= value.nanos < _NANOS
+    ):
+        raise InvalidInput(
+            field,
+            f"{{seconds: {value.seconds}, nanos: {value.nanos}}} is not a valid timestamp "
+            "(0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z)",
+        )
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def known(field: str, value: int, table: Mapping[Any, T], what: str) -> T:
+    """Return the core value of enum number ``value``; unknown numbers are refused."""
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidInput(field, f"{value} is not a known {what}") from None
 
 
 def page_size(field: str, value: int) -> int:
@@ -89,26 +124,6 @@ def page_size(field: str, value: int) -> int:
     if value < 0:
         raise InvalidInput(field, "must not be negative")
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def encode_page_token(position: str, query: Mapping[str, Any]) -> str:
-    """Return an opaque token for continuing a listing after ``position``."""
-    payload = json.dumps({"after": position, "query": query}, sort_keys=True)
-    return base64.urlsafe_b64encode(payload.encode()).decode()
-
-
-def decode_page_token(field: str, token: str, query: Mapping[str, Any]) -> str:
-    """Return the position in ``token``; the listing's filters must be those it was made for."""
-    if not token:
-        return ""
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(token.encode()))
-        position, made_for = payload["after"], payload["query"]
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        raise InvalidInput(field, "is not a token this server issued") from None
-    if not isinstance(position, str) or made_for != json.loads(json.dumps(query)):
-        raise InvalidInput(field, "was issued for a listing with other filters")
-    return position
 
 
 KEY_SEGMENT = re.compile(r"[A-Za-z0-9._~:@=+-]+")
