@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from agentcoord.core.errors import InvalidInput
+from agentcoord.server.sizes import MIN_MAX_MESSAGE_BYTES
 
 SERVICE_NAMES = ("discovery", "distribution", "statesync")
 """Services one process can host."""
@@ -47,9 +48,9 @@ class ServerConfig:
     max_pending_requests: int = 20_000
     """Calls grpc core queues before the server accepts them; past it new calls are refused."""
     max_message_bytes: int = 4 * 1024 * 1024
-    """Largest request or response message."""
+    """Largest request or response message; at least 4 MiB (the largest task or sub-task)."""
     max_value_bytes: int = 1024 * 1024
-    """Largest StateSync value, encoded."""
+    """Largest StateSync value, encoded; at most a quarter of ``max_message_bytes``."""
     max_transaction_operations: int = 128
     """Compares plus operations in one StateSync write at most."""
     change_retention: float = 7 * 24 * 3600.0
@@ -83,9 +84,17 @@ class ServerConfig:
             raise InvalidInput("tls_client_ca", "mutual TLS needs --tls-cert and --tls-key")
         if not (0 < self.min_ttl <= self.default_ttl <= self.max_ttl):
             raise InvalidInput("default_ttl", "need 0 < min_ttl <= default_ttl <= max_ttl")
-        if not 0 < self.max_value_bytes <= self.max_message_bytes // 2:
+        if self.max_message_bytes < MIN_MAX_MESSAGE_BYTES:
             raise InvalidInput(
-                "max_value_bytes", "must be positive and at most max_message_bytes/2"
+                "max_message_bytes",
+                f"must be at least {MIN_MAX_MESSAGE_BYTES} (4 MiB): a task or sub-task at its "
+                "field limits must fit one message",
+            )
+        if not 0 < self.max_value_bytes <= self.max_message_bytes // 4:
+            raise InvalidInput(
+                "max_value_bytes",
+                "must be positive and at most max_message_bytes/4: a change carries the value "
+                "and the previous one, base64-encoded in ListEvents",
             )
         if self.max_transaction_operations < 1:
             raise InvalidInput("max_transaction_operations", "must be at least 1")

@@ -14,6 +14,7 @@ from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from agentcoord.server import convert, validation
 from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.sizes import budget, fitting, revision_chunks
 from agentcoord.server.streams import StreamTracker
 
 if TYPE_CHECKING:
@@ -37,10 +38,14 @@ ACCESS = {
 class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     """Serves ``agentcoord.discovery.v1.DiscoveryService``."""
 
-    def __init__(self, core: Discovery, streams: StreamTracker) -> None:
-        """Serve ``core``; ``streams`` ends long streams at shutdown."""
+    def __init__(self, core: Discovery, streams: StreamTracker, max_message_bytes: int) -> None:
+        """Serve ``core``; ``streams`` ends long streams at shutdown.
+
+        Pages and stream messages are cut by size to stay under ``max_message_bytes``.
+        """
         self._core = core
         self._streams = streams
+        self._max_bytes = budget(max_message_bytes)
         self._protos = convert.AgentProtoCache()
 
     async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.GetAgentResponse:
@@ -63,13 +68,14 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         after = validation.decode_page_token("page_token", request.page_token, fingerprint)
         limit = validation.page_size("page_size", request.page_size)
         views, last = self._core.list_agents(query, after_agent_id=after, limit=limit)
-        response = pb.ListAgentsResponse(
-            next_page_token=validation.encode_page_token(last, fingerprint) if last else ""
+        agents = [self._protos.view_to_proto(view) for view in views]
+        count = fitting(agents, self._max_bytes)
+        if count < len(agents):
+            agents, last = agents[:count], agents[count - 1].agent_id
+        return pb.ListAgentsResponse(
+            agents=agents,
+            next_page_token=validation.encode_page_token(last, fingerprint) if last else "",
         )
-        agents = response.agents
-        for view in views:
-            self._protos.fill(agents.add(), view)
-        return response
 
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
         """Register an agent and open a session."""
@@ -94,6 +100,8 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             async for request in request_iterator:
                 held = tuple(request.load.held_subtask_ids)
                 validation.at_most("load.held_subtask_ids", held, 1024)
+                for index, subtask_id in enumerate(held):
+                    validation.text(f"load.held_subtask_ids[{index}]", subtask_id, max_length=128)
                 ack = await self._core.heartbeat(
                     session,
                     request.agent_id,
@@ -127,10 +135,9 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         query = _query(request.capabilities, request.role, ())
         with self._streams.track():
             async for events, revision in self._core.watch(request.start_revision, query):
-                yield pb.WatchAgentsResponse(
-                    events=[convert.agent_event_to_proto(event) for event in events],
-                    revision=revision,
-                )
+                messages = [convert.agent_event_to_proto(event) for event in events]
+                for chunk, reached in revision_chunks(messages, revision, self._max_bytes):
+                    yield pb.WatchAgentsResponse(events=chunk, revision=reached)
 
     async def GetSummary(
         self, request: pb.GetSummaryRequest, context: Context

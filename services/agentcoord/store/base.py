@@ -248,6 +248,10 @@ class Store(Protocol):
         """Return every sub-task of a task, in task order (``seq``)."""
         ...
 
+    async def list_subtasks_page(self, task_id: str, after_seq: int, limit: int) -> list[Subtask]:
+        """Return up to ``limit`` sub-tasks of a task whose ``seq`` is above ``after_seq``."""
+        ...
+
     async def list_tasks(
         self, where: TaskFilter, after: TaskCursor | None, limit: int
     ) -> list[Task]:

@@ -241,6 +241,13 @@ class SqlStore(abc.ABC):
         rows = await self._fetch(self._sql.select_subtasks_of_task, (task_id,))
         return [self._codec.subtask_from_row(row) for row in rows]
 
+    async def list_subtasks_page(self, task_id: str, after_seq: int, limit: int) -> list[Subtask]:
+        """Return a page of a task's sub-tasks in task order, after ``after_seq``."""
+        if limit <= 0:
+            raise InvalidInput("limit", "must be positive")
+        rows = await self._fetch(self._sql.select_subtasks_page, (task_id, after_seq, limit))
+        return [self._codec.subtask_from_row(row) for row in rows]
+
     async def list_tasks(
         self, where: TaskFilter, after: TaskCursor | None, limit: int
     ) -> list[Task]:

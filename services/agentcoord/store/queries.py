@@ -55,6 +55,9 @@ class Statements:
     select_subtasks_of_task: str = (
         f"SELECT {_SUBTASKS} FROM subtasks WHERE task_id = $1 ORDER BY seq"
     )
+    select_subtasks_page: str = (
+        f"SELECT {_SUBTASKS} FROM subtasks WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+    )
     select_open_subtasks: str = (
         # The condition is the one of the partial index subtasks_open, word for word.
         f"SELECT {_SUBTASKS} FROM subtasks WHERE state IN ('ready', 'leased') ORDER BY task_id, seq"
