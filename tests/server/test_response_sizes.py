@@ -6,6 +6,9 @@ Real servers on both stores, real stubs on channels with gRPC's default 4 MiB re
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import grpc
 import pytest
 
@@ -24,6 +27,21 @@ from tests.server.test_distribution import explicit, join, sub, value
 
 WIDE = "\U0001d538"
 """A character of four UTF-8 bytes: the widest text a field limit (in characters) lets in."""
+
+
+async def read_pages(
+    call: Callable[[Any], Awaitable[Any]], request: Any, items: str
+) -> tuple[list[Any], int]:
+    """Return every item of a List RPC, following its pages, and the number of pages."""
+    found: list[Any] = []
+    pages = 0
+    while True:
+        page = await call(request)
+        found += getattr(page, items)
+        pages += 1
+        if not page.next_page_token:
+            return found, pages
+        request.page_token = page.next_page_token
 
 
 def text(length: int, char: str = "x") -> str:
@@ -67,15 +85,10 @@ async def test_agents_at_their_limits_are_listed_watched_and_logged_in_pages(
     agent_ids = await register_agents(server, 32)
     discovery = discovery_grpc.DiscoveryServiceStub(channel)
 
-    listed, pages = [], 0
-    request = discovery_pb.ListAgentsRequest()
-    while True:
-        page = await discovery.ListAgents(request)
-        listed += [agent.agent_id for agent in page.agents]
-        pages += 1
-        if not page.next_page_token:
-            break
-        request.page_token = page.next_page_token
+    agents, pages = await read_pages(
+        discovery.ListAgents, discovery_pb.ListAgentsRequest(), "agents"
+    )
+    listed = [agent.agent_id for agent in agents]
     assert sorted(listed) == sorted(agent_ids) and pages > 1  # each once, in order
 
     joined: list[str] = []
@@ -90,13 +103,10 @@ async def test_agents_at_their_limits_are_listed_watched_and_logged_in_pages(
     assert set(joined) == agent_ids - {min(agent_ids)} and revisions == sorted(set(revisions))
 
     statesync = state_grpc.StateSyncServiceStub(channel)
-    events, event_request = [], state_pb.ListEventsRequest(kind="agent.joined")
-    while True:
-        event_page = await statesync.ListEvents(event_request)
-        events += [event.subject for event in event_page.events]
-        if not event_page.next_page_token:
-            break
-        event_request.page_token = event_page.next_page_token
+    joins, _ = await read_pages(
+        statesync.ListEvents, state_pb.ListEventsRequest(kind="agent.joined"), "events"
+    )
+    events = [event.subject for event in joins]
     assert sorted(events) == sorted(agent_ids)
 
 
@@ -111,15 +121,8 @@ async def test_tasks_with_the_longest_descriptions_are_listed_in_pages(
         )
         submitted.add((await stub.SubmitTask(pb.SubmitTaskRequest(task=task))).task.task_id)
 
-    listed, pages = [], 0
-    request = pb.ListTasksRequest(page_size=1000)
-    while True:
-        page = await stub.ListTasks(request)
-        listed += [task.task_id for task in page.tasks]
-        pages += 1
-        if not page.next_page_token:
-            break
-        request.page_token = page.next_page_token
+    tasks, pages = await read_pages(stub.ListTasks, pb.ListTasksRequest(page_size=1000), "tasks")
+    listed = [task.task_id for task in tasks]
     assert sorted(listed) == sorted(submitted) and len(listed) == 70 and pages > 1
 
 
@@ -137,14 +140,14 @@ async def test_a_task_of_ten_thousand_subtasks_is_submitted_read_and_watched_in_
     assert again.task.task_id == task_id and again.next_subtasks_page_token
 
     full = await stub.GetTask(pb.GetTaskRequest(task_id=task_id, view=pb.TASK_VIEW_FULL))
-    subtasks = list(full.task.subtasks)
-    page_request = pb.ListSubtasksRequest(
-        task_id=task_id, page_size=1000, page_token=full.next_subtasks_page_token
+    rest, _ = await read_pages(
+        stub.ListSubtasks,
+        pb.ListSubtasksRequest(
+            task_id=task_id, page_size=1000, page_token=full.next_subtasks_page_token
+        ),
+        "subtasks",
     )
-    while page_request.page_token:
-        page = await stub.ListSubtasks(page_request)
-        subtasks += page.subtasks
-        page_request.page_token = page.next_page_token
+    subtasks = [*full.task.subtasks, *rest]
     assert [s.local_id for s in subtasks] == [s.local_id for s in specs]
 
     async with AgentcoordClient(f"127.0.0.1:{server.port}") as client:
@@ -229,14 +232,10 @@ async def test_watch_and_list_of_events_split_big_value_changes(
             ),
             metadata=worker.metadata,
         )
-    pages, events, request = 0, 0, state_pb.ListEventsRequest(subject="shared/big")
-    while True:
-        page = await statesync.ListEvents(request)
-        events += len(page.events)
-        pages += 1
-        if not page.next_page_token:
-            break
-        request.page_token = page.next_page_token
+    logged, pages = await read_pages(
+        statesync.ListEvents, state_pb.ListEventsRequest(subject="shared/big"), "events"
+    )
+    events = len(logged)
     assert events == 6 and pages > 1
 
     watch = statesync.WatchStates(
@@ -248,3 +247,31 @@ async def test_watch_and_list_of_events_split_big_value_changes(
         if seen == 6:
             break
     watch.cancel()
+
+
+async def test_a_transaction_whose_response_would_not_fit_is_refused(
+    channel: grpc.aio.Channel,
+) -> None:
+    worker = await join(channel, "writer")
+
+    def transact(last: int) -> state_pb.TransactRequest:
+        sizes = [1 << 20, 1 << 20, 1 << 20, last]
+        return state_pb.TransactRequest(
+            agent_id="writer",
+            operations=[
+                state_pb.Operation(
+                    put=state_pb.PutOperation(key=f"shared/k{i}", binary=b"v" * size)
+                )
+                for i, size in enumerate(sizes)
+            ],
+        )
+
+    # Within the 4 MiB a request may have, but the response repeats every value and more.
+    last = (4 << 20) - 500 - transact(0).ByteSize() - 8
+    request = transact(last)
+    assert (4 << 20) - 1024 < request.ByteSize() <= 4 << 20
+    statesync = state_grpc.StateSyncServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await statesync.Transact(request, metadata=worker.metadata)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(caught.value) == ["operations"]

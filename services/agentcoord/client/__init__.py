@@ -16,6 +16,8 @@ from agentcoord.client._agent import (
     WorkItem,
 )
 from agentcoord.client._client import (
+    MAX_MESSAGE_BYTES,
+    MESSAGE_SIZE_OPTIONS,
     AgentcoordClient,
     DiscoveryClient,
     DistributionClient,
@@ -79,6 +81,8 @@ from agentcoord.client._sync import (
 )
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
+    "MESSAGE_SIZE_OPTIONS",
     "Agent",
     "AgentStats",
     "AgentcoordClient",

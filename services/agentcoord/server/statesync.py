@@ -46,6 +46,9 @@ ACCESS = {
 }
 """Access each RPC needs."""
 
+RESULT_OVERHEAD = 256
+"""Bytes a Transact result adds to the operation it answers, at most (the state's
+revisions, times and writer)."""
 MAX_REQUEST_ID = 128
 """Longest request id."""
 MIN_TTL = 1.0
@@ -69,6 +72,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         self._core = core
         self._streams = streams
         self._max_bytes = budget(max_message_bytes)
+        self._max_message_bytes = max_message_bytes
         self._max_value_bytes = max_value_bytes
 
     async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.GetStateResponse:
@@ -179,6 +183,13 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         writer = _writer(request.agent_id)
         if not request.operations:
             raise InvalidInput("operations", "at least one operation is required")
+        response_bytes = request.ByteSize() + RESULT_OVERHEAD * len(request.operations)
+        if response_bytes > self._max_message_bytes:
+            raise InvalidInput(
+                "operations",
+                f"the response would be about {response_bytes} bytes, more than the max "
+                f"message size {self._max_message_bytes}: split the transaction",
+            )
         compares = [
             _compare(f"compares[{i}]", c, self._max_value_bytes)
             for i, c in enumerate(request.compares)
