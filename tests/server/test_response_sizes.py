@@ -166,6 +166,7 @@ async def test_a_task_of_ten_thousand_subtasks_is_submitted_read_and_watched_in_
     assert first is not None and len(first.subtasks) == 10_000
 
     # Cancelling moves every sub-task at once: the transitions are split over messages.
+    before = (await stub.GetTask(pb.GetTaskRequest(task_id=task_id))).task.revision
     await stub.CancelTask(pb.CancelTaskRequest(task_id=task_id, reason="too big"))
     cancelled, last = 0, None
     async for response in watch:
@@ -177,6 +178,11 @@ async def test_a_task_of_ten_thousand_subtasks_is_submitted_read_and_watched_in_
     assert last.state == pb.Task.STATE_CANCELLED
     assert {s.state for s in last.subtasks} == {pb.Subtask.STATE_CANCELLED}
     assert len(last.subtasks) == 10_000
+
+    async with AgentcoordClient(f"127.0.0.1:{server.port}") as client:
+        replayed = [e async for e in client.tasks.watch(task_id, start_revision=before, full=True)]
+    assert len(replayed) == 10_001  # every sub-task's cancellation, then the task's
+    assert len(replayed[-1].task.subtasks) == 10_000
 
 
 async def test_a_merged_result_too_large_for_a_message_is_merged_by_the_sdk(

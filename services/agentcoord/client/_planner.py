@@ -816,13 +816,16 @@ class Planner:
                 RESUMABLE_CODES
             )(open_stream, functools.partial(self._raw.watch_task, request))
             opened_at = last
-            mirror = TaskMirror()  # each stream starts with every sub-task (FULL)
+            subtasks: dict[str, Subtask] = {}  # FULL: every sub-task first, then the changed
             try:
                 async for response in stream:
-                    message = mirror.update(response)
-                    if message is None:
-                        continue
-                    task = Task.from_proto(message)
+                    for subtask in response.subtasks:
+                        subtasks[subtask.subtask_id] = Subtask.from_proto(subtask)
+                    if not response.HasField("task"):
+                        continue  # sub-tasks only: the message with the task follows
+                    task = Task.from_proto(response.task)
+                    if subtasks:
+                        task = dataclasses.replace(task, subtasks=tuple(subtasks.values()))
                     for event in response.events:
                         if event.revision > last:
                             yield _event(event, task)

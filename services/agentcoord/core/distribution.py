@@ -73,9 +73,6 @@ from agentcoord.store.base import Store
 
 log = logging.getLogger(__name__)
 
-CHANGED_SUBTASK_READS = 32
-"""Sub-tasks a FULL WatchTask reads one by one after a batch; more: it reads the whole task."""
-
 
 @dataclass(frozen=True, slots=True)
 class DistributionConfig:
@@ -818,12 +815,7 @@ class Distribution:
     async def _changed_subtasks(self, task_id: str, changes: Sequence[Change]) -> list[Subtask]:
         """Return the sub-tasks ``changes`` moved, as they stand now, in task order."""
         ids = {c.details["subtask_id"] for c in changes if c.kind.startswith("subtask.")}
-        if len(ids) > CHANGED_SUBTASK_READS:
-            subtasks = [s for s in await self._store.list_subtasks(task_id) if s.subtask_id in ids]
-        else:
-            found = [await self._store.get_subtask(subtask_id) for subtask_id in ids]
-            subtasks = sorted((s for s in found if s is not None), key=lambda s: s.seq)
-        return [self._with_live_lease(s) for s in subtasks]
+        return [self._with_live_lease(s) for s in await self._store.get_subtasks(ids)]
 
     def _with_live_lease(self, subtask: Subtask) -> Subtask:
         held = self._held.get(subtask.subtask_id)

@@ -9,7 +9,7 @@ listeners with the new change log entries, in revision order, on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -242,6 +242,10 @@ class Store(Protocol):
 
     async def get_subtask(self, subtask_id: str) -> Subtask | None:
         """Return one sub-task, or None."""
+        ...
+
+    async def get_subtasks(self, subtask_ids: Collection[str]) -> list[Subtask]:
+        """Return the sub-tasks with these ids that exist, in ``(task, seq)`` order."""
         ...
 
     async def list_subtasks(self, task_id: str) -> list[Subtask]:
