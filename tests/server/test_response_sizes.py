@@ -6,6 +6,7 @@ Real servers on both stores, real stubs on channels with gRPC's default 4 MiB re
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -281,3 +282,27 @@ async def test_a_transaction_whose_response_would_not_fit_is_refused(
         await statesync.Transact(request, metadata=worker.metadata)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(caught.value) == ["operations"]
+
+
+async def test_the_summary_of_agents_with_many_distinct_capabilities_fits(
+    server: App, channel: grpc.aio.Channel
+) -> None:
+    stub = discovery_grpc.DiscoveryServiceStub(channel)
+    # 1,000 agents of 64 capabilities each, none shared: 64,000 map entries, about 4.6 MB.
+    await asyncio.gather(
+        *(
+            stub.Register(
+                discovery_pb.RegisterRequest(
+                    agent_id=f"a{i:04d}",
+                    name="n",
+                    capabilities=[f"{i:04d}-{c:02d}".ljust(64, "c") for c in range(64)],
+                )
+            )
+            for i in range(1000)
+        )
+    )
+    summary = await stub.GetSummary(discovery_pb.GetSummaryRequest())
+    assert summary.live_agents == 1000 and summary.counts_truncated
+    assert 0 < len(summary.live_agents_by_capability) < 64_000
+    assert set(summary.live_agents_by_capability.values()) == {1}
+    assert dict(summary.live_agents_by_role) == {"": 1000}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -144,15 +144,34 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     ) -> pb.GetSummaryResponse:
         """Count live agents by role and capability."""
         summary = self._core.summary()
+        by_role, roles_cut = _most_common(summary.by_role, self._max_bytes // 2)
+        by_capability, capabilities_cut = _most_common(summary.by_capability, self._max_bytes // 2)
         return pb.GetSummaryResponse(
             live_agents=summary.live_agents,
-            live_agents_by_role=summary.by_role,
-            live_agents_by_capability=summary.by_capability,
+            live_agents_by_role=by_role,
+            live_agents_by_capability=by_capability,
+            counts_truncated=roles_cut or capabilities_cut,
             can_coordinate=summary.can_coordinate,
             total_capacity=summary.total_capacity,
             active_subtasks=summary.active_subtasks,
             revision=await self._core.revision(),
         )
+
+
+MAP_ENTRY_OVERHEAD = 16
+"""Bytes a ``map<string, int32>`` entry adds to its key, at most."""
+
+
+def _most_common(counts: Mapping[str, int], max_bytes: int) -> tuple[dict[str, int], bool]:
+    """Return the most common entries of ``counts`` that fit in ``max_bytes``; whether cut."""
+    kept: dict[str, int] = {}
+    size = 0
+    for name, count in sorted(counts.items(), key=lambda entry: (-entry[1], entry[0])):
+        size += len(name.encode()) + MAP_ENTRY_OVERHEAD
+        if size > max_bytes:
+            return kept, True
+        kept[name] = count
+    return kept, False
 
 
 def _own_session() -> Session:
