@@ -42,6 +42,7 @@ EXPECTED_RPCS: dict[str, dict[str, tuple[bool, bool]]] = {
         "SubmitTask": UNARY,
         "GetTask": UNARY,
         "ListTasks": UNARY,
+        "ListSubtasks": UNARY,
         "CancelTask": UNARY,
         "WatchTask": SERVER_STREAM,
         "StreamAssignments": SERVER_STREAM,

@@ -211,6 +211,31 @@ async def test_tasks_submit_watch_show_and_list(cli: Cli, tmp_path: Path) -> Non
     assert message["task"]["state"] == "STATE_SUCCEEDED" and len(message["task"]["subtasks"]) == 5
 
 
+async def test_tasks_show_and_watch_a_task_too_large_for_one_message(
+    cli: Cli, tmp_path: Path
+) -> None:
+    # 6,000 sub-tasks of 400-character descriptions: about 3 MB, more than a response holds.
+    subtasks = [
+        {"localId": f"s{i:04d}", "title": "T", "description": "d" * 400} for i in range(6000)
+    ]
+    spec = {"title": "Big", "splitPolicy": "SPLIT_POLICY_EXPLICIT", "subtasks": subtasks}
+    (tmp_path / "big.json").write_text(json.dumps(spec))
+    submitted = await cli("tasks", "submit", "-q", "--spec", str(tmp_path / "big.json"))
+    assert submitted.code == Exit.OK, submitted.err
+    task_id = submitted.out.strip()
+
+    shown = await cli("--json", "tasks", "show", task_id)
+    assert [s["localId"] for s in shown.json["task"]["subtasks"]] == [
+        s["localId"] for s in subtasks
+    ]
+    assert shown.json["nextSubtasksPageToken"] == ""
+    assert len(table((await cli("tasks", "show", task_id)).out.split("\n\n")[1])) == 6001
+
+    await cli("tasks", "cancel", task_id)
+    (message,) = (await cli("--json", "tasks", "watch", task_id)).json_lines
+    assert len(message["task"]["subtasks"]) == 6000
+
+
 @pytest.mark.usefixtures("worker")
 async def test_failed_and_cancelled_tasks_exit_1(cli: Cli) -> None:
     failed = await cli("tasks", "submit", "--description", "Fail on purpose", "--wait")

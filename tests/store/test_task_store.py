@@ -217,6 +217,12 @@ async def test_submit_stores_the_task_and_its_subtasks(store: Store) -> None:
     assert await store.get_subtask("t1-x") is None
     assert await store.list_subtasks("t2") == []
 
+    assert await store.list_subtasks_page("t1", -1, 2) == listed[:2]
+    assert await store.list_subtasks_page("t1", 1, 10) == listed[2:]
+    assert await store.list_subtasks_page("t1", 3, 10) == []
+    assert await store.get_subtasks({"t1-d", "t1-b", "t1-x"}) == [listed[1], listed[3]]
+    assert await store.get_subtasks(set()) == []
+
     changes = await all_changes(store)
     assert [(c.revision, c.kind) for c in changes] == [
         (1, "task.submitted"),

@@ -25,7 +25,7 @@ from agentcoord.cli.progress import (
     renderer_for,
 )
 from agentcoord.cli.rpc import Commands, add_command, add_group, add_limit_argument, list_all
-from agentcoord.client import AgentcoordClient
+from agentcoord.client import AgentcoordClient, TaskMirror
 from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 
 STATES = [label(pb.Task.State, value) for value in pb.Task.State.values() if value]
@@ -156,7 +156,8 @@ async def _submit(client: AgentcoordClient, args: argparse.Namespace, out: Outpu
     request = pb.SubmitTaskRequest(
         task=_task_spec(args), request_id=args.request_id or str(uuid.uuid4())
     )
-    task = (await client.distribution.submit_task(request)).task
+    response = await client.distribution.submit_task(request)
+    task = response.task
     if args.quiet:
         out.line(task.task_id)
     elif not out.json:
@@ -167,7 +168,7 @@ async def _submit(client: AgentcoordClient, args: argparse.Namespace, out: Outpu
         if show_progress:
             _print_outcome(task, out)
     if out.json and not args.quiet:
-        out.document(pb.SubmitTaskResponse(task=task))
+        out.document(pb.SubmitTaskResponse(task=task) if args.wait else response)
     return _exit_for(task) if args.wait else Exit.OK
 
 
@@ -198,10 +199,18 @@ async def _list(client: AgentcoordClient, args: argparse.Namespace, out: Output)
 async def _show(client: AgentcoordClient, args: argparse.Namespace, out: Output) -> int:
     request = pb.GetTaskRequest(task_id=args.task_id, view=pb.TASK_VIEW_FULL)
     response = await client.distribution.get_task(request)
+    task = response.task
+    if response.next_subtasks_page_token:  # too many for one message: read the rest
+        rest = pb.ListSubtasksRequest(
+            task_id=task.task_id, page_token=response.next_subtasks_page_token
+        )
+        task.subtasks.extend(
+            (await list_all(client.distribution.list_subtasks, rest, "subtasks")).subtasks
+        )
+        response.next_subtasks_page_token = ""
     if out.json:
         out.document(response)
         return Exit.OK
-    task = response.task
     local_ids = {s.subtask_id: s.local_id for s in task.subtasks}
     out.fields(
         [
@@ -213,7 +222,7 @@ async def _show(client: AgentcoordClient, args: argparse.Namespace, out: Output)
             ("capabilities", listing(task.required_capabilities)),
             ("submitted", f"{when(task.create_time)} by {task.submitter_agent_id or NONE}"),
             ("ended", when(task.end_time)),
-            ("result", json_value(task.result) if task.HasField("result") else NONE),
+            ("result", _result(task)),
         ]
     )
     out.line()
@@ -260,9 +269,15 @@ async def follow(client: AgentcoordClient, task_id: str, renderer: Renderer) -> 
     """
     request = pb.WatchTaskRequest(task_id=task_id, view=pb.TASK_VIEW_FULL)
     task: pb.Task | None = None
+    mirror = TaskMirror()
     async for response in client.distribution.watch_task(request):
-        renderer.update(response)
-        task = response.task
+        full = mirror.update(response)
+        if full is None:
+            continue  # sub-tasks only: the message with the task follows
+        renderer.update(
+            pb.WatchTaskResponse(events=response.events, task=full, revision=response.revision)
+        )
+        task = full
     if task is None or task.state not in FINAL_STATES:
         raise CliError(
             f"the watch of task {task_id} ended before the task did; watch it again",
@@ -275,6 +290,14 @@ def _print_outcome(task: pb.Task, out: Output) -> None:
     out.line(outcome(task))
     if task.HasField("result"):
         out.line(f"result: {json_value(task.result)}")
+
+
+def _result(task: pb.Task) -> str:
+    if task.HasField("result"):
+        return json_value(task.result)
+    if task.state == pb.Task.STATE_SUCCEEDED:
+        return "too large to show: see each sub-task's result (--json)"
+    return NONE
 
 
 def _exit_for(task: pb.Task) -> Exit:

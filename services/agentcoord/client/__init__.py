@@ -16,6 +16,8 @@ from agentcoord.client._agent import (
     WorkItem,
 )
 from agentcoord.client._client import (
+    MAX_MESSAGE_BYTES,
+    MESSAGE_SIZE_OPTIONS,
     AgentcoordClient,
     DiscoveryClient,
     DistributionClient,
@@ -38,6 +40,7 @@ from agentcoord.client._planner import (
     TaskCancelled,
     TaskEvent,
     TaskFailed,
+    TaskMirror,
     TaskSpec,
     TaskState,
     TaskTransition,
@@ -78,6 +81,8 @@ from agentcoord.client._sync import (
 )
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
+    "MESSAGE_SIZE_OPTIONS",
     "Agent",
     "AgentStats",
     "AgentcoordClient",
@@ -125,6 +130,7 @@ __all__ = [
     "TaskCancelled",
     "TaskEvent",
     "TaskFailed",
+    "TaskMirror",
     "TaskSpec",
     "TaskState",
     "TaskTransition",

@@ -214,6 +214,14 @@ class DistributionClient(_ServiceClient):
             "ListTasks", request, distribution_pb.ListTasksResponse, idempotent=True
         )
 
+    async def list_subtasks(
+        self, request: distribution_pb.ListSubtasksRequest
+    ) -> distribution_pb.ListSubtasksResponse:
+        """Call ListSubtasks (one page)."""
+        return await self._unary(
+            "ListSubtasks", request, distribution_pb.ListSubtasksResponse, idempotent=True
+        )
+
     async def analyze_task(
         self, request: distribution_pb.AnalyzeTaskRequest
     ) -> distribution_pb.AnalyzeTaskResponse:
@@ -359,6 +367,15 @@ class StateSyncClient(_ServiceClient):
         return self._server_stream("WatchEvents", request)
 
 
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Largest message sent or received: the server's default ``--max-message-bytes``."""
+MESSAGE_SIZE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+"""Channel options matching the server's message size; override both with the server's."""
+
+
 class AgentcoordClient:
     """Channels to agentcoord servers and a client per service.
 
@@ -393,7 +410,7 @@ class AgentcoordClient:
             credentials: TLS channel credentials; plaintext when None.
             timeout: Deadline in seconds of each unary call.
             retry: Back-off for idempotent calls on UNAVAILABLE.
-            options: Extra grpc channel options.
+            options: Extra grpc channel options; they override :data:`MESSAGE_SIZE_OPTIONS`.
 
         Raises:
             ValueError: no address, or a malformed one (such as port 99999).
@@ -414,7 +431,7 @@ class AgentcoordClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._credentials = credentials
-        self._options = list(options)
+        self._options = list({**dict(MESSAGE_SIZE_OPTIONS), **dict(options)}.items())
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._channel: grpc.aio.Channel | None = None
 

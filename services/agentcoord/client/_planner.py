@@ -604,6 +604,34 @@ class Plan:
     """Name of the splitter that made the plan."""
 
 
+class TaskMirror:
+    """The whole task of a WatchTask stream, rebuilt from its messages.
+
+    In ``TASK_VIEW_FULL`` a stream sends every sub-task first, then the sub-tasks each
+    transition changed (``WatchTaskResponse.subtasks``); the mirror keeps the latest of each.
+    """
+
+    def __init__(self) -> None:
+        """Start empty, for one stream."""
+        self._subtasks: dict[str, pb.Subtask] = {}
+
+    def update(self, response: pb.WatchTaskResponse) -> pb.Task | None:
+        """Take in one message; return its task with every sub-task known so far.
+
+        Returns None for a message that only carries sub-tasks (more follow).
+        """
+        for subtask in response.subtasks:
+            self._subtasks[subtask.subtask_id] = subtask
+        if not response.HasField("task"):
+            return None
+        if not self._subtasks:
+            return response.task
+        task = pb.Task()
+        task.CopyFrom(response.task)
+        task.subtasks.extend(self._subtasks.values())
+        return task
+
+
 # --- the client ---------------------------------------------------------------------------------
 
 
@@ -654,10 +682,13 @@ class Planner:
         )
         with _typed_errors():
             response = await self._raw.submit_task(request)
-        return Task.from_proto(response.task)
+        return await self._complete(response.task, response.next_subtasks_page_token)
 
     async def get(self, task_id: str, *, full: bool = True) -> Task:
-        """Return a task; with ``full`` (the default) its sub-tasks too.
+        """Return a task; with ``full`` (the default) all its sub-tasks too.
+
+        A task too large for one message comes with its first sub-tasks; the rest are
+        read page by page (ListSubtasks) before this returns.
 
         Raises:
             NotFoundError: no such task.
@@ -665,7 +696,48 @@ class Planner:
         view = pb.TASK_VIEW_FULL if full else pb.TASK_VIEW_BASIC
         with _typed_errors():
             response = await self._raw.get_task(pb.GetTaskRequest(task_id=task_id, view=view))
-        return Task.from_proto(response.task)
+        return await self._complete(response.task, response.next_subtasks_page_token)
+
+    async def subtasks(self, task_id: str, *, page_token: str = "") -> AsyncIterator[Subtask]:
+        """Yield a task's sub-tasks in task order, following the pages (ListSubtasks).
+
+        Args:
+            task_id: The task.
+            page_token: Start after the sub-tasks a GetTask or SubmitTask response held
+                (its ``next_subtasks_page_token``); the first sub-task when empty.
+
+        Raises:
+            NotFoundError: no such task.
+        """
+        async for message in self._subtask_pages(task_id, page_token):
+            yield Subtask.from_proto(message)
+
+    async def _subtask_pages(self, task_id: str, page_token: str) -> AsyncIterator[pb.Subtask]:
+        request = pb.ListSubtasksRequest(task_id=task_id, page_size=1000, page_token=page_token)
+        while True:
+            with _typed_errors():
+                response = await self._raw.list_subtasks(request)
+            for subtask in response.subtasks:
+                yield subtask
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    async def _complete(self, task: pb.Task, page_token: str) -> Task:
+        """Return ``task`` with the sub-tasks the server could not fit in its message."""
+        if page_token:
+            task.subtasks.extend([s async for s in self._subtask_pages(task.task_id, page_token)])
+        if task.state == pb.Task.STATE_SUCCEEDED and not task.HasField("result"):
+            # The merged result was too large for one message: merge it here.
+            subtasks = task.subtasks or [s async for s in self._subtask_pages(task.task_id, "")]
+            task.result.struct_value.update(
+                {
+                    s.local_id: from_proto_value(s.result) if s.HasField("result") else None
+                    for s in subtasks
+                    if s.state == pb.Subtask.STATE_SUCCEEDED
+                }
+            )
+        return Task.from_proto(task)
 
     async def list(
         self,
@@ -690,7 +762,11 @@ class Planner:
             with _typed_errors():
                 response = await self._raw.list_tasks(request)
             for task in response.tasks:
-                yield Task.from_proto(task)
+                if full and len(task.subtasks) < task.counts.total:
+                    # Only the first ones fitted in the page: read them all.
+                    del task.subtasks[:]
+                    task.subtasks.extend([s async for s in self._subtask_pages(task.task_id, "")])
+                yield await self._complete(task, "")
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
@@ -740,9 +816,16 @@ class Planner:
                 RESUMABLE_CODES
             )(open_stream, functools.partial(self._raw.watch_task, request))
             opened_at = last
+            subtasks: dict[str, Subtask] = {}  # FULL: every sub-task first, then the changed
             try:
                 async for response in stream:
+                    for subtask in response.subtasks:
+                        subtasks[subtask.subtask_id] = Subtask.from_proto(subtask)
+                    if not response.HasField("task"):
+                        continue  # sub-tasks only: the message with the task follows
                     task = Task.from_proto(response.task)
+                    if subtasks:
+                        task = dataclasses.replace(task, subtasks=tuple(subtasks.values()))
                     for event in response.events:
                         if event.revision > last:
                             yield _event(event, task)

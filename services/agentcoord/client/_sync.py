@@ -176,6 +176,7 @@ class SyncPlanner(_Facade[Planner]):
     submit = _blocking(Planner.submit)
     get = _blocking(Planner.get)
     list = _blocking_iter(Planner.list)
+    subtasks = _blocking_iter(Planner.subtasks)
     cancel = _blocking(Planner.cancel)
     watch = _blocking_iter(Planner.watch)
     result = _blocking(Planner.result)

@@ -131,11 +131,14 @@ class TaskView:
 
 @dataclass(frozen=True, slots=True)
 class TaskWatchItem:
-    """One message of WatchTask: transitions (empty in the first) and the task after them."""
+    """One step of WatchTask: transitions (empty in the first) and the task after them."""
 
     changes: Sequence[Change]
     view: TaskView
+    """The task (without sub-tasks) after the transitions."""
     revision: int
+    subtasks: tuple[Subtask, ...] = ()
+    """FULL watches: every sub-task in the first step, then those the transitions changed."""
 
 
 class StreamReplaced(FailedPrecondition):
@@ -868,10 +871,13 @@ class Distribution:
         Raises:
             NotFound: no such task.
         """
+        return await self._view(await self._task(task_id), full)
+
+    async def _task(self, task_id: str) -> Task:
         task = await self._store.get_task(task_id)
         if task is None:
             raise NotFound(f"task_id: task {task_id!r} does not exist", reason="TASK_NOT_FOUND")
-        return await self._view(task, full)
+        return task
 
     async def _view(self, task: Task, full: bool) -> TaskView:
         subtasks: list[Subtask] = []
@@ -880,6 +886,23 @@ class Distribution:
                 self._with_live_lease(s) for s in await self._store.list_subtasks(task.task_id)
             ]
         return TaskView(task, tuple(subtasks) if full else None, aggregate_result(task, subtasks))
+
+    async def list_subtasks(
+        self, task_id: str, after_seq: int, limit: int
+    ) -> tuple[list[Subtask], bool]:
+        """Return up to ``limit`` sub-tasks of a task after ``after_seq``, and whether more follow.
+
+        Raises:
+            NotFound: no such task.
+        """
+        await self._task(task_id)
+        subtasks = await self._store.list_subtasks_page(task_id, after_seq, limit + 1)
+        return [self._with_live_lease(s) for s in subtasks[:limit]], len(subtasks) > limit
+
+    async def _changed_subtasks(self, task_id: str, changes: Sequence[Change]) -> list[Subtask]:
+        """Return the sub-tasks ``changes`` moved, as they stand now, in task order."""
+        ids = {c.details["subtask_id"] for c in changes if c.kind.startswith("subtask.")}
+        return [self._with_live_lease(s) for s in await self._store.get_subtasks(ids)]
 
     def _with_live_lease(self, subtask: Subtask) -> Subtask:
         held = self._held.get(subtask.subtask_id)
@@ -918,11 +941,14 @@ class Distribution:
     ) -> AsyncIterator[TaskWatchItem]:
         """Yield the task's transitions after ``start_revision`` until the task ends.
 
+        With ``full`` each item also has sub-tasks: all of them in the first item, then
+        those its transitions changed.
+
         Raises:
             NotFound: no such task.
             OutOfRange: ``start_revision`` is compacted.
         """
-        view = await self.get_task(task_id, full=full)
+        await self._task(task_id)
         await check_retained(self._store, "start_revision", start_revision)
 
         def is_task_change(change: Change) -> bool:
@@ -934,12 +960,15 @@ class Distribution:
                 first = False
                 # Read after the watch is registered: no later change can be missed.
                 view = await self.get_task(task_id, full=full)
-                yield TaskWatchItem([], view, batch.revision)
+                yield TaskWatchItem(
+                    [], replace(view, subtasks=None), batch.revision, view.subtasks or ()
+                )
                 if view.task.state.is_final and view.task.revision <= batch.revision:
                     return  # its last transition is behind the watch: nothing more comes
                 continue
-            view = await self.get_task(task_id, full=full)
-            yield TaskWatchItem(batch.changes, view, batch.revision)
+            changed = await self._changed_subtasks(task_id, batch.changes) if full else []
+            view = await self.get_task(task_id, full=False)
+            yield TaskWatchItem(batch.changes, view, batch.revision, tuple(changed))
             if any(_ends_task(change) for change in batch.changes):
                 return
 

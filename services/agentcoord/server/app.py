@@ -137,7 +137,7 @@ async def _host_services(
         )
         await discovery.start()
         lookup, is_live = discovery.authenticate, discovery.is_live
-        servicer = discovery_server.DiscoveryServicer(discovery, streams)
+        servicer = discovery_server.DiscoveryServicer(discovery, streams, config.max_message_bytes)
         hosted.append(
             _Hosted(
                 discovery_server.SERVICE.full_name,
@@ -189,7 +189,9 @@ async def _host_services(
         )
         await distribution.start()
         discovery.heartbeat_listeners.append(distribution.renew_leases)
-        distribution_servicer = distribution_server.DistributionServicer(distribution, streams)
+        distribution_servicer = distribution_server.DistributionServicer(
+            distribution, streams, config.max_message_bytes
+        )
         hosted.append(
             _Hosted(
                 distribution_server.SERVICE.full_name,

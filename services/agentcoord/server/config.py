@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agentcoord.core.errors import InvalidInput
+from agentcoord.server.sizes import MIN_MAX_MESSAGE_BYTES
 
 SERVICE_NAMES = ("discovery", "distribution", "statesync")
 """Services one process can host."""
@@ -65,9 +66,9 @@ class ServerConfig:
     max_pending_requests: int = 20_000
     """Calls grpc core queues before the server accepts them; past it new calls are refused."""
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata=BYTES)
-    """Largest request or response message."""
+    """Largest request or response message; at least 4 MiB (the largest task or sub-task)."""
     max_value_bytes: int = field(default=1024 * 1024, metadata=BYTES)
-    """Largest StateSync value, encoded."""
+    """Largest StateSync value, encoded; at most a quarter of ``max_message_bytes``."""
     max_transaction_operations: int = 128
     """Compares plus operations in one StateSync write at most."""
     change_retention: float = field(default=7 * 24 * 3600.0, metadata=DURATION)
@@ -110,9 +111,17 @@ class ServerConfig:
                 raise InvalidInput("mtls_agent_id_pattern", "must contain {agent_id} exactly once")
         if not (0 < self.min_ttl <= self.default_ttl <= self.max_ttl):
             raise InvalidInput("default_ttl", "need 0 < min_ttl <= default_ttl <= max_ttl")
-        if not 0 < self.max_value_bytes <= self.max_message_bytes // 2:
+        if self.max_message_bytes < MIN_MAX_MESSAGE_BYTES:
             raise InvalidInput(
-                "max_value_bytes", "must be positive and at most max_message_bytes/2"
+                "max_message_bytes",
+                f"must be at least {MIN_MAX_MESSAGE_BYTES} (4 MiB): a task or sub-task at its "
+                "field limits must fit one message",
+            )
+        if not 0 < self.max_value_bytes <= self.max_message_bytes // 4:
+            raise InvalidInput(
+                "max_value_bytes",
+                "must be positive and at most max_message_bytes/4: a change carries the value "
+                "and the previous one, base64-encoded in ListEvents",
             )
         if self.max_transaction_operations < 1:
             raise InvalidInput("max_transaction_operations", "must be at least 1")

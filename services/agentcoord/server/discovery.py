@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -14,6 +14,7 @@ from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from agentcoord.server import convert, page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.sizes import budget, fitting, revision_chunks
 from agentcoord.server.streams import StreamTracker
 
 if TYPE_CHECKING:
@@ -37,10 +38,14 @@ ACCESS = {
 class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     """Serves ``agentcoord.discovery.v1.DiscoveryService``."""
 
-    def __init__(self, core: Discovery, streams: StreamTracker) -> None:
-        """Serve ``core``; ``streams`` ends long streams at shutdown."""
+    def __init__(self, core: Discovery, streams: StreamTracker, max_message_bytes: int) -> None:
+        """Serve ``core``; ``streams`` ends long streams at shutdown.
+
+        Pages and stream messages are cut by size to stay under ``max_message_bytes``.
+        """
         self._core = core
         self._streams = streams
+        self._max_bytes = budget(max_message_bytes)
         self._protos = convert.AgentProtoCache()
 
     async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.GetAgentResponse:
@@ -67,13 +72,14 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         views, last = self._core.list_agents(
             query, after_agent_id=position[0] if position else "", limit=limit
         )
-        response = pb.ListAgentsResponse(
-            next_page_token=page_tokens.encode("ListAgents", fingerprint, last) if last else ""
+        agents = [self._protos.view_to_proto(view) for view in views]
+        count = fitting(agents, self._max_bytes)
+        if count < len(agents):
+            agents, last = agents[:count], agents[count - 1].agent_id
+        return pb.ListAgentsResponse(
+            agents=agents,
+            next_page_token=page_tokens.encode("ListAgents", fingerprint, last) if last else "",
         )
-        agents = response.agents
-        for view in views:
-            self._protos.fill(agents.add(), view)
-        return response
 
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
         """Open a session, or resume the caller's own (its session token presented)."""
@@ -109,6 +115,8 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             async for request in request_iterator:
                 held = tuple(request.load.held_subtask_ids)
                 validation.at_most("load.held_subtask_ids", held, 1024)
+                for index, subtask_id in enumerate(held):
+                    validation.text(f"load.held_subtask_ids[{index}]", subtask_id, max_length=128)
                 ack = await self._core.heartbeat(
                     session,
                     request.agent_id,
@@ -142,25 +150,43 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         query = _query(request.capabilities, request.role, ())
         with self._streams.track():
             async for events, revision in self._core.watch(request.start_revision, query):
-                yield pb.WatchAgentsResponse(
-                    events=[convert.agent_event_to_proto(event) for event in events],
-                    revision=revision,
-                )
+                messages = [convert.agent_event_to_proto(event) for event in events]
+                for chunk, reached in revision_chunks(messages, revision, self._max_bytes):
+                    yield pb.WatchAgentsResponse(events=chunk, revision=reached)
 
     async def GetSummary(
         self, request: pb.GetSummaryRequest, context: Context
     ) -> pb.GetSummaryResponse:
         """Count live agents by role and capability."""
         summary = self._core.summary()
+        by_role, roles_cut = _most_common(summary.by_role, self._max_bytes // 2)
+        by_capability, capabilities_cut = _most_common(summary.by_capability, self._max_bytes // 2)
         return pb.GetSummaryResponse(
             live_agents=summary.live_agents,
-            live_agents_by_role=summary.by_role,
-            live_agents_by_capability=summary.by_capability,
+            live_agents_by_role=by_role,
+            live_agents_by_capability=by_capability,
+            counts_truncated=roles_cut or capabilities_cut,
             can_coordinate=summary.can_coordinate,
             total_capacity=summary.total_capacity,
             active_subtasks=summary.active_subtasks,
             revision=await self._core.revision(),
         )
+
+
+MAP_ENTRY_OVERHEAD = 16
+"""Bytes a ``map<string, int32>`` entry adds to its key, at most."""
+
+
+def _most_common(counts: Mapping[str, int], max_bytes: int) -> tuple[dict[str, int], bool]:
+    """Return the most common entries of ``counts`` that fit in ``max_bytes``; whether cut."""
+    kept: dict[str, int] = {}
+    size = 0
+    for name, count in sorted(counts.items(), key=lambda entry: (-entry[1], entry[0])):
+        size += len(name.encode()) + MAP_ENTRY_OVERHEAD
+        if size > max_bytes:
+            return kept, True
+        kept[name] = count
+    return kept, False
 
 
 def _own_session() -> Session:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
 from agentcoord.core.discovery import Session
-from agentcoord.core.distribution import Assignment, Connected, Distribution, Revoked, TaskView
+from agentcoord.core.distribution import (
+    Assignment,
+    Connected,
+    Distribution,
+    Revoked,
+    TaskView,
+    TaskWatchItem,
+)
 from agentcoord.core.errors import InvalidInput, PermissionDenied
 from agentcoord.core.models import Change
 from agentcoord.core.tasks import (
@@ -34,6 +42,7 @@ from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
 from agentcoord.server import convert, page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.sizes import budget, chunks_by_size, fitting, item_size, revision_chunks
 from agentcoord.server.streams import StreamTracker
 
 if TYPE_CHECKING:
@@ -45,6 +54,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["DistributionService"]
 ACCESS = {
     "GetTask": Access.READ,
     "ListTasks": Access.READ,
+    "ListSubtasks": Access.READ,
     "AnalyzeTask": Access.READ,
     "SubmitTask": Access.READ,
     "CancelTask": Access.READ,
@@ -110,16 +120,21 @@ REVOCATION_REASON_TO_PROTO = {
 class DistributionServicer(pb_grpc.DistributionServiceServicer):
     """Serves ``agentcoord.distribution.v1.DistributionService``."""
 
-    def __init__(self, core: Distribution, streams: StreamTracker) -> None:
-        """Serve ``core``; ``streams`` ends long streams at shutdown."""
+    def __init__(self, core: Distribution, streams: StreamTracker, max_message_bytes: int) -> None:
+        """Serve ``core``; ``streams`` ends long streams at shutdown.
+
+        Responses are cut or split by size to stay under ``max_message_bytes``.
+        """
         self._core = core
         self._streams = streams
+        self._max_bytes = budget(max_message_bytes)
 
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
-        """Return one task."""
+        """Return one task; in the FULL view the sub-tasks that fit, and a token for the rest."""
         task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
         full = _full_view(request.view, unspecified=True)
-        return pb.GetTaskResponse(task=task_to_proto(await self._core.get_task(task_id, full=full)))
+        task, token = self._fitted(await self._core.get_task(task_id, full=full))
+        return pb.GetTaskResponse(task=task, next_subtasks_page_token=token)
 
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: Context
@@ -143,12 +158,35 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
             validation.page_size("page_size", request.page_size),
             full=_full_view(request.view, unspecified=False),
         )
+        tasks = [self._fitted(view)[0] for view in views]
+        count = fitting(tasks, self._max_bytes)
+        if count < len(tasks):
+            last = views[count - 1].task
+            tasks, cursor = tasks[:count], TaskCursor(last.create_time, last.task_id)
         token = ""
         if cursor is not None:
             token = page_tokens.encode("ListTasks", fingerprint, cursor.create_time, cursor.task_id)
-        return pb.ListTasksResponse(
-            tasks=[task_to_proto(view) for view in views], next_page_token=token
+        return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
+
+    async def ListSubtasks(
+        self, request: pb.ListSubtasksRequest, context: Context
+    ) -> pb.ListSubtasksResponse:
+        """List a task's sub-tasks in task order, one page."""
+        task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
+        position = page_tokens.decode(
+            request.page_token, "ListSubtasks", _subtasks_query(task_id), page_tokens.revision
         )
+        subtasks, more = await self._core.list_subtasks(
+            task_id,
+            position[0] - 1 if position else -1,
+            validation.page_size("page_size", request.page_size),
+        )
+        messages = [subtask_to_proto(subtask) for subtask in subtasks]
+        count = fitting(messages, self._max_bytes)
+        token = ""
+        if more or count < len(messages):
+            token = _subtasks_token(task_id, subtasks[count - 1].seq)
+        return pb.ListSubtasksResponse(subtasks=messages[:count], next_page_token=token)
 
     async def AnalyzeTask(
         self, request: pb.AnalyzeTaskRequest, context: Context
@@ -164,7 +202,8 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         spec = task_spec_from_proto(request)
         request_id = validation.text("request_id", request.request_id, max_length=MAX_REQUEST_ID)
         view = await self._core.submit(spec, request_id, _caller())
-        return pb.SubmitTaskResponse(task=task_to_proto(view))
+        task, token = self._fitted(view)
+        return pb.SubmitTaskResponse(task=task, next_subtasks_page_token=token)
 
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: Context
@@ -185,12 +224,42 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         full = _full_view(request.view, unspecified=False)
         validation.duration("progress_interval", request.progress_interval)  # reserved
         with self._streams.track():
+            previous = 0
             async for item in self._core.watch(task_id, request.start_revision, full=full):
-                yield pb.WatchTaskResponse(
-                    events=[task_event_to_proto(change) for change in item.changes],
-                    task=task_to_proto(item.view),
-                    revision=item.revision,
-                )
+                for message in self._watch_messages(item, previous or item.revision):
+                    yield message
+                previous = item.revision
+
+    def _fitted(self, view: TaskView) -> tuple[pb.Task, str]:
+        """Return a task with the sub-tasks that fit one response, and a token for the rest."""
+        task = task_to_proto(replace(view, subtasks=None))
+        subtasks = view.subtasks or ()
+        room = self._max_bytes - task.ByteSize()
+        for index, subtask in enumerate(subtasks):
+            message = subtask_to_proto(subtask)
+            room -= item_size(message)
+            if room < 0:
+                after = subtasks[index - 1].seq if index else -1
+                return task, _subtasks_token(view.task.task_id, after)
+            task.subtasks.append(message)
+        return task, ""
+
+    def _watch_messages(self, item: TaskWatchItem, previous: int) -> Iterator[pb.WatchTaskResponse]:
+        """Split one step of WatchTask by size into messages (docs: WatchTaskResponse)."""
+        task = task_to_proto(item.view)
+        room = self._max_bytes - task.ByteSize()
+        events = [task_event_to_proto(change) for change in item.changes]
+        chunks = list(revision_chunks(events, item.revision, room))
+        subtasks: Sequence[pb.Subtask] = [subtask_to_proto(s) for s in item.subtasks]
+        with_task = room - sum(item_size(e) for e in chunks[0][0])
+        if sum(item_size(s) for s in subtasks) > with_task:
+            for alone in chunks_by_size(subtasks, self._max_bytes):
+                yield pb.WatchTaskResponse(subtasks=alone, revision=previous)
+            subtasks = ()
+        for index, (chunk, revision) in enumerate(chunks):
+            yield pb.WatchTaskResponse(
+                events=chunk, task=task, revision=revision, subtasks=subtasks if index == 0 else ()
+            )
 
     async def StreamAssignments(
         self, request: pb.StreamAssignmentsRequest, context: Context
@@ -282,6 +351,15 @@ def _caller() -> Caller:
     return Caller(agent_id=session.agent_id if session else "", admin=identity.admin)
 
 
+def _subtasks_query(task_id: str) -> dict[str, str]:
+    return {"subtasks_of": task_id}
+
+
+def _subtasks_token(task_id: str, after_seq: int) -> str:
+    """Return the ListSubtasks page token continuing after the sub-task at ``after_seq``."""
+    return page_tokens.encode("ListSubtasks", _subtasks_query(task_id), after_seq + 1)
+
+
 def _agent_session() -> Session:
     session = current_identity().session
     if session is None:
@@ -314,9 +392,11 @@ def _json(message: Any, field: str, max_bytes: int, prefix: str = "") -> str | N
     if not message.HasField(field):
         return None
     path = prefix + field
-    text = convert.json_text(path, getattr(message, field))
-    if len(text) > max_bytes:
-        raise InvalidInput(path, f"encodes to {len(text)} bytes; at most {max_bytes}")
+    value = getattr(message, field)
+    text = convert.json_text(path, value)
+    size = max(len(text), value.ByteSize())
+    if size > max_bytes:
+        raise InvalidInput(path, f"encodes to {size} bytes; at most {max_bytes}")
     return text.decode()
 
 
@@ -324,6 +404,14 @@ def _value(text: str | None) -> struct_pb2.Value | None:
     if text is None:
         return None
     return json_format.Parse(text, struct_pb2.Value())
+
+
+def _result(text: str | None) -> struct_pb2.Value | None:
+    """Return a task's aggregated result, or None when it exceeds MAX_JSON_BYTES."""
+    if text is None or len(text) > MAX_JSON_BYTES:
+        return None
+    value = _value(text)
+    return value if value is not None and value.ByteSize() <= MAX_JSON_BYTES else None
 
 
 def _local_id(field: str, value: str) -> str:
@@ -489,7 +577,7 @@ def task_to_proto(view: TaskView) -> pb.Task:
         aggregation_subtask_id=task.aggregation_subtask_id,
         state=TASK_STATE_TO_PROTO[task.state],
         subtasks=[subtask_to_proto(s) for s in view.subtasks or ()],
-        result=_value(view.result),
+        result=_result(view.result),
         counts=pb.Task.SubtaskCounts(
             total=counts.total,
             blocked=counts.blocked,

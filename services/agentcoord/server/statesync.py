@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -23,7 +23,8 @@ from agentcoord.core.models import (
 from agentcoord.core.statesync import PutRequest, StateSync, Writer
 from agentcoord.server import convert, page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
-from agentcoord.server.streams import StreamTracker, chunks_by_size
+from agentcoord.server.sizes import budget, fitting, revision_chunks
+from agentcoord.server.streams import StreamTracker
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as pb_grpc
 
@@ -45,8 +46,9 @@ ACCESS = {
 }
 """Access each RPC needs."""
 
-M = TypeVar("M", pb.StateChange, pb.Event)
-
+RESULT_OVERHEAD = 256
+"""Bytes a Transact result adds to the operation it answers, at most (the state's
+revisions, times and writer)."""
 MAX_REQUEST_ID = 128
 """Longest request id."""
 MIN_TTL = 1.0
@@ -63,12 +65,14 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
     ) -> None:
         """Serve ``core``; ``streams`` ends long streams at shutdown.
 
-        Responses carrying many values are split to stay under half of
-        ``max_message_bytes``; values are at most ``max_value_bytes``.
+        Responses carrying many values are cut or split by size to stay under
+        ``max_message_bytes`` (:mod:`agentcoord.server.sizes`); values are at most
+        ``max_value_bytes``.
         """
         self._core = core
         self._streams = streams
-        self._max_bytes = max_message_bytes // 2
+        self._max_bytes = budget(max_message_bytes)
+        self._max_message_bytes = max_message_bytes
         self._max_value_bytes = max_value_bytes
 
     async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.GetStateResponse:
@@ -101,9 +105,9 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             live_agents_only=request.live_agents_only,
         )
         states = [convert.state_to_proto(e, keys_only=request.keys_only) for e in entries]
-        fitting = next(chunks_by_size(states, self._max_bytes), [])
-        if len(fitting) < len(states):
-            states, next_key = list(fitting), fitting[-1].key
+        count = fitting(states, self._max_bytes)
+        if count < len(states):
+            states, next_key = states[:count], states[count - 1].key
         token = ""
         if next_key:
             token = page_tokens.encode("ListStates", fingerprint, next_key, revision_read)
@@ -132,8 +136,12 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             after_revision=position[0] if position else start,
             limit=validation.page_size("page_size", request.page_size),
         )
+        events = [convert.event_to_proto(change) for change in changes]
+        count = fitting(events, self._max_bytes)
+        if count < len(events):
+            events, last = events[:count], events[count - 1].revision
         return pb.ListEventsResponse(
-            events=[convert.event_to_proto(change) for change in changes],
+            events=events,
             next_page_token=page_tokens.encode("ListEvents", fingerprint, last) if last else "",
         )
 
@@ -179,6 +187,13 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         writer = _writer(request.agent_id)
         if not request.operations:
             raise InvalidInput("operations", "at least one operation is required")
+        response_bytes = request.ByteSize() + RESULT_OVERHEAD * len(request.operations)
+        if response_bytes > self._max_message_bytes:
+            raise InvalidInput(
+                "operations",
+                f"the response would be about {response_bytes} bytes, more than the max "
+                f"message size {self._max_message_bytes}: split the transaction",
+            )
         compares = [
             _compare(f"compares[{i}]", c, self._max_value_bytes)
             for i, c in enumerate(request.compares)
@@ -222,7 +237,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
                     convert.state_change_to_proto(change, include_previous=request.include_previous)
                     for change in batch.changes
                 ]
-                for chunk, revision in _chunks(changes, batch.revision, self._max_bytes):
+                for chunk, revision in revision_chunks(changes, batch.revision, self._max_bytes):
                     yield pb.WatchStatesResponse(changes=chunk, revision=revision)
 
     async def WatchEvents(
@@ -235,16 +250,8 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         with self._streams.track():
             async for batch in self._core.watch(start, where):
                 events = [convert.event_to_proto(change) for change in batch.changes]
-                for chunk, revision in _chunks(events, batch.revision, self._max_bytes):
+                for chunk, revision in revision_chunks(events, batch.revision, self._max_bytes):
                     yield pb.WatchEventsResponse(events=chunk, revision=revision)
-
-
-def _chunks(items: Sequence[M], revision: int, max_bytes: int) -> Iterator[tuple[Sequence[M], int]]:
-    """Split a watch batch into responses; each but the last resumes after its last item."""
-    chunks = list(chunks_by_size(items, max_bytes)) or [items]
-    for index, chunk in enumerate(chunks):
-        last = index == len(chunks) - 1
-        yield chunk, revision if last or not chunk else chunk[-1].revision
 
 
 def _writer(agent_id: str) -> Writer:
@@ -296,14 +303,14 @@ def _value(field_prefix: str, message: Any, max_bytes: int, oneof: str = "value"
         if message.json.WhichOneof("kind") is None:
             raise InvalidInput(f"{field_prefix}json", "is an empty Value; set one of its kinds")
         value = StateValue(ValueKind.JSON, convert.json_text(f"{field_prefix}json", message.json))
+        size = max(len(value.data), message.json.ByteSize())  # as JSON and as protobuf
     elif kind == "binary":
         value = StateValue(ValueKind.BINARY, bytes(message.binary))
+        size = len(value.data)
     else:
         raise InvalidInput(f"{field_prefix}json", "is required: set json or binary")
-    if len(value.data) > max_bytes:
-        raise InvalidInput(
-            f"{field_prefix}{kind}", f"is {len(value.data)} bytes; at most {max_bytes}"
-        )
+    if size > max_bytes:
+        raise InvalidInput(f"{field_prefix}{kind}", f"is {size} bytes; at most {max_bytes}")
     return value
 
 

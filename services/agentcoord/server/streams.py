@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
-
-from google.protobuf.message import Message
 
 from agentcoord.core.errors import Unavailable
 
@@ -52,23 +49,3 @@ class StreamTracker:
         self._closing = True
         for task in list(self._tasks):
             task.cancel()
-
-
-M = TypeVar("M", bound=Message)
-
-
-def chunks_by_size(messages: Sequence[M], max_bytes: int) -> Iterator[Sequence[M]]:
-    """Split ``messages`` into runs whose encoded sizes add up to at most ``max_bytes``.
-
-    A run always holds at least one message, so one message larger than the budget
-    still goes out (alone); grpc's own message limit then decides.
-    """
-    start, size = 0, 0
-    for index, message in enumerate(messages):
-        length = message.ByteSize()
-        if index > start and size + length > max_bytes:
-            yield messages[start:index]
-            start, size = index, 0
-        size += length
-    if start < len(messages):
-        yield messages[start:]

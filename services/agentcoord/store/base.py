@@ -9,7 +9,7 @@ listeners with the new change log entries, in revision order, on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -286,8 +286,16 @@ class Store(Protocol):
         """Return one sub-task, or None."""
         ...
 
+    async def get_subtasks(self, subtask_ids: Collection[str]) -> list[Subtask]:
+        """Return the sub-tasks with these ids that exist, in ``(task, seq)`` order."""
+        ...
+
     async def list_subtasks(self, task_id: str) -> list[Subtask]:
         """Return every sub-task of a task, in task order (``seq``)."""
+        ...
+
+    async def list_subtasks_page(self, task_id: str, after_seq: int, limit: int) -> list[Subtask]:
+        """Return up to ``limit`` sub-tasks of a task whose ``seq`` is above ``after_seq``."""
         ...
 
     async def list_tasks(

@@ -9,7 +9,7 @@ else (turning calls into operations, decoding rows, building filtered queries) i
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -29,9 +29,11 @@ from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
 from agentcoord.store.batching import GroupCommitter, Listener, Outcome
 from agentcoord.store.queries import (
+    MAX_IDS,
     Statements,
     select_changes,
     select_states_page,
+    select_subtasks,
     select_tasks_page,
     state_changed_since,
 )
@@ -266,9 +268,26 @@ class SqlStore(abc.ABC):
         rows = await self._fetch(self._sql.select_subtask, (subtask_id,))
         return self._codec.subtask_from_row(rows[0]) if rows else None
 
+    async def get_subtasks(self, subtask_ids: Collection[str]) -> list[Subtask]:
+        """Return the sub-tasks with these ids that exist, in ``(task, seq)`` order."""
+        ids = sorted(subtask_ids)
+        found: list[Subtask] = []
+        for start in range(0, len(ids), MAX_IDS):
+            query = select_subtasks(self._marker, ids[start : start + MAX_IDS])
+            rows = await self._fetch(query.sql, query.params)
+            found += [self._codec.subtask_from_row(row) for row in rows]
+        return sorted(found, key=lambda s: (s.task_id, s.seq))
+
     async def list_subtasks(self, task_id: str) -> list[Subtask]:
         """Return every sub-task of a task, in task order."""
         rows = await self._fetch(self._sql.select_subtasks_of_task, (task_id,))
+        return [self._codec.subtask_from_row(row) for row in rows]
+
+    async def list_subtasks_page(self, task_id: str, after_seq: int, limit: int) -> list[Subtask]:
+        """Return a page of a task's sub-tasks in task order, after ``after_seq``."""
+        if limit <= 0:
+            raise InvalidInput("limit", "must be positive")
+        rows = await self._fetch(self._sql.select_subtasks_page, (task_id, after_seq, limit))
         return [self._codec.subtask_from_row(row) for row in rows]
 
     async def list_tasks(

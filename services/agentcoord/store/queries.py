@@ -12,7 +12,7 @@ ListTasks' order in the same code point order on both back ends.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -54,6 +54,9 @@ class Statements:
     select_subtask: str = f"SELECT {_SUBTASKS} FROM subtasks WHERE subtask_id = $1"
     select_subtasks_of_task: str = (
         f"SELECT {_SUBTASKS} FROM subtasks WHERE task_id = $1 ORDER BY seq"
+    )
+    select_subtasks_page: str = (
+        f"SELECT {_SUBTASKS} FROM subtasks WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
     )
     select_open_subtasks: str = (
         # The condition is the one of the partial index subtasks_open, word for word.
@@ -169,6 +172,18 @@ def state_changed_since(marker: str, prefix: str, revision: int) -> Query:
         " FROM revision_counter AS counter WHERE counter.id = 1"
     )
     return query
+
+
+def select_subtasks(marker: str, subtask_ids: Sequence[str]) -> Query:
+    """Return the sub-tasks with these ids (at most :data:`MAX_IDS` of them), in task order."""
+    query = Query(marker)
+    ids = ", ".join(query.param(subtask_id) for subtask_id in subtask_ids)
+    query.sql = f"SELECT {_SUBTASKS} FROM subtasks WHERE subtask_id IN ({ids}) ORDER BY seq"
+    return query
+
+
+MAX_IDS = 500
+"""Ids one ``IN`` list holds at most (SQLite allows 32,766 parameters)."""
 
 
 def select_tasks_page(

@@ -843,6 +843,7 @@ class GetSummaryResponse(_message.Message):
     TOTAL_CAPACITY_FIELD_NUMBER: _builtins.int
     ACTIVE_SUBTASKS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    COUNTS_TRUNCATED_FIELD_NUMBER: _builtins.int
     live_agents: _builtins.int
     """Number of live agents."""
     can_coordinate: _builtins.bool
@@ -853,13 +854,21 @@ class GetSummaryResponse(_message.Message):
     """Sum of the active sub-tasks reported by live agents."""
     revision: _builtins.int
     """Store revision at which the summary was taken."""
+    counts_truncated: _builtins.bool
+    """Whether the role or capability counts left out their least common entries (ties by name)
+    to fit in one message: tens of thousands of distinct values are in use.
+    """
     @_builtins.property
     def live_agents_by_role(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Number of live agents per role; agents without a role count under ""."""
+        """Number of live agents per role; agents without a role count under "".
+
+        Holds the most common roles only when more are in use than fit in one message (see
+        `counts_truncated`).
+        """
 
     @_builtins.property
     def live_agents_by_capability(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Number of live agents per capability."""
+        """Number of live agents per capability; the most common only, as for roles."""
 
     def __init__(
         self,
@@ -871,10 +880,11 @@ class GetSummaryResponse(_message.Message):
         total_capacity: _builtins.int = ...,
         active_subtasks: _builtins.int = ...,
         revision: _builtins.int = ...,
+        counts_truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_subtasks", b"active_subtasks", "can_coordinate", b"can_coordinate", "live_agents", b"live_agents", "live_agents_by_capability", b"live_agents_by_capability", "live_agents_by_role", b"live_agents_by_role", "revision", b"revision", "total_capacity", b"total_capacity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_subtasks", b"active_subtasks", "can_coordinate", b"can_coordinate", "counts_truncated", b"counts_truncated", "live_agents", b"live_agents", "live_agents_by_capability", b"live_agents_by_capability", "live_agents_by_role", b"live_agents_by_role", "revision", b"revision", "total_capacity", b"total_capacity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

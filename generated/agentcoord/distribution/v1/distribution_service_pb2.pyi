@@ -254,7 +254,11 @@ class Task(_message.Message):
 
     @_builtins.property
     def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
-        """Sub-tasks, in creation (topological) order; filled only in TASK_VIEW_FULL. Output only."""
+        """Sub-tasks, in creation (topological) order; filled only in TASK_VIEW_FULL. Output only.
+
+        Holds the first sub-tasks when not all fit in one message (fewer than `counts.total`):
+        read the rest with ListSubtasks.
+        """
 
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
@@ -262,7 +266,9 @@ class Task(_message.Message):
 
         Either the aggregation sub-task's result, or a JSON object mapping each sub-task's
         `local_id` to its result, keys in sub-task creation order. With partial results,
-        failed sub-tasks are absent from the object.
+        failed sub-tasks are absent from the object. A merged object larger than 1 MiB (as JSON
+        or encoded) is left unset on a SUCCEEDED task: read the sub-tasks' results with
+        ListSubtasks instead.
         """
 
     @_builtins.property
@@ -953,6 +959,11 @@ class GetTaskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    NEXT_SUBTASKS_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_subtasks_page_token: _builtins.str
+    """ListSubtasks page token for the sub-tasks after those in `task.subtasks`; empty when the
+    response holds them all (always in TASK_VIEW_BASIC).
+    """
     @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
@@ -961,10 +972,11 @@ class GetTaskResponse(_message.Message):
         self,
         *,
         task: Global___Task | None = ...,
+        next_subtasks_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_subtasks_page_token", b"next_subtasks_page_token", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1022,7 +1034,12 @@ class ListTasksResponse(_message.Message):
     """Token for the next page; empty when this is the last page."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
-        """Tasks of this page, newest first (by create_time, then task_id)."""
+        """Tasks of this page, newest first (by create_time, then task_id).
+
+        Pages are cut by size as well as by `page_size`. In TASK_VIEW_FULL a task whose
+        sub-tasks do not all fit holds the first ones (fewer than `counts.total`); read them
+        all with ListSubtasks.
+        """
 
     def __init__(
         self,
@@ -1037,6 +1054,66 @@ class ListTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
+class ListSubtasksRequest(_message.Message):
+    """Request for ListSubtasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Identifier of the task whose sub-tasks to list; required."""
+    page_size: _builtins.int
+    """Maximum number of sub-tasks to return; 0 means 100, values above 1000 are treated as 1000."""
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token (or a GetTaskResponse's or
+    SubmitTaskResponse's next_subtasks_page_token); empty for the first page.
+    """
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSubtasksRequest: _TypeAlias = ListSubtasksRequest  # noqa: Y015
+
+@_typing.final
+class ListSubtasksResponse(_message.Message):
+    """Response of ListSubtasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBTASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this is the last page."""
+    @_builtins.property
+    def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
+        """Sub-tasks of this page, in task order; each as GetTask shows it in TASK_VIEW_FULL."""
+
+    def __init__(
+        self,
+        *,
+        subtasks: _abc.Iterable[Global___Subtask] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "subtasks", b"subtasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSubtasksResponse: _TypeAlias = ListSubtasksResponse  # noqa: Y015
 
 @_typing.final
 class AnalyzeTaskRequest(_message.Message):
@@ -1142,6 +1219,11 @@ class SubmitTaskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    NEXT_SUBTASKS_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_subtasks_page_token: _builtins.str
+    """ListSubtasks page token for the sub-tasks after those in `task.subtasks`; empty when the
+    response holds them all.
+    """
     @_builtins.property
     def task(self) -> Global___Task:
         """The task as created (TASK_VIEW_FULL), or the first task for a repeated request_id."""
@@ -1150,10 +1232,11 @@ class SubmitTaskResponse(_message.Message):
         self,
         *,
         task: Global___Task | None = ...,
+        next_subtasks_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_subtasks_page_token", b"next_subtasks_page_token", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1224,7 +1307,10 @@ class WatchTaskRequest(_message.Message):
     start_revision: _builtins.int
     """Replays the transitions after this revision first; 0 streams only the transitions from now on."""
     view: Global___TaskView.ValueType
-    """How much of the task to send in `task`; TASK_VIEW_UNSPECIFIED means TASK_VIEW_BASIC here."""
+    """How much of the task to send; TASK_VIEW_UNSPECIFIED means TASK_VIEW_BASIC here.
+
+    TASK_VIEW_FULL also streams the sub-tasks, in WatchTaskResponse.subtasks.
+    """
     @_builtins.property
     def progress_interval(self) -> _duration_pb2.Duration:
         """Interval of progress messages (no events) while idle; unset or zero sends none. At least 1 s."""
@@ -1254,6 +1340,7 @@ class WatchTaskResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    SUBTASKS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Revision the stream has delivered up to; resume from it after a disconnect."""
     @_builtins.property
@@ -1268,16 +1355,28 @@ class WatchTaskResponse(_message.Message):
         ahead of them, and its own `revision` says which change it reflects.
         """
 
+    @_builtins.property
+    def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
+        """Sub-tasks as they stand, in task order; TASK_VIEW_FULL only.
+
+        Every sub-task of the task comes before (or with) the first message that has a `task`,
+        then each sub-task a transition changed comes before (or with) the message carrying the
+        transition; a client keeps the latest of each `subtask_id`. Sub-tasks too many for one
+        message come in messages of their own, which have no `task` and no `events` and repeat
+        the previous `revision`.
+        """
+
     def __init__(
         self,
         *,
         events: _abc.Iterable[Global___TaskEvent] | None = ...,
         task: Global___Task | None = ...,
         revision: _builtins.int = ...,
+        subtasks: _abc.Iterable[Global___Subtask] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "revision", b"revision", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "revision", b"revision", "subtasks", b"subtasks", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,6 +56,11 @@ class DistributionServiceStub:
                 request_serializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.ListSubtasks = channel.unary_unary(
+                '/agentcoord.distribution.v1.DistributionService/ListSubtasks',
+                request_serializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListSubtasksRequest.SerializeToString,
+                response_deserializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListSubtasksResponse.FromString,
+                _registered_method=True)
         self.AnalyzeTask = channel.unary_unary(
                 '/agentcoord.distribution.v1.DistributionService/AnalyzeTask',
                 request_serializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.AnalyzeTaskRequest.SerializeToString,
@@ -115,6 +120,9 @@ class DistributionServiceServicer:
 
     def GetTask(self, request, context):
         """Returns one task. Unknown ids are NOT_FOUND.
+
+        In TASK_VIEW_FULL the response holds the sub-tasks that fit in one message; when some do
+        not, `next_subtasks_page_token` continues with them through ListSubtasks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +133,17 @@ class DistributionServiceServicer:
 
         A page token is bound to the filters it was issued with; changing them while passing
         the token is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSubtasks(self, request, context):
+        """Lists the sub-tasks of one task in task (creation, topological) order (AIP-132, AIP-158).
+
+        Unknown task ids are NOT_FOUND. Pages are cut by size as well as by `page_size`, so a
+        page may hold fewer sub-tasks than asked for while `next_page_token` is set. A page
+        token is bound to its task; passing it with another `task_id` is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,7 +166,8 @@ class DistributionServiceServicer:
 
         Sub-tasks form a DAG through `depends_on`; a cycle, an unknown or duplicate local id is
         INVALID_ARGUMENT. `request_id` is the idempotency key: a re-submit with the same key
-        returns the task created by the first call and never creates a duplicate.
+        returns the task created by the first call and never creates a duplicate. The response
+        holds the sub-tasks that fit in one message, as GetTask in TASK_VIEW_FULL does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,7 +194,9 @@ class DistributionServiceServicer:
         received. A revision no longer retained is OUT_OF_RANGE; a watcher too slow to keep up is
         ended with RESOURCE_EXHAUSTED and resumes from its last revision: events are never skipped.
         The stream ends with OK after the transition that makes the task SUCCEEDED, FAILED or
-        CANCELLED.
+        CANCELLED. Messages are split by size: a batch of transitions too large for one message
+        continues in the next ones, each with the task. In TASK_VIEW_FULL the sub-tasks travel in
+        WatchTaskResponse.subtasks (see there), never in `task.subtasks`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,6 +270,11 @@ def add_DistributionServiceServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListTasksRequest.FromString,
                     response_serializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'ListSubtasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSubtasks,
+                    request_deserializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListSubtasksRequest.FromString,
+                    response_serializer=agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListSubtasksResponse.SerializeToString,
             ),
             'AnalyzeTask': grpc.unary_unary_rpc_method_handler(
                     servicer.AnalyzeTask,
@@ -356,6 +383,33 @@ class DistributionService:
             '/agentcoord.distribution.v1.DistributionService/ListTasks',
             agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListTasksRequest.SerializeToString,
             agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSubtasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcoord.distribution.v1.DistributionService/ListSubtasks',
+            agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListSubtasksRequest.SerializeToString,
+            agentcoord_dot_distribution_dot_v1_dot_distribution__service__pb2.ListSubtasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,12 +46,23 @@ class DistributionServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DistributionServiceAsyncStub: ...
     GetTask: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.GetTaskRequest, _distribution_service_pb2.GetTaskResponse]
-    """Returns one task. Unknown ids are NOT_FOUND."""
+    """Returns one task. Unknown ids are NOT_FOUND.
+
+    In TASK_VIEW_FULL the response holds the sub-tasks that fit in one message; when some do
+    not, `next_subtasks_page_token` continues with them through ListSubtasks.
+    """
     ListTasks: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.ListTasksRequest, _distribution_service_pb2.ListTasksResponse]
     """Lists tasks, newest first, filtered by state and submitter.
 
     A page token is bound to the filters it was issued with; changing them while passing
     the token is INVALID_ARGUMENT.
+    """
+    ListSubtasks: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.ListSubtasksRequest, _distribution_service_pb2.ListSubtasksResponse]
+    """Lists the sub-tasks of one task in task (creation, topological) order (AIP-132, AIP-158).
+
+    Unknown task ids are NOT_FOUND. Pages are cut by size as well as by `page_size`, so a
+    page may hold fewer sub-tasks than asked for while `next_page_token` is set. A page
+    token is bound to its task; passing it with another `task_id` is INVALID_ARGUMENT.
     """
     AnalyzeTask: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.AnalyzeTaskRequest, _distribution_service_pb2.AnalyzeTaskResponse]
     """Returns the plan SubmitTask would execute for a task, without creating anything.
@@ -66,7 +77,8 @@ class DistributionServiceStub:
 
     Sub-tasks form a DAG through `depends_on`; a cycle, an unknown or duplicate local id is
     INVALID_ARGUMENT. `request_id` is the idempotency key: a re-submit with the same key
-    returns the task created by the first call and never creates a duplicate.
+    returns the task created by the first call and never creates a duplicate. The response
+    holds the sub-tasks that fit in one message, as GetTask in TASK_VIEW_FULL does.
     """
     CancelTask: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.CancelTaskRequest, _distribution_service_pb2.CancelTaskResponse]
     """Cancels a task: its unfinished sub-tasks become CANCELLED and their leases are revoked.
@@ -85,7 +97,9 @@ class DistributionServiceStub:
     received. A revision no longer retained is OUT_OF_RANGE; a watcher too slow to keep up is
     ended with RESOURCE_EXHAUSTED and resumes from its last revision: events are never skipped.
     The stream ends with OK after the transition that makes the task SUCCEEDED, FAILED or
-    CANCELLED.
+    CANCELLED. Messages are split by size: a batch of transitions too large for one message
+    continues in the next ones, each with the task. In TASK_VIEW_FULL the sub-tasks travel in
+    WatchTaskResponse.subtasks (see there), never in `task.subtasks`.
     """
     StreamAssignments: _grpc.UnaryStreamMultiCallable[_distribution_service_pb2.StreamAssignmentsRequest, _distribution_service_pb2.StreamAssignmentsResponse]
     """Pushes assignments (leases) to one connected agent, and revocations of its leases.
@@ -146,12 +160,23 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetTask: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.GetTaskRequest, _distribution_service_pb2.GetTaskResponse]  # type: ignore[assignment]
-    """Returns one task. Unknown ids are NOT_FOUND."""
+    """Returns one task. Unknown ids are NOT_FOUND.
+
+    In TASK_VIEW_FULL the response holds the sub-tasks that fit in one message; when some do
+    not, `next_subtasks_page_token` continues with them through ListSubtasks.
+    """
     ListTasks: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.ListTasksRequest, _distribution_service_pb2.ListTasksResponse]  # type: ignore[assignment]
     """Lists tasks, newest first, filtered by state and submitter.
 
     A page token is bound to the filters it was issued with; changing them while passing
     the token is INVALID_ARGUMENT.
+    """
+    ListSubtasks: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.ListSubtasksRequest, _distribution_service_pb2.ListSubtasksResponse]  # type: ignore[assignment]
+    """Lists the sub-tasks of one task in task (creation, topological) order (AIP-132, AIP-158).
+
+    Unknown task ids are NOT_FOUND. Pages are cut by size as well as by `page_size`, so a
+    page may hold fewer sub-tasks than asked for while `next_page_token` is set. A page
+    token is bound to its task; passing it with another `task_id` is INVALID_ARGUMENT.
     """
     AnalyzeTask: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.AnalyzeTaskRequest, _distribution_service_pb2.AnalyzeTaskResponse]  # type: ignore[assignment]
     """Returns the plan SubmitTask would execute for a task, without creating anything.
@@ -166,7 +191,8 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
 
     Sub-tasks form a DAG through `depends_on`; a cycle, an unknown or duplicate local id is
     INVALID_ARGUMENT. `request_id` is the idempotency key: a re-submit with the same key
-    returns the task created by the first call and never creates a duplicate.
+    returns the task created by the first call and never creates a duplicate. The response
+    holds the sub-tasks that fit in one message, as GetTask in TASK_VIEW_FULL does.
     """
     CancelTask: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.CancelTaskRequest, _distribution_service_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """Cancels a task: its unfinished sub-tasks become CANCELLED and their leases are revoked.
@@ -185,7 +211,9 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
     received. A revision no longer retained is OUT_OF_RANGE; a watcher too slow to keep up is
     ended with RESOURCE_EXHAUSTED and resumes from its last revision: events are never skipped.
     The stream ends with OK after the transition that makes the task SUCCEEDED, FAILED or
-    CANCELLED.
+    CANCELLED. Messages are split by size: a batch of transitions too large for one message
+    continues in the next ones, each with the task. In TASK_VIEW_FULL the sub-tasks travel in
+    WatchTaskResponse.subtasks (see there), never in `task.subtasks`.
     """
     StreamAssignments: _aio.UnaryStreamMultiCallable[_distribution_service_pb2.StreamAssignmentsRequest, _distribution_service_pb2.StreamAssignmentsResponse]  # type: ignore[assignment]
     """Pushes assignments (leases) to one connected agent, and revocations of its leases.
@@ -249,7 +277,11 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _distribution_service_pb2.GetTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_distribution_service_pb2.GetTaskResponse, _abc.Awaitable[_distribution_service_pb2.GetTaskResponse]]:
-        """Returns one task. Unknown ids are NOT_FOUND."""
+        """Returns one task. Unknown ids are NOT_FOUND.
+
+        In TASK_VIEW_FULL the response holds the sub-tasks that fit in one message; when some do
+        not, `next_subtasks_page_token` continues with them through ListSubtasks.
+        """
 
     @_abc_1.abstractmethod
     def ListTasks(
@@ -261,6 +293,19 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         A page token is bound to the filters it was issued with; changing them while passing
         the token is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSubtasks(
+        self,
+        request: _distribution_service_pb2.ListSubtasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_distribution_service_pb2.ListSubtasksResponse, _abc.Awaitable[_distribution_service_pb2.ListSubtasksResponse]]:
+        """Lists the sub-tasks of one task in task (creation, topological) order (AIP-132, AIP-158).
+
+        Unknown task ids are NOT_FOUND. Pages are cut by size as well as by `page_size`, so a
+        page may hold fewer sub-tasks than asked for while `next_page_token` is set. A page
+        token is bound to its task; passing it with another `task_id` is INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod
@@ -287,7 +332,8 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Sub-tasks form a DAG through `depends_on`; a cycle, an unknown or duplicate local id is
         INVALID_ARGUMENT. `request_id` is the idempotency key: a re-submit with the same key
-        returns the task created by the first call and never creates a duplicate.
+        returns the task created by the first call and never creates a duplicate. The response
+        holds the sub-tasks that fit in one message, as GetTask in TASK_VIEW_FULL does.
         """
 
     @_abc_1.abstractmethod
@@ -318,7 +364,9 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
         received. A revision no longer retained is OUT_OF_RANGE; a watcher too slow to keep up is
         ended with RESOURCE_EXHAUSTED and resumes from its last revision: events are never skipped.
         The stream ends with OK after the transition that makes the task SUCCEEDED, FAILED or
-        CANCELLED.
+        CANCELLED. Messages are split by size: a batch of transitions too large for one message
+        continues in the next ones, each with the task. In TASK_VIEW_FULL the sub-tasks travel in
+        WatchTaskResponse.subtasks (see there), never in `task.subtasks`.
         """
 
     @_abc_1.abstractmethod

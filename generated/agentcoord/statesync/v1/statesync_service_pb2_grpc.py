@@ -170,7 +170,9 @@ class StateSyncServiceServicer:
         A failed comparison is ABORTED with `failed_compare` (its index) and the key's
         `current_version` in the ErrorInfo metadata, and nothing is written. At most 128 compares
         plus operations (configurable); more, or one key named by two operations, is
-        INVALID_ARGUMENT. Fencing and `request_id` behave as for PutState.
+        INVALID_ARGUMENT. The response repeats every value put, so a request within 256 bytes per
+        operation of the max message size is INVALID_ARGUMENT (`operations`) too. Fencing and
+        `request_id` behave as for PutState.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -86,7 +86,9 @@ class StateSyncServiceStub:
     A failed comparison is ABORTED with `failed_compare` (its index) and the key's
     `current_version` in the ErrorInfo metadata, and nothing is written. At most 128 compares
     plus operations (configurable); more, or one key named by two operations, is
-    INVALID_ARGUMENT. Fencing and `request_id` behave as for PutState.
+    INVALID_ARGUMENT. The response repeats every value put, so a request within 256 bytes per
+    operation of the max message size is INVALID_ARGUMENT (`operations`) too. Fencing and
+    `request_id` behave as for PutState.
     """
     WatchStates: _grpc.UnaryStreamMultiCallable[_statesync_service_pb2.WatchStatesRequest, _statesync_service_pb2.WatchStatesResponse]
     """Streams every change of the keys under a prefix, in revision order, exactly once.
@@ -163,7 +165,9 @@ class StateSyncServiceAsyncStub(StateSyncServiceStub):
     A failed comparison is ABORTED with `failed_compare` (its index) and the key's
     `current_version` in the ErrorInfo metadata, and nothing is written. At most 128 compares
     plus operations (configurable); more, or one key named by two operations, is
-    INVALID_ARGUMENT. Fencing and `request_id` behave as for PutState.
+    INVALID_ARGUMENT. The response repeats every value put, so a request within 256 bytes per
+    operation of the max message size is INVALID_ARGUMENT (`operations`) too. Fencing and
+    `request_id` behave as for PutState.
     """
     WatchStates: _aio.UnaryStreamMultiCallable[_statesync_service_pb2.WatchStatesRequest, _statesync_service_pb2.WatchStatesResponse]  # type: ignore[assignment]
     """Streams every change of the keys under a prefix, in revision order, exactly once.
@@ -273,7 +277,9 @@ class StateSyncServiceServicer(metaclass=_abc_1.ABCMeta):
         A failed comparison is ABORTED with `failed_compare` (its index) and the key's
         `current_version` in the ErrorInfo metadata, and nothing is written. At most 128 compares
         plus operations (configurable); more, or one key named by two operations, is
-        INVALID_ARGUMENT. Fencing and `request_id` behave as for PutState.
+        INVALID_ARGUMENT. The response repeats every value put, so a request within 256 bytes per
+        operation of the max message size is INVALID_ARGUMENT (`operations`) too. Fencing and
+        `request_id` behave as for PutState.
         """
 
     @_abc_1.abstractmethod
