@@ -522,6 +522,7 @@ def base_requests(agent: str) -> dict[str, Message]:
         "WatchAgents": discovery_pb.WatchAgentsRequest(capabilities=["c"], role="r"),
         "GetSummary": discovery_pb.GetSummaryRequest(),
         "GetTask": distribution_pb.GetTaskRequest(task_id="t", view=distribution_pb.TASK_VIEW_FULL),
+        "ListSubtasks": distribution_pb.ListSubtasksRequest(task_id="t", page_size=10),
         "ListTasks": distribution_pb.ListTasksRequest(
             page_size=5,
             states=[distribution_pb.Task.STATE_PENDING],

@@ -262,7 +262,7 @@ def test_serve_help_shows_description_default_and_unit() -> None:
     assert "--default-ttl DURATION Agent TTL when an agent asks for none." in text
     assert "(default 10s; env AGENTCOORD_DEFAULT_TTL)" in text
     assert "(default 7d; env AGENTCOORD_CHANGE_RETENTION)" in text
-    assert "--max-message-bytes BYTES Largest request or response message." in text
+    assert "--max-message-bytes BYTES Largest request or response message; at least 4 MiB" in text
     assert "(default 4194304 bytes; env AGENTCOORD_MAX_MESSAGE_BYTES)" in text
     assert "--grpc-log-level" in text and "(default WARNING; env AGENTCOORD_GRPC_LOG_LEVEL)" in text
     for spec in dataclasses.fields(ServerConfig):
