@@ -66,3 +66,16 @@ def make_cert(folder: Path, name: str, *extra: str) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return key, cert
+
+
+SERVED_SERVICES = frozenset(
+    {
+        "agentcoord.discovery.v1.DiscoveryService",
+        "agentcoord.distribution.v1.DistributionService",
+        "agentcoord.statesync.v1.StateSyncService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+)
+"""Every service a full server lists through reflection."""

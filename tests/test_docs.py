@@ -37,6 +37,7 @@ from agentcoord.server import config as server_config
 from agentcoord.server.app import KEEPALIVE_OPTIONS, start_app
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.errors import STATUS_BY_ERROR
+from tests.helpers import SERVED_SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -341,22 +342,12 @@ def describe_names(symbol: str) -> list[str]:
     return [f"rpc {method.name}", method.input_type.full_name, method.output_type.full_name]
 
 
-EXPECTED_SERVICES = {
-    "agentcoord.discovery.v1.DiscoveryService",
-    "agentcoord.distribution.v1.DistributionService",
-    "agentcoord.statesync.v1.StateSyncService",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
-}
-
-
 def check_output(args: list[str], output: str, state: Walkthrough) -> None:
     """Assert the key facts of one command's output; an unknown command fails loudly."""
     words = positionals(args)
     verb = words[1]
     if verb == "list":
-        assert set(output.split()) >= EXPECTED_SERVICES, output
+        assert set(output.split()) >= SERVED_SERVICES, output
         return
     if verb == "describe":
         symbol = words[2]

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from agentcoord.server.app import App, start_app
 from agentcoord.server.config import ServerConfig
 from tests.conftest import Grpcurl
+from tests.helpers import SERVED_SERVICES
 from tests.test_docs import run_shell
 
 DISCOVERY_FILE = "agentcoord/discovery/v1/discovery_service.proto"
@@ -50,14 +51,6 @@ SYMBOLS = {
         "grpc/reflection/v1/reflection.proto"
     ),
     "google.rpc.ErrorInfo": "google/rpc/error_details.proto",  # error details decode
-}
-SERVICES = {
-    "agentcoord.discovery.v1.DiscoveryService",
-    "agentcoord.distribution.v1.DistributionService",
-    "agentcoord.statesync.v1.StateSyncService",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
 }
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 
@@ -103,7 +96,7 @@ def standard_pool_lookups(target: str) -> tuple[list[str], Any, Any]:
 
 async def test_the_standard_client_lists_services_and_builds_a_pool(app: App) -> None:
     services, request_type, value = await asyncio.to_thread(standard_pool_lookups, address(app))
-    assert set(services) == SERVICES
+    assert set(services) == SERVED_SERVICES
     assert request_type == "agentcoord.discovery.v1.RegisterRequest"
     assert value == "STATE_LIVE"
 
@@ -136,7 +129,7 @@ async def test_v1_answers_every_request_kind(app: App) -> None:
 
     assert len(responses) == len(requests)
     listed, *files, by_name, missing = responses
-    assert {service.name for service in listed.list_services_response.service} == SERVICES
+    assert {service.name for service in listed.list_services_response.service} == SERVED_SERVICES
     for (symbol, file_name), response in zip(SYMBOLS.items(), files, strict=True):
         assert response.original_request.file_containing_symbol == symbol
         first = descriptor_pb2.FileDescriptorProto.FromString(
