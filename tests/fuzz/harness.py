@@ -32,7 +32,13 @@ from agentcoord.server.app import App, start_app
 from agentcoord.server.config import ServerConfig
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
-from tests.fuzz.strategies import RequestStrategies, Seeds, Wire
+from tests.fuzz.strategies import (
+    FORGED_POSITIONS,
+    RequestStrategies,
+    Seeds,
+    Wire,
+    forged_page_tokens,
+)
 
 SERVICE_FILES = (discovery_pb, distribution_pb, statesync_pb)
 METHODS: tuple[MethodDescriptor, ...] = tuple(
@@ -335,6 +341,7 @@ class World:
             statesync_pb.ListEventsRequest(page_size=1000), metadata=self.admin, timeout=10
         ).events
         revision = max((event.revision for event in events), default=1)
+        tokens = self._page_tokens()
         agent_ids = [*AGENT_IDS, "fuzz-stale", "no-such-agent"]
         local_ids = ["a", "b", "c", "missing"]
         capabilities = ["fuzz.work", "fuzz.plan", "fuzz.extra", "nobody.can"]
@@ -353,7 +360,8 @@ class World:
             "local_id": local_ids,
             "depends_on": local_ids,
             "aggregation_local_id": local_ids,
-            "page_token": self._page_tokens(),
+            # Real tokens, and real ones with a forged position, as often as each other.
+            "page_token": [*tokens * len(FORGED_POSITIONS), *forged_page_tokens(tokens)],
             "request_id": ["fuzz-request-1", "fuzz-request-2", "seed-0"],
             "title": ["a title"],
             "id": ["skill-1", "skill-2"],

@@ -262,13 +262,7 @@ def garbled_page_tokens(real: Sequence[str]) -> st.SearchStrategy[str]:
         text_strategy(40),
         st.sampled_from(["!!!", "====", "e30=", *flipped]),
     ]
-    forged = [
-        token
-        for original in real
-        for position in FORGED_POSITIONS
-        if (token := _forge(original, position))
-    ]
-    if forged:
+    if forged := forged_page_tokens(real):
         choices.append(st.sampled_from(forged))
     return st.one_of(choices)
 
@@ -285,6 +279,16 @@ FORGED_POSITIONS = (
     "a@²",
 )
 """Positions written into real page tokens: each top-level string is replaced by one."""
+
+
+def forged_page_tokens(real: Sequence[str]) -> list[str]:
+    """Return real page tokens with their positions replaced by hostile ones."""
+    return [
+        token
+        for original in real
+        for position in FORGED_POSITIONS
+        if (token := _forge(original, position))
+    ]
 
 
 def _forge(token: str, position: str) -> str:
@@ -313,6 +317,8 @@ class RequestStrategies:
         self._hostile = hostile
         self._max_depth = max_depth
         self._cache: dict[tuple[str, int], st.SearchStrategy[Message]] = {}
+        self._tame = self if not hostile else RequestStrategies(seeds, hostile=False)
+        self._unseeded = self if not seeds.text else RequestStrategies(Seeds(), hostile=hostile)
 
     # Scalars
 
@@ -457,10 +463,11 @@ class RequestStrategies:
     def _optional_setter(
         self, fd: FieldDescriptor, depth: int
     ) -> st.SearchStrategy[Callable[[Message], None]]:
-        # Tame messages set most fields: required ones are often left out otherwise.
-        # (Hypothesis leans towards the first choice, so it is the setter there.)
+        # Tame messages set most fields (required ones are often left out otherwise);
+        # hostile ones few, so that one bad value is often alone and gets deep.
+        # (Hypothesis leans towards the first choice, so it is the setter for tame ones.)
         if self._hostile:
-            return st.one_of(st.just(_no_op), self._setter(fd, depth))
+            return weighted((3, st.just(_no_op)), (1, self._setter(fd, depth)))
         return weighted((3, self._setter(fd, depth)), (1, st.just(_no_op)))
 
     def _field_value(self, fd: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
@@ -495,15 +502,47 @@ class RequestStrategies:
             return st.builds(lambda items: _extend(fd, items), many)
         return st.builds(lambda value: _set(fd, value), self._field_value(fd, depth))
 
+    def mutated(self, descriptor: Descriptor) -> st.SearchStrategy[Message]:
+        """Tame messages with one field, at any depth, set to an unseeded hostile value.
+
+        One bad value among good ones gets past the checks of the other fields, so it is
+        the value that reaches the deepest code.
+        """
+        mutation = self._mutation(descriptor, 0, self._unseeded)
+        return st.builds(_mutate, self._tame.message(descriptor), mutation)
+
+    def single(self, descriptor: Descriptor) -> st.SearchStrategy[Message]:
+        """Empty messages but for one field, at any depth (a forged page token alone, ...)."""
+        empty = GetMessageClass(descriptor)()
+        return st.builds(_mutate, st.just(empty), self._mutation(descriptor, 0, self))
+
+    def _mutation(
+        self, descriptor: Descriptor, depth: int, source: RequestStrategies
+    ) -> st.SearchStrategy[Callable[[Message], None]]:
+        options = []
+        for fd in descriptor.fields:
+            options.append(source._setter(fd, depth))
+            nested = fd.message_type
+            if (
+                nested is not None
+                and not fd.is_repeated
+                and depth < 3
+                and not nested.full_name.startswith("google.protobuf.")
+            ):
+                inner = self._mutation(nested, depth + 1, source)
+                options.append(st.builds(_inside, st.just(fd), inner))
+        return st.one_of(options) if options else st.just(_no_op)
+
     # Wire-level requests
 
     def wire(self, descriptor: Descriptor) -> st.SearchStrategy[Wire]:
         """Return a strategy for requests of ``descriptor`` as sent on the wire.
 
-        Half are tame messages, the rest hostile messages, raw bytes, truncated encodings,
-        and encodings with an invalid UTF-8 string or deeply nested JSON appended.
+        A third are tame messages, a quarter tame messages with one field made hostile,
+        and the rest messages with a single field set, hostile messages, raw bytes,
+        truncated encodings, and encodings with an invalid UTF-8 string or deeply nested
+        JSON appended.
         """
-        tame = RequestStrategies(self._seeds, hostile=False, max_depth=self._max_depth)
         messages = self.message(descriptor)
         paths = _paths(descriptor)
         suffixes: list[st.SearchStrategy[bytes]] = []
@@ -527,8 +566,10 @@ class RequestStrategies:
                 )
             )
         choices: list[tuple[int, st.SearchStrategy[Wire]]] = [
-            (10, st.builds(Wire, tame.message(descriptor))),
-            (8, st.builds(Wire, messages)),
+            (8, st.builds(Wire, self._tame.message(descriptor))),
+            (6, st.builds(Wire, self.mutated(descriptor))),
+            (3, st.builds(Wire, self.single(descriptor))),
+            (3, st.builds(Wire, messages)),
             (1, st.builds(lambda raw: Wire(raw=raw), st.binary(max_size=96))),
             (
                 1,
@@ -573,6 +614,20 @@ MAX_REPEATED_BYTES = 1 << 20
 def _repeat(item: Any, count: int) -> list[Any]:
     size = item.ByteSize() if isinstance(item, Message) else len(str(item))
     return [item] * max(1, min(count, MAX_REPEATED_BYTES // max(size, 1)))
+
+
+def _mutate(message: Message, mutation: Callable[[Message], None]) -> Message:
+    copy = type(message)()
+    copy.CopyFrom(message)
+    mutation(copy)
+    return copy
+
+
+def _inside(fd: FieldDescriptor, mutation: Callable[[Message], None]) -> Callable[[Message], None]:
+    def apply(message: Message) -> None:
+        mutation(getattr(message, fd.name))
+
+    return apply
 
 
 def _no_op(message: Message) -> None:
