@@ -183,11 +183,12 @@ class World:
 
     # Seeding
 
-    def register(self, agent_id: str, **fields: Any) -> None:
+    def register(self, agent_id: str, *, take_over: bool = False, **fields: Any) -> None:
+        """Open a session for ``agent_id``; ``take_over`` ends its live one (the admin may)."""
         stub = discovery_grpc.DiscoveryServiceStub(self.channel)
         response = stub.Register(
             discovery_pb.RegisterRequest(agent_id=agent_id, name=agent_id, **fields),
-            metadata=(("x-agentcoord-join-token", JOIN_TOKEN),),
+            metadata=self.admin if take_over else (("x-agentcoord-join-token", JOIN_TOKEN),),
             timeout=CALL_DEADLINE,
         )
         self.tokens[agent_id] = response.session_token
@@ -208,7 +209,7 @@ class World:
         """Create real agents, tasks, a lease and keys; record them as seeds."""
         self.register("fuzz-stale", ttl=seconds(120))
         self.stale_token = self.tokens.pop("fuzz-stale")
-        self.register("fuzz-stale", ttl=seconds(120))  # the first token is now stale
+        self.register("fuzz-stale", take_over=True, ttl=seconds(120))  # the first is stale
         for agent_id in AGENT_IDS:
             self.register(agent_id, **self._agent_fields(agent_id))
         tasks = distribution_grpc.DistributionServiceStub(self.channel)
@@ -399,7 +400,7 @@ class World:
                 timeout=CALL_DEADLINE,
             ).agent
             if agent.state != discovery_pb.Agent.STATE_LIVE or agent.epoch != self.epochs[agent_id]:
-                self.register(agent_id, **self._agent_fields(agent_id))
+                self.register(agent_id, take_over=True, **self._agent_fields(agent_id))
 
 
 @dataclass(frozen=True)

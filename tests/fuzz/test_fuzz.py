@@ -8,9 +8,6 @@ deadline, never an error or traceback in the server log, and the server must sti
 answer its health check afterwards. A failing call is shrunk to a minimal request and
 reported with the server's traceback.
 
-Classes of failure that other branches are fixing are tolerated through
-``known.KNOWN_UNFIXED`` until they land.
-
 ``AGENTCOORD_FUZZ_EXAMPLES`` sets the examples per RPC (default below);
 ``AGENTCOORD_FUZZ_SEED`` replaces the fixed derandomized run with a seeded random one.
 See docs/development.md.
@@ -47,7 +44,6 @@ from tests.fuzz.harness import (
     method_path,
     problem,
 )
-from tests.fuzz.known import known_unfixed
 from tests.fuzz.strategies import RequestStrategies
 
 # Read at import: the autouse fixture hides AGENTCOORD_* variables from the tests.
@@ -120,10 +116,10 @@ def target(
 
 
 def check_call(target: Target, call: Call) -> None:
-    """Make one call; fail on a bad outcome that is not a known class, or a dead server."""
+    """Make one call; fail on a bad outcome or a dead server."""
     outcome = execute(target.world, call, target.log)
     what = problem(outcome)
-    if what is not None and known_unfixed(outcome) is None:
+    if what is not None:
         raise AssertionError(describe(outcome, what))
     if not healthy(target.world):
         raise AssertionError(describe(outcome, "the server is dead after this call"))
