@@ -66,6 +66,7 @@ LAYERS = [
             "agentcoord.server",
             "agentcoord.client",
             "agentcoord.cli",
+            "agentcoord.mcp",
         ),
     ),
     Layer(
@@ -149,6 +150,14 @@ LAYERS = [
         may_import=("agentcoord.client", *GENERATED_PACKAGES),
         must_not_import=("agentcoord.core", "agentcoord.store", "agentcoord.server"),
         third_party=None,
+    ),
+    Layer(
+        "mcp",
+        modules=("agentcoord.mcp",),
+        # Client-side like the SDK: the wire contract and the client package only.
+        may_import=("agentcoord.mcp", "agentcoord.client", *GENERATED_PACKAGES),
+        must_not_import=("agentcoord.core", "agentcoord.store", "agentcoord.server"),
+        third_party=frozenset({"grpc", "google", "mcp", "pydantic"}),
     ),
     Layer(
         "cli",

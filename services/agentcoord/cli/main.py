@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import NoReturn, cast
 
 from agentcoord import __version__
-from agentcoord.cli import agents, events, health, serve, state, tasks
+from agentcoord.cli import agents, events, health, mcp, serve, state, tasks
 from agentcoord.cli.exits import CliError, Exit, exit_for_status
 from agentcoord.cli.output import Output
 from agentcoord.cli.rpc import Commands, add_client_flags, connect
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Commands", parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     )
     serve.register(commands)
+    mcp.register(commands)
     for module in CLIENT_COMMANDS:
         module.register(commands)
     return parser
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve.run(args)
+    if args.command == "mcp":
+        return mcp.run(args)
     try:
         return asyncio.run(_run(args, Output(json_mode=args.json)))
     except CliError as error:

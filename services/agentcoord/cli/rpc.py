@@ -127,17 +127,30 @@ def add_group(commands: Commands, name: str, help: str) -> Commands:
     return parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
 
-def connect(args: argparse.Namespace) -> AgentcoordClient:
-    """Return a client configured by the flags, then ``AGENTCOORD_*`` variables, then defaults."""
+def servers(args: argparse.Namespace) -> tuple[str, ...]:
+    """Return the checked server addresses: ``--server``, then ``AGENTCOORD_SERVER``, then the default.
+
+    Raises:
+        CliError: an address is malformed (the message names where it came from).
+    """
     try:
-        servers = parse_targets(args.server) if args.server else default_targets()
+        return parse_targets(args.server) if args.server else default_targets()
     except ValueError as error:
         flag = "--server: " if args.server else ""
         raise CliError(f"{flag}{error}") from None
+
+
+def join_token(args: argparse.Namespace) -> str:
+    """Return the join token: ``--join-token``, then ``AGENTCOORD_JOIN_TOKEN``."""
+    return args.client_join_token or os.environ.get("AGENTCOORD_JOIN_TOKEN", "")
+
+
+def connect(args: argparse.Namespace) -> AgentcoordClient:
+    """Return a client configured by the flags, then ``AGENTCOORD_*`` variables, then defaults."""
     return AgentcoordClient(
-        servers,
+        servers(args),
         token=args.token or os.environ.get("AGENTCOORD_TOKEN", ""),
-        join_token=args.client_join_token or os.environ.get("AGENTCOORD_JOIN_TOKEN", ""),
+        join_token=join_token(args),
         timeout=args.timeout,
         # A person is waiting: ride over a blip, but say soon that the server is down.
         retry=RetryPolicy(max_attempts=3, max_delay=args.timeout),
