@@ -27,6 +27,8 @@ from tests.server.conftest import StartServer
 
 start_server = server_fixtures.start_server
 pytestmark = pytest.mark.timeout(120)
+ADMIN = "admin-secret"
+"""The server's admin token: the test cancels tasks it did not submit."""
 
 TOOLS = {
     "list_agents",
@@ -54,7 +56,7 @@ def store_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 async def app(start_server: StartServer) -> App:
-    return await start_server()
+    return await start_server(admin_token=ADMIN)
 
 
 @pytest.fixture
@@ -97,7 +99,7 @@ async def mcp_agent(address: str, log: Path, agent_id: str, *flags: str) -> Asyn
 
 @pytest.fixture
 async def admin(address: str) -> AsyncIterator[AgentcoordClient]:
-    async with AgentcoordClient(address) as client:
+    async with AgentcoordClient(address, token=ADMIN) as client:
         yield client
 
 

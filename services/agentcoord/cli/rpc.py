@@ -128,7 +128,7 @@ def add_group(commands: Commands, name: str, help: str) -> Commands:
 
 
 def servers(args: argparse.Namespace) -> tuple[str, ...]:
-    """Return the checked server addresses: ``--server``, then ``AGENTCOORD_SERVER``, then the default.
+    """Return the server addresses: ``--server``, else ``AGENTCOORD_SERVER``, else the default.
 
     Raises:
         CliError: an address is malformed (the message names where it came from).
