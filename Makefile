@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
 AGENTCOORD_LISTEN ?= 127.0.0.1:50051
 AGENTCOORD_STORE ?= sqlite:///var/agentcoord.db
+# make run's dashboard and /metrics (only make run's: run-* processes would share the port).
+# An empty value turns it off: AGENTCOORD_HTTP_LISTEN= make run
+AGENTCOORD_HTTP_LISTEN ?= 127.0.0.1:8080
 export AGENTCOORD_LISTEN AGENTCOORD_STORE
 
 .PHONY: venv proto proto-check lint lint-proto fmt typecheck test pytest run run-discovery \
@@ -68,7 +71,7 @@ pytest: $(STAMP)
 
 run: $(STAMP)
 	mkdir -p var
-	$(VENV)/bin/agentcoord serve
+	AGENTCOORD_HTTP_LISTEN=$(AGENTCOORD_HTTP_LISTEN) $(VENV)/bin/agentcoord serve
 
 run-discovery run-statesync: run-%: $(STAMP)
 	mkdir -p var

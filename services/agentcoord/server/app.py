@@ -33,6 +33,7 @@ from agentcoord.server import statesync as statesync_server
 from agentcoord.server.auth import Access, Authenticator, CertificateBinding, SessionLookup
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.decoding import GuardedRegistration
+from agentcoord.server.http import HttpListener
 from agentcoord.server.interceptors import CallInterceptor
 from agentcoord.server.reflection import enable_reflection
 from agentcoord.server.splitters import load_splitter
@@ -78,6 +79,8 @@ class App:
     """Long-lived streams, ended at shutdown."""
     feed: ChangeFeed
     """The change feed."""
+    http: HttpListener | None = None
+    """The HTTP listener (dashboard, ``/metrics``), when ``config.http_listen`` is set."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop_loops: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -87,6 +90,8 @@ class App:
             return
         await self.health.enter_graceful_shutdown()
         self.streams.close_all()
+        if self.http is not None:
+            await self.http.stop()
         self._stop_loops.set()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -261,15 +266,21 @@ async def start_app(
         service.add_to_server(cast(grpc.aio.Server, registration))
     names = [service.name for service in hosted]
     enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
+    http = HttpListener(config, authenticator) if config.http_listen else None
     try:
         port = _bind(server, config, credentials)
+        if http is not None:
+            http.bind()
     except BaseException:
+        await server.stop(None)
         await store.close()
         raise
     await server.start()
+    if http is not None:
+        await http.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    app = App(config, store, server, port, health_servicer, streams, feed)
+    app = App(config, store, server, port, health_servicer, streams, feed, http)
     for service in hosted:
         if service.loop is not None:
             app._tasks.append(asyncio.create_task(service.loop(app._stop_loops)))
@@ -319,12 +330,19 @@ async def serve(config: ServerConfig) -> None:
     app = await start_app(config)
     address = f"{config.listen.rpartition(':')[0]}:{app.port}"
     store = redact_password(config.store)
+    url = app.http.url if app.http is not None else ""
     log.info(
-        "agentcoord listening on %s (services: %s; store: %s)",
+        "agentcoord listening on %s (services: %s; store: %s)%s",
         address,
         ", ".join(config.services),
         store,
-        extra={"address": address, "services": list(config.services), "store": store},
+        f"; dashboard and metrics at {url}" if url else "",
+        extra={
+            "address": address,
+            "services": list(config.services),
+            "store": store,
+            "http": url,
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

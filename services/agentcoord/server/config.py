@@ -34,6 +34,8 @@ class ServerConfig:
 
     listen: str = "127.0.0.1:50051"
     """Address to listen on, ``host:port``; port 0 picks a free port."""
+    http_listen: str = ""
+    """Address of the HTTP listener (dashboard, ``/metrics``), ``host:port``; empty: none."""
     store: str = "sqlite:///var/agentcoord.db"
     """Store URL: ``sqlite:///relative.db``, ``sqlite:////abs.db`` or ``postgresql://...``."""
     services: tuple[str, ...] = SERVICE_NAMES
@@ -84,7 +86,8 @@ class ServerConfig:
     log_level: str = "INFO"
     """Logging level: DEBUG (one line per call), INFO, WARNING, ERROR or CRITICAL."""
     grpc_log_level: str = "WARNING"
-    """Logging level of grpc's Python internals (``grpc.*``, ``asyncio``), apart from ours."""
+    """Logging level of grpc's and uvicorn's internals (``grpc.*``, ``uvicorn.*``,
+    ``asyncio``), apart from ours."""
     log_format: str = "text"
     """``text`` or ``json`` (one JSON object per line, the call's facts as fields)."""
 
@@ -95,6 +98,8 @@ class ServerConfig:
             InvalidInput: a setting is malformed or the combination is unsafe.
         """
         host, port = split_host_port(self.listen)
+        if self.http_listen:
+            http_host, http_port = split_host_port(self.http_listen, "http_listen")
         unknown = set(self.services) - set(SERVICE_NAMES)
         if unknown or not self.services:
             raise InvalidInput("services", f"choose from {', '.join(SERVICE_NAMES)}")
@@ -156,17 +161,28 @@ class ServerConfig:
                 f"refusing to listen on {host}:{port} beyond loopback without TLS and a join "
                 "token; pass --tls-cert/--tls-key and --join-token, or --insecure",
             )
+        if (
+            self.http_listen
+            and not is_loopback(http_host)
+            and not self.insecure
+            and not (self.tls_cert and self.join_token)
+        ):
+            raise InvalidInput(
+                "http_listen",
+                f"refusing to serve HTTP on {http_host}:{http_port} beyond loopback without "
+                "TLS and a join token; pass --tls-cert/--tls-key and --join-token, or --insecure",
+            )
 
 
-def split_host_port(address: str) -> tuple[str, int]:
+def split_host_port(address: str, setting: str = "listen") -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` too).
 
     Raises:
-        InvalidInput: not a ``host:port`` address.
+        InvalidInput: not a ``host:port`` address, naming ``setting``.
     """
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise InvalidInput("listen", f"{address!r} is not host:port (port 0-65535)")
+        raise InvalidInput(setting, f"{address!r} is not host:port (port 0-65535)")
     return host.strip("[]"), int(port)
 
 

@@ -14,8 +14,9 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, No
 }
 """Attributes every log record has; the others came as ``extra`` (such as ``rpc``, ``ms``)."""
 
-GRPC_LOGGERS = ("grpc", "asyncio")
-"""Loggers of grpc's Python internals (and the event loop they run on): ``grpc_level``."""
+GRPC_LOGGERS = ("grpc", "asyncio", "uvicorn")
+"""Loggers of grpc's and uvicorn's Python internals (and the event loop they run on):
+``grpc_level``."""
 
 
 def facts(record: logging.LogRecord) -> dict[str, object]:
