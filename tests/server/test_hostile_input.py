@@ -224,6 +224,15 @@ async def test_forged_and_garbled_page_tokens_name_page_token(
         await tasks.SubmitTask(
             distribution_pb.SubmitTaskRequest(task=task(title=title)), metadata=bearer(token)
         )
+    split = await tasks.SubmitTask(
+        distribution_pb.SubmitTaskRequest(
+            task=task(
+                split_policy=distribution_pb.SPLIT_POLICY_EXPLICIT,
+                subtasks=[distribution_pb.SubtaskSpec(local_id=n, title=n) for n in "abc"],
+            )
+        ),
+        metadata=bearer(token),
+    )
     listings: dict[str, tuple[Callable[[str], Any], list[list[Any]]]] = {
         "ListAgents": (
             lambda t: agents.ListAgents(discovery_pb.ListAgentsRequest(page_size=1, page_token=t)),
@@ -256,6 +265,16 @@ async def test_forged_and_garbled_page_tokens_name_page_token(
                 ["2024-01-01T00:00:00+00:00", "\u0000"],
             ],
         ),
+        "ListSubtasks": (
+            lambda t: tasks.ListSubtasks(
+                distribution_pb.ListSubtasksRequest(
+                    task_id=split.task.task_id, page_size=1, page_token=t
+                )
+            ),
+            # Positions past what a sub-task's place in its task can be (an int32 column in
+            # PostgreSQL): once INTERNAL there.
+            [[(1 << 63) - 1], [1 << 31], [0], [-1], ["1"]],
+        ),
     }
     for name, (list_page, positions) in listings.items():
         first = await list_page("")
@@ -266,7 +285,8 @@ async def test_forged_and_garbled_page_tokens_name_page_token(
         payload = token_payload(issued)
         assert payload["v"] == 1 and payload["l"] == name, payload
         forged = [forge(payload, p=position) for position in positions]
-        forged += [forge(payload, v=2), forge(payload, l="ListOther"), forge(payload, q={})]
+        forged += [forge(payload, v=2), forge(payload, v=True), forge(payload, v=1.0)]
+        forged += [forge(payload, l="ListOther"), forge(payload, q={})]
         for bad in GARBLED + forged:
             error = await refused(list_page(bad))
             assert_names(error, "page_token")

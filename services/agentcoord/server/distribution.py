@@ -174,7 +174,7 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         """List a task's sub-tasks in task order, one page."""
         task_id = validation.text("task_id", request.task_id, max_length=128, required=True)
         position = page_tokens.decode(
-            request.page_token, "ListSubtasks", _subtasks_query(task_id), page_tokens.revision
+            request.page_token, "ListSubtasks", _subtasks_query(task_id), page_tokens.subtask_place
         )
         subtasks, more = await self._core.list_subtasks(
             task_id,

@@ -33,6 +33,7 @@ VERSION: Final = 1
 MAX_TOKEN_LENGTH: Final = 8192
 """Longest token accepted, in characters (the longest issued is far shorter)."""
 MAX_INT64: Final = (1 << 63) - 1
+MAX_INT32: Final = (1 << 31) - 1
 
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -46,11 +47,23 @@ def _string(value: object, limit: int) -> str:
     return value
 
 
+def _integer(value: object, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"not an integer from {low} to {high}")
+    return value
+
+
 def revision(value: object) -> int:
     """Part: a store revision, an int64 of at least 0."""
-    if type(value) is not int or not 0 <= value <= MAX_INT64:
-        raise ValueError("not a revision")
-    return value
+    return _integer(value, 0, MAX_INT64)
+
+
+def subtask_place(value: object) -> int:
+    """Part: one past a sub-task's place in its task, from 1 to the int32 maximum.
+
+    (The place is an int32 column in PostgreSQL: a larger one would fail the query.)
+    """
+    return _integer(value, 1, MAX_INT32)
 
 
 def time(value: object) -> datetime:
@@ -107,9 +120,9 @@ def decode(
         raise _not_issued() from None
     if not isinstance(payload, dict) or payload.get("l") != listing:
         raise _not_issued()
-    if payload.get("v") != VERSION:
+    if _canonical(payload.get("v")) != _canonical(VERSION):
         raise InvalidInput(FIELD, "was issued by another version of the server; list again")
-    if payload.get("q") != json.loads(json.dumps(query)):
+    if _canonical(payload.get("q")) != _canonical(query):
         raise InvalidInput(FIELD, "was issued for a listing with other filters")
     position = payload.get("p")
     if not isinstance(position, list) or len(position) != len(parts):
@@ -118,6 +131,11 @@ def decode(
         return tuple(part(value) for part, value in zip(parts, position, strict=True))
     except (ValueError, TypeError, OverflowError, AgentcoordError):
         raise _not_issued() from None
+
+
+def _canonical(value: object) -> str:
+    """Return ``value`` as JSON with sorted keys: equal only for the same JSON (1 is not true)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _no_constants(name: str) -> object:
