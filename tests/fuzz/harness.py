@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import strategies as st
 
@@ -33,7 +34,6 @@ from agentcoord.server.config import ServerConfig
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
 from tests.fuzz.strategies import (
-    FORGED_POSITIONS,
     RequestStrategies,
     Seeds,
     Wire,
@@ -306,29 +306,43 @@ class World:
         keys.append("shared/fuzz/ttl")
         self.seeds = self._seeds(task_ids, subtask_ids, fencing, keys)
 
-    def _page_tokens(self) -> list[str]:
+    def _first_pages(self, split_task_id: str) -> list[tuple[Message, str]]:
+        """Return a first-page request of every listing and the next-page token it got."""
         discovery = discovery_grpc.DiscoveryServiceStub(self.channel)
         tasks = distribution_grpc.DistributionServiceStub(self.channel)
         state = statesync_grpc.StateSyncServiceStub(self.channel)
-        md, deadline = self.admin, CALL_DEADLINE
-        return [
-            token
-            for token in (
-                discovery.ListAgents(
-                    discovery_pb.ListAgentsRequest(page_size=1), metadata=md, timeout=deadline
-                ).next_page_token,
-                tasks.ListTasks(
-                    distribution_pb.ListTasksRequest(page_size=1), metadata=md, timeout=deadline
-                ).next_page_token,
-                state.ListStates(
-                    statesync_pb.ListStatesRequest(page_size=1), metadata=md, timeout=deadline
-                ).next_page_token,
-                state.ListEvents(
-                    statesync_pb.ListEventsRequest(page_size=1), metadata=md, timeout=deadline
-                ).next_page_token,
-            )
-            if token
+        requests: list[tuple[Any, Message]] = [
+            (discovery.ListAgents, discovery_pb.ListAgentsRequest(page_size=1)),
+            (tasks.ListTasks, distribution_pb.ListTasksRequest(page_size=1)),
+            (state.ListStates, statesync_pb.ListStatesRequest(prefix="shared/", page_size=1)),
+            (state.ListEvents, statesync_pb.ListEventsRequest(page_size=1)),
+            (
+                tasks.ListSubtasks,
+                distribution_pb.ListSubtasksRequest(task_id=split_task_id, page_size=1),
+            ),
         ]
+        pages = []
+        for list_page, request in requests:
+            token = list_page(request, metadata=self.admin, timeout=CALL_DEADLINE).next_page_token
+            assert token, f"{request.DESCRIPTOR.name} has one page only"
+            pages.append((request, token))
+        return pages
+
+    @staticmethod
+    def _continuations(pages: Sequence[tuple[Message, str]]) -> dict[str, list[Message]]:
+        """Return each listing's first request again with its real token and forged ones.
+
+        The filters match the token's, so a forged position is what the server must judge.
+        """
+        continuations: dict[str, list[Message]] = {}
+        for request, token in pages:
+            forged = forged_page_tokens([token])
+            for page_token in [*[token] * len(forged), *forged]:
+                again = type(request)()
+                again.CopyFrom(request)
+                again.page_token = page_token
+                continuations.setdefault(request.DESCRIPTOR.name, []).append(again)
+        return continuations
 
     def _seeds(
         self,
@@ -342,7 +356,7 @@ class World:
             statesync_pb.ListEventsRequest(page_size=1000), metadata=self.admin, timeout=10
         ).events
         revision = max((event.revision for event in events), default=1)
-        tokens = self._page_tokens()
+        pages = self._first_pages(task_ids[1])
         agent_ids = [*AGENT_IDS, "fuzz-stale", "no-such-agent"]
         local_ids = ["a", "b", "c", "missing"]
         capabilities = ["fuzz.work", "fuzz.plan", "fuzz.extra", "nobody.can"]
@@ -361,8 +375,7 @@ class World:
             "local_id": local_ids,
             "depends_on": local_ids,
             "aggregation_local_id": local_ids,
-            # Real tokens, and real ones with a forged position, as often as each other.
-            "page_token": [*tokens * len(FORGED_POSITIONS), *forged_page_tokens(tokens)],
+            "page_token": [token for _, token in pages],
             "request_id": ["fuzz-request-1", "fuzz-request-2", "seed-0"],
             "title": ["a title"],
             "id": ["skill-1", "skill-2"],
@@ -388,7 +401,12 @@ class World:
             "progress_interval": [0.05, 0.2, 1.0],
             "lease_ttl": [0.5, 1.0, 30.0, 3600.0, 3601.0],
         }
-        return Seeds(text=text, numbers=numbers, durations=durations)
+        return Seeds(
+            text=text,
+            numbers=numbers,
+            durations=durations,
+            requests=self._continuations(pages),
+        )
 
     def repair(self) -> None:
         """Bring back the seeded sessions a fuzzed call ended or replaced."""

@@ -81,6 +81,9 @@ class Seeds:
     """Integer pools by field name (``fencing_token``, ``start_revision``, ...)."""
     durations: Mapping[str, Sequence[float]] = field(default_factory=dict)
     """Duration pools in seconds by field name (``ttl``, ``wait``, ...)."""
+    requests: Mapping[str, Sequence[Message]] = field(default_factory=dict)
+    """Whole requests by message name, sent as they are (listings continued with real and
+    forged page tokens)."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,7 @@ def garbled_page_tokens(real: Sequence[str]) -> st.SearchStrategy[str]:
     return st.one_of(choices)
 
 
-FORGED_POSITIONS = (
+FORGED_POSITIONS: tuple[object, ...] = (
     "x",
     "²",
     "9" * 30,
@@ -275,32 +278,48 @@ FORGED_POSITIONS = (
     "",
     "|",
     "2026-13-40|x",
-    "2026-01-01T00:00:00|x",
+    "2026-01-01T00:00:00",
+    "9999-12-31T23:59:59-23:59",
+    "0001-01-01T00:00:00+01:00",
     "a@²",
+    -1,
+    0,
+    2**31,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    1.5,
+    True,
+    None,
+    [],
 )
-"""Positions written into real page tokens: each top-level string is replaced by one."""
+"""Values written into real page tokens, in place of one element of their position."""
 
 
 def forged_page_tokens(real: Sequence[str]) -> list[str]:
-    """Return real page tokens with their positions replaced by hostile ones."""
-    return [
-        token
-        for original in real
-        for position in FORGED_POSITIONS
-        if (token := _forge(original, position))
-    ]
+    """Return real page tokens with one element of their position replaced by a hostile one."""
+    forged = []
+    for original in real:
+        payload = _payload(original)
+        position = payload.get("p") if payload else None
+        if not isinstance(position, list):
+            continue
+        for index in range(len(position)):
+            for value in FORGED_POSITIONS:
+                changed = [*position[:index], value, *position[index + 1 :]]
+                raw = json.dumps({**payload, "p": changed}).encode()
+                forged.append(base64.urlsafe_b64encode(raw).decode().rstrip("="))
+    return forged
 
 
-def _forge(token: str, position: str) -> str:
-    """Return ``token`` with its top-level strings replaced, if it is base64 of a JSON object."""
+def _payload(token: str) -> dict[str, Any]:
+    """Return the JSON object inside a page token, or an empty dict."""
     try:
-        payload = json.loads(base64.urlsafe_b64decode(token.encode()))
+        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except ValueError:
-        return ""
-    if not isinstance(payload, dict):
-        return ""
-    forged = {key: position if isinstance(value, str) else value for key, value in payload.items()}
-    return base64.urlsafe_b64encode(json.dumps(forged).encode()).decode()
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 class RequestStrategies:
@@ -582,6 +601,8 @@ class RequestStrategies:
         ]
         if suffixes:
             choices.append((2, st.builds(Wire, messages, st.one_of(suffixes))))
+        if whole := self._seeds.requests.get(descriptor.name):
+            choices.append((4, st.builds(Wire, st.sampled_from(list(whole)))))
         return weighted(*choices)
 
 
