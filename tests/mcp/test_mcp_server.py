@@ -1,14 +1,17 @@
 """`agentcoord mcp` driven by the mcp SDK's own client over stdio, against a real server.
 
 Each MCP agent is a real `python -m agentcoord.cli mcp` process; a real agentcoord server
-(SQLite) runs in the test's loop. The tests act as the model: they call the tools by name
-and read the structured results.
+(SQLite) runs in the test's loop. One test speaks streamable HTTP (`--http`) instead. The
+tests act as the model: they call the tools by name and read the structured results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +20,9 @@ from typing import Any
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
+from agentcoord.cli.main import build_parser
 from agentcoord.client import AgentcoordClient
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.server.app import App
@@ -241,7 +246,10 @@ async def test_state_written_by_one_agent_is_read_by_the_other(
         conflict = await writer.refused(  # the writer still thinks it is at version 1
             "put_state", key="shared/plan", value={"step": 3}, expected_version=1
         )
-        assert conflict.startswith("Error executing tool put_state: ABORTED")
+        assert conflict == (  # as docs/mcp.md shows it
+            "Error executing tool put_state: ABORTED: key 'shared/plan': expected version 1, "
+            "current version 2 (reason VERSION_MISMATCH)"
+        )
 
         listed = await writer.call("list_state", prefix="shared/")
         assert [e["key"] for e in listed["entries"]] == ["shared/plan"]
@@ -287,3 +295,72 @@ async def test_the_agent_deregisters_when_the_host_hangs_up(
         return (await agent_state(admin, "brief")).state == discovery_pb.Agent.STATE_LEFT
 
     await eventually(left)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_streamable_http_serves_the_same_tools_to_the_sdk_client(
+    address: str, admin: AgentcoordClient, tmp_path: Path
+) -> None:
+    port = free_port()
+    command = ["-m", "agentcoord.cli", "mcp", "--server", address, "--agent-id", "web"]
+    with (tmp_path / "mcp.log").open("a") as errlog:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *command, "--http", f"127.0.0.1:{port}", stderr=errlog
+        )
+        try:
+
+            async def listening() -> bool:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    return False
+                writer.close()
+                return True
+
+            await eventually(listening, timeout=30)
+            async with (
+                streamable_http_client(f"http://127.0.0.1:{port}/mcp") as (read, write),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                model = Model(session)
+                assert {t.name for t in (await session.list_tools()).tools} == TOOLS
+                task = await model.call("submit_task", task={"title": "over http"})
+                offer = (await model.call("claim_subtask", wait_seconds=10))["subtask"]
+                assert offer["task_id"] == task["task_id"]
+                report = await model.call(
+                    "complete_subtask", subtask_id=offer["subtask_id"], result="web"
+                )
+                assert report["task_state"] == "SUCCEEDED"
+            assert (await agent_state(admin, "web")).state == discovery_pb.Agent.STATE_LIVE
+        finally:
+            process.terminate()  # SIGTERM: the server deregisters and exits cleanly
+            assert await process.wait() == 0
+    assert (await agent_state(admin, "web")).state == discovery_pb.Agent.STATE_LEFT
+
+
+def test_docs_mcp_md_shows_a_host_configuration_that_parses_and_every_tool() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "mcp.md").read_text()
+    config = json.loads(re.search(r"```json\n(.*?)```", text, re.S).group(1))  # type: ignore[union-attr]
+    (server,) = config["mcpServers"].values()
+    assert server["command"] == "agentcoord"
+    args = build_parser().parse_args(server["args"])
+    assert (args.command, args.agent_id, args.capabilities) == (
+        "mcp",
+        "assistant-1",
+        "python,review",
+    )
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", text, re.M))
+    assert documented == TOOLS
+    uris = set(re.findall(r"^\| `(agentcoord://[^`]+)` \|", text, re.M))
+    assert uris == {
+        "agentcoord://agents",
+        "agentcoord://tasks/{task_id}",
+        "agentcoord://state/{key}",
+    }
