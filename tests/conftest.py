@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -40,12 +41,9 @@ def with_query(url: str, **params: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A store URL of a fresh, empty database: an SQLite file, or a PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'agentcoord.db'}"
-        return
+@contextlib.asynccontextmanager
+async def fresh_postgres_schema() -> AsyncIterator[str]:
+    """Yield the URL of a fresh PostgreSQL schema, dropped afterwards; skip without a DSN."""
     dsn = os.environ.get(POSTGRES_DSN_VARIABLE)
     if not dsn:
         pytest.skip(f"{POSTGRES_DSN_VARIABLE} is not set")
@@ -56,6 +54,23 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A store URL of a fresh, empty database: an SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'agentcoord.db'}"
+        return
+    async with fresh_postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """The URL of a fresh PostgreSQL schema (for what only PostgreSQL does: replicas)."""
+    async with fresh_postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture

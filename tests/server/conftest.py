@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ import pytest
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
 from agentcoord.server.app import App, start_app
 from agentcoord.server.config import ServerConfig
+from tests.server.processes import Replicas
 
 StartServer = Callable[..., Awaitable[App]]
 
@@ -52,3 +54,10 @@ async def channel(server: App) -> AsyncIterator[grpc.aio.Channel]:
 def discovery(channel: grpc.aio.Channel) -> discovery_grpc.DiscoveryServiceStub:
     """A Discovery stub on ``channel``."""
     return discovery_grpc.DiscoveryServiceStub(channel)
+
+
+@pytest.fixture
+async def replicas(postgres_url: str, tmp_path: Path) -> AsyncIterator[Replicas]:
+    """Replica processes (``agentcoord serve``) on a fresh PostgreSQL schema, killed after."""
+    async with Replicas(postgres_url, tmp_path) as started:
+        yield started

@@ -9,70 +9,17 @@ acknowledged write must be there, its key at that version or a later one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from agentcoord.client import AgentcoordClient, RetryPolicy, RPCError, UpdatePolicy
+from tests.server.processes import ADMIN, free_port, serve
 
-ADMIN = "kill9-admin"
 DISTINCT_WRITERS = 24
 HOT_WRITERS = 8
 HOT_KEYS = 3
 STORM_SECONDS = 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def serve(port: int, store_url: str, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Run ``agentcoord serve`` until it answers health checks; SIGKILL it on exit."""
-    with log.open("ab") as output:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentcoord.cli",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--store",
-            store_url,
-            "--admin-token",
-            ADMIN,
-            stdout=output,
-            stderr=output,
-        )
-    try:
-        await wait_serving(port, process, log)
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
-
-
-async def wait_serving(port: int, process: asyncio.subprocess.Process, log: Path) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(200):
-            assert process.returncode is None, f"server exited:\n{log.read_text()}"
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                response = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"server not serving:\n{log.read_text()}")
 
 
 class Acknowledged:

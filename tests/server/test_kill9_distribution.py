@@ -26,7 +26,7 @@ from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
 from tests.helpers import bearer
-from tests.server.test_kill9 import free_port, serve
+from tests.server.processes import free_port, serve
 
 AGENTS = 4
 SUBTASKS = 300

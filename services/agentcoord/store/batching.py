@@ -131,7 +131,7 @@ class GroupCommitter(Generic[OpT]):
             raise
         changes = [change for outcome in outcomes for change in outcome.changes]
         if changes:
-            self._notify(changes)
+            self.announce(changes)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 continue  # the caller was cancelled while its operation committed
@@ -140,7 +140,8 @@ class GroupCommitter(Generic[OpT]):
             else:
                 future.set_result(outcome.value)
 
-    def _notify(self, changes: Sequence[Change]) -> None:
+    def announce(self, changes: Sequence[Change]) -> None:
+        """Call the listeners with ``changes``: a commit's, or another process's read back."""
         for listener in list(self._listeners):
             try:
                 listener(changes)

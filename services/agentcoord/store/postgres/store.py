@@ -8,11 +8,14 @@ order; rows read after that lock cannot change before the commit, so they need n
 locks of their own. A batch costs four round trips however many operations it holds:
 BEGIN with the lock, one Load (one statement returning every row the operations need,
 as arrays of table rows), one Flush (one statement of data-modifying CTEs over ``unnest``
-arrays), and COMMIT. Reads use any other pooled connection.
+arrays, which also NOTIFYs the batch's last revision), and COMMIT. Reads use any other
+pooled connection; a dedicated one LISTENs for the commits of other processes
+(:mod:`agentcoord.store.postgres.follow`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +28,7 @@ from agentcoord.store import writes
 from agentcoord.store.batching import Outcome
 from agentcoord.store.common import SqlStore
 from agentcoord.store.migrations import load_migrations, pending_migrations
+from agentcoord.store.postgres.follow import Follower, channel_name
 from agentcoord.store.rows import (
     AGENT_COLUMNS,
     CHANGE_COLUMNS,
@@ -93,17 +97,24 @@ def _insert_unnest(numbers: _Numbers, table: str, types: dict[str, str], conflic
 
 
 def _flush_statement() -> str:
+    """The Flush statement; its last three parameters are the counter, channel and payload.
+
+    The NOTIFY is sent only with a payload (a run that appended changes), and PostgreSQL
+    delivers it only if the batch commits.
+    """
     numbers = _Numbers()
-    return (
+    ctes = (
         f"WITH deleted AS (DELETE FROM states WHERE key = ANY({numbers.next('text[]')})),"
         f" put AS ({_insert_unnest(numbers, 'states', _STATE_TYPES, 'key')}),"
         f" saved AS ({_insert_unnest(numbers, 'agents', _AGENT_TYPES, 'agent_id')}),"
         f" remembered AS ({_insert_unnest(numbers, 'write_requests', _REQUEST_TYPES)}),"
         f" logged AS ({_insert_unnest(numbers, 'changes', _CHANGE_TYPES)}),"
         f" tasked AS ({_insert_unnest(numbers, 'tasks', _TASK_TYPES, 'task_id')}),"
-        f" subtasked AS ({_insert_unnest(numbers, 'subtasks', _SUBTASK_TYPES, 'subtask_id')})"
-        f" UPDATE revision_counter SET value = {numbers.next()} WHERE id = 1"
+        f" subtasked AS ({_insert_unnest(numbers, 'subtasks', _SUBTASK_TYPES, 'subtask_id')}),"
+        f" counted AS (UPDATE revision_counter SET value = {numbers.next()} WHERE id = 1)"
     )
+    channel, payload = numbers.next("text"), numbers.next("text")
+    return f"{ctes} SELECT pg_notify({channel}, {payload}) WHERE {payload} IS NOT NULL"
 
 
 _FLUSH = _flush_statement()
@@ -260,8 +271,8 @@ async def _load(conn: asyncpg.Connection, needs: writes.Needs) -> writes.Loaded:
     )
 
 
-async def _flush(conn: asyncpg.Connection, m: writes.Mutations) -> None:
-    """Write what a run of operations changed, in one statement."""
+async def _flush(conn: asyncpg.Connection, m: writes.Mutations, *, follower: Follower) -> None:
+    """Write what a run of operations changed, and NOTIFY its last revision, in one statement."""
     await conn.execute(
         _FLUSH,
         list(m.deleted_keys),
@@ -272,6 +283,8 @@ async def _flush(conn: asyncpg.Connection, m: writes.Mutations) -> None:
         *_columns([CODEC.task_params(t) for t in m.tasks], len(TASK_COLUMNS)),
         *_columns([CODEC.subtask_params(s) for s in m.subtasks], len(SUBTASK_COLUMNS)),
         m.revision,
+        follower.channel,
+        follower.notice(m.changes[-1].revision) if m.changes else None,
     )
 
 
@@ -335,29 +348,39 @@ class PostgresStore(SqlStore):
         self._schema = None if schema is None else f'"{schema}"'
         self._min_size = min_size
         self._max_size = max_size
+        self._settings = {} if self._schema is None else {"search_path": self._schema}
         self._pool: asyncpg.Pool | None = None
+        self._follower = Follower(
+            self._listening_connection, self.list_changes, self._writes.announce
+        )
         self._closed = False
 
     async def open(self) -> None:
-        """Connect the pool and apply pending migrations."""
+        """Connect the pool, apply pending migrations and follow other processes' commits."""
         if self._pool is not None or self._closed:
             raise RuntimeError("a store is opened once")
-        settings = {} if self._schema is None else {"search_path": self._schema}
         with _unavailable_on_disconnect():
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                server_settings=settings,
+                server_settings=self._settings,
                 reset=_reset,
             )
             try:
                 async with self._pool.acquire() as conn:
                     await self._migrate(conn)
+                    schema = await conn.fetchval("SELECT current_schema()")
+                    revision = await conn.fetchval(self._sql.revisions)
             except BaseException:
                 await self._pool.close()
                 raise
+        self._writes.add_listener(self._follower.saw)
+        self._follower.start(channel_name(schema), revision)
         self._writes.start()
+
+    async def _listening_connection(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self._dsn, server_settings=self._settings)
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction():
@@ -380,6 +403,7 @@ class PostgresStore(SqlStore):
         if self._closed:
             return
         self._closed = True
+        await self._follower.close()
         await self._writes.close()
         if self._pool is not None:
             await self._pool.close()
@@ -396,7 +420,8 @@ class PostgresStore(SqlStore):
         with _unavailable_on_disconnect():
             async with self._pool.acquire() as conn:
                 try:
-                    performer = writes.Performer.on(conn, _step, _load, _flush, _execute)
+                    flush = functools.partial(_flush, follower=self._follower)
+                    performer = writes.Performer.on(conn, _step, _load, flush, _execute)
                     return await writes.drive_async(writes.batch_script(ops), performer)
                 except BaseException:
                     await _abandon(conn)

@@ -4,21 +4,26 @@ One writer thread owns the write connection and runs the batch scripts of group 
 (:mod:`agentcoord.store.writes`) with ``BEGIN IMMEDIATE``. One reader thread owns a
 second connection; WAL lets it read while the writer commits. Durability: WAL with
 ``synchronous=FULL``, so a commit is on disk before its callers hear of it.
-``BEGIN IMMEDIATE`` and the busy timeout also make several processes sharing one file
-take turns.
+
+SQLite is the embedded, single-process store: a process holds an exclusive ``flock`` on
+``<file>.lock`` for as long as its store is open, and a second process is refused at open
+(:class:`~agentcoord.core.errors.Unavailable`). The kernel releases the lock when the
+holder exits, however it exits, so a server killed with SIGKILL does not block the next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from agentcoord.core.errors import Unavailable
 from agentcoord.store import writes
@@ -50,6 +55,57 @@ CODEC = Codec(
 """Timestamps are ISO 8601 text in UTC, of one width so that text order is time order."""
 
 _MIGRATIONS_PACKAGE = "agentcoord.store.sqlite"
+
+
+class _ProcessLock:
+    """The exclusive ``flock`` of one process on a database's ``<file>.lock``.
+
+    Stores of one process on the same file share it (the tests run several servers in one
+    process); it is released when the last of them closes, or when the process ends.
+    """
+
+    _held: ClassVar[dict[Path, _ProcessLock]] = {}
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._path = path
+        self._fd = fd
+        self._holders = 1
+
+    @classmethod
+    def acquire(cls, database: Path) -> _ProcessLock:
+        """Lock ``database`` for this process.
+
+        Raises:
+            Unavailable: another process holds the lock (its pid is in the message).
+        """
+        real = Path(os.path.realpath(database))
+        path = real.with_name(real.name + ".lock")
+        held = cls._held.get(path)
+        if held is not None:
+            held._holders += 1
+            return held
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise Unavailable(
+                f"{database} is in use by another agentcoord process (pid {holder}): an SQLite "
+                "store serves one process; stop that one, or use a postgresql:// store to run "
+                "several"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        cls._held[path] = lock = cls(path, fd)
+        return lock
+
+    def release(self) -> None:
+        """Let go of this holder's share; the last one unlocks the file."""
+        self._holders -= 1
+        if self._holders == 0:
+            del self._held[self._path]
+            os.close(self._fd)  # closing the only descriptor releases the flock
 
 
 def _insert(table: str, columns: Sequence[str], verb: str = "INSERT") -> str:
@@ -327,13 +383,19 @@ class SqliteStore(SqlStore):
         self._writer: ThreadPoolExecutor | None = None
         self._write_conn: sqlite3.Connection | None = None
         self._read_conn: sqlite3.Connection | None = None
+        self._lock: _ProcessLock | None = None
         self._closed = False
 
     async def open(self) -> None:
-        """Create the file and its folder if needed, and apply pending migrations."""
+        """Create the file and its folder if needed, lock it, and apply pending migrations.
+
+        Raises:
+            Unavailable: another process has the file open.
+        """
         if self._writer is not None or self._closed:
             raise RuntimeError("a store is opened once")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _ProcessLock.acquire(self.path)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agentcoord-sqlite-writer")
         try:
             self._write_conn = await self._on(self._writer, _connect_writer, self.path)
@@ -360,6 +422,9 @@ class SqliteStore(SqlStore):
                 await self._on(self._writer, self._write_conn.close)
             self._writer.shutdown()
         self._write_conn = self._read_conn = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         # Reads run on the event loop: in WAL mode a read never waits for the writer, and
