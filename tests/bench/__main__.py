@@ -2,14 +2,16 @@
 
 .venv/bin/python -m tests.bench [--quick] [--agents 1000,10000] [--channels 16,agent]
     [--duration 20] [--calls 2000] [--store sqlite|postgresql://...] [--output FILE]
-    [--only discovery|statesync|distribution] [--rmw-duration 10] [--rmw-writers 32]
+    [--only discovery|statesync|distribution|replicas] [--rmw-duration 10] [--rmw-writers 32]
     [--rmw-keys 4] [--subtasks 10000] [--dist-agents 16,100] [--capacity 4] [--cycles 500]
+    [--replica-store postgresql://...] [--watch-writes 1000]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -18,7 +20,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.bench import distribution, procs, report, statesync, unary
+from tests.bench import distribution, procs, replicas, report, statesync, unary
 from tests.bench.expiry import ExpiryResult, measure_expiry
 from tests.bench.load import LoadResult, LoadSpec, OpenStats, run_load
 from tests.bench.report import Table, ms, percentile, ratio
@@ -65,8 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["discovery", "statesync", "distribution"],
-        help="run one service's workloads",
+        choices=["discovery", "statesync", "distribution", "replicas"],
+        help="run one service's workloads, or the replicas section",
+    )
+    parser.add_argument(
+        "--replica-store",
+        default=os.environ.get("AGENTCOORD_TEST_POSTGRES_DSN", ""),
+        help="PostgreSQL URL of the replicas section when --store is sqlite (default "
+        "$AGENTCOORD_TEST_POSTGRES_DSN; without one the section is skipped)",
+    )
+    parser.add_argument(
+        "--watch-writes", type=int, help="sequential writes of the cross-replica watch (1000; 100)"
     )
     parser.add_argument(
         "--rmw-duration", type=float, help="seconds of contended read-modify-write (10; quick 3)"
@@ -93,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.subtasks = args.subtasks or (1000 if quick else 10_000)
     args.dist_agents = [int(n) for n in args.dist_agents.split(",")]
     args.cycles = args.cycles or (50 if quick else 500)
+    args.watch_writes = args.watch_writes or (100 if quick else 1000)
+    if args.store.startswith("postgres"):
+        args.replica_store = args.store
     args.pending_demo = not (quick or args.no_pending_demo) and max(args.agents) > LIMITED_PENDING
     if args.long_ttl is None:
         args.long_ttl = 0.0 if quick else 10.0
@@ -147,7 +161,9 @@ class Bench:
             self.statesync(echo)
         if only in (None, "distribution"):
             self.distribution(echo)
-        if only in ("statesync", "distribution"):
+        if only in (None, "replicas"):
+            self.replicas()
+        if only in ("statesync", "distribution", "replicas"):
             return
         self.unary(echo)
         list_during: Callable[[procs.Server], Any] | None = self._list_during(echo)
@@ -359,6 +375,50 @@ class Bench:
                 f"{name}: {early:,} of {len(result.refill):,} refills arrived before the agent "
                 "had read the CompleteSubtask response that freed the slot (negative latency)."
             )
+
+    def replicas(self) -> None:
+        """Two replicas on one PostgreSQL schema: a write on A, watched on B (and on A)."""
+        if not self.args.replica_store:
+            self.table.notes.append(
+                "Replicas: skipped (they need PostgreSQL: --store postgresql://..., "
+                "--replica-store or AGENTCOORD_TEST_POSTGRES_DSN)."
+            )
+            return
+        stores = procs.Stores(self.args.replica_store, self.workdir)
+        self.stack.callback(stores.drop_all)
+        url = stores.fresh("replicas")
+        admin = ["--admin-token", replicas.ADMIN_TOKEN]
+        a = self.server("replica-a", admin, store=url)
+        b = self.server("replica-b", ["statesync", *admin], store=url)
+        writes = self.args.watch_writes
+        progress(f"cross-replica watch latency, {writes} sequential writes")
+        samples = asyncio.run(replicas.measure_watch_latency(a.address, b.address, writes, 50))
+        b.stop()
+        a.stop()
+        name = f"watch across replicas (PostgreSQL), {writes} sequential PutState on A"
+        p50, p99 = percentile(samples["cross"], 50), percentile(samples["cross"], 99)
+        self.latency_row(
+            f"{name}, WatchStates on B (StateSync only)",
+            samples["cross"],
+            [],
+            "p50 <= 20 ms, p99 <= 100 ms",
+            p50 <= 0.020 and p99 <= 0.100,
+            figure="PutState sent -> change received, p50 / p99 ms",
+        )
+        self.latency_row(
+            f"{name}, WatchStates on A (same process)",
+            samples["local"],
+            [],
+            figure="PutState sent -> change received, p50 / p99 ms",
+        )
+        self.latency_row(f"{name}: the PutState itself", samples["put"], [])
+        after = [cross - put for cross, put in zip(samples["cross"], samples["put"], strict=True)]
+        self.latency_row(
+            f"{name}, WatchStates on B",
+            after,
+            [],
+            figure="PutState response on A -> change received on B, p50 / p99 ms",
+        )
 
     def cycle(self, echo: procs.Server) -> None:
         """The old prototype's coordination cycle, sequential, beside echo round trips."""
@@ -676,11 +736,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"Heartbeat loads: {args.workers} client processes, {args.duration:g} s "
                 f"measured each, TTL {args.ttl:g} s"
             )
-        if args.only != "distribution":
+        if args.only in (None, "discovery", "statesync"):
             parts.append(f"unary: {args.calls} sequential calls per figure")
         if args.only in (None, "statesync"):
             parts.append(
                 f"contended update(): {args.workers} client processes, {args.rmw_duration:g} s"
+            )
+        if args.only in (None, "replicas") and args.replica_store:
+            parts.append(
+                f"replicas: A (all services) and B (StateSync only) on one PostgreSQL schema, "
+                f"{args.watch_writes} sequential writes"
             )
         if args.only in (None, "distribution"):
             parts.append(
