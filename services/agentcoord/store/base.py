@@ -4,7 +4,9 @@ Operations reveal intention (``register_agent``, ``end_agent_session``) rather t
 exposing SQL. Each mutating operation is atomic: it commits its row changes and its
 change log entries in one transaction, and concurrent operations may share one
 transaction and one fsync (group commit). After a commit the store calls its change
-listeners with the new change log entries, in revision order, on the event loop.
+listeners with the new change log entries, in revision order, on the event loop; a back end
+that can hear other processes' commits (PostgreSQL: LISTEN/NOTIFY) calls them with those
+too, read back from the change log.
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ class Store(Protocol):
         ...
 
     def add_listener(self, listener: ChangeListener) -> Callable[[], None]:
-        """Call ``listener`` after each commit; returns a function that removes it."""
+        """Call ``listener`` after each commit; returns a function that removes it.
+
+        Each call carries consecutive changes in revision order. Where other processes'
+        commits are heard too, successive calls may overlap or leave a gap (a local commit
+        announced before another process's earlier one); the change log is the truth.
+        """
         ...
 
     async def current_revision(self) -> int:
