@@ -6,6 +6,10 @@ stream on B and one on A (for comparison: the same process's commit, no NOTIFY) 
 it. A sample is the time from sending the PutState to the change arriving on each watch;
 the next put is sent once both have it, so the server is otherwise idle. The PutState's
 own round trip (its commit) is measured too, since it is part of every sample.
+
+With ``background`` writers, that many more callers put other keys through B (blind puts,
+as fast as they can) during the measurement, so both replicas commit at once and the
+watches filter the measured key out of everyone's changes.
 """
 
 from __future__ import annotations
@@ -35,15 +39,35 @@ async def _arrivals(
             times[change.revision] = time.perf_counter()
 
 
+async def _write_until(stub: pb_grpc.StateSyncServiceStub, key: str, stop: asyncio.Event) -> int:
+    """Put ``key`` again and again until ``stop``; return how many puts committed."""
+    puts = 0
+    while not stop.is_set():
+        request = pb.PutStateRequest(key=key, json=struct_pb2.Value(number_value=puts))
+        await stub.PutState(request, metadata=_AUTH)
+        puts += 1
+    return puts
+
+
 async def measure_watch_latency(
-    writer: str, watcher: str, count: int, warmup: int
-) -> dict[str, list[float]]:
-    """Samples in seconds: ``cross`` (A -> B), ``local`` (A -> A) and ``put`` (the write)."""
+    writer: str, watcher: str, count: int, warmup: int, background: int = 0
+) -> tuple[dict[str, list[float]], int]:
+    """Samples in seconds: ``cross`` (A -> B), ``local`` (A -> A) and ``put`` (the write).
+
+    Also returns how many puts the ``background`` writers on B committed meanwhile.
+    """
     async with (
         grpc.aio.insecure_channel(writer) as a,
         grpc.aio.insecure_channel(watcher) as b,
     ):
         state = pb_grpc.StateSyncServiceStub(a)
+        stop = asyncio.Event()
+        load = [
+            asyncio.create_task(
+                _write_until(pb_grpc.StateSyncServiceStub(b), f"shared/load/{n}", stop)
+            )
+            for n in range(background)
+        ]
         times: dict[str, dict[int, float]] = {"cross": {}, "local": {}}
         watches = []
         for name, channel in (("cross", b), ("local", a)):
@@ -69,7 +93,9 @@ async def measure_watch_latency(
                     for name, seen in times.items():
                         samples[name].append(seen[response.revision] - sent)
         finally:
+            stop.set()
+            background_puts = sum(await asyncio.gather(*load))
             for call, task in watches:
                 call.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        return samples
+        return samples, background_puts
