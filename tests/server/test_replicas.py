@@ -3,12 +3,14 @@
 Real ``agentcoord serve`` processes on a fresh schema: replica ``a`` hosts every service,
 ``b`` and ``c`` only StateSync (the set-up supported today: one Discovery per store).
 Writers on two replicas commit at once; watchers on the others must see every change,
-each once, in revision order, and the change log must read the same through any replica.
+each once, in revision order, and the change log must read the same through any replica,
+also when one replica is killed with SIGKILL in the middle of its writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -170,3 +172,36 @@ async def test_a_watch_resumed_on_another_replica_continues_without_gap_or_repea
                 break
     resumed.cancel()
     assert seen == list(range(resume_after + 1, last + 1))
+
+
+async def test_kill_9_of_a_replica_loses_no_acknowledged_write_and_stops_no_other_watch(
+    replicas: Replicas, cluster: dict[str, pb_grpc.StateSyncServiceStub]
+) -> None:
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    watch = EventWatch(c)
+    start = await watch.registered()
+    collected = asyncio.create_task(watch.until_end())
+    acknowledged_on_b: dict[int, str] = {}
+    enough = asyncio.Event()
+
+    async def write_to_b(n: int) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # b dies under it
+            for i in range(10_000):
+                key = f"shared/b/{n}/{i}"
+                acknowledged_on_b[await put(b, key, i)] = key
+                if len(acknowledged_on_b) >= 100:
+                    enough.set()
+
+    b_writers = [asyncio.create_task(write_to_b(n)) for n in range(WRITERS_PER_REPLICA)]
+    on_a = asyncio.create_task(write_storm(a, "a"))
+    await enough.wait()
+    replicas.started[1].process.kill()  # b, SIGKILLed mid-storm
+    await asyncio.gather(*b_writers)
+    await on_a
+    last = await put(a, END_KEY, 0)
+    async with asyncio.timeout(60):
+        seen = await collected
+    assert [event.revision for event in seen] == list(range(start + 1, last + 1))
+    subjects = {event.revision: event.subject for event in seen}
+    assert all(subjects[revision] == key for revision, key in acknowledged_on_b.items())
+    assert await list_events(a) == await list_events(c) == seen
