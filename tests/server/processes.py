@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ADMIN = "kill9-admin"
 """The admin token of every server started here."""
+STARTUP_BUDGET = 90.0
+"""Seconds a server may take to serve (generous: the test machine is shared and loaded)."""
 
 
 def free_port() -> int:
@@ -67,7 +69,8 @@ async def wait_serving(port: int, process: asyncio.subprocess.Process, log: Path
     """Wait until the server on ``port`` reports SERVING; fail if it exits first."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(400):
+        deadline = asyncio.get_running_loop().time() + STARTUP_BUDGET
+        while asyncio.get_running_loop().time() < deadline:
             assert process.returncode is None, f"server exited:\n{log.read_text()}"
             with contextlib.suppress(grpc.aio.AioRpcError):
                 response = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -97,17 +100,19 @@ class Replicas:
         self.store_url = store_url
         self._folder = folder
         self._stack = contextlib.AsyncExitStack()
-        self.started: list[Replica] = []
-        """Every replica started, in order."""
+        self.started: dict[str, Replica] = {}
+        """Every replica serving, by name (``a`` for the first started, then ``b``, ...)."""
+        self._named = 0
 
     async def start(self, *services: str) -> Replica:
         """Start a replica hosting ``services`` (all three when none) and wait until it serves."""
-        name = chr(ord("a") + len(self.started))
+        name = chr(ord("a") + self._named)  # named before any wait: concurrent starts differ
+        self._named += 1
         port = free_port()
         log = self._folder / f"replica-{name}.log"
         process = await self._stack.enter_async_context(serve(port, self.store_url, log, *services))
         replica = Replica(name, f"127.0.0.1:{port}", process)
-        self.started.append(replica)
+        self.started[name] = replica
         return replica
 
     async def __aenter__(self) -> Replicas:

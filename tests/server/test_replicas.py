@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as pb_grpc
 from tests.helpers import bearer
-from tests.server.processes import ADMIN, Replica, Replicas
+from tests.server.processes import ADMIN, Replicas
 
 WRITERS_PER_REPLICA = 4
 PUTS_PER_WRITER = 40
@@ -32,25 +32,15 @@ AUTH = bearer(ADMIN)
 @pytest.fixture
 async def cluster(replicas: Replicas) -> AsyncIterator[dict[str, pb_grpc.StateSyncServiceStub]]:
     """StateSync stubs of replica a (every service), b and c (StateSync only), by name."""
-    started = [await replicas.start(), *(await _statesync_only(replicas, 2))]
-    async with (
-        _channel(started[0]) as a,
-        _channel(started[1]) as b,
-        _channel(started[2]) as c,
-    ):
+    await replicas.start()
+    await asyncio.gather(*(replicas.start("statesync") for _ in range(2)))
+    async with contextlib.AsyncExitStack() as stack:
         yield {
-            "a": pb_grpc.StateSyncServiceStub(a),
-            "b": pb_grpc.StateSyncServiceStub(b),
-            "c": pb_grpc.StateSyncServiceStub(c),
+            name: pb_grpc.StateSyncServiceStub(
+                await stack.enter_async_context(grpc.aio.insecure_channel(replica.address))
+            )
+            for name, replica in replicas.started.items()
         }
-
-
-async def _statesync_only(replicas: Replicas, count: int) -> list[Replica]:
-    return list(await asyncio.gather(*(replicas.start("statesync") for _ in range(count))))
-
-
-def _channel(replica: Replica) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(replica.address)
 
 
 async def put(stub: pb_grpc.StateSyncServiceStub, key: str, value: float) -> int:
@@ -195,7 +185,7 @@ async def test_kill_9_of_a_replica_loses_no_acknowledged_write_and_stops_no_othe
     b_writers = [asyncio.create_task(write_to_b(n)) for n in range(WRITERS_PER_REPLICA)]
     on_a = asyncio.create_task(write_storm(a, "a"))
     await enough.wait()
-    replicas.started[1].process.kill()  # b, SIGKILLed mid-storm
+    replicas.started["b"].process.kill()  # SIGKILLed mid-storm
     await asyncio.gather(*b_writers)
     await on_a
     last = await put(a, END_KEY, 0)
