@@ -170,3 +170,22 @@ async def test_sessions_opened_by_another_process_authenticate(
     finally:
         await one.close()
         await two.close()
+
+
+async def test_an_ended_session_cannot_deregister_the_session_that_replaced_it(
+    store: Store, clock: ManualClock
+) -> None:
+    # The old session's Deregister was authenticated before the admin took the id over
+    # (the call was in flight): it must not end the new session.
+    discovery = await start_discovery(store, clock)
+    first = await discovery.register(AgentSpec("a", "A", ttl=60))
+    old = await discovery.authenticate(first.session_token)
+    second = await discovery.register(AgentSpec("a", "A", ttl=60), admin=True)
+    agent = await discovery.deregister(old, "")
+    assert agent.epoch == second.agent.epoch and agent.state is AgentState.LIVE
+    assert discovery.get_agent("a").agent.state is AgentState.LIVE
+    stored = await store.get_agent("a")
+    assert stored is not None and stored.state is AgentState.LIVE
+    assert stored.epoch == second.agent.epoch
+    new = await discovery.authenticate(second.session_token)
+    assert (await beat(discovery, new)).command is HeartbeatCommand.NONE

@@ -487,19 +487,23 @@ class Discovery:
     async def deregister(self, session: Session | None, agent_id: str) -> Agent:
         """End an agent's session; ``session`` None means an operator acting for it.
 
+        A session ends only itself: one that ended meanwhile (replaced while its call was on
+        the way) leaves the session that replaced it alone and gets the agent as it is.
+
         Raises:
             NotFound: no such agent.
             PermissionDenied: the session belongs to another agent.
         """
         target = session.agent_id if session is not None and not agent_id else agent_id
         if session is not None:
-            self._session_entry(session, target)
+            session.check_acts_as(target)
         entry = self._entries.get(target)
         if entry is None:
             raise NotFound(f"agent_id: agent {target!r} does not exist", reason="AGENT_NOT_FOUND")
-        if entry.base.state is AgentState.LIVE:
+        epoch = entry.base.epoch if session is None else session.epoch
+        if entry.base.state is AgentState.LIVE and entry.base.epoch == epoch:
             ended = await self._store.end_agent_session(
-                target, entry.base.epoch, AgentState.LEFT, self._clock.now()
+                target, epoch, AgentState.LEFT, self._clock.now()
             )
             if ended is not None:
                 self._end(entry, ended)
