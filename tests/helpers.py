@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from google.protobuf.descriptor import Descriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -29,7 +31,7 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     raise AssertionError("no ErrorInfo detail")
 
 
-def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
+def field_violations(error: grpc.RpcError) -> list[str]:
     """Return the fields a BadRequest detail of a failed call names."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None
@@ -40,6 +42,31 @@ def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
             detail.Unpack(request)
             fields.extend(violation.field for violation in request.field_violations)
     return fields
+
+
+PATH_SEGMENT = re.compile(r"([a-z_][a-z0-9_]*)(?:\[([^\]]*)\])?(?:\.|$)")
+"""One ``name`` or ``name[index or map key]`` of a field path, with its trailing dot."""
+
+
+def resolves(descriptor: Descriptor, path: str) -> bool:
+    """Whether ``path`` (``a.b[2].c``, ``labels[a.b/c]``; empty: the request) names a field."""
+    current: Descriptor | None = descriptor
+    position = 0
+    while position < len(path):
+        match = PATH_SEGMENT.match(path, position)
+        if match is None or current is None or match[1] not in current.fields_by_name:
+            return False
+        position = match.end()
+        field = current.fields_by_name[match[1]]
+        is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+        if match[2] is not None and not (field.is_repeated and (is_map or match[2].isdigit())):
+            return False
+        opaque = field.message_type is None or is_map
+        if opaque or field.message_type.full_name.startswith("google.protobuf."):
+            current = None
+        else:
+            current = field.message_type
+    return not path.endswith(".")
 
 
 async def eventually(

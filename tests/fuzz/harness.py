@@ -39,6 +39,7 @@ from tests.fuzz.strategies import (
     Wire,
     forged_page_tokens,
 )
+from tests.helpers import field_violations
 
 SERVICE_FILES = (discovery_pb, distribution_pb, statesync_pb)
 METHODS: tuple[MethodDescriptor, ...] = tuple(
@@ -442,6 +443,8 @@ class Outcome:
     details: str
     logged: tuple[str, ...]
     responses: int
+    violations: tuple[str, ...] = ()
+    """The field paths of the error's BadRequest detail."""
 
 
 def method_path(method: MethodDescriptor) -> str:
@@ -456,6 +459,7 @@ def execute(world: World, call: Call, log: ServerLog) -> Outcome:
     log.take()
     responses = 0
     code, details = grpc.StatusCode.OK, ""
+    violations: tuple[str, ...] = ()
     try:
         if not call.client_streaming and not call.server_streaming:
             channel.unary_unary(call.method)(payloads[0], metadata=metadata, timeout=CALL_DEADLINE)
@@ -477,7 +481,9 @@ def execute(world: World, call: Call, log: ServerLog) -> Outcome:
                     raise
     except grpc.RpcError as error:
         code, details = error.code(), error.details() or ""
-    return Outcome(call, code, details, tuple(log.take()), responses)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            violations = tuple(field_violations(error))
+    return Outcome(call, code, details, tuple(log.take()), responses, violations)
 
 
 def healthy(world: World) -> bool:

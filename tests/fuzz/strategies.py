@@ -521,6 +521,13 @@ class RequestStrategies:
             return st.builds(lambda items: _extend(fd, items), many)
         return st.builds(lambda value: _set(fd, value), self._field_value(fd, depth))
 
+    def tame(self, descriptor: Descriptor) -> st.SearchStrategy[Message]:
+        """Messages of seeded and plausible values only, and the seeded whole requests."""
+        messages = self._tame.message(descriptor)
+        if whole := self._seeds.requests.get(descriptor.name):
+            return st.one_of(messages, st.sampled_from(list(whole)))
+        return messages
+
     def mutated(self, descriptor: Descriptor) -> st.SearchStrategy[Message]:
         """Tame messages with one field, at any depth, set to an unseeded hostile value.
 

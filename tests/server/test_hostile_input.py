@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import math
-import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
@@ -34,7 +33,7 @@ from agentcoord.distribution.v1 import distribution_service_pb2_grpc as distribu
 from agentcoord.server.app import App
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
-from tests.helpers import bearer, field_violations
+from tests.helpers import bearer, field_violations, resolves
 from tests.server.conftest import StartServer
 
 ADMIN = "admin-secret"
@@ -465,31 +464,6 @@ async def test_unknown_enum_values_name_the_field(
 
 
 # --- every field path names a field of the request ----------------------------------------------
-
-
-PATH_SEGMENT = re.compile(r"([a-z_][a-z0-9_]*)(?:\[([^\]]*)\])?(?:\.|$)")
-"""One ``name`` or ``name[index or map key]`` of a field path, with its trailing dot."""
-
-
-def resolves(descriptor: Descriptor, path: str) -> bool:
-    """Whether ``path`` (``a.b[2].c``, ``labels[a.b/c]``; empty: the request) names a field."""
-    current: Descriptor | None = descriptor
-    position = 0
-    while position < len(path):
-        match = PATH_SEGMENT.match(path, position)
-        if match is None or current is None or match[1] not in current.fields_by_name:
-            return False
-        position = match.end()
-        field = current.fields_by_name[match[1]]
-        is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
-        if match[2] is not None and not (field.is_repeated and (is_map or match[2].isdigit())):
-            return False
-        opaque = field.message_type is None or is_map
-        if opaque or field.message_type.full_name.startswith("google.protobuf."):
-            current = None
-        else:
-            current = field.message_type
-    return not path.endswith(".")
 
 
 def _seconds(value: int) -> duration_pb2.Duration:
