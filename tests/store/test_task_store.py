@@ -900,3 +900,15 @@ async def test_the_identity_migration_keeps_tasks_and_leases(tmp_path: Path) -> 
         assert held.lease is not None and held.lease.epoch == agent.epoch
         done = await store.complete_subtask("t1-a", "bob", token, "1", NOW, epoch=agent.epoch)
         assert done.subtask is not None and done.subtask.state is SubtaskState.SUCCEEDED
+
+
+async def test_subtasks_are_counted_by_state_and_commits_are_observed(store: Store) -> None:
+    observed: list[tuple[float, int]] = []
+    store.observe_commits(lambda seconds, operations: observed.append((seconds, operations)))
+    assert await store.count_subtasks() == SubtaskCounts()
+    await asyncio.gather(store.submit_task(*make_task("t1")), store.submit_task(*make_task("t2")))
+    await store.lease_subtask("t1-a", "bob", NOW, epoch=1)
+
+    assert await store.count_subtasks() == SubtaskCounts(blocked=6, ready=1, leased=1)
+    assert sum(operations for _, operations in observed) == 3
+    assert all(seconds >= 0 for seconds, _ in observed)

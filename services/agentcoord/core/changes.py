@@ -52,14 +52,19 @@ class _Subscriber:
     def __init__(self, max_pending: int) -> None:
         self._queue: asyncio.Queue[Sequence[Change]] = asyncio.Queue(max_pending)
         self.lagged = False
+        self.position = 0
+        """Revision the watcher has reached."""
 
-    def offer(self, changes: Sequence[Change]) -> None:
+    def offer(self, changes: Sequence[Change]) -> bool:
+        """Queue ``changes``; return False when the queue overflowed instead."""
         try:
             self._queue.put_nowait(changes)
         except asyncio.QueueFull:
             # The watcher fell behind: drop the queue; it re-reads the store instead.
             self.lagged = True
             self._queue = asyncio.Queue(self._queue.maxsize)
+            return False
+        return True
 
     async def next(self, timeout: float) -> Sequence[Change] | None:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result and drops
@@ -88,15 +93,22 @@ class ChangeFeed:
         self._poll_interval = poll_interval
         self._max_pending = max_pending
         self._subscribers: set[_Subscriber] = set()
+        self.overflows = 0
+        """Times a watcher's queue overflowed (it fell behind and re-read the store)."""
         self._remove_listener = store.add_listener(self._announce)
 
     def close(self) -> None:
         """Stop following the store."""
         self._remove_listener()
 
+    def watcher_positions(self) -> list[int]:
+        """Return the revision each open watch has reached (its lag is the rest)."""
+        return [subscriber.position for subscriber in self._subscribers]
+
     def _announce(self, changes: Sequence[Change]) -> None:
         for subscriber in self._subscribers:
-            subscriber.offer(changes)
+            if not subscriber.offer(changes):
+                self.overflows += 1
 
     async def watch(
         self, start_revision: int, matches: Callable[[Change], bool]
@@ -111,10 +123,11 @@ class ChangeFeed:
         self._subscribers.add(subscriber)
         try:
             last = start_revision if start_revision > 0 else await self._store.current_revision()
+            subscriber.position = last
             yield WatchBatch([], last)
             while True:
                 async for batch in self._catch_up(last, matches):
-                    last = batch.revision
+                    last = subscriber.position = batch.revision
                     if batch.changes:
                         yield batch
                 subscriber.lagged = False
@@ -127,7 +140,7 @@ class ChangeFeed:
                         continue
                     if fresh[0].revision != last + 1:
                         break  # a gap: the store has what we missed
-                    last = fresh[-1].revision
+                    last = subscriber.position = fresh[-1].revision
                     matching = [c for c in fresh if matches(c)]
                     if matching:
                         yield WatchBatch(matching, last)

@@ -248,6 +248,10 @@ class Distribution:
         self._tasks: set[asyncio.Task[None]] = set()
         self._agents_revision = 0
 
+    def queue_depth(self) -> tuple[int, int]:
+        """Return the READY sub-tasks waiting for an agent, and those backing off."""
+        return len(self._ready), len(self._waiting)
+
     # Start and background work
 
     async def start(self) -> None:

@@ -35,6 +35,7 @@ from agentcoord.server.config import ServerConfig
 from agentcoord.server.decoding import GuardedRegistration
 from agentcoord.server.http import HttpListener
 from agentcoord.server.interceptors import CallInterceptor
+from agentcoord.server.metrics import Metrics, Present
 from agentcoord.server.reflection import enable_reflection
 from agentcoord.server.splitters import load_splitter
 from agentcoord.server.streams import StreamTracker
@@ -123,10 +124,23 @@ class _Hosted:
     """Background work until the event is set."""
 
 
+@dataclass(slots=True)
+class _Cores:
+    """The domain cores built for the configured services."""
+
+    discovery: Discovery | None = None
+    distribution: Distribution | None = None
+
+
 async def _host_services(
-    config: ServerConfig, store: Store, clock: Clock, feed: ChangeFeed, streams: StreamTracker
+    config: ServerConfig,
+    store: Store,
+    clock: Clock,
+    feed: ChangeFeed,
+    streams: StreamTracker,
+    cores: _Cores,
 ) -> tuple[list[_Hosted], SessionLookup]:
-    """Build the cores and servicers of the configured services."""
+    """Build the cores (into ``cores``) and servicers of the configured services."""
     hosted: list[_Hosted] = []
     lookup: SessionLookup = functools.partial(session_from_store, store)
     is_live = _store_liveness(store)
@@ -141,6 +155,7 @@ async def _host_services(
             ),
         )
         await discovery.start()
+        cores.discovery = discovery
         lookup, is_live = discovery.authenticate, discovery.is_live
         servicer = discovery_server.DiscoveryServicer(discovery, streams, config.max_message_bytes)
         hosted.append(
@@ -193,6 +208,7 @@ async def _host_services(
             is_live,
         )
         await distribution.start()
+        cores.distribution = distribution
         discovery.heartbeat_listeners.append(distribution.renew_leases)
         distribution_servicer = distribution_server.DistributionServicer(
             distribution, streams, config.max_message_bytes
@@ -229,7 +245,9 @@ async def start_app(
     clock = clock or SystemClock()
     streams = StreamTracker()
     feed = ChangeFeed(store)
-    hosted, lookup = await _host_services(config, store, clock, feed, streams)
+    cores = _Cores()
+    hosted, lookup = await _host_services(config, store, clock, feed, streams, cores)
+    metrics = _metrics(store, feed, cores) if config.http_listen else None
     authenticator = Authenticator(
         lookup=lookup,
         join_token=config.join_token,
@@ -246,7 +264,7 @@ async def start_app(
         for method, need in service.access.items()
     }
     server = grpc.aio.server(
-        interceptors=[CallInterceptor(authenticator, access)],
+        interceptors=[CallInterceptor(authenticator, access, metrics)],
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -267,6 +285,8 @@ async def start_app(
     names = [service.name for service in hosted]
     enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     http = HttpListener(config, authenticator) if config.http_listen else None
+    if http is not None and metrics is not None:
+        http.add_routes(metrics.routes())
     try:
         port = _bind(server, config, credentials)
         if http is not None:
@@ -285,6 +305,31 @@ async def start_app(
         if service.loop is not None:
             app._tasks.append(asyncio.create_task(service.loop(app._stop_loops)))
     return app
+
+
+def _metrics(store: Store, feed: ChangeFeed, cores: _Cores) -> Metrics:
+    """Metrics fed by the store's commits and read from the cores at each scrape."""
+
+    async def sample() -> Present:
+        summary = cores.discovery.summary() if cores.discovery is not None else None
+        ready, backing_off = (
+            cores.distribution.queue_depth() if cores.distribution is not None else (0, 0)
+        )
+        revision = await store.current_revision()
+        return Present(
+            live_agents_by_role=summary.by_role if summary is not None else {},
+            live_agents_by_capability=summary.by_capability if summary is not None else {},
+            subtasks=await store.count_subtasks() if cores.distribution is not None else None,
+            queue_ready=ready,
+            queue_backing_off=backing_off,
+            watcher_lags=[max(revision - at, 0) for at in feed.watcher_positions()],
+            watch_overflows=feed.overflows,
+        )
+
+    metrics = Metrics(sample)
+    store.observe_commits(metrics.commit)
+    store.add_listener(metrics.changes)
+    return metrics
 
 
 def _bind(

@@ -8,6 +8,7 @@ variable for exactly that call and to turn domain errors into statuses by the ta
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -17,6 +18,7 @@ import grpc
 
 from agentcoord.server.auth import Access, Authenticator, bind_identity, current_identity
 from agentcoord.server.errors import abort_with
+from agentcoord.server.metrics import Metrics
 
 log = logging.getLogger("agentcoord.rpc")
 
@@ -29,10 +31,19 @@ if TYPE_CHECKING:
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates, maps errors and logs every call to an agentcoord service."""
 
-    def __init__(self, authenticator: Authenticator, access: Mapping[str, Access]) -> None:
-        """Wrap the methods named in ``access`` (full method names); others pass through."""
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        access: Mapping[str, Access],
+        metrics: Metrics | None = None,
+    ) -> None:
+        """Wrap the methods named in ``access`` (full method names); others pass through.
+
+        With ``metrics``, each finished call is observed and open streams are counted.
+        """
         self._authenticator = authenticator
         self._access = dict(access)
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -91,13 +102,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await abort_with(context, error)
             finally:
-                _log_call(method, context, started, request)
+                self._finished(method, context, started, request)
 
         return unary
 
     def _wrap_stream(self, method: str, access: Access, behavior: Behavior) -> Behavior:
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            gauge = None if self._metrics is None else self._metrics.stream(method)
+            if gauge is not None:
+                gauge.inc()
+            cancelled = False
             try:
                 await self._identify(context, access)
                 async for response in behavior(request, context):
@@ -106,10 +121,33 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 if _is_abort(error):
                     raise
                 await abort_with(context, error)
+            except asyncio.CancelledError:  # the caller went away
+                cancelled = True
+                raise
             finally:
-                _log_call(method, context, started, request)
+                if gauge is not None:
+                    gauge.dec()
+                self._finished(method, context, started, request, cancelled=cancelled)
 
         return stream
+
+    def _finished(
+        self,
+        method: str,
+        context: Context,
+        started: float,
+        request: Any,
+        *,
+        cancelled: bool = False,
+    ) -> None:
+        """Observe and log one finished call."""
+        if self._metrics is not None:
+            code = context.code()
+            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+            if cancelled:
+                name = "CANCELLED"
+            self._metrics.rpc(method, name, time.perf_counter() - started)
+        _log_call(method, context, started, request)
 
 
 CERTIFICATE_NAME_PROPERTIES = ("peer_dns", "peer_uri", "x509_common_name")

@@ -27,7 +27,7 @@ from agentcoord.core.models import (
     StateWriteResult,
 )
 from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
-from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
+from agentcoord.core.tasks import Failure, Subtask, SubtaskCounts, Task, TaskCursor, TaskFilter
 
 ChangeListener = Callable[[Sequence[Change]], None]
 """Receives committed change log entries, in revision order."""
@@ -51,6 +51,10 @@ class Store(Protocol):
         commits are heard too, successive calls may overlap or leave a gap (a local commit
         announced before another process's earlier one); the change log is the truth.
         """
+        ...
+
+    def observe_commits(self, observer: Callable[[float, int], None]) -> None:
+        """Call ``observer`` with each commit's duration (seconds) and number of operations."""
         ...
 
     async def current_revision(self) -> int:
@@ -312,6 +316,10 @@ class Store(Protocol):
 
         Order: ``create_time`` descending, then ``task_id`` descending.
         """
+        ...
+
+    async def count_subtasks(self) -> SubtaskCounts:
+        """Return the number of sub-tasks of all tasks in each state."""
         ...
 
     async def load_open_subtasks(self) -> list[Subtask]:

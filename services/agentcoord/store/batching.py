@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ OpT = TypeVar("OpT")
 
 Listener = Callable[[Sequence[Change]], None]
 """Receives committed changes in revision order; the same as ``store.base.ChangeListener``."""
+
+CommitObserver = Callable[[float, int], None]
+"""Receives each commit's duration in seconds and its number of operations."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,7 @@ class GroupCommitter(Generic[OpT]):
         self._max_batch = max_batch
         self._queue: deque[tuple[OpT, asyncio.Future[object]]] = deque()
         self._listeners: list[Listener] = []
+        self._observers: list[CommitObserver] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -74,6 +79,10 @@ class GroupCommitter(Generic[OpT]):
                 self._listeners.remove(listener)
 
         return remove
+
+    def observe_commits(self, observer: CommitObserver) -> None:
+        """Call ``observer`` with each committed batch's duration and size."""
+        self._observers.append(observer)
 
     def start(self) -> None:
         """Start the writer task on the running event loop."""
@@ -121,6 +130,7 @@ class GroupCommitter(Generic[OpT]):
             self._queue.clear()
 
     async def _commit(self, batch: list[tuple[OpT, asyncio.Future[object]]]) -> None:
+        started = time.perf_counter()
         try:
             outcomes = await self._run_batch([op for op, _ in batch])
         except Exception as exc:  # nothing committed: every operation of the batch fails
@@ -129,6 +139,8 @@ class GroupCommitter(Generic[OpT]):
         except asyncio.CancelledError:
             _fail(batch, Unavailable("the store closed during a commit"))
             raise
+        for observer in self._observers:
+            observer(time.perf_counter() - started, len(batch))
         changes = [change for outcome in outcomes for change in outcome.changes]
         if changes:
             self.announce(changes)

@@ -26,8 +26,8 @@ from agentcoord.core.models import (
     StateWriteResult,
 )
 from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
-from agentcoord.core.tasks import Failure, Subtask, Task, TaskCursor, TaskFilter
-from agentcoord.store.batching import GroupCommitter, Listener, Outcome
+from agentcoord.core.tasks import Failure, Subtask, SubtaskCounts, Task, TaskCursor, TaskFilter
+from agentcoord.store.batching import CommitObserver, GroupCommitter, Listener, Outcome
 from agentcoord.store.queries import (
     MAX_IDS,
     Statements,
@@ -88,6 +88,10 @@ class SqlStore(abc.ABC):
     def add_listener(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` after each commit; returns a function that removes it."""
         return self._writes.add_listener(listener)
+
+    def observe_commits(self, observer: CommitObserver) -> None:
+        """Call ``observer`` with each commit's duration (seconds) and number of operations."""
+        self._writes.observe_commits(observer)
 
     # The change log
 
@@ -299,6 +303,11 @@ class SqlStore(abc.ABC):
         query = select_tasks_page(self._marker, where, after, limit, self._codec.encode_time)
         rows = await self._fetch(query.sql, query.params)
         return [self._codec.task_from_row(row) for row in rows]
+
+    async def count_subtasks(self) -> SubtaskCounts:
+        """Return the number of sub-tasks of all tasks in each state."""
+        rows = await self._fetch(self._sql.count_subtasks, ())
+        return SubtaskCounts(**{str(row["state"]): int(row["count"]) for row in rows})
 
     async def load_open_subtasks(self) -> list[Subtask]:
         """Return every READY or LEASED sub-task."""

@@ -62,6 +62,7 @@ class Statements:
         # The condition is the one of the partial index subtasks_open, word for word.
         f"SELECT {_SUBTASKS} FROM subtasks WHERE state IN ('ready', 'leased') ORDER BY task_id, seq"
     )
+    count_subtasks: str = "SELECT state, count(*) AS count FROM subtasks GROUP BY state"
 
     @classmethod
     def numbered(cls, marker: str) -> Statements:
