@@ -328,7 +328,8 @@ def _metrics(store: Store, feed: ChangeFeed, cores: _Cores) -> Metrics:
 
     metrics = Metrics(sample)
     store.observe_commits(metrics.commit)
-    store.add_listener(metrics.changes)
+    if cores.distribution is not None:  # the process that commits sub-task transitions
+        store.add_listener(metrics.changes)
     return metrics
 
 

@@ -170,6 +170,8 @@ class Metrics:
             registry=self.registry,
         )
         self._ready_since: dict[str, datetime] = {}
+        self._revision = 0
+        """Latest revision counted: a listener may hear a change twice (replicas)."""
 
     # Calls (the interceptor)
 
@@ -197,6 +199,9 @@ class Metrics:
     def changes(self, changes: Iterable[Change]) -> None:
         """Count what committed sub-task transitions say."""
         for change in changes:
+            if change.revision <= self._revision:
+                continue
+            self._revision = change.revision
             if not change.kind.startswith("subtask."):
                 continue
             details = change.details
