@@ -346,6 +346,17 @@ class StateSyncClient(_ServiceClient):
             idempotent=bool(request.request_id),
         )
 
+    async def modify_state(
+        self, request: statesync_pb.ModifyStateRequest
+    ) -> statesync_pb.ModifyStateResponse:
+        """Call ModifyState; retried only when the request carries a request id."""
+        return await self._unary(
+            "ModifyState",
+            request,
+            statesync_pb.ModifyStateResponse,
+            idempotent=bool(request.request_id),
+        )
+
     async def transact(
         self, request: statesync_pb.TransactRequest
     ) -> statesync_pb.TransactResponse:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict, TypeVar, Unpack
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
@@ -49,6 +49,15 @@ class ConflictError(RPCError):
     def current_version(self) -> int:
         """The key's version when the write was refused; 0 when it did not exist."""
         return int(self.metadata.get("current_version", "0"))
+
+    @property
+    def current(self) -> Entry | None:
+        """The key's entry when the write was refused, as the server sent it.
+
+        None when the key did not exist (``current_version`` 0), or when the server sent
+        no entry (re-read the key then).
+        """
+        return _entry_in(self)
 
     @property
     def failed_compare(self) -> int | None:
@@ -115,6 +124,16 @@ def typed_error(error: RPCError) -> RPCError:
         field_violations=error.field_violations,
         status=error.status,
     )
+
+
+def _entry_in(error: RPCError) -> Entry | None:
+    """Return the ``State`` an error's status details carry (a conflict's current entry)."""
+    for detail in error.status.details if error.status is not None else ():
+        if detail.Is(pb.State.DESCRIPTOR):
+            state = pb.State()
+            detail.Unpack(state)
+            return Entry.from_proto(state)
+    return None
 
 
 @contextlib.contextmanager
@@ -358,7 +377,64 @@ class Delete:
     """Key to delete."""
 
 
-Operation: TypeAlias = Put | Delete
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """Modification: add ``by`` to the JSON number ``key`` holds (a missing key counts as 0)."""
+
+    key: str
+    """Key to change."""
+    by: float = 1
+    """Number to add (negative to subtract); finite."""
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Modification: append ``items`` to the JSON array ``key`` holds (missing: [])."""
+
+    key: str
+    """Key to change."""
+    items: Sequence[JSON]
+    """Items to append, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class AddToSet:
+    """Modification: append each of ``members`` the JSON array ``key`` holds not yet."""
+
+    key: str
+    """Key to change; a missing key counts as []."""
+    members: Sequence[JSON]
+    """Members to add; compared as JSON (key order ignored, ``1`` is not ``True``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveFromSet:
+    """Modification: remove every item equal to one of ``members`` from the array ``key`` holds."""
+
+    key: str
+    """Key to change; a missing key counts as []."""
+    members: Sequence[JSON]
+    """Members to remove; compared as JSON."""
+
+
+@dataclass(frozen=True, slots=True)
+class MergePatch:
+    """Modification: merge ``patch`` into the JSON value ``key`` holds (RFC 7396).
+
+    Object members are merged recursively, a ``None`` member removes the member, and
+    anything else replaces the value; a missing key counts as null.
+    """
+
+    key: str
+    """Key to change."""
+    patch: JSON
+    """The merge patch."""
+
+
+Modification: TypeAlias = Increment | Append | AddToSet | RemoveFromSet | MergePatch
+"""A change the server computes from the value it holds, so concurrent writers never conflict."""
+
+Operation: TypeAlias = Put | Delete | Modification
 """A write of a transaction."""
 
 
@@ -430,17 +506,46 @@ def _compare(compare: Compare) -> pb.Compare:
     return message
 
 
+def _items(values: Sequence[JSON]) -> struct_pb2.ListValue:
+    return struct_pb2.ListValue(values=[to_proto_value(value) for value in values])
+
+
+def _modification(modification: Modification) -> pb.Modification:
+    """Return the wire form of a modification (the key travels beside it)."""
+    if isinstance(modification, Increment):
+        return pb.Modification(increment=modification.by)
+    if isinstance(modification, Append):
+        return pb.Modification(append=_items(modification.items))
+    if isinstance(modification, AddToSet):
+        return pb.Modification(add_to_set=_items(modification.members))
+    if isinstance(modification, RemoveFromSet):
+        return pb.Modification(remove_from_set=_items(modification.members))
+    return pb.Modification(merge_patch=to_proto_value(modification.patch))
+
+
 def _operation(operation: Operation) -> pb.Operation:
     if isinstance(operation, Delete):
         return pb.Operation(delete=pb.DeleteOperation(key=operation.key))
-    message = pb.Operation()
-    _fill_put(message.put, operation)
-    return message
+    if isinstance(operation, Put):
+        message = pb.Operation()
+        _fill_put(message.put, operation)
+        return message
+    modify = pb.ModifyOperation(key=operation.key, modification=_modification(operation))
+    return pb.Operation(modify=modify)
 
 
 def new_request_id() -> str:
     """Return a fresh idempotency key for a write."""
     return str(uuid.uuid4())
+
+
+class WriteOptions(TypedDict, total=False):
+    """Keyword options of :meth:`StateClient.modify` and its shorthands."""
+
+    fencing: Fencing | None
+    """Write only under this sub-task lease; by default the context's (:func:`fenced`)."""
+    request_id: str | None
+    """Idempotency key; a fresh one by default."""
 
 
 # --- retries ------------------------------------------------------------------------------------
@@ -485,6 +590,32 @@ class UpdateStats:
     def retries(self) -> int:
         """Attempts that were retried."""
         return self.conflicts + self.unavailable
+
+
+CONFLICT = frozenset({grpc.StatusCode.ABORTED})
+"""The code whose first occurrence :meth:`StateClient.update` retries at once."""
+
+
+class _Unread:
+    """The key's entry is not known: read it."""
+
+
+_UNREAD = _Unread()
+
+
+def _retry_from(error: RPCError) -> Entry | _Unread | None:
+    """Return what the next attempt of an update starts from after ``error``.
+
+    A conflict names the key's current version and carries its entry: the attempt starts
+    from it (None when the key does not exist). Anything else, or a conflict without the
+    entry, makes the attempt read the key.
+    """
+    if error.code != grpc.StatusCode.ABORTED:
+        return _UNREAD
+    if error.metadata.get("current_version") == "0":
+        return None
+    entry = _entry_in(error)
+    return entry if entry is not None else _UNREAD
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -580,6 +711,62 @@ class StateClient:
         with _typed_errors():
             response = await self._raw.delete_state(request)
         return Entry.from_proto(response.previous) if response.HasField("previous") else None
+
+    async def modify(
+        self,
+        modification: Modification,
+        *,
+        fencing: Fencing | None = None,
+        request_id: str | None = None,
+    ) -> Entry:
+        """Change a key by ``modification``, computed by the server; return the entry as written.
+
+        Concurrent modifications of one key never conflict and none is lost: each is applied
+        to the value stored when it commits. The entry keeps its metadata and TTL.
+
+        Args:
+            modification: :class:`Increment`, :class:`Append`, :class:`AddToSet`,
+                :class:`RemoveFromSet` or :class:`MergePatch`.
+            fencing: Write only under this sub-task lease; by default the context's
+                (:func:`fenced`).
+            request_id: Idempotency key; a fresh one by default.
+
+        Raises:
+            FailedPreconditionError: the key holds a value of another type (reason
+                ``VALUE_TYPE_MISMATCH``), or the result would be too large
+                (``VALUE_TOO_LARGE``).
+        """
+        request = pb.ModifyStateRequest(
+            key=modification.key,
+            modification=_modification(modification),
+            fencing=_fencing(fencing),
+            request_id=request_id or new_request_id(),
+        )
+        with _typed_errors():
+            response = await self._raw.modify_state(request)
+        return Entry.from_proto(response.state)
+
+    async def increment(self, key: str, by: float = 1, **options: Unpack[WriteOptions]) -> Entry:
+        """Add ``by`` to the number ``key`` holds (0 if missing); see :meth:`modify`."""
+        return await self.modify(Increment(key, by), **options)
+
+    async def append(self, key: str, *items: JSON, **options: Unpack[WriteOptions]) -> Entry:
+        """Append ``items`` to the array ``key`` holds; see :meth:`modify`."""
+        return await self.modify(Append(key, items), **options)
+
+    async def add_to_set(self, key: str, *members: JSON, **options: Unpack[WriteOptions]) -> Entry:
+        """Add the ``members`` the array ``key`` holds not yet; see :meth:`modify`."""
+        return await self.modify(AddToSet(key, members), **options)
+
+    async def remove_from_set(
+        self, key: str, *members: JSON, **options: Unpack[WriteOptions]
+    ) -> Entry:
+        """Remove ``members`` from the array ``key`` holds; see :meth:`modify`."""
+        return await self.modify(RemoveFromSet(key, members), **options)
+
+    async def merge(self, key: str, patch: JSON, **options: Unpack[WriteOptions]) -> Entry:
+        """Merge ``patch`` into the value of ``key`` (RFC 7396); see :meth:`modify`."""
+        return await self.modify(MergePatch(key, patch), **options)
 
     async def transact(
         self,
@@ -712,10 +899,13 @@ class StateClient:
     ) -> Entry:
         """Read ``key``, write ``fn(value)`` if nobody wrote in between, and retry until it does.
 
-        Each attempt reads the key, calls ``fn`` with its value (``default`` when the key is
-        missing) and writes the result at the version read. A conflict (ABORTED) starts a
-        new attempt with a fresh request id; UNAVAILABLE sends the same write again with the
-        same request id, so a write whose first attempt committed is not applied twice.
+        Each attempt calls ``fn`` with the key's value (``default`` when the key is missing)
+        and writes the result at the version it came from. The first attempt reads the key;
+        a conflict (ABORTED) carries the key's current entry, so the next attempt starts from
+        it with no read, and with a fresh request id: at once after the first conflict,
+        after the policy's back-off after later ones. UNAVAILABLE sends the same write again
+        with the same request id, so a write whose first attempt committed is not applied
+        twice. For a commutative change (a counter, a set) :meth:`modify` needs no retry.
 
         Args:
             key: Key to update.
@@ -731,11 +921,14 @@ class StateClient:
             UnavailableError: still unreachable when the policy's attempts or time ran out.
         """
         request: pb.PutStateRequest | None = None
-        async for attempt in (policy or self.update_policy).retrying(UPDATE_CODES):
+        current: Entry | _Unread | None = _UNREAD
+        retrying = (policy or self.update_policy).retrying(UPDATE_CODES, at_once=CONFLICT)
+        async for attempt in retrying:
             with attempt, _typed_errors():
                 try:
                     if request is None:
-                        current = await self._get_once(key)
+                        if isinstance(current, _Unread):
+                            current = await self._get_once(key)
                         value = fn(current.value if current is not None else default)
                         expected = current.version if current is not None else 0
                         put = Put(key, value, metadata or {})
@@ -749,7 +942,8 @@ class StateClient:
                         raise  # retried: the same write, with the same request id
                     if error.code == grpc.StatusCode.ABORTED:
                         self.stats.conflicts += 1
-                    request = None  # re-read on the next attempt
+                    current = _retry_from(error)
+                    request = None  # recompute on the next attempt
                     raise
         self.stats.committed += 1
         return Entry.from_proto(response.state)

@@ -42,9 +42,25 @@ class AlreadyExists(AgentcoordError):
 
 
 class Conflict(AgentcoordError):
-    """A concurrent change won; re-read and retry."""
+    """A concurrent change won; retry from ``current``, or re-read and retry.
+
+    Attributes:
+        current: What the caller lost to (such as the key's current entry), sent with the
+            error so that a retry needs no read; None when there is nothing (a missing key).
+    """
 
     default_reason = "CONFLICT"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        current: object = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.current = current
 
 
 class FailedPrecondition(AgentcoordError):

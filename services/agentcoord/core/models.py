@@ -338,6 +338,38 @@ class DeleteCommand:
     """Succeed without a change when the key does not exist."""
 
 
+class ModificationKind(enum.Enum):
+    """How a modification changes a JSON value (``Modification`` in the proto)."""
+
+    INCREMENT = "increment"
+    """Add a number to a number; a missing key counts as 0."""
+    APPEND = "append"
+    """Append items to an array; a missing key counts as []."""
+    ADD_TO_SET = "add_to_set"
+    """Append the members an array does not hold yet; a missing key counts as []."""
+    REMOVE_FROM_SET = "remove_from_set"
+    """Remove every item equal to a member; a missing key counts as []."""
+    MERGE_PATCH = "merge_patch"
+    """Apply an RFC 7396 JSON merge patch; a missing key counts as null."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModifyCommand:
+    """Change one key's value from the value it holds when the write commits."""
+
+    key: str
+    """The key."""
+    kind: ModificationKind
+    """The operation."""
+    operand: Any
+    """A float for INCREMENT, a list of JSON values for the array operations, any JSON
+    value for MERGE_PATCH (as ``json.loads`` returns them)."""
+    max_bytes: int
+    """Largest value the result may be, encoded."""
+    field: str = "modification"
+    """Request path of the modification, for error messages."""
+
+
 @dataclass(frozen=True, slots=True)
 class Compare:
     """A condition on one key that a write requires.
@@ -366,7 +398,7 @@ class StateWrite:
     """The writer; empty for the admin."""
     compares: tuple[Compare, ...]
     """Conditions checked first, in order."""
-    operations: tuple[PutCommand | DeleteCommand, ...]
+    operations: tuple[PutCommand | DeleteCommand | ModifyCommand, ...]
     """Operations applied in order, each at its own consecutive revision."""
     now: datetime
     """Time of the write."""

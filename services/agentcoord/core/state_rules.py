@@ -8,15 +8,19 @@ transaction. Keeping the rules here, free of SQL, lets both back ends share them
 from __future__ import annotations
 
 import base64
+import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from agentcoord.core.errors import Conflict, NotFound
+from agentcoord.core.errors import Conflict, FailedPrecondition, NotFound
 from agentcoord.core.models import (
     Compare,
     DeleteCommand,
+    ModificationKind,
+    ModifyCommand,
     NewChange,
     OperationResult,
     PutCommand,
@@ -91,6 +95,7 @@ def _check(compare: Compare, index: int, entry: StateEntry | None) -> None:
         message,
         reason="VERSION_MISMATCH" if compare.version is not None else "COMPARE_FAILED",
         metadata=metadata,
+        current=entry,
     )
 
 
@@ -139,7 +144,10 @@ def plan_write(
             results.append(OperationResult(None, previous))
             continue
         revision += 1
-        entry = _put(operation, previous, write.agent_id, revision, write.now)
+        if isinstance(operation, ModifyCommand):
+            entry = _modified(operation, previous, write.agent_id, revision, write.now)
+        else:
+            entry = _next_entry(previous, operation, write.agent_id, revision, write.now)
         entries[operation.key] = entry
         plan.upserts[operation.key] = entry
         plan.deletes.discard(operation.key)
@@ -155,22 +163,166 @@ def plan_write(
     return plan
 
 
-def _put(
-    operation: PutCommand, previous: StateEntry | None, agent_id: str, revision: int, now: datetime
+def _modified(
+    operation: ModifyCommand,
+    previous: StateEntry | None,
+    agent_id: str,
+    revision: int,
+    now: datetime,
+) -> StateEntry:
+    """Return the entry after a modification.
+
+    The value is new; metadata and expiry are kept, and the session binding too when the
+    same agent wrote last (another agent's write ends it, as a put does).
+    """
+    value = modify_value(operation, previous)
+    if previous is None:
+        return _next_entry(None, PutCommand(operation.key, value), agent_id, revision, now)
+    same_writer = previous.agent_id == agent_id
+    kept = PutCommand(
+        operation.key,
+        value,
+        previous.metadata,
+        previous.expire_time,
+        previous.session_epoch if same_writer else 0,
+    )
+    return _next_entry(previous, kept, agent_id, revision, now)
+
+
+def _next_entry(
+    previous: StateEntry | None, put: PutCommand, agent_id: str, revision: int, now: datetime
 ) -> StateEntry:
     return StateEntry(
-        key=operation.key,
-        value=operation.value,
-        metadata=dict(operation.metadata),
+        key=put.key,
+        value=put.value,
+        metadata=dict(put.metadata),
         version=previous.version + 1 if previous is not None else 1,
         create_revision=previous.create_revision if previous is not None else revision,
         mod_revision=revision,
         agent_id=agent_id,
         create_time=previous.create_time if previous is not None else now,
         update_time=now,
-        expire_time=operation.expire_time,
-        session_epoch=operation.session_epoch,
+        expire_time=put.expire_time,
+        session_epoch=put.session_epoch,
     )
+
+
+# Modifications: values computed from the stored one
+
+
+def canonical_json(value: Any) -> bytes:
+    """Return the canonical JSON text of a plain value: sorted keys, no spaces, finite numbers.
+
+    Raises:
+        ValueError: a number is NaN or infinite.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+_MISSING_VALUE: dict[ModificationKind, Any] = {
+    ModificationKind.INCREMENT: 0.0,
+    ModificationKind.APPEND: [],
+    ModificationKind.ADD_TO_SET: [],
+    ModificationKind.REMOVE_FROM_SET: [],
+    ModificationKind.MERGE_PATCH: None,
+}
+"""What each modification starts from when the key does not exist."""
+
+
+def modify_value(operation: ModifyCommand, previous: StateEntry | None) -> StateValue:
+    """Return the value ``operation`` makes of the ``previous`` entry's (None: missing key).
+
+    Raises:
+        FailedPrecondition: reason ``VALUE_TYPE_MISMATCH`` when the stored value is not of
+            the type the operation works on (bytes, or a JSON string to increment...), or
+            ``VALUE_TOO_LARGE`` when the result exceeds ``operation.max_bytes``; metadata
+            ``field`` names the operation.
+    """
+    kind = operation.kind
+    if previous is None:
+        current = _MISSING_VALUE[kind]
+    elif previous.value.kind is not ValueKind.JSON:
+        raise _mismatch(operation, "bytes")
+    else:
+        current = json.loads(previous.value.data)
+    if kind is ModificationKind.MERGE_PATCH:
+        result = merge_patch(current, operation.operand)
+    elif kind is ModificationKind.INCREMENT:
+        if isinstance(current, bool) or not isinstance(current, int | float):
+            raise _mismatch(operation, _json_type(current))
+        result = float(current) + operation.operand
+        if not math.isfinite(result):
+            raise FailedPrecondition(
+                f"{operation.field}: key {operation.key!r} would hold {result}, not a JSON number",
+                reason="VALUE_TOO_LARGE",
+                metadata={"field": operation.field, "key": operation.key},
+            )
+    elif not isinstance(current, list):
+        raise _mismatch(operation, _json_type(current))
+    elif kind is ModificationKind.APPEND:
+        result = [*current, *operation.operand]
+    elif kind is ModificationKind.ADD_TO_SET:
+        result = list(current)
+        held = {canonical_json(item) for item in current}
+        for member in operation.operand:
+            text = canonical_json(member)
+            if text not in held:
+                held.add(text)
+                result.append(member)
+    else:
+        removed = {canonical_json(member) for member in operation.operand}
+        result = [item for item in current if canonical_json(item) not in removed]
+    data = canonical_json(result)
+    if len(data) > operation.max_bytes:
+        raise FailedPrecondition(
+            f"{operation.field}: the value of key {operation.key!r} would be {len(data)} "
+            f"bytes; at most {operation.max_bytes}",
+            reason="VALUE_TOO_LARGE",
+            metadata={"field": operation.field, "key": operation.key},
+        )
+    return StateValue(ValueKind.JSON, data)
+
+
+_WORKS_ON = {
+    ModificationKind.INCREMENT: "a number",
+    ModificationKind.APPEND: "an array",
+    ModificationKind.ADD_TO_SET: "an array",
+    ModificationKind.REMOVE_FROM_SET: "an array",
+    ModificationKind.MERGE_PATCH: "JSON",
+}
+
+
+def _mismatch(operation: ModifyCommand, held: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"{operation.field}: key {operation.key!r} holds {held}, not {_WORKS_ON[operation.kind]}",
+        reason="VALUE_TYPE_MISMATCH",
+        metadata={"field": operation.field, "key": operation.key, "held": held},
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Return ``target`` with the JSON merge ``patch`` applied (RFC 7396, section 2)."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for name, value in patch.items():
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = merge_patch(result.get(name), value)
+    return result
 
 
 def plan_expiry(entries: Iterable[StateEntry], first_revision: int) -> list[PlannedChange]:

@@ -23,6 +23,7 @@ from agentcoord.core.models import (
     Compare,
     DeleteCommand,
     Fencing,
+    ModifyCommand,
     PutCommand,
     Service,
     StateEntry,
@@ -120,18 +121,19 @@ class StateSync:
         self,
         writer: Writer,
         compares: Sequence[Compare],
-        operations: Sequence[PutRequest | DeleteCommand],
+        operations: Sequence[PutRequest | DeleteCommand | ModifyCommand],
         *,
         fencing: Fencing | None = None,
         request_id: str = "",
         fields: Sequence[str] | None = None,
     ) -> StateWriteResult:
-        """Apply puts and deletes all or none, if every comparison holds.
+        """Apply puts, deletes and modifications all or none, if every comparison holds.
 
         Args:
             writer: The caller.
             compares: Conditions checked first.
-            operations: Puts and deletes, applied in order at consecutive revisions.
+            operations: Puts, deletes and modifications, applied in order at consecutive
+                revisions.
             fencing: A sub-task lease the write requires.
             request_id: Idempotency key of the write.
             fields: The request path of each operation (``operations[2].put``), for error
@@ -151,7 +153,7 @@ class StateSync:
                 f"at most {self.config.max_operations} in all",
             )
         now = self._clock.now()
-        commands: list[PutCommand | DeleteCommand] = []
+        commands: list[PutCommand | DeleteCommand | ModifyCommand] = []
         seen: set[str] = set()
         for index, operation in enumerate(operations):
             prefix = f"{fields[index]}." if fields is not None else ""

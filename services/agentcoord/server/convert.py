@@ -24,7 +24,7 @@ from agentcoord.core.models import (
     StateValue,
     ValueKind,
 )
-from agentcoord.core.state_rules import entry_from_snapshot
+from agentcoord.core.state_rules import canonical_json, entry_from_snapshot
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 
@@ -205,8 +205,21 @@ def json_text(field: str, value: struct_pb2.Value) -> bytes:
         InvalidInput: naming ``field`` and the place inside the value, for a NaN or
             infinite number (JSON has none) or nesting deeper than ``MAX_JSON_DEPTH``.
     """
-    plain = _plain_json(field, value, "$", 0)
-    return json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return canonical_json(json_plain(field, value))
+
+
+def json_plain(field: str, value: struct_pb2.Value) -> Any:
+    """Return the plain Python value (as ``json.loads`` makes) of a request's Value.
+
+    Raises:
+        InvalidInput: as for :func:`json_text`.
+    """
+    return _plain_json(field, value, "$", 0)
+
+
+def json_items(field: str, values: struct_pb2.ListValue) -> list[Any]:
+    """Return the plain Python values of a request's ListValue, checked as :func:`json_text`."""
+    return [_plain_json(field, item, f"$[{index}]", 1) for index, item in enumerate(values.values)]
 
 
 def _plain_json(field: str, value: struct_pb2.Value, where: str, depth: int) -> Any:

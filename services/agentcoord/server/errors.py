@@ -1,7 +1,9 @@
 """THE table from domain errors to gRPC status codes, with AIP-193 rich details.
 
 Every status carries a ``google.rpc.ErrorInfo`` (reason, domain ``agentcoord``,
-metadata); invalid input also carries a ``google.rpc.BadRequest`` naming the field.
+metadata); invalid input also carries a ``google.rpc.BadRequest`` naming the field, and a
+conflict over a state key carries the key's current entry (``agentcoord.statesync.v1.State``)
+so that the caller can retry without reading it.
 Anything that is not a domain error becomes INTERNAL with a generic message; the
 traceback is logged here and never sent.
 """
@@ -12,11 +14,13 @@ import logging
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from agentcoord.core import errors
+from agentcoord.core.models import StateEntry
+from agentcoord.server.convert import state_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,9 @@ def to_rpc_status(error: errors.AgentcoordError) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
     )
-    details = [info]
+    details: list[message.Message] = [info]
+    if isinstance(error, errors.Conflict) and isinstance(error.current, StateEntry):
+        details.append(state_to_proto(error.current))
     if isinstance(error, errors.InvalidInput):
         details.append(
             error_details_pb2.BadRequest(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -15,6 +16,8 @@ from agentcoord.core.models import (
     Compare,
     DeleteCommand,
     Fencing,
+    ModificationKind,
+    ModifyCommand,
     PutCommand,
     StateValue,
     StateWriteResult,
@@ -40,6 +43,7 @@ ACCESS = {
     "ListEvents": Access.READ,
     "PutState": Access.AGENT,
     "DeleteState": Access.AGENT,
+    "ModifyState": Access.AGENT,
     "Transact": Access.AGENT,
     "WatchStates": Access.READ,
     "WatchEvents": Access.READ,
@@ -182,8 +186,55 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             previous=convert.state_to_proto(previous) if previous is not None else None,
         )
 
+    async def ModifyState(
+        self, request: pb.ModifyStateRequest, context: Context
+    ) -> pb.ModifyStateResponse:
+        """Change one key's value in place."""
+        writer = _writer(request.agent_id)
+        key = validation.state_key("key", request.key)
+        command = self._modify_command("", request, key)
+        result = await self._core.write(
+            writer,
+            [],
+            [command],
+            fencing=_fencing(request),
+            request_id=_request_id(request.request_id),
+        )
+        state = result.results[0].state
+        assert state is not None
+        return pb.ModifyStateResponse(revision=result.revision, state=convert.state_to_proto(state))
+
+    def _modify_command(
+        self, field_prefix: str, message: pb.ModifyStateRequest | pb.ModifyOperation, key: str
+    ) -> ModifyCommand:
+        field = f"{field_prefix}modification"
+        modification = message.modification
+        kind = modification.WhichOneof("kind")
+        if kind is None:
+            raise InvalidInput(
+                field, "set increment, append, add_to_set, remove_from_set or merge_patch"
+            )
+        field = f"{field}.{kind}"
+        if modification.ByteSize() > self._max_value_bytes:
+            raise InvalidInput(
+                field,
+                f"is {modification.ByteSize()} bytes; at most {self._max_value_bytes}",
+            )
+        operand: Any
+        if kind == "increment":
+            operand = modification.increment
+            if not math.isfinite(operand):
+                raise InvalidInput(field, "must be a finite number")
+        elif kind == "merge_patch":
+            if modification.merge_patch.WhichOneof("kind") is None:
+                raise InvalidInput(field, "is an empty Value; set one of its kinds")
+            operand = convert.json_plain(field, modification.merge_patch)
+        else:
+            operand = convert.json_items(field, getattr(modification, kind))
+        return ModifyCommand(key, ModificationKind(kind), operand, self._max_value_bytes, field)
+
     async def Transact(self, request: pb.TransactRequest, context: Context) -> pb.TransactResponse:
-        """Apply several puts and deletes all or none."""
+        """Apply several puts, deletes and modifications all or none."""
         writer = _writer(request.agent_id)
         if not request.operations:
             raise InvalidInput("operations", "at least one operation is required")
@@ -198,7 +249,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             _compare(f"compares[{i}]", c, self._max_value_bytes)
             for i, c in enumerate(request.compares)
         ]
-        operations: list[PutRequest | DeleteCommand] = []
+        operations: list[PutRequest | DeleteCommand | ModifyCommand] = []
         fields = []
         for index, operation in enumerate(request.operations):
             kind = operation.WhichOneof("operation")
@@ -211,8 +262,11 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             elif kind == "delete":
                 key = validation.state_key(f"{field}.key", operation.delete.key)
                 operations.append(DeleteCommand(key, allow_missing=True))
+            elif kind == "modify":
+                key = validation.state_key(f"{field}.key", operation.modify.key)
+                operations.append(self._modify_command(f"{field}.", operation.modify, key))
             else:
-                raise InvalidInput(f"operations[{index}]", "set put or delete")
+                raise InvalidInput(f"operations[{index}]", "set put, delete or modify")
             fields.append(field)
         result = await self._core.write(
             writer,

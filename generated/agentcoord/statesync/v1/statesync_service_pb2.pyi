@@ -308,6 +308,7 @@ class Operation(_message.Message):
 
     PUT_FIELD_NUMBER: _builtins.int
     DELETE_FIELD_NUMBER: _builtins.int
+    MODIFY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def put(self) -> Global___PutOperation:
         """Writes a key."""
@@ -316,17 +317,22 @@ class Operation(_message.Message):
     def delete(self) -> Global___DeleteOperation:
         """Deletes a key."""
 
+    @_builtins.property
+    def modify(self) -> Global___ModifyOperation:
+        """Changes a key's value in place, as ModifyState does."""
+
     def __init__(
         self,
         *,
         put: Global___PutOperation | None = ...,
         delete: Global___DeleteOperation | None = ...,
+        modify: Global___ModifyOperation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "operation", b"operation", "put", b"put"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "modify", b"modify", "operation", b"operation", "put", b"put"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "operation", b"operation", "put", b"put"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "modify", b"modify", "operation", b"operation", "put", b"put"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["put", "delete"]  # noqa: Y015
+    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["put", "delete", "modify"]  # noqa: Y015
     _WhichOneofArgType_operation: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_operation) -> _WhichOneofReturnType_operation | None: ...
 
@@ -423,6 +429,88 @@ class DeleteOperation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteOperation: _TypeAlias = DeleteOperation  # noqa: Y015
+
+@_typing.final
+class ModifyOperation(_message.Message):
+    """A modification inside a transaction; fields as in ModifyStateRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    MODIFICATION_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Key to change; required."""
+    @_builtins.property
+    def modification(self) -> Global___Modification:
+        """How the value changes; required."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        modification: Global___Modification | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["modification", b"modification"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "modification", b"modification"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModifyOperation: _TypeAlias = ModifyOperation  # noqa: Y015
+
+@_typing.final
+class Modification(_message.Message):
+    """A change of a value that the server computes from the value it holds.
+
+    JSON numbers are doubles; items and members are compared as JSON (key order ignored, and
+    `1` differs from `true`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCREMENT_FIELD_NUMBER: _builtins.int
+    APPEND_FIELD_NUMBER: _builtins.int
+    ADD_TO_SET_FIELD_NUMBER: _builtins.int
+    REMOVE_FROM_SET_FIELD_NUMBER: _builtins.int
+    MERGE_PATCH_FIELD_NUMBER: _builtins.int
+    increment: _builtins.float
+    """Adds this finite number to a JSON number; a missing key counts as 0."""
+    @_builtins.property
+    def append(self) -> _struct_pb2.ListValue:
+        """Appends these items to a JSON array; a missing key counts as []."""
+
+    @_builtins.property
+    def add_to_set(self) -> _struct_pb2.ListValue:
+        """Appends each of these members that the JSON array does not hold yet, once; a missing key counts as []."""
+
+    @_builtins.property
+    def remove_from_set(self) -> _struct_pb2.ListValue:
+        """Removes every item of the JSON array equal to one of these members; a missing key counts as []."""
+
+    @_builtins.property
+    def merge_patch(self) -> _struct_pb2.Value:
+        """Merges this JSON into the value by RFC 7396: object members are merged recursively, a null
+        member removes the member, anything else replaces the value; a missing key counts as null.
+        """
+
+    def __init__(
+        self,
+        *,
+        increment: _builtins.float = ...,
+        append: _struct_pb2.ListValue | None = ...,
+        add_to_set: _struct_pb2.ListValue | None = ...,
+        remove_from_set: _struct_pb2.ListValue | None = ...,
+        merge_patch: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_to_set", b"add_to_set", "append", b"append", "increment", b"increment", "kind", b"kind", "merge_patch", b"merge_patch", "remove_from_set", b"remove_from_set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_to_set", b"add_to_set", "append", b"append", "increment", b"increment", "kind", b"kind", "merge_patch", b"merge_patch", "remove_from_set", b"remove_from_set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["increment", "append", "add_to_set", "remove_from_set", "merge_patch"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Modification: _TypeAlias = Modification  # noqa: Y015
 
 @_typing.final
 class OperationResult(_message.Message):
@@ -906,6 +994,78 @@ class DeleteStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteStateResponse: _TypeAlias = DeleteStateResponse  # noqa: Y015
+
+@_typing.final
+class ModifyStateRequest(_message.Message):
+    """Request for ModifyState."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    MODIFICATION_FIELD_NUMBER: _builtins.int
+    FENCING_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Key to change; required."""
+    agent_id: _builtins.str
+    """Identifier of the writing agent; optional with a session token (empty: the token's agent;
+    another agent's id is PERMISSION_DENIED); must be empty with the admin token (INVALID_ARGUMENT).
+    """
+    request_id: _builtins.str
+    """Idempotency key, as for PutState."""
+    @_builtins.property
+    def modification(self) -> Global___Modification:
+        """How the value changes; required."""
+
+    @_builtins.property
+    def fencing(self) -> Global___Fencing:
+        """Writes only under this current lease; unset for no fencing."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        modification: Global___Modification | None = ...,
+        fencing: Global___Fencing | None = ...,
+        agent_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fencing", b"fencing", "modification", b"modification"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "fencing", b"fencing", "key", b"key", "modification", b"modification", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModifyStateRequest: _TypeAlias = ModifyStateRequest  # noqa: Y015
+
+@_typing.final
+class ModifyStateResponse(_message.Message):
+    """Response of ModifyState."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Store revision of the write (equal to `state.mod_revision`)."""
+    @_builtins.property
+    def state(self) -> Global___State:
+        """Entry as written."""
+
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        state: Global___State | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModifyStateResponse: _TypeAlias = ModifyStateResponse  # noqa: Y015
 
 @_typing.final
 class TransactRequest(_message.Message):

@@ -41,7 +41,8 @@ class StateSyncServiceStub:
     PERMISSION_DENIED. Keys under `agents/<id>/` are writable only by agent `<id>`, `shared/` by
     any registered agent, and any key by the admin token (with an empty `agent_id`). A version
     mismatch is ABORTED with the key's current version in `google.rpc.ErrorInfo` metadata
-    `current_version` (0 when absent): re-read and retry. A stale lease fencing token is
+    `current_version` (0 when absent) and, when the key exists, its current entry as a `State`
+    in the status details: retry from that entry, with no read. A stale lease fencing token is
     FAILED_PRECONDITION, checked in the same transaction as the write.
     """
 
@@ -76,6 +77,11 @@ class StateSyncServiceStub:
                 request_serializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.DeleteStateRequest.SerializeToString,
                 response_deserializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.DeleteStateResponse.FromString,
                 _registered_method=True)
+        self.ModifyState = channel.unary_unary(
+                '/agentcoord.statesync.v1.StateSyncService/ModifyState',
+                request_serializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.ModifyStateRequest.SerializeToString,
+                response_deserializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.ModifyStateResponse.FromString,
+                _registered_method=True)
         self.Transact = channel.unary_unary(
                 '/agentcoord.statesync.v1.StateSyncService/Transact',
                 request_serializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.TransactRequest.SerializeToString,
@@ -109,7 +115,8 @@ class StateSyncServiceServicer:
     PERMISSION_DENIED. Keys under `agents/<id>/` are writable only by agent `<id>`, `shared/` by
     any registered agent, and any key by the admin token (with an empty `agent_id`). A version
     mismatch is ABORTED with the key's current version in `google.rpc.ErrorInfo` metadata
-    `current_version` (0 when absent): re-read and retry. A stale lease fencing token is
+    `current_version` (0 when absent) and, when the key exists, its current entry as a `State`
+    in the status details: retry from that entry, with no read. A stale lease fencing token is
     FAILED_PRECONDITION, checked in the same transaction as the write.
     """
 
@@ -157,6 +164,22 @@ class StateSyncServiceServicer:
 
         A missing key is NOT_FOUND unless `allow_missing` is set. Version, fencing and
         `request_id` behave as for PutState.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModifyState(self, request, context):
+        """Changes one key by an operation the server applies to the value it holds, with no compare.
+
+        Increment, append, add to a set, remove from a set and JSON merge patch (RFC 7396) are
+        computed from the value stored when the write commits, so concurrent writers of one key
+        never conflict and no update is lost. A missing key counts as 0, [] or null. A stored value
+        of another type (a string to increment, bytes to merge into) is FAILED_PRECONDITION with
+        reason `VALUE_TYPE_MISMATCH` and `field` naming the operation; a result larger than the
+        value limit is FAILED_PRECONDITION (`VALUE_TOO_LARGE`). The entry keeps its metadata and
+        expire time; its session binding stays if the same agent wrote it last. The new version is
+        logged as `state.put`. Fencing and `request_id` behave as for PutState.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +253,11 @@ def add_StateSyncServiceServicer_to_server(servicer, server):
                     request_deserializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.DeleteStateRequest.FromString,
                     response_serializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.DeleteStateResponse.SerializeToString,
             ),
+            'ModifyState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModifyState,
+                    request_deserializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.ModifyStateRequest.FromString,
+                    response_serializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.ModifyStateResponse.SerializeToString,
+            ),
             'Transact': grpc.unary_unary_rpc_method_handler(
                     servicer.Transact,
                     request_deserializer=agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.TransactRequest.FromString,
@@ -269,7 +297,8 @@ class StateSyncService:
     PERMISSION_DENIED. Keys under `agents/<id>/` are writable only by agent `<id>`, `shared/` by
     any registered agent, and any key by the admin token (with an empty `agent_id`). A version
     mismatch is ABORTED with the key's current version in `google.rpc.ErrorInfo` metadata
-    `current_version` (0 when absent): re-read and retry. A stale lease fencing token is
+    `current_version` (0 when absent) and, when the key exists, its current entry as a `State`
+    in the status details: retry from that entry, with no read. A stale lease fencing token is
     FAILED_PRECONDITION, checked in the same transaction as the write.
     """
 
@@ -398,6 +427,33 @@ class StateSyncService:
             '/agentcoord.statesync.v1.StateSyncService/DeleteState',
             agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.DeleteStateRequest.SerializeToString,
             agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.DeleteStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModifyState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentcoord.statesync.v1.StateSyncService/ModifyState',
+            agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.ModifyStateRequest.SerializeToString,
+            agentcoord_dot_statesync_dot_v1_dot_statesync__service__pb2.ModifyStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

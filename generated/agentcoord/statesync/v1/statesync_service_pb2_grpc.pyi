@@ -42,7 +42,8 @@ class StateSyncServiceStub:
     PERMISSION_DENIED. Keys under `agents/<id>/` are writable only by agent `<id>`, `shared/` by
     any registered agent, and any key by the admin token (with an empty `agent_id`). A version
     mismatch is ABORTED with the key's current version in `google.rpc.ErrorInfo` metadata
-    `current_version` (0 when absent): re-read and retry. A stale lease fencing token is
+    `current_version` (0 when absent) and, when the key exists, its current entry as a `State`
+    in the status details: retry from that entry, with no read. A stale lease fencing token is
     FAILED_PRECONDITION, checked in the same transaction as the write.
     """
 
@@ -77,6 +78,18 @@ class StateSyncServiceStub:
 
     A missing key is NOT_FOUND unless `allow_missing` is set. Version, fencing and
     `request_id` behave as for PutState.
+    """
+    ModifyState: _grpc.UnaryUnaryMultiCallable[_statesync_service_pb2.ModifyStateRequest, _statesync_service_pb2.ModifyStateResponse]
+    """Changes one key by an operation the server applies to the value it holds, with no compare.
+
+    Increment, append, add to a set, remove from a set and JSON merge patch (RFC 7396) are
+    computed from the value stored when the write commits, so concurrent writers of one key
+    never conflict and no update is lost. A missing key counts as 0, [] or null. A stored value
+    of another type (a string to increment, bytes to merge into) is FAILED_PRECONDITION with
+    reason `VALUE_TYPE_MISMATCH` and `field` naming the operation; a result larger than the
+    value limit is FAILED_PRECONDITION (`VALUE_TOO_LARGE`). The entry keeps its metadata and
+    expire time; its session binding stays if the same agent wrote it last. The new version is
+    logged as `state.put`. Fencing and `request_id` behave as for PutState.
     """
     Transact: _grpc.UnaryUnaryMultiCallable[_statesync_service_pb2.TransactRequest, _statesync_service_pb2.TransactResponse]
     """Applies several puts and deletes all or none, if every comparison holds.
@@ -124,7 +137,8 @@ class StateSyncServiceAsyncStub(StateSyncServiceStub):
     PERMISSION_DENIED. Keys under `agents/<id>/` are writable only by agent `<id>`, `shared/` by
     any registered agent, and any key by the admin token (with an empty `agent_id`). A version
     mismatch is ABORTED with the key's current version in `google.rpc.ErrorInfo` metadata
-    `current_version` (0 when absent): re-read and retry. A stale lease fencing token is
+    `current_version` (0 when absent) and, when the key exists, its current entry as a `State`
+    in the status details: retry from that entry, with no read. A stale lease fencing token is
     FAILED_PRECONDITION, checked in the same transaction as the write.
     """
 
@@ -156,6 +170,18 @@ class StateSyncServiceAsyncStub(StateSyncServiceStub):
 
     A missing key is NOT_FOUND unless `allow_missing` is set. Version, fencing and
     `request_id` behave as for PutState.
+    """
+    ModifyState: _aio.UnaryUnaryMultiCallable[_statesync_service_pb2.ModifyStateRequest, _statesync_service_pb2.ModifyStateResponse]  # type: ignore[assignment]
+    """Changes one key by an operation the server applies to the value it holds, with no compare.
+
+    Increment, append, add to a set, remove from a set and JSON merge patch (RFC 7396) are
+    computed from the value stored when the write commits, so concurrent writers of one key
+    never conflict and no update is lost. A missing key counts as 0, [] or null. A stored value
+    of another type (a string to increment, bytes to merge into) is FAILED_PRECONDITION with
+    reason `VALUE_TYPE_MISMATCH` and `field` naming the operation; a result larger than the
+    value limit is FAILED_PRECONDITION (`VALUE_TOO_LARGE`). The entry keeps its metadata and
+    expire time; its session binding stays if the same agent wrote it last. The new version is
+    logged as `state.put`. Fencing and `request_id` behave as for PutState.
     """
     Transact: _aio.UnaryUnaryMultiCallable[_statesync_service_pb2.TransactRequest, _statesync_service_pb2.TransactResponse]  # type: ignore[assignment]
     """Applies several puts and deletes all or none, if every comparison holds.
@@ -202,7 +228,8 @@ class StateSyncServiceServicer(metaclass=_abc_1.ABCMeta):
     PERMISSION_DENIED. Keys under `agents/<id>/` are writable only by agent `<id>`, `shared/` by
     any registered agent, and any key by the admin token (with an empty `agent_id`). A version
     mismatch is ABORTED with the key's current version in `google.rpc.ErrorInfo` metadata
-    `current_version` (0 when absent): re-read and retry. A stale lease fencing token is
+    `current_version` (0 when absent) and, when the key exists, its current entry as a `State`
+    in the status details: retry from that entry, with no read. A stale lease fencing token is
     FAILED_PRECONDITION, checked in the same transaction as the write.
     """
 
@@ -262,6 +289,24 @@ class StateSyncServiceServicer(metaclass=_abc_1.ABCMeta):
 
         A missing key is NOT_FOUND unless `allow_missing` is set. Version, fencing and
         `request_id` behave as for PutState.
+        """
+
+    @_abc_1.abstractmethod
+    def ModifyState(
+        self,
+        request: _statesync_service_pb2.ModifyStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_statesync_service_pb2.ModifyStateResponse, _abc.Awaitable[_statesync_service_pb2.ModifyStateResponse]]:
+        """Changes one key by an operation the server applies to the value it holds, with no compare.
+
+        Increment, append, add to a set, remove from a set and JSON merge patch (RFC 7396) are
+        computed from the value stored when the write commits, so concurrent writers of one key
+        never conflict and no update is lost. A missing key counts as 0, [] or null. A stored value
+        of another type (a string to increment, bytes to merge into) is FAILED_PRECONDITION with
+        reason `VALUE_TYPE_MISMATCH` and `field` naming the operation; a result larger than the
+        value limit is FAILED_PRECONDITION (`VALUE_TOO_LARGE`). The entry keeps its metadata and
+        expire time; its session binding stays if the same agent wrote it last. The new version is
+        logged as `state.put`. Fencing and `request_id` behave as for PutState.
         """
 
     @_abc_1.abstractmethod
