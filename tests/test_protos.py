@@ -54,6 +54,7 @@ EXPECTED_RPCS: dict[str, dict[str, tuple[bool, bool]]] = {
         "GetState": UNARY,
         "PutState": UNARY,
         "DeleteState": UNARY,
+        "ModifyState": UNARY,
         "ListStates": UNARY,
         "WatchStates": SERVER_STREAM,
         "Transact": UNARY,

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from agentcoord.client import (
+    AddToSet,
     AgentcoordClient,
     Change,
     ChangeType,
@@ -19,7 +20,9 @@ from agentcoord.client import (
     Exists,
     FailedPreconditionError,
     Fencing,
+    Increment,
     InvalidArgumentError,
+    MergePatch,
     NotFoundError,
     OutOfRangeError,
     PermissionDeniedError,
@@ -393,6 +396,11 @@ class FlakyStub:
         self._before = before
         self._after = after
         self.puts: list[pb.PutStateRequest] = []
+        self.gets = 0
+
+    async def GetState(self, request: pb.GetStateRequest, **kwargs: Any) -> Any:
+        self.gets += 1
+        return await self._stub.GetState(request, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stub, name)
@@ -445,6 +453,64 @@ async def test_update_uses_a_fresh_request_id_after_a_conflict(
     assert first.request_id != second.request_id
     assert (first.expected_version, second.expected_version) == (1, 2)
     assert alice.state.stats.conflicts == 1
+
+
+async def test_update_retries_its_first_conflict_at_once_from_the_entry_it_carries(
+    alice: AgentcoordClient, admin: AgentcoordClient
+) -> None:
+    await alice.state.put("shared/count", 0)
+
+    async def interfere_once(attempt: int) -> None:
+        if attempt == 1:
+            await admin.state.put("shared/count", 100)
+
+    flaky = FlakyStub.install(alice, before=interfere_once)
+    # A back-off of an hour: the update finishes only if the first conflict is retried at once.
+    slow = UpdatePolicy(initial_backoff=3600, max_backoff=3600, jitter=0, max_delay=7200)
+    entry = await alice.state.update("shared/count", lambda n: n + 1, policy=slow)
+    assert (entry.value, entry.version) == (101, 3)
+    assert flaky.gets == 1  # the retry started from the conflict's entry, with no read
+
+
+async def test_a_conflict_error_carries_the_current_entry(alice: AgentcoordClient) -> None:
+    written = await alice.state.put("shared/cas", {"a": 1}, metadata={"m": "1"})
+    with pytest.raises(ConflictError) as conflict:
+        await alice.state.put("shared/cas", {"a": 2}, expected_version=9)
+    assert conflict.value.current == written
+    with pytest.raises(ConflictError) as missing:
+        await alice.state.put("shared/none", 1, expected_version=3)
+    assert missing.value.current is None and missing.value.current_version == 0
+
+
+async def test_modifications_from_the_sdk(alice: AgentcoordClient) -> None:
+    state = alice.state
+    assert (await state.increment("shared/n")).value == 1
+    assert (await state.increment("shared/n", 2.5)).value == 3.5
+    assert (await state.append("shared/log", "a", {"b": 1})).value == ["a", {"b": 1}]
+    assert (await state.add_to_set("shared/tags", "x", "y", "x")).value == ["x", "y"]
+    assert (await state.remove_from_set("shared/tags", "x")).value == ["y"]
+    merged = await state.merge("shared/doc", {"a": {"b": 1}, "c": None})
+    assert merged.value == {"a": {"b": 1}}
+    done = await state.transact(
+        [VersionIs("shared/n", 2)],
+        [Increment("shared/n", -0.5), AddToSet("shared/tags", "z"), MergePatch("shared/doc", 1)],
+    )
+    assert [e.value for e in done.entries if e] == [3, ["y", "z"], 1]
+    with pytest.raises(FailedPreconditionError) as refused:
+        await state.increment("shared/tags")
+    assert refused.value.reason == "VALUE_TYPE_MISMATCH"
+    assert refused.value.metadata["field"] == "modification.increment"
+
+
+async def test_concurrent_sdk_increments_lose_nothing(alice: AgentcoordClient) -> None:
+    keys = [f"shared/hot/{n}" for n in range(4)]
+
+    async def writer(index: int) -> None:
+        for _ in range(10):
+            await alice.state.increment(keys[index % 4])
+
+    await asyncio.gather(*(writer(index) for index in range(32)))
+    assert [(await alice.state.get(key)).value for key in keys] == [80] * 4  # type: ignore[union-attr]
 
 
 async def test_update_gives_up_within_its_bounds(

@@ -569,12 +569,25 @@ def base_requests(agent: str) -> dict[str, Message]:
         "DeleteState": statesync_pb.DeleteStateRequest(
             agent_id=agent, key="shared/k", allow_missing=True, fencing=fencing, request_id="r"
         ),
+        "ModifyState": statesync_pb.ModifyStateRequest(
+            agent_id=agent,
+            key="shared/n",
+            modification=statesync_pb.Modification(increment=1),
+            fencing=fencing,
+            request_id="r",
+        ),
         "Transact": statesync_pb.TransactRequest(
             agent_id=agent,
             compares=[statesync_pb.Compare(key="shared/k", version=0)],
             operations=[
                 statesync_pb.Operation(put=put),
                 statesync_pb.Operation(delete=statesync_pb.DeleteOperation(key="shared/j")),
+                statesync_pb.Operation(
+                    modify=statesync_pb.ModifyOperation(
+                        key="shared/i",
+                        modification=statesync_pb.Modification(merge_patch=number(1)),
+                    )
+                ),
             ],
             fencing=fencing,
             request_id="r",
@@ -598,11 +611,16 @@ def _bad_values(field: FieldDescriptor) -> tuple[list[Any], bool]:
     if message == "google.protobuf.Value":
         return [number(NAN), struct_pb2.Value(list_value=struct_pb2.ListValue(
             values=[number(INF)])), nested(31)], True  # fmt: skip
+    if message == "google.protobuf.ListValue":
+        return [struct_pb2.ListValue(values=[number(NAN)]),
+                struct_pb2.ListValue(values=[nested(30)])], True  # fmt: skip
     if message == "google.protobuf.Duration":
         return [_seconds(-1), _seconds(315_576_000_001),
                 duration_pb2.Duration(seconds=1, nanos=-1)], True  # fmt: skip
     if message == "google.protobuf.Timestamp":
         return [FAR_FUTURE, timestamp_pb2.Timestamp(nanos=-1)], True
+    if field.type == FieldDescriptor.TYPE_DOUBLE:
+        return [NAN, INF], True
     if field.type == FieldDescriptor.TYPE_ENUM:
         return [99, -7], True
     if field.type == FieldDescriptor.TYPE_STRING:
@@ -720,7 +738,7 @@ async def test_every_field_path_resolves_against_the_request(
             base = bases[method.name]
             assert base.DESCRIPTOR is method.input_type, method.name
             metadata = bearer(token) if method.name in AGENT_ONLY else ADMIN_METADATA
-            if method.name in ("PutState", "DeleteState", "Transact"):
+            if method.name in ("PutState", "DeleteState", "ModifyState", "Transact"):
                 metadata = bearer(token)
             for path, request, strict in variants(base):
                 error = await _outcome(channel, method, request, metadata)

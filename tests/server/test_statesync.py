@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
+from grpc_status import rpc_status
 
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
@@ -518,3 +519,162 @@ async def test_large_values_are_split_across_messages(state: Stub, token: str) -
     changes = await asyncio.wait_for(collect(watch, 6), 30)
     watch.cancel()
     assert [c.key for c in changes] == keys
+
+
+# ModifyState, Transact's modify, and the current entry a conflict carries
+
+
+def items(*values: float | str) -> struct_pb2.ListValue:
+    listed = struct_pb2.ListValue()
+    listed.extend(values)
+    return listed
+
+
+def modify(key: str, **modification: object) -> pb.ModifyStateRequest:
+    return pb.ModifyStateRequest(
+        key=key,
+        modification=pb.Modification(**modification),  # type: ignore[arg-type]
+    )
+
+
+async def test_modify_state_increments_appends_and_merges(state: Stub, token: str) -> None:
+    auth = bearer(token)
+    first = await state.ModifyState(modify("shared/n", increment=2), metadata=auth)
+    second = await state.ModifyState(modify("shared/n", increment=3), metadata=auth)
+    assert (first.state.version, first.state.json.number_value) == (1, 2)
+    assert (second.state.version, second.state.json.number_value) == (2, 5)
+    assert second.revision == second.state.mod_revision
+
+    await state.ModifyState(modify("shared/l", append=items("a", "b")), metadata=auth)
+    await state.ModifyState(modify("shared/l", add_to_set=items("b", "c")), metadata=auth)
+    listed = await state.ModifyState(modify("shared/l", remove_from_set=items("a")), metadata=auth)
+    assert [v.string_value for v in listed.state.json.list_value.values] == ["b", "c"]
+
+    patch = struct_pb2.Value()
+    patch.struct_value.update({"done": True, "left": None})
+    await put(state, token, "shared/doc", 1)
+    merged = await state.ModifyState(modify("shared/doc", merge_patch=patch), metadata=auth)
+    assert dict(merged.state.json.struct_value) == {"done": True}
+
+
+async def test_type_mismatch_is_failed_precondition_naming_the_field(
+    state: Stub, token: str
+) -> None:
+    await state.PutState(
+        pb.PutStateRequest(key="shared/s", json=struct_pb2.Value(string_value="x")),
+        metadata=bearer(token),
+    )
+    refused = await failure(
+        state.ModifyState(modify("shared/s", increment=1), metadata=bearer(token))
+    )
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        refused.details() == "modification.increment: key 'shared/s' holds a string, not a number"
+    )
+    info = error_info(refused)
+    assert info.reason == "VALUE_TYPE_MISMATCH"
+    assert info.metadata["field"] == "modification.increment"
+
+    in_transaction = await failure(
+        state.Transact(
+            pb.TransactRequest(
+                operations=[
+                    pb.Operation(
+                        modify=pb.ModifyOperation(
+                            key="shared/s", modification=pb.Modification(append=items(1))
+                        )
+                    )
+                ]
+            ),
+            metadata=bearer(token),
+        )
+    )
+    assert in_transaction.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        error_info(in_transaction).metadata["field"] == "operations[0].modify.modification.append"
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.ModifyStateRequest(key="shared/x"), "modification"),
+        (modify("shared/x", increment=float("nan")), "modification.increment"),
+        (modify("shared/x", merge_patch=struct_pb2.Value()), "modification.merge_patch"),
+        (
+            pb.ModifyStateRequest(
+                key="shared/x",
+                modification=pb.Modification(
+                    append=struct_pb2.ListValue(values=[number(float("inf"))])
+                ),
+            ),
+            "modification.append",
+        ),
+        (modify("bad//key", increment=1), "key"),
+        (
+            pb.ModifyStateRequest(
+                key="shared/x",
+                modification=pb.Modification(increment=1),
+                fencing=pb.Fencing(subtask_id="s", fencing_token=0),
+            ),
+            "fencing.fencing_token",
+        ),
+    ],
+)
+async def test_modify_validation_names_the_field(
+    state: Stub, token: str, request_: pb.ModifyStateRequest, field: str
+) -> None:
+    invalid = await failure(state.ModifyState(request_, metadata=bearer(token)))
+    assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(invalid) == [field]
+
+
+async def test_modify_honours_permissions_fencing_and_request_ids(
+    state: Stub, channel: grpc.aio.Channel, token: str
+) -> None:
+    denied = await failure(
+        state.ModifyState(modify("agents/bob/n", increment=1), metadata=bearer(token))
+    )
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    fenced = modify("shared/n", increment=1)
+    fenced.fencing.CopyFrom(pb.Fencing(subtask_id="nope", fencing_token=3))
+    stale = await failure(state.ModifyState(fenced, metadata=bearer(token)))
+    assert stale.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(stale).reason == "LEASE_NOT_HELD"
+
+    once = modify("shared/n", increment=1)
+    once.request_id = "incr-1"
+    first = await state.ModifyState(once, metadata=bearer(token))
+    again = await state.ModifyState(once, metadata=bearer(token))
+    assert again == first and first.state.json.number_value == 1  # applied once
+
+
+async def test_concurrent_modify_state_loses_nothing(state: Stub, token: str) -> None:
+    keys = [f"shared/hot/{n}" for n in range(4)]
+
+    async def writer(number_: int) -> None:
+        for _ in range(10):
+            request = modify(keys[number_ % 4], increment=1)
+            await state.ModifyState(request, metadata=bearer(token))
+
+    await asyncio.gather(*(writer(n) for n in range(32)))
+    for key in keys:
+        got = await state.GetState(pb.GetStateRequest(key=key))
+        assert (got.state.json.number_value, got.state.version) == (80, 80)
+
+
+async def test_a_conflict_carries_the_current_entry(state: Stub, token: str) -> None:
+    written = await put(state, token, "shared/c", 1, metadata={"a": "b"})
+    stale = await failure(put(state, token, "shared/c", 2, expected_version=5))
+    status = rpc_status.from_call(stale)  # type: ignore[arg-type]
+    assert status is not None
+    entries = []
+    for detail in status.details:
+        if detail.Is(pb.State.DESCRIPTOR):
+            entry = pb.State()
+            detail.Unpack(entry)
+            entries.append(entry)
+    assert entries == [written.state]
+    absent = await failure(put(state, token, "shared/none", 2, expected_version=1))
+    details = rpc_status.from_call(absent).details  # type: ignore[arg-type, union-attr]
+    assert not any(d.Is(pb.State.DESCRIPTOR) for d in details)

@@ -191,8 +191,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
     ) -> pb.ModifyStateResponse:
         """Change one key's value in place."""
         writer = _writer(request.agent_id)
-        key = validation.state_key("key", request.key)
-        command = self._modify_command("", request, key)
+        command = self._modify_command("", request)
         result = await self._core.write(
             writer,
             [],
@@ -205,8 +204,9 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         return pb.ModifyStateResponse(revision=result.revision, state=convert.state_to_proto(state))
 
     def _modify_command(
-        self, field_prefix: str, message: pb.ModifyStateRequest | pb.ModifyOperation, key: str
+        self, field_prefix: str, message: pb.ModifyStateRequest | pb.ModifyOperation
     ) -> ModifyCommand:
+        """Return the command of a modification (checked before its key)."""
         field = f"{field_prefix}modification"
         modification = message.modification
         kind = modification.WhichOneof("kind")
@@ -231,6 +231,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
             operand = convert.json_plain(field, modification.merge_patch)
         else:
             operand = convert.json_items(field, getattr(modification, kind))
+        key = validation.state_key(f"{field_prefix}key", message.key)
         return ModifyCommand(key, ModificationKind(kind), operand, self._max_value_bytes, field)
 
     async def Transact(self, request: pb.TransactRequest, context: Context) -> pb.TransactResponse:
@@ -263,8 +264,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
                 key = validation.state_key(f"{field}.key", operation.delete.key)
                 operations.append(DeleteCommand(key, allow_missing=True))
             elif kind == "modify":
-                key = validation.state_key(f"{field}.key", operation.modify.key)
-                operations.append(self._modify_command(f"{field}.", operation.modify, key))
+                operations.append(self._modify_command(f"{field}.", operation.modify))
             else:
                 raise InvalidInput(f"operations[{index}]", "set put, delete or modify")
             fields.append(field)
