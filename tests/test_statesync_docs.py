@@ -84,6 +84,9 @@ def check_output(args: list[str], output: str) -> None:
         assert response["state"]["version"] == str(expected), output
     elif method == "GetState":
         assert response["state"]["key"] == body["key"], output
+    elif method == "ModifyState":
+        assert response["state"]["key"] == body["key"], output
+        assert int(response["state"]["version"]) >= 1, output
     elif method == "Transact":
         assert len(response["results"]) == len(body["operations"]), output
     elif method == "ListStates":

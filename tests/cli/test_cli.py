@@ -330,6 +330,27 @@ async def test_state_put_get_ls_watch_rm(cli: Cli) -> None:
     assert (await cli("state", "get", "shared/status")).code == Exit.NOT_FOUND
 
 
+async def test_state_modifications(cli: Cli) -> None:
+    admin = ("--token", ADMIN_TOKEN)
+    assert (await cli(*admin, "state", "incr", "shared/n")).out == (
+        "shared/n: 1 (version 1, revision 1)\n"
+    )
+    assert (await cli(*admin, "state", "incr", "shared/n", "-0.5")).out.startswith("shared/n: 0.5")
+    await cli(*admin, "state", "append", "shared/l", '"a"', "1")
+    added = await cli(*admin, "--json", "state", "add", "shared/l", "1", "true")
+    assert added.json["state"]["json"] == ["a", 1, True]
+    assert (await cli(*admin, "state", "discard", "shared/l", '"a"')).out.startswith(
+        "shared/l: [1,true]"
+    )
+    merged = await cli(*admin, "state", "merge", "shared/m", "-", stdin='{"a": {"b": 1}}')
+    assert merged.out.startswith('shared/m: {"a":{"b":1}}')
+    mismatch = await cli(*admin, "state", "incr", "shared/l")
+    assert mismatch.code == Exit.CONFLICT and "holds an array, not a number" in mismatch.err
+    with pytest.raises(SystemExit) as usage:  # refused by argparse, before sending
+        await cli(*admin, "state", "incr", "shared/n", "NaN")
+    assert usage.value.code == Exit.USAGE
+
+
 async def test_non_finite_numbers_are_refused_before_sending(cli: Cli, tmp_path: Path) -> None:
     admin = ("--token", ADMIN_TOKEN)
     spec = tmp_path / "nan.json"

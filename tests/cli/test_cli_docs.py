@@ -35,6 +35,8 @@ EXPECTED_OUTPUT = {
     "agentcoord health --wait": "statesync     SERVING",
     "agentcoord state watch": "put  shared/status",
     "agentcoord state put shared/plan '{}'": "exit code 4",
+    "agentcoord state incr shared/done 2": "shared/done: 3 (version 2",
+    "agentcoord state discard": 'shared/reviewers: ["bo"] (version 2',
     'agentcoord tasks watch "$TASK"': "[##########] 5/5 succeeded",
     'agentcoord tasks watch "$TRAIN"': "exit code 1",
     "agentcoord agents watch": "joined  worker-1",

@@ -496,6 +496,8 @@ async def test_modifications_from_the_sdk(alice: AgentcoordClient) -> None:
         [Increment("shared/n", -0.5), AddToSet("shared/tags", "z"), MergePatch("shared/doc", 1)],
     )
     assert [e.value for e in done.entries if e] == [3, ["y", "z"], 1]
+    with pytest.raises(TypeError, match="members must be a sequence"):
+        AddToSet("shared/tags", "xyz")  # a lone string is not taken for its characters
     with pytest.raises(FailedPreconditionError) as refused:
         await state.increment("shared/tags")
     assert refused.value.reason == "VALUE_TYPE_MISMATCH"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import math
 import uuid
+
+from google.protobuf import struct_pb2
 
 from agentcoord.cli import inputs
 from agentcoord.cli.exits import Exit
@@ -41,6 +44,23 @@ def register(commands: Commands) -> None:
     rm.add_argument(
         "--expected-version", type=count, metavar="N", help="delete only at this version"
     )
+    incr = add_command(actions, "incr", _increment, "add a number to a number (needs --token)")
+    incr.add_argument("key", metavar="KEY")
+    incr.add_argument("by", metavar="BY", nargs="?", type=_number, default=1.0, help="default: 1")
+    for name, kind, what in (
+        ("append", "append", "append JSON values to an array (needs --token)"),
+        ("add", "add_to_set", "add JSON values an array holds not yet (needs --token)"),
+        ("discard", "remove_from_set", "remove JSON values from an array (needs --token)"),
+    ):
+        command = add_command(actions, name, _modify_items, what)
+        command.add_argument("key", metavar="KEY")
+        command.add_argument("values", metavar="VALUE", nargs="+", help="a JSON value")
+        command.set_defaults(kind=kind)
+    merge = add_command(
+        actions, "merge", _merge, "merge a JSON merge patch (RFC 7396) into a value (needs --token)"
+    )
+    merge.add_argument("key", metavar="KEY")
+    merge.add_argument("patch", metavar="PATCH", help="a JSON value, or '-' to read it from stdin")
     ls = add_command(actions, "ls", _list, "list keys and values under a prefix")
     ls.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help="default: every key")
     watch = add_command(actions, "watch", _watch, "print changes of the keys under a prefix")
@@ -82,6 +102,53 @@ async def _put(client: AgentcoordClient, args: argparse.Namespace, out: Output) 
         out.document(response)
     else:
         out.line(f"{args.key}: version {response.state.version}, revision {response.revision}")
+    return Exit.OK
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+async def _increment(client: AgentcoordClient, args: argparse.Namespace, out: Output) -> int:
+    return await _modify(client, args, out, pb.Modification(increment=args.by))
+
+
+async def _modify_items(client: AgentcoordClient, args: argparse.Namespace, out: Output) -> int:
+    values = struct_pb2.ListValue(
+        values=[inputs.parse_value(text, "VALUE") for text in args.values]
+    )
+    modification = pb.Modification()
+    getattr(modification, args.kind).CopyFrom(values)
+    return await _modify(client, args, out, modification)
+
+
+async def _merge(client: AgentcoordClient, args: argparse.Namespace, out: Output) -> int:
+    text = inputs.read_text(args.patch) if args.patch == inputs.STDIN else args.patch
+    patch = inputs.parse_value(text, "PATCH")
+    return await _modify(client, args, out, pb.Modification(merge_patch=patch))
+
+
+async def _modify(
+    client: AgentcoordClient,
+    args: argparse.Namespace,
+    out: Output,
+    modification: pb.Modification,
+) -> int:
+    request = pb.ModifyStateRequest(
+        key=args.key, modification=modification, request_id=str(uuid.uuid4())
+    )
+    response = await client.statesync.modify_state(request)
+    if out.json:
+        out.document(response)
+    else:
+        state, revision = response.state, response.revision
+        out.line(f"{args.key}: {_value(state)} (version {state.version}, revision {revision})")
     return Exit.OK
 
 

@@ -396,6 +396,10 @@ class Append:
     items: Sequence[JSON]
     """Items to append, in order."""
 
+    def __post_init__(self) -> None:
+        """Refuse a lone string, which would be taken for a sequence of characters."""
+        _check_items(self.items, "items")
+
 
 @dataclass(frozen=True, slots=True)
 class AddToSet:
@@ -406,6 +410,10 @@ class AddToSet:
     members: Sequence[JSON]
     """Members to add; compared as JSON (key order ignored, ``1`` is not ``True``)."""
 
+    def __post_init__(self) -> None:
+        """Refuse a lone string, which would be taken for a sequence of characters."""
+        _check_items(self.members, "members")
+
 
 @dataclass(frozen=True, slots=True)
 class RemoveFromSet:
@@ -415,6 +423,10 @@ class RemoveFromSet:
     """Key to change; a missing key counts as []."""
     members: Sequence[JSON]
     """Members to remove; compared as JSON."""
+
+    def __post_init__(self) -> None:
+        """Refuse a lone string, which would be taken for a sequence of characters."""
+        _check_items(self.members, "members")
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +516,11 @@ def _compare(compare: Compare) -> pb.Compare:
     message = pb.Compare(key=compare.key)
     _set_value(message, compare.value)
     return message
+
+
+def _check_items(values: Sequence[JSON], name: str) -> None:
+    if isinstance(values, str | bytes | bytearray):
+        raise TypeError(f"{name} must be a sequence of JSON values, not {type(values).__name__}")
 
 
 def _items(values: Sequence[JSON]) -> struct_pb2.ListValue:
