@@ -5,8 +5,11 @@ Unary: one sequential caller in the bench process, PutState (blind writes, no
 server; the caller is a registered agent, so every call carries its session token.
 
 Contended: ``writers`` concurrent writers, spread over ``workers`` client processes, each
-a registered agent on its own channel, loop ``client.state.update(key, n + 1)`` on ``keys``
-hot keys for ``duration`` seconds. The same writers then run the same loop against echo,
+a registered agent on its own channel, increment ``keys`` hot keys for ``duration`` seconds:
+with ``client.state.update(key, n + 1)`` (mode ``statesync``), with a plain read and a
+compare-and-set put that re-reads on ABORTED (``cas``), or with the server-side
+``client.state.increment(key)`` (``modify``, ModifyState: no read and no conflict). The
+same writers then run the same loop against echo,
 one echo call for the read and one for the write of each increment: the ceiling of the
 RPC layer for this shape of load. Afterwards the counters are read back: their sum must
 equal the increments that committed (``lost`` must be 0).
@@ -29,7 +32,7 @@ import psutil
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 
-from agentcoord.client import AgentcoordClient
+from agentcoord.client import AgentcoordClient, ConflictError
 from agentcoord.client._errors import RPCError
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
@@ -105,7 +108,8 @@ class RmwSpec:
     """One contended read-modify-write load."""
 
     mode: str
-    """``statesync`` or ``echo``."""
+    """``statesync`` (update()), ``cas`` (read + compare-and-set), ``modify`` (ModifyState)
+    or ``echo``."""
     writers: int
     """Concurrent writers in all."""
     keys: int
@@ -169,7 +173,14 @@ class _Plan:
 
 async def _worker(plan: _Plan, conn: Connection) -> dict[str, Any]:
     spec = plan.spec
-    stats: dict[str, Any] = {"in_window": 0, "gave_up": 0, "errors": Counter(), "latencies": []}
+    stats: dict[str, Any] = {
+        "in_window": 0,
+        "done": 0,
+        "cas_conflicts": 0,
+        "gave_up": 0,
+        "errors": Counter(),
+        "latencies": [],
+    }
     async with contextlib.AsyncExitStack() as stack:
         calls = []
         clients: list[AgentcoordClient] = []
@@ -186,7 +197,7 @@ async def _worker(plan: _Plan, conn: Connection) -> dict[str, Any]:
                 )
                 await _register(client, f"bench-rmw-{writer}")
                 clients.append(client)
-                calls.append(_state_increment(client, key))
+                calls.append(_INCREMENTS[spec.mode](client, key, stats))
         for call in calls:  # warm the connections up
             await call()
         conn.send(("ready",))
@@ -194,12 +205,15 @@ async def _worker(plan: _Plan, conn: Connection) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, start - time.time()))
         await asyncio.gather(*(_writer(call, end, stats) for call in calls))
         stats["committed"] = sum(client.state.stats.committed for client in clients)
-        stats["conflicts"] = sum(client.state.stats.conflicts for client in clients)
+        if spec.mode != "statesync":  # update() counts its own; the others count calls
+            stats["committed"] = stats["done"] - len(calls)  # less the warm-up calls
+        stats["conflicts"] = stats["cas_conflicts"]
+        stats["conflicts"] += sum(client.state.stats.conflicts for client in clients)
         stats["unavailable"] = sum(client.state.stats.unavailable for client in clients)
     return stats
 
 
-def _state_increment(client: AgentcoordClient, key: str) -> Any:
+def _state_increment(client: AgentcoordClient, key: str, stats: dict[str, Any]) -> Any:
     def increment(value: Any) -> int:
         return int(value) + 1
 
@@ -207,6 +221,32 @@ def _state_increment(client: AgentcoordClient, key: str) -> Any:
         return await client.state.update(key, increment, default=0)
 
     return call
+
+
+def _cas_increment(client: AgentcoordClient, key: str, stats: dict[str, Any]) -> Any:
+    """Read, then put at the version read; on ABORTED read again (no back-off)."""
+
+    async def call() -> object:
+        while True:
+            entry = await client.state.get(key)
+            value, version = (int(entry.value), entry.version) if entry else (0, 0)
+            try:
+                return await client.state.put(key, value + 1, expected_version=version)
+            except ConflictError:
+                stats["cas_conflicts"] += 1
+
+    return call
+
+
+def _modify_increment(client: AgentcoordClient, key: str, stats: dict[str, Any]) -> Any:
+    async def call() -> object:
+        return await client.state.increment(key)
+
+    return call
+
+
+_INCREMENTS = {"statesync": _state_increment, "cas": _cas_increment, "modify": _modify_increment}
+"""How a writer of each mode increments its key."""
 
 
 def _echo_increment(channel: grpc.aio.Channel, key: str) -> Any:
@@ -229,6 +269,7 @@ async def _writer(call: Any, end: float, stats: dict[str, Any]) -> None:
         started = time.perf_counter()
         try:
             await call()
+            stats["done"] += 1
         except RPCError as error:
             if error.code == grpc.StatusCode.ABORTED:
                 stats["gave_up"] += 1

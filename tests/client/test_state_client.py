@@ -493,7 +493,7 @@ async def test_modifications_from_the_sdk(alice: AgentcoordClient) -> None:
     assert merged.value == {"a": {"b": 1}}
     done = await state.transact(
         [VersionIs("shared/n", 2)],
-        [Increment("shared/n", -0.5), AddToSet("shared/tags", "z"), MergePatch("shared/doc", 1)],
+        [Increment("shared/n", -0.5), AddToSet("shared/tags", ["z"]), MergePatch("shared/doc", 1)],
     )
     assert [e.value for e in done.entries if e] == [3, ["y", "z"], 1]
     with pytest.raises(TypeError, match="members must be a sequence"):
