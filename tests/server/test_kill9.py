@@ -19,7 +19,7 @@ from tests.server.processes import ADMIN, free_port, serve
 DISTINCT_WRITERS = 24
 HOT_WRITERS = 8
 HOT_KEYS = 3
-STORM_SECONDS = 1.5
+KILL_AFTER_WRITES = 300
 
 
 class Acknowledged:
@@ -32,6 +32,12 @@ class Acknowledged:
     def record(self, key: str, version: int, value: int) -> None:
         self.count += 1
         self.writes[key] = max(self.writes.get(key, (0, 0)), (version, value))
+
+
+async def acknowledged_at_least(acked: Acknowledged, count: int) -> None:
+    """Return once ``count`` writes are acknowledged, so the kill lands mid-storm on any machine."""
+    while acked.count < count:
+        await asyncio.sleep(0.01)
 
 
 async def storm(client: AgentcoordClient, acked: Acknowledged, stop: asyncio.Event) -> None:
@@ -71,14 +77,14 @@ async def test_acknowledged_writes_survive_kill_9(store_url: str, tmp_path: Path
         AgentcoordClient(target, token=ADMIN, retry=once) as client,
     ):
         writes = asyncio.create_task(storm(client, acked, stop))
-        await asyncio.sleep(STORM_SECONDS)
+        await asyncio.wait_for(acknowledged_at_least(acked, KILL_AFTER_WRITES), 120)
         acked_before_kill = acked.count
         os.kill(process.pid, signal.SIGKILL)
         await process.wait()
         stop.set()
         await asyncio.wait_for(writes, 10)
     assert process.returncode == -signal.SIGKILL
-    assert acked_before_kill > 200, f"only {acked_before_kill} writes before the kill"
+    assert acked_before_kill >= KILL_AFTER_WRITES
     assert len(acked.writes) == DISTINCT_WRITERS + HOT_KEYS
 
     async with serve(port, store_url, log), AgentcoordClient(target, token=ADMIN) as client:
