@@ -724,13 +724,29 @@ def test_an_agent_death_neither_burns_an_attempt_nor_backs_off() -> None:
 def test_a_lost_lease_burns_an_attempt_without_back_off() -> None:
     world = submit(explicit(sub("a"), max_attempts=2))
     world.lease("a")
-    failed, _ = world.fail("a", FailureClass.LEASE_LOST)
+    expired = NOW + timedelta(hours=1)
+    failed, _ = world.fail("a", FailureClass.LEASE_LOST, time=expired)
     assert failed.state is SubtaskState.READY
     assert failed.burned_attempts == 1
     assert failed.next_attempt_time is None
     world.lease("a")
-    failed, _ = world.fail("a", FailureClass.LEASE_LOST)
+    failed, _ = world.fail("a", FailureClass.LEASE_LOST, time=expired)
     assert failed.state is SubtaskState.FAILED
+
+
+def test_a_lease_is_lost_only_past_its_stored_expire_time() -> None:
+    """A replica whose deadline passed may not fail a lease renewed through another one."""
+    world = submit(explicit(sub("a")))
+    leased = world.lease("a")
+    assert leased.lease is not None
+    with pytest.raises(FailedPrecondition) as refused:
+        world.fail(
+            "a", FailureClass.LEASE_LOST, time=leased.lease.expire_time - timedelta(seconds=1)
+        )
+    assert refused.value.reason == "LEASE_RENEWED"
+    assert world.by_local("a").state is SubtaskState.LEASED
+    failed, _ = world.fail("a", FailureClass.LEASE_LOST, time=leased.lease.expire_time)
+    assert failed.state is SubtaskState.READY
 
 
 def test_exhausted_attempts_fail_the_task_and_cancel_the_rest() -> None:

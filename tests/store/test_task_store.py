@@ -126,7 +126,7 @@ async def lease(
     store: Store, subtask_id: str, agent_id: str = "bob", now: datetime = NOW, epoch: int = 1
 ) -> int:
     """Lease a sub-task to session ``epoch`` of ``agent_id`` and return the fencing token."""
-    update = await store.lease_subtask(subtask_id, agent_id, now, epoch=epoch)
+    update = await store.lease_subtask(subtask_id, agent_id, now, epoch=epoch, capacity=8)
     assert update.subtask is not None and update.subtask.lease is not None
     return update.subtask.lease.fencing_token
 
@@ -310,7 +310,7 @@ async def test_a_failing_statement_rolls_back_only_its_own_operation(store: Stor
     results = await asyncio.gather(
         store.submit_task(*make_task("t1")),
         store.submit_task(broken_task, broken[1]),  # NOT NULL in the database
-        store.lease_subtask("t1-a", "bob", NOW, epoch=1),
+        store.lease_subtask("t1-a", "bob", NOW, epoch=1, capacity=8),
         return_exceptions=True,
     )
 
@@ -328,7 +328,7 @@ async def test_a_failing_statement_rolls_back_only_its_own_operation(store: Stor
 async def test_lease_grants_a_token_that_is_the_revision_of_its_change(store: Store) -> None:
     await submit(store)
 
-    update = await store.lease_subtask("t1-a", "bob", NOW, epoch=1)
+    update = await store.lease_subtask("t1-a", "bob", NOW, epoch=1, capacity=8)
 
     leased = update.subtask
     assert leased is not None and leased.lease is not None
@@ -360,10 +360,10 @@ async def test_only_a_ready_subtask_is_leased(store: Store) -> None:
 
     for subtask_id in ("t1-a", "t1-b"):  # leased already; blocked
         with pytest.raises(FailedPrecondition) as raised:
-            await store.lease_subtask(subtask_id, "carol", NOW, epoch=1)
+            await store.lease_subtask(subtask_id, "carol", NOW, epoch=1, capacity=8)
         assert raised.value.reason == "SUBTASK_NOT_READY"
     with pytest.raises(NotFound):
-        await store.lease_subtask("t1-x", "carol", NOW, epoch=1)
+        await store.lease_subtask("t1-x", "carol", NOW, epoch=1, capacity=8)
 
     assert (await store.current_revision(), await store.list_subtasks("t1")) == before
 
@@ -373,8 +373,8 @@ async def test_concurrent_leases_of_one_subtask_grant_one(store: Store) -> None:
     calls = commits(store)
 
     results = await asyncio.gather(
-        store.lease_subtask("t1-a", "bob", NOW, epoch=1),
-        store.lease_subtask("t1-a", "carol", NOW, epoch=1),
+        store.lease_subtask("t1-a", "bob", NOW, epoch=1, capacity=8),
+        store.lease_subtask("t1-a", "carol", NOW, epoch=1, capacity=8),
         return_exceptions=True,
     )
 
@@ -505,9 +505,11 @@ async def test_a_retryable_failure_makes_the_subtask_ready_after_a_back_off(stor
     assert again.subtask == failed and await store.current_revision() == revision
 
     with pytest.raises(FailedPrecondition) as early:
-        await store.lease_subtask("t1-a", "carol", NOW, epoch=1)
+        await store.lease_subtask("t1-a", "carol", NOW, epoch=1, capacity=8)
     assert early.value.reason == "SUBTASK_NOT_READY"
-    retried = await store.lease_subtask("t1-a", "carol", NOW + timedelta(seconds=1), epoch=1)
+    retried = await store.lease_subtask(
+        "t1-a", "carol", NOW + timedelta(seconds=1), epoch=1, capacity=8
+    )
     assert retried.subtask is not None and retried.subtask.lease is not None
     assert (retried.subtask.attempt, retried.subtask.lease.attempt) == (2, 2)
     assert retried.subtask.fencing_token > token
@@ -516,7 +518,7 @@ async def test_a_retryable_failure_makes_the_subtask_ready_after_a_back_off(stor
 async def test_a_final_failure_fails_the_task_and_revokes_the_other_leases(store: Store) -> None:
     await submit(store, subtasks=INDEPENDENT)
     token = await lease(store, "t1-a", "bob")
-    sibling = await store.lease_subtask("t1-b", "carol", NOW, epoch=1)
+    sibling = await store.lease_subtask("t1-b", "carol", NOW, epoch=1, capacity=8)
     assert sibling.subtask is not None and sibling.subtask.lease is not None
 
     update = await store.fail_subtask(failure("t1-a"), token, RetryPolicy(base=1.0), epoch=1)
@@ -638,7 +640,7 @@ async def test_release_leases_makes_the_agents_subtasks_ready_without_burning(
     assert await store.current_revision() == revision
 
     # Retried at once, as the next attempt.
-    again = await store.lease_subtask("t1-a", "carol", LATER, epoch=1)
+    again = await store.lease_subtask("t1-a", "carol", LATER, epoch=1, capacity=8)
     assert again.subtask is not None and again.subtask.attempt == 2
 
 
@@ -650,7 +652,7 @@ async def test_cancel_task_cancels_the_unfinished_subtasks_and_revokes_leases(
 ) -> None:
     await submit(store)
     await run(store, "t1-a")
-    held = await store.lease_subtask("t1-b", "bob", NOW, epoch=1)
+    held = await store.lease_subtask("t1-b", "bob", NOW, epoch=1, capacity=8)
     assert held.subtask is not None and held.subtask.lease is not None
 
     update = await store.cancel_task("t1", "not needed", "alice", LATER, canceller="admin")

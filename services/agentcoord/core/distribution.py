@@ -17,8 +17,17 @@ Assignment never scans every sub-task or agent: a new READY sub-task is offered 
 agents capable of its capability set only, least loaded first (held leases / capacity,
 ties to the agent that waited longest); an agent with free capacity takes the best head
 among the queues of the capability sets it covers. Leases are pushed to agents with an
-open StreamAssignments stream; ClaimSubtask pulls from the same queues. One Distribution
-process per store: it must be the process that hosts Discovery (liveness and heartbeats).
+open StreamAssignments stream; ClaimSubtask pulls from the same queues. It must run in a
+process that hosts Discovery (liveness and heartbeats).
+
+Replicas on one shared store (``Store.shared``) each keep such a mirror of the whole
+cluster: besides its own operations' results, each follows the sub-task changes of the
+change log and reads the sub-tasks that other processes changed, so work submitted
+anywhere is queued everywhere and every agent's leases count wherever it is served. The
+mirror only proposes: the lease transaction decides (the sub-task must still be READY,
+the session below its capacity), and the loser of a race drops the sub-task and takes
+the next. A lease is judged by its stored expire time, which the replica holding the
+holder's heartbeats renews.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import heapq
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -54,6 +63,7 @@ from agentcoord.core.task_rules import (
     TaskUpdate,
     aggregate_result,
     build_task,
+    check_capacity,
     check_plan,
     plan_of,
 )
@@ -88,6 +98,9 @@ class DistributionConfig:
     """Back-off of retried sub-tasks."""
     sweep_interval: float = 0.1
     """Seconds between sweeps of lease expiries and finished back-offs."""
+    recent_window: float = 30.0
+    """Seconds the revision of each sub-task absorbed is remembered at least, so that a read
+    of another process's change that raced with a newer local result is not applied."""
     max_claim_wait: float = 60.0
     """Longest ``wait`` of ClaimSubtask."""
 
@@ -247,6 +260,10 @@ class Distribution:
         self._work_arrived = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._agents_revision = 0
+        self._seen: dict[str, int] = {}
+        """Revision of each sub-task absorbed lately (with ``_seen_before``)."""
+        self._seen_before: dict[str, int] = {}
+        self._seen_since = 0.0
 
     def queue_depth(self) -> tuple[int, int]:
         """Return the READY sub-tasks waiting for an agent, and those backing off."""
@@ -257,6 +274,7 @@ class Distribution:
     async def start(self) -> None:
         """Rebuild the mirror from the store; leases held get a full TTL from now."""
         self._agents_revision = await self._store.current_revision()
+        self._seen_since = self._clock.monotonic()
         for agent, _ in await self._store.load_agents():
             if agent.state is AgentState.LIVE:
                 self._slots[agent.agent_id] = self._slot_of(agent)
@@ -286,8 +304,14 @@ class Distribution:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow agent changes and sweep leases and back-offs until ``stop`` is set."""
-        follower = asyncio.create_task(self._follow_agents(), name="distribution-agents")
-        renewer = asyncio.create_task(self._keep_renewals(), name="distribution-renewals")
+        helpers = [
+            asyncio.create_task(self._follow_agents(), name="distribution-agents"),
+            asyncio.create_task(self._keep_renewals(), name="distribution-renewals"),
+        ]
+        if self._store.shared:
+            helpers.append(
+                asyncio.create_task(self._follow_subtasks(), name="distribution-subtasks")
+            )
         try:
             # Leases of sessions that ended while the server was down.
             for slot in list(self._slots.values()):
@@ -296,7 +320,7 @@ class Distribution:
                     await self._release(slot.agent_id, max(stale))
             await run_periodically(stop, self.config.sweep_interval, self.sweep, "lease sweep")
         finally:
-            for helper in (follower, renewer):
+            for helper in helpers:
                 helper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
@@ -315,6 +339,56 @@ class Distribution:
                     await self._on_agent_change(change)
                 except Exception:
                     log.exception("distribution: handling %s failed", change.kind)
+
+    async def _follow_subtasks(self) -> None:
+        """Absorb the sub-tasks other processes changed, as they stand in the store."""
+
+        def is_subtask_change(change: Change) -> bool:
+            return change.service is Service.DISTRIBUTION and change.kind.startswith("subtask.")
+
+        async for batch in self._feed.watch(self._agents_revision, is_subtask_change):
+            # The operations of this process whose changes these are resume first and
+            # absorb their own results: those changes are no news by then.
+            await asyncio.sleep(0)
+            latest: dict[str, int] = {}
+            for change in batch.changes:
+                latest[change.details["subtask_id"]] = change.revision
+            news = [i for i, revision in latest.items() if self._absorbed(i) < revision]
+            try:
+                if news:
+                    await self._absorb_others(await self._store.get_subtasks(news))
+            except Exception:
+                log.exception("distribution: reading sub-tasks changed elsewhere failed")
+
+    async def _absorb_others(self, subtasks: Sequence[Subtask]) -> None:
+        """Absorb sub-tasks another process changed; revoke the leases that ended there."""
+        ended = {
+            s.task_id
+            for s in subtasks
+            if s.state is SubtaskState.CANCELLED and s.subtask_id in self._held
+        }
+        cancelled = {
+            task_id
+            for task_id in ended
+            if (task := await self._store.get_task(task_id)) is not None
+            and task.state is TaskState.CANCELLED
+        }
+
+        def reason(subtask: Subtask, held: _Held) -> RevocationReason | None:
+            if subtask.state is SubtaskState.CANCELLED:
+                if subtask.task_id in cancelled:
+                    return RevocationReason.TASK_CANCELLED
+                return RevocationReason.TASK_FAILED
+            failure = subtask.last_failure
+            if (
+                failure is not None
+                and failure.failure_class is FailureClass.LEASE_LOST
+                and failure.fencing_token == held.lease.fencing_token
+            ):
+                return RevocationReason.LEASE_EXPIRED
+            return None
+
+        self._absorb_subtasks(subtasks, reason)
 
     async def _on_agent_change(self, change: Change) -> None:
         agent = Agent.from_snapshot(change.details["agent"])
@@ -390,6 +464,9 @@ class Distribution:
                 heapq.heappush(self._deadlines, (held.deadline, subtask_id, token))
                 continue
             await self._expire(held)
+        if now - self._seen_since >= self.config.recent_window:
+            self._seen_before, self._seen = self._seen, {}
+            self._seen_since = now
         wall = self._clock.now()
         while self._delayed and self._delayed[0][0] <= wall:
             _, subtask_id = heapq.heappop(self._delayed)
@@ -412,7 +489,10 @@ class Distribution:
             update = await self._store.fail_subtask(
                 failure, lease.fencing_token, self.config.retry, epoch=lease.epoch
             )
-        except FailedPrecondition:
+        except FailedPrecondition as error:
+            if error.reason == "LEASE_RENEWED":  # through another replica: judge it again
+                await self._rejudge(held)
+                return
             update = None  # ended meanwhile; the operation that ended it updated the mirror
         slot = self._slots.get(lease.agent_id)
         if slot is not None and slot.stream is not None and slot.stream.epoch == lease.epoch:
@@ -422,7 +502,26 @@ class Distribution:
         if update is not None:
             self._absorb(update)
 
+    async def _rejudge(self, held: _Held) -> None:
+        """Give a lease renewed elsewhere the deadline of its stored expire time."""
+        subtask = await self._store.get_subtask(held.lease.subtask_id)
+        lease = None if subtask is None else subtask.lease
+        if lease is None or lease.fencing_token != held.lease.fencing_token:
+            return  # ended meanwhile: its change brings the mirror up to date
+        held.deadline = self._deadline_of(lease)
+        held.lease = lease
+        heapq.heappush(self._deadlines, (held.deadline, lease.subtask_id, lease.fencing_token))
+
+    def _deadline_of(self, lease: Lease) -> float:
+        """Return the monotonic deadline of a lease's stored expire time."""
+        remaining = (lease.expire_time - self._clock.now()).total_seconds()
+        return self._clock.monotonic() + max(0.0, remaining)
+
     # The mirror
+
+    def _absorbed(self, subtask_id: str) -> int:
+        """Return the revision of the sub-task absorbed lately (0: none)."""
+        return max(self._seen.get(subtask_id, 0), self._seen_before.get(subtask_id, 0))
 
     def _enqueue(self, subtask: Subtask) -> None:
         """Queue a READY sub-task (or park it until its back-off ends) and offer it."""
@@ -471,18 +570,8 @@ class Distribution:
         return slot
 
     def _absorb(self, update: TaskUpdate) -> None:
-        """Bring the mirror up to date with what a store operation did."""
-        freed: dict[str, _Slot] = {}
-        for subtask in update.changed:
-            held = self._held.get(subtask.subtask_id)
-            if held is not None and (
-                subtask.lease is None or subtask.lease.fencing_token != held.lease.fencing_token
-            ):
-                slot = self._untrack(subtask.subtask_id)
-                if slot is not None:
-                    freed[slot.agent_id] = slot
-            self._forget(subtask.subtask_id)
-        self._enqueue_all([s for s in update.changed if s.state is SubtaskState.READY])
+        """Bring the mirror up to date with what a store operation of this process did."""
+        self._absorb_subtasks(update.changed, lambda _subtask, _held: None)
         for revocation in update.revocations:
             slot = self._slots.get(revocation.lease.agent_id)
             if (
@@ -497,6 +586,51 @@ class Distribution:
                         RevocationReason(revocation.reason),
                     )
                 )
+
+    def _absorb_subtasks(
+        self,
+        subtasks: Sequence[Subtask],
+        revoke: Callable[[Subtask, _Held], RevocationReason | None],
+    ) -> None:
+        """Bring the mirror up to date with sub-tasks as stored (older ones are skipped).
+
+        A lease tracked here that ended is untracked (and revoked on its holder's stream
+        when ``revoke`` gives a reason); a lease not tracked yet, granted elsewhere, is
+        tracked by its stored expire time; READY sub-tasks are queued.
+        """
+        freed: dict[str, _Slot] = {}
+        fresh: list[Subtask] = []
+        for subtask in subtasks:
+            if subtask.revision <= self._absorbed(subtask.subtask_id):
+                continue  # a newer state was absorbed already
+            self._seen[subtask.subtask_id] = subtask.revision
+            fresh.append(subtask)
+            held = self._held.get(subtask.subtask_id)
+            lease = subtask.lease if subtask.state is SubtaskState.LEASED else None
+            if held is not None and (
+                lease is None or lease.fencing_token != held.lease.fencing_token
+            ):
+                slot = self._untrack(subtask.subtask_id)
+                reason = revoke(subtask, held)
+                if slot is not None:
+                    freed[slot.agent_id] = slot
+                    stream = slot.stream
+                    if (
+                        reason is not None
+                        and stream is not None
+                        and stream.epoch == held.lease.epoch
+                    ):
+                        stream.send(
+                            Revoked(held.lease.subtask_id, held.lease.fencing_token, reason)
+                        )
+            self._forget(subtask.subtask_id)
+            if lease is not None and subtask.subtask_id not in self._held:
+                slot = self._slots.get(lease.agent_id)
+                if slot is None:  # its join is on the way through the change log
+                    slot = _Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
+                    self._slots[lease.agent_id] = slot
+                self._track(slot, lease, subtask.task_id, self._deadline_of(lease))
+        self._enqueue_all([s for s in fresh if s.state is SubtaskState.READY])
         for slot in freed.values():
             if not slot.live and not slot.held and slot.stream is None:
                 self._slots.pop(slot.agent_id, None)
@@ -576,7 +710,10 @@ class Distribution:
         task.add_done_callback(self._tasks.discard)
 
     async def _push(self, slot: _Slot, subtask: Subtask) -> None:
-        assignment = await self._grant(slot, subtask)
+        try:
+            assignment = await self._grant(slot, subtask)
+        except ResourceExhausted:
+            return  # its leases from elsewhere are on the way through the change log
         if assignment is not None:
             if slot.stream is not None and slot.stream.epoch == assignment.lease.epoch:
                 slot.stream.send(assignment)
@@ -586,17 +723,29 @@ class Distribution:
             self._feed_agent(slot)
 
     async def _grant(self, slot: _Slot, subtask: Subtask) -> Assignment | None:
-        """Lease a reserved sub-task to ``slot``'s agent in the store."""
+        """Lease a reserved sub-task to ``slot``'s agent in the store.
+
+        Raises:
+            ResourceExhausted: the agent holds its capacity of leases, some granted by
+                another process that this one has not heard of yet.
+        """
         try:
             if not await self._is_live(slot.agent_id):
                 slot.live = False  # its expiry is on the way through the change log
                 update = None
             else:
                 update = await self._store.lease_subtask(
-                    subtask.subtask_id, slot.agent_id, self._clock.now(), epoch=slot.epoch
+                    subtask.subtask_id,
+                    slot.agent_id,
+                    self._clock.now(),
+                    epoch=slot.epoch,
+                    capacity=slot.capacity,
                 )
         except FailedPrecondition:
             return None  # cancelled or leased meanwhile: the store knows best
+        except ResourceExhausted:
+            self._enqueue(subtask)
+            raise
         except Exception:
             log.exception("leasing sub-task %s failed; retrying in 1 s", subtask.subtask_id)
             retry_at = self._clock.now() + timedelta(seconds=1)
@@ -608,8 +757,10 @@ class Distribution:
             return None
         leased = update.subtask
         assert leased is not None and leased.lease is not None
-        self._track(slot, leased.lease, leased.task_id, self._clock.monotonic() + leased.lease_ttl)
         self._absorb(update)
+        held = self._held.get(leased.subtask_id)
+        if held is None or held.lease.fencing_token != leased.lease.fencing_token:
+            return None  # ended meanwhile, as another process's change already told
         return Assignment(leased.lease, leased)
 
     # Agent-facing calls
@@ -694,12 +845,9 @@ class Distribution:
                     return Assignment(self._live_lease(held), subtask)
         deadline = self._clock.monotonic() + min(wait, self.config.max_claim_wait)
         while True:
-            if slot.free <= 0:  # checked again after each wait: a stream may have filled it
-                raise ResourceExhausted(
-                    f"agent_id: agent {slot.agent_id!r} holds {slot.load} leases, its capacity",
-                    reason="AGENT_AT_CAPACITY",
-                    metadata={"capacity": str(slot.capacity)},
-                )
+            # Checked again after each wait (a stream may have filled it); the lease
+            # transaction checks it again against every lease stored.
+            check_capacity(slot.agent_id, slot.load, slot.capacity)
             subtask = self._best_for(slot)
             if subtask is not None:
                 self._reserve(slot, subtask)
@@ -718,25 +866,11 @@ class Distribution:
                 async with asyncio.timeout(remaining):
                     await arrived.wait()
 
-    def _check_not_expired(self, subtask_id: str, fencing_token: int) -> None:
-        held = self._held.get(subtask_id)
-        if (
-            held is not None
-            and held.lease.fencing_token == fencing_token
-            and held.deadline <= self._clock.monotonic()
-        ):
-            raise FailedPrecondition(
-                f"fencing_token: the lease {fencing_token} of sub-task {subtask_id!r} expired",
-                reason="LEASE_EXPIRED",
-                metadata={"subtask_id": subtask_id, "fencing_token": str(fencing_token)},
-            )
-
     async def complete(
         self, session: Session, agent_id: str, subtask_id: str, fencing_token: int, result: str
     ) -> TaskUpdate:
         """Record the result of a leased sub-task (see the store's ``complete_subtask``)."""
         session.check_acts_as(agent_id)
-        self._check_not_expired(subtask_id, fencing_token)
         update = await self._store.complete_subtask(
             subtask_id,
             session.agent_id,
@@ -767,7 +901,6 @@ class Distribution:
             raise InvalidInput(
                 "failure_class", "must be FAILURE_CLASS_TASK_ERROR or FAILURE_CLASS_TIMEOUT"
             )
-        self._check_not_expired(subtask_id, fencing_token)
         held = self._held.get(subtask_id)
         failure = Failure(
             failure_class=failure_class,
@@ -912,7 +1045,13 @@ class Distribution:
         held = self._held.get(subtask.subtask_id)
         if held is None or subtask.lease is None:
             return subtask
-        return replace(subtask, lease=self._live_lease(held))
+        live = self._live_lease(held)
+        if (
+            live.fencing_token != subtask.lease.fencing_token
+            or live.expire_time <= subtask.lease.expire_time  # renewed through another replica
+        ):
+            return subtask
+        return replace(subtask, lease=live)
 
     async def list_task_views(
         self, where: TaskFilter, after: TaskCursor | None, limit: int, *, full: bool

@@ -21,7 +21,12 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from agentcoord.core.errors import FailedPrecondition, InvalidInput, PermissionDenied
+from agentcoord.core.errors import (
+    FailedPrecondition,
+    InvalidInput,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from agentcoord.core.models import NewChange, Service
 from agentcoord.core.state_rules import PlannedChange
 from agentcoord.core.tasks import (
@@ -557,6 +562,43 @@ def check_unexpired(subtask: Subtask, fencing_token: int, now: datetime) -> None
         )
 
 
+def check_expired(subtask: Subtask, now: datetime) -> None:
+    """Check that a sub-task's lease has passed its stored expire time (before failing it).
+
+    A replica judges a lease by the deadline it knows; a heartbeat through another replica
+    may have renewed it since, and the stored expire time is the one that counts.
+
+    Raises:
+        FailedPrecondition: it expires after ``now`` (reason ``LEASE_RENEWED``, with
+            ``expire_time`` in the metadata).
+    """
+    lease = subtask.lease
+    if lease is not None and lease.expire_time > now:
+        raise FailedPrecondition(
+            f"fencing_token: the lease {lease.fencing_token} of sub-task "
+            f"{subtask.subtask_id!r} was renewed until {lease.expire_time.isoformat()}",
+            reason="LEASE_RENEWED",
+            metadata={
+                "subtask_id": subtask.subtask_id,
+                "expire_time": lease.expire_time.isoformat(),
+            },
+        )
+
+
+def check_capacity(agent_id: str, held: int, capacity: int) -> None:
+    """Check that an agent holding ``held`` leases may take one more.
+
+    Raises:
+        ResourceExhausted: it holds ``capacity`` or more (reason ``AGENT_AT_CAPACITY``).
+    """
+    if held >= capacity:
+        raise ResourceExhausted(
+            f"agent_id: agent {agent_id!r} holds {held} leases, its capacity",
+            reason="AGENT_AT_CAPACITY",
+            metadata={"capacity": str(capacity)},
+        )
+
+
 def complete_subtask(
     tx: TaskTransitions,
     subtask_id: str,
@@ -650,6 +692,8 @@ def fail_subtask(
     ):
         return subtask
     check_holder(subtask, failure.agent_id, fencing_token, epoch=epoch)
+    if failure.failure_class is FailureClass.LEASE_LOST:
+        check_expired(subtask, failure.time)
     failure = replace(failure, attempt=subtask.attempt, fencing_token=fencing_token)
     burned = subtask.burned_attempts + (1 if failure.failure_class.burns_attempt else 0)
     if failure.retryable and burned < subtask.max_attempts:

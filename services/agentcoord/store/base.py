@@ -36,6 +36,10 @@ ChangeListener = Callable[[Sequence[Change]], None]
 class Store(Protocol):
     """Durable state of all services, shared by every process of a deployment."""
 
+    shared: bool
+    """Whether other processes may write to it (PostgreSQL replicas); False when one
+    process owns it (SQLite refuses a second one)."""
+
     async def open(self) -> None:
         """Connect and apply pending schema migrations (idempotent, safe with several replicas)."""
         ...
@@ -217,15 +221,18 @@ class Store(Protocol):
         ...
 
     async def lease_subtask(
-        self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int
+        self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int, capacity: int
     ) -> TaskUpdate:
         """Lease a READY sub-task whose back-off has passed to session ``epoch`` of ``agent_id``.
 
-        The lease's fencing token is the revision of its ``subtask.leased`` change.
+        The lease's fencing token is the revision of its ``subtask.leased`` change. The
+        transaction is the arbiter between processes: it sees every lease committed before
+        it, so no sub-task is leased twice and no session holds more than ``capacity``.
 
         Raises:
             NotFound: no such sub-task.
             FailedPrecondition: it is not READY (reason ``SUBTASK_NOT_READY``).
+            ResourceExhausted: the session holds ``capacity`` leases (``AGENT_AT_CAPACITY``).
         """
         ...
 

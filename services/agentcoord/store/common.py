@@ -63,6 +63,9 @@ from agentcoord.store.writes import (
 class SqlStore(abc.ABC):
     """What both back ends share above their driver calls."""
 
+    shared = False
+    """Whether other processes may write to the same store (see ``Store.shared``)."""
+
     def __init__(self, marker: str, codec: Codec) -> None:
         """Use placeholders ``<marker>1``, ``<marker>2``... and ``codec`` for rows."""
         self._marker = marker
@@ -215,10 +218,10 @@ class SqlStore(abc.ABC):
         return cast(tuple[Task, bool], await self._submit(SubmitTask(task, tuple(subtasks))))
 
     async def lease_subtask(
-        self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int
+        self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int, capacity: int
     ) -> TaskUpdate:
-        """Lease a READY sub-task to session ``epoch`` of ``agent_id``."""
-        op = LeaseSubtask(subtask_id, agent_id, epoch, now)
+        """Lease a READY sub-task to session ``epoch`` of ``agent_id``, if it has room."""
+        op = LeaseSubtask(subtask_id, agent_id, epoch, now, capacity)
         return cast(TaskUpdate, await self._submit(op))
 
     async def complete_subtask(

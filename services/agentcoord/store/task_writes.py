@@ -20,12 +20,14 @@ from agentcoord.core.task_rules import (
     TaskTransitions,
     TaskUpdate,
     cancel_task,
+    check_capacity,
+    check_unexpired,
     complete_subtask,
     fail_subtask,
     lease_subtask,
     renew_lease,
 )
-from agentcoord.core.tasks import Failure, FailureClass, Subtask, Task
+from agentcoord.core.tasks import Failure, FailureClass, Subtask, SubtaskState, Task
 from agentcoord.store.rows import to_utc
 from agentcoord.store.writes import Needs, ViewOp, WorkingSet
 
@@ -51,6 +53,17 @@ def _transact(
     if tx.task != task:
         ws.put_task(tx.task)
     return TaskUpdate(tx.task, primary, tuple(tx.changed.values()), tuple(tx.revocations))
+
+
+def _check_unexpired(ws: WorkingSet, subtask_id: str, fencing_token: int, now: datetime) -> None:
+    """Refuse a holder's report on a lease past its stored expire time (``LEASE_EXPIRED``).
+
+    The stored expire time is the one every process renews: the holder's heartbeats may
+    reach another replica than its report.
+    """
+    subtask = ws.subtask(subtask_id)
+    if subtask is not None:
+        check_unexpired(subtask, fencing_token, to_utc(now))
 
 
 def _on_subtask(
@@ -110,13 +123,25 @@ class LeaseSubtask(ViewOp):
     agent_id: str
     epoch: int
     now: datetime
+    capacity: int
+    """Leases the session may hold at once, counted across every task and process."""
 
     def needs(self) -> Needs:
-        """The sub-task and its task."""
-        return Needs(subtask_ids=frozenset((self.subtask_id,)))
+        """The sub-task, its task, and the leases the agent holds."""
+        return Needs(
+            subtask_ids=frozenset((self.subtask_id,)), leased_by=frozenset((self.agent_id,))
+        )
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
-        """Lease the sub-task to the session if it is READY."""
+        """Lease the sub-task to the session if it is READY and the session has room."""
+        held = sum(
+            1
+            for s in ws.leased_by(self.agent_id)
+            if s.state is SubtaskState.LEASED
+            and s.lease is not None
+            and s.lease.epoch == self.epoch
+        )
+        check_capacity(self.agent_id, held, self.capacity)
         return _on_subtask(
             ws,
             self.subtask_id,
@@ -145,7 +170,8 @@ class CompleteSubtask(ViewOp):
         return Needs(subtask_ids=ids, dependents_of=ids)
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
-        """Record the result if the caller holds the current lease."""
+        """Record the result if the caller holds the current lease, not yet expired."""
+        _check_unexpired(ws, self.subtask_id, self.fencing_token, self.now)
         return _on_subtask(
             ws,
             self.subtask_id,
@@ -177,7 +203,13 @@ class FailSubtask(ViewOp):
         return Needs(families_of=frozenset((self.failure.subtask_id,)))
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
-        """Record the failure if the lease ``fencing_token`` is the current one."""
+        """Record the failure if the lease ``fencing_token`` is the current one.
+
+        An agent's report also needs the lease unexpired; the server's own (lease lost,
+        agent died) do not.
+        """
+        if not self.failure.failure_class.set_by_server:
+            _check_unexpired(ws, self.failure.subtask_id, self.fencing_token, self.failure.time)
         return _on_subtask(
             ws,
             self.failure.subtask_id,

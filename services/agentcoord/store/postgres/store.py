@@ -327,6 +327,9 @@ async def _abandon(conn: asyncpg.Connection) -> None:
 class PostgresStore(SqlStore):
     """The :class:`~agentcoord.store.base.Store` on a PostgreSQL database."""
 
+    shared = True
+    """Replicas share one database; their commits reach the listeners through NOTIFY."""
+
     def __init__(
         self, dsn: str, *, schema: str | None = None, min_size: int = 2, max_size: int = 10
     ) -> None:
