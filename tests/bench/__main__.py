@@ -410,6 +410,44 @@ class Bench:
             self.replica_rows(samples, puts, background)
         b.stop()
         a.stop()
+        self.replica_distribution(stores)
+
+    def replica_distribution(self, stores: procs.Stores) -> None:
+        """Sub-tasks end to end on 1 and 2 replicas of one PostgreSQL schema, agents spread."""
+        args = self.args
+        agents = 16
+        runs: dict[int, distribution.FlowResult] = {}
+        for count in (1, 2):
+            url = stores.fresh(f"replica-dist-{count}")
+            servers = [self.server(f"replica-dist-{count}", store=url) for _ in range(count)]
+            spec = distribution.FlowSpec(
+                "distribution", args.subtasks, agents, args.capacity, min(args.workers, agents)
+            )
+            progress(f"end to end on {count} replica(s): {spec.label}")
+            result = distribution.run_flow(spec, servers[0], servers[1:])
+            progress("  checking: GetTask(FULL), ListEvents subtask.succeeded")
+            asyncio.run(distribution.check_exactly_once(servers[-1].address, result))
+            for server in servers:
+                server.stop()
+            progress(
+                f"  {result.rate:,.0f} sub-tasks/s ({result.ok:,} in {result.seconds:.2f} s), "
+                f"servers {result.server_cpu:.0%} of a core"
+            )
+            runs[count] = result
+            checks = result.checks
+            self.table.add(
+                f"sub-tasks end to end on {count} replica(s) (PostgreSQL), {spec.label}, "
+                "agents spread over the replicas",
+                "sub-tasks completed/s (seconds); server CPU ms per sub-task; exactly once",
+                f"{result.rate:,.0f} ({result.seconds:.2f} s); "
+                f"{1000 * result.server_cpu * result.seconds / max(1, result.ok):.2f} ms; "
+                f"{'yes' if checks.exactly_once(args.subtasks, result.ok) else 'NO'}",
+            )
+        self.table.add(
+            "sub-tasks end to end, 2 replicas vs 1 (same machine, same cores)",
+            "throughput ratio",
+            ratio(runs[2].rate, runs[1].rate),
+        )
 
     def replica_rows(self, samples: dict[str, list[float]], puts: int, background: int) -> None:
         """The rows of one cross-replica watch measurement."""

@@ -44,7 +44,7 @@ import multiprocessing as mp
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -558,8 +558,14 @@ async def _submit_and_wait(
         }
 
 
-def run_flow(spec: FlowSpec, server: Server) -> FlowResult:
-    """Run one end-to-end load against ``server`` (agentcoord or echo), checks not included."""
+def run_flow(spec: FlowSpec, server: Server, others: Sequence[Server] = ()) -> FlowResult:
+    """Run one end-to-end load against ``server`` (agentcoord or echo), checks not included.
+
+    With ``others`` (replicas of ``server`` on the same store), the client processes are
+    spread over all of them in turn (so are their agents); the task is submitted to
+    ``server`` and the server CPU is the sum of them all.
+    """
+    servers = [server, *others]
     context = mp.get_context("spawn")
     numbers = list(range(spec.agents))
     shares = [numbers[index :: spec.workers] for index in range(spec.workers)]
@@ -568,9 +574,10 @@ def run_flow(spec: FlowSpec, server: Server) -> FlowResult:
     conns: list[Connection] = []
     result = FlowResult(spec)
     try:
-        for share in shares:
+        for index, share in enumerate(shares):
             parent, child = context.Pipe()
-            plan = _Plan(spec, server.address, share, [quota[n] for n in share])
+            address = servers[index % len(servers)].address
+            plan = _Plan(spec, address, share, [quota[n] for n in share])
             process = context.Process(target=worker_main, args=(plan, child), daemon=True)
             process.start()
             child.close()
@@ -582,7 +589,7 @@ def run_flow(spec: FlowSpec, server: Server) -> FlowResult:
         cpu_before = [0.0, 0.0]
 
         def sample() -> None:
-            cpu_before[:] = [server.cpu_seconds(), _cpu(clients)]
+            cpu_before[:] = [sum(s.cpu_seconds() for s in servers), _cpu(clients)]
 
         if spec.mode == "echo":
             begin = _now() + 0.3
@@ -592,7 +599,7 @@ def run_flow(spec: FlowSpec, server: Server) -> FlowResult:
             sample()
             replies = [_recv(conn, RUN_TIMEOUT) for conn in conns]
             ended = _now()
-            server_after, clients_after = server.cpu_seconds(), _cpu(clients)
+            server_after, clients_after = sum(s.cpu_seconds() for s in servers), _cpu(clients)
             sent = begin
             result.finished = True
         else:
@@ -605,7 +612,7 @@ def run_flow(spec: FlowSpec, server: Server) -> FlowResult:
             result.checks.task_state = times["state"]
             result.finished = times["state"] == "STATE_SUCCEEDED"
             # CPU up to the end of the run, before the workers wind down.
-            server_after, clients_after = server.cpu_seconds(), _cpu(clients)
+            server_after, clients_after = sum(s.cpu_seconds() for s in servers), _cpu(clients)
             for conn in conns:
                 conn.send(("stop", result.task_id))
             replies = [_recv(conn, 120) for conn in conns]
