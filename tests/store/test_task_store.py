@@ -909,7 +909,7 @@ async def test_subtasks_are_counted_by_state_and_commits_are_observed(store: Sto
     store.observe_commits(lambda seconds, operations: observed.append((seconds, operations)))
     assert await store.count_subtasks() == SubtaskCounts()
     await asyncio.gather(store.submit_task(*make_task("t1")), store.submit_task(*make_task("t2")))
-    await store.lease_subtask("t1-a", "bob", NOW, epoch=1)
+    await store.lease_subtask("t1-a", "bob", NOW, epoch=1, capacity=8)
 
     assert await store.count_subtasks() == SubtaskCounts(blocked=6, ready=1, leased=1)
     assert sum(operations for _, operations in observed) == 3
