@@ -23,7 +23,18 @@ from agentcoord.client._client import (
     DistributionClient,
     StateSyncClient,
 )
-from agentcoord.client._errors import RPCError
+from agentcoord.client._errors import (
+    ConflictError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RPCError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from agentcoord.client._planner import (
     Failure,
     FailureClass,
@@ -51,26 +62,16 @@ from agentcoord.client._state import (
     Append,
     Change,
     ChangeType,
-    ConflictError,
     Delete,
-    Entry,
     Exists,
-    FailedPreconditionError,
     Fencing,
     Increment,
-    InvalidArgumentError,
     MergePatch,
     Modification,
-    NotFoundError,
-    OutOfRangeError,
-    PermissionDeniedError,
     Put,
     RemoveFromSet,
-    ResourceExhaustedError,
     StateClient,
     TransactResult,
-    UnauthenticatedError,
-    UnavailableError,
     UpdatePolicy,
     UpdateStats,
     ValueIs,
@@ -85,6 +86,7 @@ from agentcoord.client._sync import (
     SyncState,
     SyncWorkItem,
 )
+from agentcoord.client._wire import Entry
 
 __all__ = [
     "MAX_MESSAGE_BYTES",

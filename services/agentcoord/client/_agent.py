@@ -36,20 +36,12 @@ from typing import Any
 import grpc
 
 from agentcoord.client._client import AgentcoordClient
-from agentcoord.client._errors import RPCError
+from agentcoord.client._errors import RPCError, UnavailableError, typed_error
 from agentcoord.client._planner import Lease, Planner, Subtask, Task, seconds
 from agentcoord.client._retry import RETRYABLE_CODES, RetryPolicy
-from agentcoord.client._state import (
-    JSON,
-    Fencing,
-    StateClient,
-    UnavailableError,
-    close_stream,
-    fenced,
-    new_request_id,
-    to_proto_value,
-    typed_error,
-)
+from agentcoord.client._state import Fencing, StateClient, fenced
+from agentcoord.client._streams import close_stream
+from agentcoord.client._wire import JSON, new_request_id, to_proto_value
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_pb
 

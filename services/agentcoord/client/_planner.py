@@ -18,19 +18,15 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from google.protobuf import duration_pb2, struct_pb2
 
-from agentcoord.client._errors import RPCError
+from agentcoord.client._errors import RPCError, typed_error, typed_errors
 from agentcoord.client._retry import RetryPolicy
-from agentcoord.client._state import (
+from agentcoord.client._streams import RESUMABLE_CODES, is_resumable, open_stream
+from agentcoord.client._wire import (
     JSON,
-    RESUMABLE_CODES,
-    _duration,
-    _typed_errors,
+    duration,
     from_proto_value,
-    is_resumable,
     new_request_id,
-    open_stream,
     to_proto_value,
-    typed_error,
 )
 from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 
@@ -580,7 +576,7 @@ class TaskSpec:
             required_capabilities=list(self.capabilities),
             priority=self.priority,
             max_attempts=self.max_attempts,
-            lease_ttl=None if self.lease_ttl is None else _duration(self.lease_ttl),
+            lease_ttl=None if self.lease_ttl is None else duration(self.lease_ttl),
             split_policy=split.value,
             allow_partial_results=self.allow_partial_results,
             subtasks=subtasks,
@@ -653,7 +649,7 @@ class Planner:
         Raises:
             InvalidArgumentError: the spec is not valid (``field_violations`` names the field).
         """
-        with _typed_errors():
+        with typed_errors():
             response = await self._raw.analyze_task(pb.AnalyzeTaskRequest(task=spec.to_proto()))
         return Plan(
             parallelizable=response.parallelizable,
@@ -680,7 +676,7 @@ class Planner:
         request = pb.SubmitTaskRequest(
             task=spec.to_proto(), request_id=request_id or new_request_id()
         )
-        with _typed_errors():
+        with typed_errors():
             response = await self._raw.submit_task(request)
         return await self._complete(response.task, response.next_subtasks_page_token)
 
@@ -694,7 +690,7 @@ class Planner:
             NotFoundError: no such task.
         """
         view = pb.TASK_VIEW_FULL if full else pb.TASK_VIEW_BASIC
-        with _typed_errors():
+        with typed_errors():
             response = await self._raw.get_task(pb.GetTaskRequest(task_id=task_id, view=view))
         return await self._complete(response.task, response.next_subtasks_page_token)
 
@@ -715,7 +711,7 @@ class Planner:
     async def _subtask_pages(self, task_id: str, page_token: str) -> AsyncIterator[pb.Subtask]:
         request = pb.ListSubtasksRequest(task_id=task_id, page_size=1000, page_token=page_token)
         while True:
-            with _typed_errors():
+            with typed_errors():
                 response = await self._raw.list_subtasks(request)
             for subtask in response.subtasks:
                 yield subtask
@@ -759,7 +755,7 @@ class Planner:
             view=pb.TASK_VIEW_FULL if full else pb.TASK_VIEW_BASIC,
         )
         while True:
-            with _typed_errors():
+            with typed_errors():
                 response = await self._raw.list_tasks(request)
             for task in response.tasks:
                 if full and len(task.subtasks) < task.counts.total:
@@ -778,7 +774,7 @@ class Planner:
             NotFoundError: no such task.
             FailedPreconditionError: the task already succeeded or failed.
         """
-        with _typed_errors():
+        with typed_errors():
             response = await self._raw.cancel_task(
                 pb.CancelTaskRequest(task_id=task_id, reason=reason)
             )

@@ -1,9 +1,8 @@
 """Typed StateSync client: entries, compare-and-set, retried read-modify-write, resuming watches.
 
 Reach it as ``client.state`` on an :class:`~agentcoord.client.AgentcoordClient`. Values are
-JSON-able Python values (``None``, ``bool``, numbers, ``str``, lists and dicts with ``str``
-keys), sent as ``google.protobuf.Value``, or ``bytes``, sent as ``binary``. JSON numbers are
-doubles: an integral number comes back as ``int``, any other as ``float``.
+JSON-able Python values or ``bytes`` (:mod:`agentcoord.client._wire`); errors are the typed
+:class:`~agentcoord.client.RPCError` subclasses of :mod:`agentcoord.client._errors`.
 """
 
 from __future__ import annotations
@@ -12,254 +11,41 @@ import builtins
 import contextlib
 import contextvars
 import enum
-import math
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict, TypeVar, Unpack
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict, Unpack
 
 import grpc
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
-from agentcoord.client._errors import RPCError
+from agentcoord.client._errors import (
+    NotFoundError,
+    OutOfRangeError,
+    RPCError,
+    entry_in,
+    typed_error,
+    typed_errors,
+)
 from agentcoord.client._retry import RETRYABLE_CODES, RetryPolicy
+from agentcoord.client._streams import RESUMABLE_CODES, is_resumable, open_stream
+from agentcoord.client._wire import (
+    JSON,
+    Entry,
+    Value,
+    duration,
+    new_request_id,
+    set_value,
+    time_of,
+    to_proto_value,
+)
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
 
 if TYPE_CHECKING:
     from agentcoord.client._client import AgentcoordClient, StateSyncClient
 
-JSON: TypeAlias = "bool | int | float | str | Sequence[JSON] | Mapping[str, JSON] | None"
-"""A JSON-able Python value (tuples are sent as lists)."""
-Value: TypeAlias = "bytes | JSON"
-"""What a key holds: bytes, or a JSON-able value."""
 
-MAX_EXACT_INTEGER = 2**53
-"""Integral JSON numbers up to this magnitude come back as ``int``."""
-Message = TypeVar("Message")
-
-
-# --- errors -------------------------------------------------------------------------------------
-
-
-class ConflictError(RPCError):
-    """ABORTED: a version or compare did not hold; re-read and retry."""
-
-    @property
-    def current_version(self) -> int:
-        """The key's version when the write was refused; 0 when it did not exist."""
-        return int(self.metadata.get("current_version", "0"))
-
-    @property
-    def current(self) -> Entry | None:
-        """The key's entry when the write was refused, as the server sent it.
-
-        None when the key did not exist (``current_version`` 0), or when the server sent
-        no entry (re-read the key then).
-        """
-        return _entry_in(self)
-
-    @property
-    def failed_compare(self) -> int | None:
-        """Index of the compare of a transaction that failed, if the server named one."""
-        index = self.metadata.get("failed_compare")
-        return int(index) if index is not None else None
-
-
-class NotFoundError(RPCError):
-    """NOT_FOUND: the key does not exist."""
-
-
-class InvalidArgumentError(RPCError):
-    """INVALID_ARGUMENT: a field is malformed; ``field_violations`` names it."""
-
-
-class UnauthenticatedError(RPCError):
-    """UNAUTHENTICATED: no session or admin token, or an unknown one."""
-
-
-class PermissionDeniedError(RPCError):
-    """PERMISSION_DENIED: the caller may not write this key."""
-
-
-class FailedPreconditionError(RPCError):
-    """FAILED_PRECONDITION: for example a stale fencing token (reason in ``reason``)."""
-
-
-class OutOfRangeError(RPCError):
-    """OUT_OF_RANGE: a compacted revision, or a listing that changed between pages."""
-
-
-class ResourceExhaustedError(RPCError):
-    """RESOURCE_EXHAUSTED: a limit was reached, or a watcher fell too far behind."""
-
-
-class UnavailableError(RPCError):
-    """UNAVAILABLE: the server or its store is briefly unreachable; retry."""
-
-
-_ERROR_TYPES: dict[grpc.StatusCode, type[RPCError]] = {
-    grpc.StatusCode.ABORTED: ConflictError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
-    grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-}
-
-
-def typed_error(error: RPCError) -> RPCError:
-    """Return ``error`` as the RPCError subclass of its status code (itself if none)."""
-    kind = _ERROR_TYPES.get(error.code)
-    if kind is None or isinstance(error, kind):
-        return error
-    return kind(
-        error.code,
-        error.message,
-        reason=error.reason,
-        metadata=error.metadata,
-        field_violations=error.field_violations,
-        status=error.status,
-    )
-
-
-def _entry_in(error: RPCError) -> Entry | None:
-    """Return the ``State`` an error's status details carry (a conflict's current entry)."""
-    for detail in error.status.details if error.status is not None else ():
-        if detail.Is(pb.State.DESCRIPTOR):
-            state = pb.State()
-            detail.Unpack(state)
-            return Entry.from_proto(state)
-    return None
-
-
-@contextlib.contextmanager
-def _typed_errors() -> Iterator[None]:
-    try:
-        yield
-    except RPCError as error:
-        raise typed_error(error) from None
-
-
-# --- values and entries -------------------------------------------------------------------------
-
-
-def to_proto_value(value: JSON) -> struct_pb2.Value:
-    """Return ``value`` as a ``google.protobuf.Value``.
-
-    Raises:
-        TypeError: the value (or a part of it) is not JSON-able.
-        ValueError: a number is NaN or infinite, which JSON cannot hold.
-    """
-    if value is None:
-        return struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
-    if isinstance(value, bool):
-        return struct_pb2.Value(bool_value=value)
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value!r} is not a JSON number")
-        return struct_pb2.Value(number_value=value)
-    if isinstance(value, str):
-        return struct_pb2.Value(string_value=value)
-    if isinstance(value, Mapping):
-        struct = struct_pb2.Struct()
-        for name, item in value.items():
-            if not isinstance(name, str):
-                raise TypeError(f"JSON object keys must be str, not {type(name).__name__}")
-            struct.fields[name].CopyFrom(to_proto_value(item))
-        return struct_pb2.Value(struct_value=struct)
-    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
-        items = struct_pb2.ListValue(values=[to_proto_value(item) for item in value])
-        return struct_pb2.Value(list_value=items)
-    raise TypeError(f"{type(value).__name__} is not JSON-able")
-
-
-def from_proto_value(value: struct_pb2.Value) -> Any:
-    """Return the Python value of a ``google.protobuf.Value`` (integral numbers as ``int``)."""
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        if number.is_integer() and abs(number) <= MAX_EXACT_INTEGER:
-            return int(number)
-        return number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {name: from_proto_value(item) for name, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [from_proto_value(item) for item in value.list_value.values]
-    return None
-
-
-def _set_value(message: Any, value: Value) -> None:
-    """Set the ``json`` or ``binary`` member of the ``value`` oneof of ``message``."""
-    if isinstance(value, bytes | bytearray):
-        message.binary = bytes(value)
-    else:
-        message.json.CopyFrom(to_proto_value(value))
-
-
-def _value_of(message: Any) -> Any:
-    kind = message.WhichOneof("value")
-    if kind == "binary":
-        return bytes(message.binary)
-    if kind == "json":
-        return from_proto_value(message.json)
-    return None
-
-
-def _time(timestamp: timestamp_pb2.Timestamp) -> datetime:
-    return timestamp.ToDatetime(tzinfo=UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """The entry of one key: its value and its versions."""
-
-    key: str
-    """The key, a UTF-8 path such as ``shared/plan``."""
-    value: Any
-    """A JSON-able value, or ``bytes``."""
-    version: int
-    """Per-key version: 1 when created, +1 on every put; restarts at 1 after a delete."""
-    create_revision: int
-    """Store revision of the put that created the key."""
-    mod_revision: int
-    """Store revision of the latest put."""
-    agent_id: str
-    """Agent that wrote last; empty for writes with the admin token."""
-    metadata: Mapping[str, str]
-    """Free-form metadata written with the value."""
-    create_time: datetime
-    """Time the key was created."""
-    update_time: datetime
-    """Time of the latest put."""
-    expire_time: datetime | None
-    """Time the key is deleted unless written again; None without a TTL."""
-    bound_to_session: bool
-    """Whether the key is deleted when its writer's session ends."""
-
-    @classmethod
-    def from_proto(cls, state: pb.State) -> Entry:
-        """Build from the wire form."""
-        return cls(
-            key=state.key,
-            value=_value_of(state),
-            version=state.version,
-            create_revision=state.create_revision,
-            mod_revision=state.mod_revision,
-            agent_id=state.agent_id,
-            metadata=dict(state.metadata),
-            create_time=_time(state.create_time),
-            update_time=_time(state.update_time),
-            expire_time=_time(state.expire_time) if state.HasField("expire_time") else None,
-            bound_to_session=state.bound_to_session,
-        )
+# --- entries and changes ------------------------------------------------------------------------
 
 
 class ChangeType(enum.Enum):
@@ -302,7 +88,7 @@ class Change:
             entry=Entry.from_proto(change.state) if change.HasField("state") else None,
             previous=Entry.from_proto(change.previous) if change.HasField("previous") else None,
             agent_id=change.agent_id,
-            change_time=_time(change.change_time),
+            change_time=time_of(change.change_time),
         )
 
 
@@ -462,20 +248,13 @@ class TransactResult:
     """Keys that existed and were deleted."""
 
 
-def _duration(ttl: float | timedelta) -> duration_pb2.Duration:
-    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration
-
-
 def _fill_put(message: Any, put: Put) -> None:
     """Fill the fields PutStateRequest and PutOperation share."""
     message.key = put.key
-    _set_value(message, put.value)
+    set_value(message, put.value)
     message.metadata.update(put.metadata)
     if put.ttl is not None:
-        message.ttl.CopyFrom(_duration(put.ttl))
+        message.ttl.CopyFrom(duration(put.ttl))
     message.bind_to_session = put.bind_to_session
 
 
@@ -514,7 +293,7 @@ def _compare(compare: Compare) -> pb.Compare:
     if isinstance(compare, Exists):
         return pb.Compare(key=compare.key, exists=compare.exists)
     message = pb.Compare(key=compare.key)
-    _set_value(message, compare.value)
+    set_value(message, compare.value)
     return message
 
 
@@ -551,11 +330,6 @@ def _operation(operation: Operation) -> pb.Operation:
     return pb.Operation(modify=modify)
 
 
-def new_request_id() -> str:
-    """Return a fresh idempotency key for a write."""
-    return str(uuid.uuid4())
-
-
 class WriteOptions(TypedDict, total=False):
     """Keyword options of :meth:`StateClient.modify` and its shorthands."""
 
@@ -569,11 +343,6 @@ class WriteOptions(TypedDict, total=False):
 
 UPDATE_CODES = frozenset({grpc.StatusCode.ABORTED, *RETRYABLE_CODES})
 """Codes :meth:`StateClient.update` retries: conflicts and outages."""
-RESUMABLE_CODES = frozenset(
-    {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED, *RETRYABLE_CODES}
-)
-"""Codes after which :meth:`StateClient.watch` resumes: outages (a server shutting down
-cancels the calls it has not finished), and a slow-watcher cut-off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,7 +400,7 @@ def _retry_from(error: RPCError) -> Entry | _Unread | None:
         return _UNREAD
     if error.metadata.get("current_version") == "0":
         return None
-    entry = _entry_in(error)
+    entry = entry_in(error)
     return entry if entry is not None else _UNREAD
 
 
@@ -658,7 +427,7 @@ class StateClient:
     async def get(self, key: str) -> Entry | None:
         """Return the entry of ``key``, or None if it does not exist."""
         try:
-            with _typed_errors():
+            with typed_errors():
                 response = await self._raw.get_state(pb.GetStateRequest(key=key))
         except NotFoundError:
             return None
@@ -699,7 +468,7 @@ class StateClient:
             fencing=fencing,
             request_id=request_id,
         )
-        with _typed_errors():
+        with typed_errors():
             response = await self._raw.put_state(request)
         return Entry.from_proto(response.state)
 
@@ -725,7 +494,7 @@ class StateClient:
             fencing=_fencing(fencing),
             request_id=request_id or new_request_id(),
         )
-        with _typed_errors():
+        with typed_errors():
             response = await self._raw.delete_state(request)
         return Entry.from_proto(response.previous) if response.HasField("previous") else None
 
@@ -759,7 +528,7 @@ class StateClient:
             fencing=_fencing(fencing),
             request_id=request_id or new_request_id(),
         )
-        with _typed_errors():
+        with typed_errors():
             response = await self._raw.modify_state(request)
         return Entry.from_proto(response.state)
 
@@ -804,7 +573,7 @@ class StateClient:
             fencing=_fencing(fencing),
             request_id=request_id or new_request_id(),
         )
-        with _typed_errors():
+        with typed_errors():
             response = await self._raw.transact(request)
         entries = tuple(
             Entry.from_proto(r.state) if r.HasField("state") else None for r in response.results
@@ -842,7 +611,7 @@ class StateClient:
         page.CopyFrom(request)
         states: builtins.list[pb.State] = []
         while True:
-            with _typed_errors():
+            with typed_errors():
                 response = await self._raw.list_states(page)
             states.extend(response.states)
             if not response.next_page_token:
@@ -941,7 +710,7 @@ class StateClient:
         current: Entry | _Unread | None = _UNREAD
         retrying = (policy or self.update_policy).retrying(UPDATE_CODES, at_once=CONFLICT)
         async for attempt in retrying:
-            with attempt, _typed_errors():
+            with attempt, typed_errors():
                 try:
                     if request is None:
                         if isinstance(current, _Unread):
@@ -1023,51 +792,3 @@ class StateClient:
             chunk = keys[start : start + chunk_size]
             deleted += len((await self.transact([], [Delete(key) for key in chunk])).deleted)
         return deleted
-
-
-def is_resumable(error: RPCError, *, progressed: bool) -> bool:
-    """Whether a watch that ended with ``error`` resumes from the last revision it reached.
-
-    It resumes after UNAVAILABLE and CANCELLED (the server cancelled the call: it is
-    shutting down, or could not accept it; a call cancelled here raises
-    ``asyncio.CancelledError`` instead), and after RESOURCE_EXHAUSTED (a watcher cut off for
-    being slow) if it made progress first: without progress (a message too large for the
-    channel) the error would only recur.
-    """
-    return error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or (
-        error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and progressed
-    )
-
-
-async def open_stream(
-    start: Callable[[], AsyncIterator[Message]],
-) -> AsyncGenerator[Message, None]:
-    """Start a watch stream; return once the server confirmed it with its first message.
-
-    Raises:
-        RPCError: (a typed subclass) the stream failed before its first message;
-            UnavailableError if it ended without one.
-    """
-    with _typed_errors():
-        stream = start()
-        first = await anext(stream, None)
-    if first is None:
-        await close_stream(stream)
-        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the watch ended at once")
-    return _chain(first, stream)
-
-
-async def _chain(first: Message, rest: AsyncIterator[Message]) -> AsyncGenerator[Message, None]:
-    """Yield ``first``, then ``rest``; closing this closes ``rest``."""
-    try:
-        yield first
-        async for response in rest:
-            yield response
-    finally:
-        await close_stream(rest)
-
-
-async def close_stream(stream: AsyncIterator[Any]) -> None:
-    """Close ``stream`` (cancelling its call) if it is a generator."""
-    if isinstance(stream, AsyncGenerator):
-        await stream.aclose()
