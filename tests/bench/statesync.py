@@ -206,7 +206,7 @@ async def _worker(plan: _Plan, conn: Connection) -> dict[str, Any]:
         await asyncio.gather(*(_writer(call, end, stats) for call in calls))
         stats["committed"] = sum(client.state.stats.committed for client in clients)
         if spec.mode != "statesync":  # update() counts its own; the others count calls
-            stats["committed"] = stats["done"] - len(calls)  # less the warm-up calls
+            stats["committed"] = stats["done"] + len(calls)  # and the warm-up calls
         stats["conflicts"] = stats["cas_conflicts"]
         stats["conflicts"] += sum(client.state.stats.conflicts for client in clients)
         stats["unavailable"] = sum(client.state.stats.unavailable for client in clients)
