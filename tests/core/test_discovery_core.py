@@ -189,3 +189,27 @@ async def test_an_ended_session_cannot_deregister_the_session_that_replaced_it(
     assert stored.epoch == second.agent.epoch
     new = await discovery.authenticate(second.session_token)
     assert (await beat(discovery, new)).command is HeartbeatCommand.NONE
+
+
+async def test_a_resume_that_changes_fields_keeps_the_load_of_the_last_heartbeat(
+    store: Store, clock: ManualClock
+) -> None:
+    discovery = await start_discovery(store, clock)
+    registration = await discovery.register(AgentSpec("a", "A", ttl=60))
+    session = await discovery.authenticate(registration.session_token)
+    clock.advance(1)
+    await beat(discovery, session, active=3)
+    heartbeat_time = clock.now()
+    clock.advance(1)
+    resumed = await discovery.register(
+        AgentSpec("a", "A", capacity=4, ttl=60),
+        current=session,
+        token=registration.session_token,
+    )
+    assert resumed.agent.epoch == registration.agent.epoch and resumed.agent.capacity == 4
+    agent = discovery.get_agent("a").agent
+    assert (agent.active_subtasks, agent.last_heartbeat_time) == (3, heartbeat_time)
+    await discovery.flush()  # the heartbeat's facts were not flushed before the resume
+    stored = await store.get_agent("a")
+    assert stored is not None and stored.capacity == 4
+    assert (stored.active_subtasks, stored.last_heartbeat_time) == (3, heartbeat_time)

@@ -399,10 +399,22 @@ class Discovery:
             )
             if updated is None:  # ended meanwhile
                 raise Unauthenticated("session token is unknown or its session has ended")
-            entry = self._remember(updated, entry.token_hash, entry.deadline)
+            unflushed = base.agent_id in self._dirty
+            fresh = self._remember(updated, entry.token_hash, entry.deadline)
+            if unflushed:  # the heartbeat facts the store does not have yet stay
+                self._carry_load(entry, fresh)
+            entry = fresh
         entry.deadline = self._clock.monotonic() + entry.base.ttl
         heapq.heappush(self._deadlines, (entry.deadline, base.agent_id))
         return Registration(entry.agent, token)
+
+    def _carry_load(self, old: _Entry, new: _Entry) -> None:
+        """Give ``new`` the unflushed heartbeat facts of ``old`` (the same session)."""
+        new.active_subtasks = old.active_subtasks
+        new.held_subtask_ids = old.held_subtask_ids
+        new.last_heartbeat_time = old.last_heartbeat_time
+        new.pending = True
+        self._dirty[new.base.agent_id] = None
 
     def _agent_of(self, spec: AgentSpec, agent_id: str) -> Agent:
         return Agent(
