@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ROOT / "services" / "agentcoord"
 GENERATED = ROOT / "generated" / "agentcoord"
-PACKAGED_SUFFIXES = (".py", ".pyi", ".sql", ".typed")
+PACKAGED_SUFFIXES = (".py", ".pyi", ".sql", ".typed", ".html", ".css", ".js")
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -32,6 +32,7 @@ from agentcoord.server import distribution as distribution_server
 from agentcoord.server import statesync as statesync_server
 from agentcoord.server.auth import Access, Authenticator, CertificateBinding, SessionLookup
 from agentcoord.server.config import ServerConfig
+from agentcoord.server.dashboard import Dashboard
 from agentcoord.server.decoding import GuardedRegistration
 from agentcoord.server.http import HttpListener
 from agentcoord.server.interceptors import CallInterceptor
@@ -287,6 +288,7 @@ async def start_app(
     http = HttpListener(config, authenticator) if config.http_listen else None
     if http is not None and metrics is not None:
         http.add_routes(metrics.routes())
+        http.add_routes(Dashboard(store, feed, clock, cores.discovery, http.closing).routes())
     try:
         port = _bind(server, config, credentials)
         if http is not None:
