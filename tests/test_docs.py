@@ -37,6 +37,8 @@ from agentcoord.server import config as server_config
 from agentcoord.server.app import KEEPALIVE_OPTIONS, start_app
 from agentcoord.server.config import ServerConfig
 from agentcoord.server.errors import STATUS_BY_ERROR
+from agentcoord.store.postgres import store as postgres_store
+from agentcoord.store.sqlite import store as sqlite_store
 from tests.helpers import SERVED_SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,6 +174,18 @@ def test_errors_reasons_match_the_code() -> None:
         )
     unlisted = set(raised) - set(documented)
     assert not unlisted, f"raised but missing from the table in docs/errors.md: {unlisted}"
+
+
+def test_errors_lists_every_kind_of_store_failure() -> None:
+    # STORE_UNAVAILABLE carries the kind in its metadata; clients and operators read it there.
+    kinds = {
+        *sqlite_store._FAILURES.values(),
+        *postgres_store._FAILURE_CLASSES.values(),
+        *postgres_store._FAILURE_STATES.values(),
+    }
+    for path in (ERRORS_MD, OPERATIONS_MD):
+        missing = sorted(kind for kind in kinds if f"`{kind}`" not in path.read_text())
+        assert not missing, f"{path.name} does not name the store failure kinds {missing}"
 
 
 # --- docs/operations.md -------------------------------------------------------------------------

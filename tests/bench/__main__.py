@@ -2,9 +2,12 @@
 
 .venv/bin/python -m tests.bench [--quick] [--agents 1000,10000] [--channels 16,agent]
     [--duration 20] [--calls 2000] [--store sqlite|postgresql://...] [--output FILE]
-    [--only discovery|statesync|distribution|replicas] [--rmw-duration 10] [--rmw-writers 32]
-    [--rmw-keys 4] [--subtasks 10000] [--dist-agents 16,100] [--capacity 4] [--cycles 500]
+    [--only discovery|statesync|distribution|replicas|watchers] [--rmw-duration 10]
+    [--rmw-writers 32] [--rmw-keys 4] [--subtasks 10000] [--dist-agents 16,100] [--capacity 4]
+    [--cycles 500]
     [--replica-store postgresql://...] [--watch-writes 1000]
+    [--replay-changes 51000] [--replayers 8] [--fanout-watchers 500] [--watch-writers 8]
+    [--watch-duration 10]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.bench import distribution, procs, replicas, report, statesync, unary
+from tests.bench import distribution, procs, replicas, report, statesync, unary, watchers
 from tests.bench.expiry import ExpiryResult, measure_expiry
 from tests.bench.load import LoadResult, LoadSpec, OpenStats, run_load
 from tests.bench.report import Table, ms, percentile, ratio
@@ -75,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["discovery", "statesync", "distribution", "replicas"],
-        help="run one service's workloads, or the replicas section",
+        choices=["discovery", "statesync", "distribution", "replicas", "watchers"],
+        help="run one service's workloads, or the replicas or watchers section",
     )
     parser.add_argument(
         "--replica-store",
@@ -100,6 +103,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--capacity", type=int, default=4, help="capacity of each such agent")
     parser.add_argument("--cycles", type=int, help="sequential coordination cycles (500; 50)")
+    parser.add_argument(
+        "--replay-changes", type=int, help="change log length replayed (51000; quick 5000)"
+    )
+    parser.add_argument("--replayers", type=int, default=8, help="watchers replaying it (8)")
+    parser.add_argument(
+        "--fanout-watchers", type=int, help="watchers of one hot prefix (500; quick 100)"
+    )
+    parser.add_argument("--watch-writers", type=int, default=8, help="its writers (8)")
+    parser.add_argument(
+        "--watch-duration", type=float, help="seconds of GetAgent per watcher load (10; quick 3)"
+    )
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -115,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.watch_writes = args.watch_writes or (100 if quick else 1000)
     if args.store.startswith("postgres"):
         args.replica_store = args.store
+    args.replay_changes = args.replay_changes or (5000 if quick else 51_000)
+    args.fanout_watchers = args.fanout_watchers or (100 if quick else 500)
+    args.watch_duration = args.watch_duration or (3.0 if quick else 10.0)
     args.pending_demo = not (quick or args.no_pending_demo) and max(args.agents) > LIMITED_PENDING
     if args.long_ttl is None:
         args.long_ttl = 0.0 if quick else 10.0
@@ -156,7 +173,7 @@ class Bench:
                 url,
                 self.workdir,
                 ["--default-ttl", str(self.args.ttl), *(extra or [])],
-                profile=self.args.profile and kind in ("load", "state-rmw", "dist"),
+                profile=self.args.profile and kind in ("load", "state-rmw", "dist", "watchers"),
             )
         self.stack.callback(server.stop)
         return server
@@ -171,7 +188,9 @@ class Bench:
             self.distribution(echo)
         if only in (None, "replicas"):
             self.replicas()
-        if only in ("statesync", "distribution", "replicas"):
+        if only in (None, "watchers"):
+            self.watchers()
+        if only in ("statesync", "distribution", "replicas", "watchers"):
             return
         self.unary(echo)
         list_during: Callable[[procs.Server], Any] | None = self._list_during(echo)
@@ -587,6 +606,61 @@ class Bench:
             get_p50 <= 1.3 * percentile(samples["echo"], 50),
         )
 
+    def watchers(self) -> None:
+        """GetAgent idle, under replaying watchers, and under fan-out to many watchers."""
+        args = self.args
+        server = self.server("watchers")
+        progress(f"seeding {args.replay_changes:,} changes")
+        asyncio.run(watchers.seed(server.address, args.replay_changes))
+        head = asyncio.run(watchers.head_revision(server.address))
+        specs = [
+            watchers.WatchSpec("idle"),
+            watchers.WatchSpec("replay", args.replayers),
+            watchers.WatchSpec("fanout", args.fanout_watchers, args.watch_writers),
+        ]
+        results = []
+        for spec in specs:
+            progress(f"GetAgent, {args.watch_duration:g} s, {spec}")
+            result = watchers.run(server, spec, args.watch_duration, head)
+            progress(
+                f"  {result.done}, server RSS {result.server_rss / 2**20:.0f} MiB, "
+                f"CPU {result.server_cpu:.0%}"
+            )
+            results.append(result)
+        server.stop()
+        if server.profile:
+            print(f"## cProfile of {server.name}\n{server.profile_summary()}")
+        idle = results[0].latencies
+        i50, i99 = percentile(idle, 50), percentile(idle, 99)
+        labels = {
+            "idle": "idle server",
+            "replay": f"{args.replayers} watchers replaying {head:,} changes from revision 1",
+            "fanout": f"{args.fanout_watchers} watchers of one prefix, {args.watch_writers} "
+            "writers",
+        }
+        for result in results:
+            values = result.latencies
+            p50, p99 = percentile(values, 50), percentile(values, 99)
+            loaded = result.spec.mode != "idle"
+            done = result.done
+            self.table.add(
+                f"GetAgent, 1 sequential caller, {labels[result.spec.mode]}",
+                "p50 / p99 ms (baseline column: the idle server)",
+                f"{ms(p50)} / {ms(p99)}",
+                f"{ms(i50)} / {ms(i99)}" if loaded else "-",
+                f"{ratio(p50, i50)} / {ratio(p99, i99)}" if loaded else "-",
+                "p50 <= 5x idle" if loaded else "",
+                p50 <= 5 * i50 if loaded else None,
+            )
+            if loaded:
+                what = "changes replayed" if result.spec.mode == "replay" else "messages received"
+                self.table.add(
+                    f"GetAgent, 1 sequential caller, {labels[result.spec.mode]}",
+                    f"watchers' {what}; writes; failed streams; server RSS; server CPU",
+                    f"{done['watched']:,}; {done['writes']:,}; {done['errors']}; "
+                    f"{result.server_rss / 2**20:.0f} MiB; {result.server_cpu:.0%}",
+                )
+
     def latency_row(
         self,
         workload: str,
@@ -796,6 +870,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.only in (None, "discovery", "statesync"):
             parts.append(f"unary: {args.calls} sequential calls per figure")
+        if args.only in (None, "watchers"):
+            parts.append(
+                f"watcher loads: GetAgent for {args.watch_duration:g} s each, watchers and "
+                "writers in one other client process"
+            )
         if args.only in (None, "statesync"):
             parts.append(
                 f"contended update(): {args.workers} client processes, {args.rmw_duration:g} s"

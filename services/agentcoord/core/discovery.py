@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import enum
 import hashlib
 import heapq
 import hmac
+import logging
 import secrets
 import uuid
 from collections import Counter
@@ -24,7 +26,7 @@ from datetime import datetime
 
 from agentcoord.core.changes import ChangeFeed
 from agentcoord.core.clock import Clock
-from agentcoord.core.errors import NotFound, PermissionDenied, Unauthenticated
+from agentcoord.core.errors import NotFound, PermissionDenied, Unauthenticated, Unavailable
 from agentcoord.core.loops import run_periodically
 from agentcoord.core.models import (
     Agent,
@@ -38,6 +40,8 @@ from agentcoord.core.models import (
     agent_session_live,
 )
 from agentcoord.store.base import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,6 +444,9 @@ class Discovery:
         if agent_id is not None:
             entry = self._entries[agent_id]
             if hmac.compare_digest(entry.token_hash, token_hash):
+                if entry.deadline <= self._clock.monotonic():
+                    # Expired, even if the sweep has not recorded it yet (say, the disk is full).
+                    raise Unauthenticated("session token's session has expired; register again")
                 return Session(agent_id, entry.base.epoch)
         # A session opened through another process of the same store.
         return await session_from_store(self._store, token)
@@ -475,7 +482,9 @@ class Discovery:
             return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
         now = self._clock.monotonic()
         if now >= entry.deadline:
-            await self._expire(entry)
+            # Recorded now or, if the store fails, by a later sweep: the deadline stays due.
+            with contextlib.suppress(Unavailable):
+                await self._expire(entry)
             return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
         agent = entry.base
         ttl = agent.ttl
@@ -534,7 +543,15 @@ class Discovery:
             self._end(entry, ended)
 
     async def sweep(self) -> list[Agent]:
-        """Expire every live agent whose deadline has passed; return them."""
+        """Expire every live agent whose deadline has passed; return them.
+
+        An expiry the store fails to record is not dropped: its deadline goes back on the
+        heap, so the next sweep tries again until it is recorded. Meanwhile the session is
+        already refused (:meth:`authenticate`, :meth:`heartbeat`, :meth:`is_live`).
+
+        Raises:
+            Exception: the store failed to record an expiry (the rest stay due).
+        """
         now = self._clock.monotonic()
         due: list[_Entry] = []
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -547,8 +564,13 @@ class Discovery:
             elif all(e is not entry for e in due):
                 due.append(entry)
         expired = []
-        for entry in due:
-            await self._expire(entry)
+        for index, entry in enumerate(due):
+            try:
+                await self._expire(entry)
+            except Exception:
+                for unrecorded in due[index:]:
+                    heapq.heappush(self._deadlines, (unrecorded.deadline, unrecorded.base.agent_id))
+                raise
             if entry.base.state is AgentState.EXPIRED:
                 expired.append(entry.agent)
         return expired
@@ -587,7 +609,10 @@ class Discovery:
                 await self.flush()
 
         await run_periodically(stop, self.config.sweep_interval, step, "discovery sweep")
-        await self.flush()
+        try:
+            await self.flush()
+        except Unavailable as error:  # shutting down on a failing store: facts are volatile
+            log.warning("discovery: last heartbeat flush failed: %s", error.message)
 
     async def is_live(self, agent_id: str) -> bool:
         """Return whether the agent is live, on this process's clock."""

@@ -264,6 +264,8 @@ class Distribution:
         """Revision of each sub-task absorbed lately (with ``_seen_before``)."""
         self._seen_before: dict[str, int] = {}
         self._seen_since = 0.0
+        self._unreleased: dict[str, int] = {}
+        """Agents whose ended sessions' leases (through that epoch) are not released yet."""
 
     def queue_depth(self) -> tuple[int, int]:
         """Return the READY sub-tasks waiting for an agent, and those backing off."""
@@ -441,10 +443,17 @@ class Distribution:
         await self._release(agent.agent_id, agent.epoch - 1)
 
     async def _release(self, agent_id: str, through_epoch: int) -> None:
-        """Return the leases of ended sessions (1..``through_epoch``) to READY (AGENT_DIED)."""
+        """Return the leases of ended sessions (1..``through_epoch``) to READY (AGENT_DIED).
+
+        Until the store records it, the agent stays in ``_unreleased`` for the sweep.
+        """
+        through_epoch = max(through_epoch, self._unreleased.get(agent_id, 0))
+        self._unreleased[agent_id] = through_epoch
         updates = await self._store.release_leases(
             agent_id, self._clock.now(), through_epoch=through_epoch
         )
+        if self._unreleased.get(agent_id) == through_epoch:
+            del self._unreleased[agent_id]
         for update in updates:
             self._absorb(update)
         slot = self._slots.get(agent_id)
@@ -453,7 +462,18 @@ class Distribution:
             self._capable.clear()
 
     async def sweep(self) -> None:
-        """Expire overdue leases and make sub-tasks whose back-off ended leasable."""
+        """Expire overdue leases and make sub-tasks whose back-off ended leasable.
+
+        Neither a lease expiry nor the release of a dead agent's leases is dropped when
+        the store fails to record it: the lease stays due, the agent stays to be released,
+        and the next sweep tries again. An overdue lease is refused meanwhile
+        (``LEASE_EXPIRED``).
+
+        Raises:
+            Exception: the store failed to record an expiry or a release.
+        """
+        for agent_id, through_epoch in list(self._unreleased.items()):
+            await self._release(agent_id, through_epoch)
         now = self._clock.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, subtask_id, token = heapq.heappop(self._deadlines)
@@ -463,7 +483,11 @@ class Distribution:
             if held.deadline > now:
                 heapq.heappush(self._deadlines, (held.deadline, subtask_id, token))
                 continue
-            await self._expire(held)
+            try:
+                await self._expire(held)
+            except Exception:
+                heapq.heappush(self._deadlines, (held.deadline, subtask_id, token))
+                raise
         if now - self._seen_since >= self.config.recent_window:
             self._seen_before, self._seen = self._seen, {}
             self._seen_since = now

@@ -109,3 +109,19 @@ class Unavailable(AgentcoordError):
     """A transient outage (the store is unreachable, the server is shutting down)."""
 
     default_reason = "UNAVAILABLE"
+
+
+def store_unavailable(failure: str, detail: str) -> Unavailable:
+    """Return the error a call gets when the database cannot serve it now.
+
+    Args:
+        failure: Kind of failure, UPPER_SNAKE (``DISK_FULL``, ``READ_ONLY``, ``IO_ERROR``,
+            ``CONNECTION_LOST``); in the metadata as ``failure``.
+        detail: What the driver said.
+    """
+    return Unavailable(
+        f"the store is unavailable ({failure.lower().replace('_', ' ')}): {detail}; "
+        "nothing was recorded, retry later",
+        reason="STORE_UNAVAILABLE",
+        metadata={"failure": failure},
+    )

@@ -244,8 +244,8 @@ async def start_app(
     store = store or open_store(config.store)
     await store.open()
     clock = clock or SystemClock()
-    streams = StreamTracker()
-    feed = ChangeFeed(store)
+    streams = StreamTracker(config.max_streams_per_session)
+    feed = ChangeFeed(store, max_pending_bytes=config.watch_buffer_bytes)
     cores = _Cores()
     hosted, lookup = await _host_services(config, store, clock, feed, streams, cores)
     metrics = _metrics(store, feed, cores) if config.http_listen else None
@@ -265,8 +265,9 @@ async def start_app(
         for method, need in service.access.items()
     }
     server = grpc.aio.server(
-        interceptors=[CallInterceptor(authenticator, access, metrics)],
+        interceptors=[CallInterceptor(authenticator, access, metrics, config.request_timeout)],
         options=[
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.server.max_pending_requests", config.max_pending_requests),

@@ -73,6 +73,14 @@ class ServerConfig:
     """Largest StateSync value, encoded; at most a quarter of ``max_message_bytes``."""
     max_transaction_operations: int = 128
     """Compares plus operations in one StateSync write at most."""
+    max_streams_per_connection: int = 1000
+    """Calls one client connection may have open at once (HTTP/2 concurrent streams)."""
+    request_timeout: float = field(default=60.0, metadata=DURATION)
+    """Time a call may take from its headers to its request message (DEADLINE_EXCEEDED)."""
+    max_streams_per_session: int = 64
+    """Streams (Heartbeat, StreamAssignments, watches) one agent session may have open."""
+    watch_buffer_bytes: int = field(default=8 * 1024 * 1024, metadata=BYTES)
+    """Changes held for one watcher not keeping up; past it, it re-reads the store."""
     change_retention: float = field(default=7 * 24 * 3600.0, metadata=DURATION)
     """How long the change log and idempotency records are kept."""
     default_lease_ttl: float = field(default=30.0, metadata=DURATION)
@@ -130,6 +138,14 @@ class ServerConfig:
             )
         if self.max_transaction_operations < 1:
             raise InvalidInput("max_transaction_operations", "must be at least 1")
+        if self.max_streams_per_connection < 1:
+            raise InvalidInput("max_streams_per_connection", "must be at least 1")
+        if not 0 < self.request_timeout <= 3600:
+            raise InvalidInput("request_timeout", "must be between 0 and 3600 seconds")
+        if self.max_streams_per_session < 1:
+            raise InvalidInput("max_streams_per_session", "must be at least 1")
+        if self.watch_buffer_bytes < 64 * 1024:
+            raise InvalidInput("watch_buffer_bytes", "must be at least 65536")
         if self.change_retention <= 0:
             raise InvalidInput("change_retention", "must be positive")
         if "distribution" in self.services and "discovery" not in self.services:

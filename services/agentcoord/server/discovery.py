@@ -15,7 +15,7 @@ from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from agentcoord.server import convert, page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.sizes import budget, fitting, revision_chunks
-from agentcoord.server.streams import StreamTracker
+from agentcoord.server.streams import StreamTracker, messages_within
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -111,8 +111,9 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     ) -> AsyncIterator[pb.HeartbeatResponse]:
         """Renew the caller's session for every message it sends."""
         session = _own_session()
+        silence = self._core.config.max_ttl  # past it no session is still alive
         with self._streams.track():
-            async for request in request_iterator:
+            async for request in messages_within(request_iterator, silence, context, "--max-ttl"):
                 held = tuple(request.load.held_subtask_ids)
                 validation.at_most("load.held_subtask_ids", held, 1024)
                 for index, subtask_id in enumerate(held):

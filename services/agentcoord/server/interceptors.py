@@ -16,11 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from agentcoord.core.errors import InvalidInput
 from agentcoord.server.auth import Access, Authenticator, bind_identity, current_identity
 from agentcoord.server.errors import abort_with
 from agentcoord.server.metrics import Metrics
 
 log = logging.getLogger("agentcoord.rpc")
+
+DEFAULT_REQUEST_TIMEOUT = 60.0
+"""Seconds a call may take from its headers to its request message, unless configured."""
 
 Behavior = Callable[..., Any]
 if TYPE_CHECKING:
@@ -36,14 +40,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         authenticator: Authenticator,
         access: Mapping[str, Access],
         metrics: Metrics | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         """Wrap the methods named in ``access`` (full method names); others pass through.
 
-        With ``metrics``, each finished call is observed and open streams are counted.
+        With ``metrics``, each finished call is observed and open streams are counted. A
+        call whose one request message has not arrived ``request_timeout`` seconds after
+        its headers ends with DEADLINE_EXCEEDED.
         """
         self._authenticator = authenticator
         self._access = dict(access)
         self._metrics = metrics
+        self._request_timeout = request_timeout
 
     async def intercept_service(
         self,
@@ -52,22 +60,34 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         """Return the handler with its behaviour wrapped."""
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
         method = handler_call_details.method
         access = self._access.get(method)
-        if handler is None or access is None:
-            return handler
+        # Calls with one request message are served as client-streaming calls (the wire
+        # is the same): grpc would otherwise wait for the message without any limit
+        # before the handler runs, holding the call's memory. Health and reflection
+        # (no access entry) get only that time limit.
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, access, handler.unary_unary),
+            unary = handler.unary_unary
+            if access is not None:
+                unary = self._wrap_unary(method, access, unary)
+            return grpc.stream_unary_rpc_method_handler(
+                self._reading_request(unary),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, access, handler.unary_stream),
+            stream = handler.unary_stream
+            if access is not None:
+                stream = self._wrap_stream(method, access, stream)
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming_request(stream),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
+        if access is None:
+            return handler
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_stream(method, access, handler.stream_stream),
@@ -90,6 +110,35 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         }
         names = certificate_names(context.auth_context())
         bind_identity(await self._authenticator.identify(metadata, access, names))
+
+    async def _request(self, requests: AsyncIterator[Any], context: Context) -> Any:
+        """Return the call's one request message, or end the call if it is late or missing."""
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                return await anext(aiter(requests))
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request message did not arrive within {self._request_timeout:g} s of "
+                "the call's headers (--request-timeout)",
+            )
+        except StopAsyncIteration:
+            await abort_with(
+                context, InvalidInput("", "the call ended without sending its request message")
+            )
+
+    def _reading_request(self, behavior: Behavior) -> Behavior:
+        async def unary(requests: AsyncIterator[Any], context: Context) -> Any:
+            return await behavior(await self._request(requests, context), context)
+
+        return unary
+
+    def _streaming_request(self, behavior: Behavior) -> Behavior:
+        async def stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async for response in behavior(await self._request(requests, context), context):
+                yield response
+
+        return stream
 
     def _wrap_unary(self, method: str, access: Access, behavior: Behavior) -> Behavior:
         async def unary(request: Any, context: Context) -> Any:

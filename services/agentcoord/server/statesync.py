@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
@@ -27,7 +28,7 @@ from agentcoord.core.statesync import PutRequest, StateSync, Writer
 from agentcoord.server import convert, page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.sizes import budget, fitting, revision_chunks
-from agentcoord.server.streams import StreamTracker
+from agentcoord.server.streams import ChangeProtos, StreamTracker
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as pb_grpc
 
@@ -78,6 +79,13 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         self._max_bytes = budget(max_message_bytes)
         self._max_message_bytes = max_message_bytes
         self._max_value_bytes = max_value_bytes
+        self._events = ChangeProtos(convert.event_to_proto)
+        self._state_changes = {
+            previous: ChangeProtos(
+                functools.partial(convert.state_change_to_proto, include_previous=previous)
+            )
+            for previous in (False, True)
+        }
 
     async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.GetStateResponse:
         """Return one key's entry."""
@@ -286,11 +294,9 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         start = _start_revision(request.start_revision)
         validation.duration("progress_interval", request.progress_interval)  # reserved
         with self._streams.track():
+            to_proto = self._state_changes[request.include_previous]
             async for batch in self._core.watch_states(prefix, start):
-                changes = [
-                    convert.state_change_to_proto(change, include_previous=request.include_previous)
-                    for change in batch.changes
-                ]
+                changes = [to_proto(change) for change in batch.changes]
                 for chunk, revision in revision_chunks(changes, batch.revision, self._max_bytes):
                     yield pb.WatchStatesResponse(changes=chunk, revision=revision)
 
@@ -303,7 +309,7 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         validation.duration("progress_interval", request.progress_interval)  # reserved
         with self._streams.track():
             async for batch in self._core.watch(start, where):
-                events = [convert.event_to_proto(change) for change in batch.changes]
+                events = [self._events(change) for change in batch.changes]
                 for chunk, revision in revision_chunks(events, batch.revision, self._max_bytes):
                     yield pb.WatchEventsResponse(events=chunk, revision=revision)
 

@@ -66,12 +66,19 @@ class Store(Protocol):
         ...
 
     async def list_changes(
-        self, after_revision: int, limit: int, where: ChangeFilter | None = None
+        self,
+        after_revision: int,
+        limit: int,
+        where: ChangeFilter | None = None,
+        *,
+        max_bytes: int = 0,
     ) -> list[Change]:
         """Return up to ``limit`` changes with revision > ``after_revision``, oldest first.
 
         Only changes that pass ``where`` are returned (all of them when None); the
-        filter runs in SQL, using the indexes on service, agent and subject.
+        filter runs in SQL, using the indexes on service, agent and subject. With
+        ``max_bytes`` > 0 the page stops before the change whose stored details would
+        take it past that many bytes (characters), but holds at least one change.
         """
         ...
 

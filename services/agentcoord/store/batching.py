@@ -8,6 +8,11 @@ new operations queue up for the next one, so throughput grows with concurrency i
 of queueing on fsync. After each commit the writer calls the
 change listeners, on the event loop, with the batch's changes in revision order, and
 then resolves the callers' futures.
+
+A write the database refuses for a reason of its own (disk full, read-only file system,
+connection lost) reaches its caller as :class:`~agentcoord.core.errors.Unavailable` with
+reason ``STORE_UNAVAILABLE``: the back end's ``classify`` names the kind of failure, and
+each kind is logged once per :data:`FAILURE_LOG_INTERVAL`, with a count, not once per write.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 """Operations committed together at most."""
+FAILURE_LOG_INTERVAL = 10.0
+"""Seconds between two log lines about the same kind of store failure."""
 
 OpT = TypeVar("OpT")
 
@@ -55,13 +62,53 @@ RunBatch = Callable[[list[OpT]], Awaitable[list[Outcome]]]
 Returns one outcome per operation, in order. Raising means nothing was committed.
 """
 
+Classify = Callable[[BaseException], Unavailable | None]
+"""Turns a driver error that means the store cannot write now into ``Unavailable``, else None."""
+
+
+def _no_classification(error: BaseException) -> Unavailable | None:
+    return None
+
+
+class FailureLog:
+    """Logs each kind of store failure once per interval, with how often it happened."""
+
+    def __init__(self, interval: float = FAILURE_LOG_INTERVAL) -> None:
+        """Log a kind again only ``interval`` seconds after its last line."""
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def record(self, error: Unavailable) -> None:
+        """Count one failure; log a line if its kind was not logged within the interval."""
+        kind = error.metadata.get("failure", error.reason)
+        now = time.monotonic()
+        if now - self._last.get(kind, -self._interval) < self._interval:
+            self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        more = self._unlogged.pop(kind, 0)
+        since = f" ({more} more since the last report)" if more else ""
+        log.error("store write failed: %s%s", error.message, since)
+
 
 class GroupCommitter(Generic[OpT]):
     """Queues write operations and commits them in batches, one batch at a time."""
 
-    def __init__(self, run_batch: RunBatch[OpT], *, max_batch: int = MAX_BATCH) -> None:
-        """Commit through ``run_batch``, at most ``max_batch`` operations per transaction."""
+    def __init__(
+        self,
+        run_batch: RunBatch[OpT],
+        *,
+        max_batch: int = MAX_BATCH,
+        classify: Classify = _no_classification,
+    ) -> None:
+        """Commit through ``run_batch``, at most ``max_batch`` operations per transaction.
+
+        ``classify`` recognises the driver errors that mean the store cannot write now.
+        """
         self._run_batch = run_batch
+        self._classify = classify
+        self._failures = FailureLog()
         self._max_batch = max_batch
         self._queue: deque[tuple[OpT, asyncio.Future[object]]] = deque()
         self._listeners: list[Listener] = []
@@ -134,7 +181,7 @@ class GroupCommitter(Generic[OpT]):
         try:
             outcomes = await self._run_batch([op for op, _ in batch])
         except Exception as exc:  # nothing committed: every operation of the batch fails
-            _fail(batch, exc)
+            _fail(batch, self._store_error(exc))
             return
         except asyncio.CancelledError:
             _fail(batch, Unavailable("the store closed during a commit"))
@@ -148,9 +195,17 @@ class GroupCommitter(Generic[OpT]):
             if future.done():
                 continue  # the caller was cancelled while its operation committed
             if outcome.error is not None:
-                future.set_exception(outcome.error)
+                future.set_exception(self._store_error(outcome.error))
             else:
                 future.set_result(outcome.value)
+
+    def _store_error(self, error: Exception) -> Exception:
+        """Return ``error``, or the Unavailable it means when the store cannot write."""
+        unavailable = error if isinstance(error, Unavailable) else self._classify(error)
+        if unavailable is None:
+            return error
+        self._failures.record(unavailable)
+        return unavailable
 
     def announce(self, changes: Sequence[Change]) -> None:
         """Call the listeners with ``changes``: a commit's, or another process's read back."""

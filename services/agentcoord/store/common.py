@@ -27,7 +27,7 @@ from agentcoord.core.models import (
 )
 from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, SubtaskCounts, Task, TaskCursor, TaskFilter
-from agentcoord.store.batching import CommitObserver, GroupCommitter, Listener, Outcome
+from agentcoord.store.batching import Classify, CommitObserver, GroupCommitter, Listener, Outcome
 from agentcoord.store.queries import (
     MAX_IDS,
     Statements,
@@ -66,12 +66,15 @@ class SqlStore(abc.ABC):
     shared = False
     """Whether other processes may write to the same store (see ``Store.shared``)."""
 
-    def __init__(self, marker: str, codec: Codec) -> None:
-        """Use placeholders ``<marker>1``, ``<marker>2``... and ``codec`` for rows."""
+    def __init__(self, marker: str, codec: Codec, classify: Classify) -> None:
+        """Use placeholders ``<marker>1``, ``<marker>2``... and ``codec`` for rows.
+
+        ``classify`` recognises the driver's errors that mean the database cannot write now.
+        """
         self._marker = marker
         self._codec = codec
         self._sql = Statements.numbered(marker)
-        self._writes: GroupCommitter[Op] = GroupCommitter(self._run_batch)
+        self._writes: GroupCommitter[Op] = GroupCommitter(self._run_batch, classify=classify)
 
     @abc.abstractmethod
     async def _fetch(self, sql: str, params: Sequence[Any]) -> Sequence[Row]:
@@ -109,12 +112,19 @@ class SqlStore(abc.ABC):
         return int(row["compact_revision"])
 
     async def list_changes(
-        self, after_revision: int, limit: int, where: ChangeFilter | None = None
+        self,
+        after_revision: int,
+        limit: int,
+        where: ChangeFilter | None = None,
+        *,
+        max_bytes: int = 0,
     ) -> list[Change]:
         """Return up to ``limit`` changes after ``after_revision`` passing ``where``, in order."""
         if limit <= 0:
             raise InvalidInput("limit", "must be positive")
-        query = select_changes(self._marker, after_revision, limit, where, self._codec.encode_time)
+        query = select_changes(
+            self._marker, after_revision, limit, where, self._codec.encode_time, max_bytes
+        )
         rows = await self._fetch(query.sql, query.params)
         return [self._codec.change_from_row(row) for row in rows]
 

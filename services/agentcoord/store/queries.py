@@ -108,8 +108,13 @@ def select_changes(
     limit: int,
     where: ChangeFilter | None,
     encode_time: Callable[[datetime], Any],
+    max_bytes: int = 0,
 ) -> Query:
-    """Return the page of the change log after ``after_revision`` that passes ``where``."""
+    """Return the page of the change log after ``after_revision`` that passes ``where``.
+
+    With ``max_bytes``, the page also ends before the change whose ``details`` would take
+    the page's total text past ``max_bytes`` (it holds at least one change).
+    """
     query = Query(marker)
     conditions = [f"revision > {query.param(after_revision)}"]
     if where is not None:
@@ -132,6 +137,14 @@ def select_changes(
         f"SELECT {_CHANGES} FROM changes WHERE {' AND '.join(conditions)}"
         f" ORDER BY revision LIMIT {query.param(limit)}"
     )
+    if max_bytes > 0:
+        # The running total covers only the page's rows (the inner LIMIT runs first).
+        size = "LENGTH(CAST(details AS TEXT))"
+        query.sql = (
+            f"SELECT {_CHANGES} FROM (SELECT {_CHANGES}, {size} AS size,"
+            f" SUM({size}) OVER (ORDER BY revision) AS running FROM ({query.sql}) AS page)"
+            f" AS sized WHERE running - size < {query.param(max_bytes)} ORDER BY revision"
+        )
     return query
 
 

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from agentcoord.core.errors import InvalidInput, Unavailable
+from agentcoord.core.errors import InvalidInput, Unavailable, store_unavailable
 from agentcoord.store import writes
 from agentcoord.store.batching import Outcome
 from agentcoord.store.common import SqlStore
@@ -224,13 +224,40 @@ _CREATE_SCHEMA_MIGRATIONS = """
 """
 
 
+_FAILURE_CLASSES = {
+    "08": "CONNECTION_LOST",  # connection exception
+    "53": "INSUFFICIENT_RESOURCES",  # disk full, out of memory, too many connections
+    "57": "CONNECTION_LOST",  # operator intervention: shutdown, terminated backend
+    "58": "IO_ERROR",  # system error
+}
+"""Kind of store failure of each SQLSTATE class that means "cannot serve now"."""
+_FAILURE_STATES = {"53100": "DISK_FULL", "25006": "READ_ONLY"}
+"""Kinds of single SQLSTATEs, ahead of their classes."""
+
+
+def classify(error: BaseException) -> Unavailable | None:
+    """Return the Unavailable a driver error means (connection lost, disk full...), else None."""
+    if isinstance(error, _CONNECTION_ERRORS) or (
+        isinstance(error, asyncpg.InterfaceError) and "connection" in str(error)
+    ):
+        return store_unavailable("CONNECTION_LOST", f"PostgreSQL is unreachable: {error}")
+    if not isinstance(error, asyncpg.PostgresError):
+        return None
+    state = str(getattr(error, "sqlstate", "") or "")
+    failure = _FAILURE_STATES.get(state) or _FAILURE_CLASSES.get(state[:2])
+    return store_unavailable(failure, f"PostgreSQL: {error}") if failure else None
+
+
 @contextmanager
 def _unavailable_on_disconnect() -> Iterator[None]:
-    """Report a lost or refused connection as :class:`Unavailable`."""
+    """Report a lost or refused connection (or a full disk...) as :class:`Unavailable`."""
     try:
         yield
-    except _CONNECTION_ERRORS as exc:
-        raise Unavailable(f"PostgreSQL is unreachable: {exc}") from exc
+    except Exception as exc:
+        unavailable = classify(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from exc
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -346,7 +373,7 @@ class PostgresStore(SqlStore):
         """
         if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
             raise InvalidInput("store", f"schema {schema!r} is not a plain SQL identifier")
-        super().__init__("$", CODEC)
+        super().__init__("$", CODEC, classify)
         self._dsn = dsn
         self._schema = None if schema is None else f'"{schema}"'
         self._min_size = min_size

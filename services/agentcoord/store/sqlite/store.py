@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from agentcoord.core.errors import Unavailable
+from agentcoord.core.errors import Unavailable, store_unavailable
 from agentcoord.store import writes
 from agentcoord.store.batching import Outcome
 from agentcoord.store.common import SqlStore
@@ -372,12 +372,31 @@ def _step(conn: sqlite3.Connection, step: writes.Step) -> None:
         raise Unavailable(f"the SQLite database is busy: {exc}") from exc
 
 
+_FAILURES = {
+    sqlite3.SQLITE_FULL: "DISK_FULL",
+    sqlite3.SQLITE_READONLY: "READ_ONLY",
+    sqlite3.SQLITE_PERM: "READ_ONLY",
+    sqlite3.SQLITE_IOERR: "IO_ERROR",
+    sqlite3.SQLITE_CANTOPEN: "IO_ERROR",
+}
+"""Kind of store failure of each primary SQLite result code that means "cannot write now"."""
+
+
+def classify(error: BaseException) -> Unavailable | None:
+    """Return the Unavailable a SQLite error means (disk full, read-only, I/O), else None."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if not isinstance(error, sqlite3.Error) or code is None:
+        return None
+    failure = _FAILURES.get(code & 0xFF)
+    return store_unavailable(failure, str(error)) if failure else None
+
+
 class SqliteStore(SqlStore):
     """The :class:`~agentcoord.store.base.Store` on one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
         """Use the database file at ``path`` (relative to the working directory)."""
-        super().__init__("?", CODEC)
+        super().__init__("?", CODEC, classify)
         self.path = Path(path).absolute()
         """The database file."""
         self._writer: ThreadPoolExecutor | None = None
