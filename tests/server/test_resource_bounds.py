@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 
+from agentcoord.core.models import Change, Service
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
 from agentcoord.server.app import App
+from agentcoord.server.streams import ChangeProtos
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as pb_grpc
 from tests.helpers import bearer, error_info, eventually
@@ -202,3 +205,32 @@ async def test_one_session_opens_a_bounded_number_of_streams(
         await eventually(reopened)
         for call in [heartbeat, anonymous, *watches]:
             call.cancel()
+
+
+def test_wire_forms_kept_for_fan_out_are_bounded_in_bytes() -> None:
+    # 64 changes of 1 MiB each: the cache keeps at most its byte budget of them.
+    built: list[int] = []
+
+    def build(change: Change) -> pb.WatchEventsResponse:
+        built.append(change.revision)
+        return pb.WatchEventsResponse(revision=change.revision)
+
+    protos = ChangeProtos(build, max_bytes=4 * 1024 * 1024)
+    changes = [
+        Change(
+            n,
+            datetime.now(UTC),
+            Service.STATESYNC,
+            "state.put",
+            f"shared/{n}",
+            "a",
+            {"value": "v" * 1024 * 1024},
+        )
+        for n in range(1, 65)
+    ]
+    for change in changes:
+        assert protos(change).revision == change.revision
+        assert protos.held_bytes <= 4 * 1024 * 1024 + 64 * 1024
+    assert protos(changes[-1]).revision == 64 and built.count(64) == 1  # kept: built once
+    protos(changes[0])  # long dropped: built again
+    assert built.count(1) == 2
