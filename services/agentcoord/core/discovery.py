@@ -30,6 +30,7 @@ from agentcoord.core.errors import NotFound, PermissionDenied, Unauthenticated, 
 from agentcoord.core.loops import run_periodically
 from agentcoord.core.models import (
     Agent,
+    AgentCard,
     AgentEventKind,
     AgentState,
     AgentStatus,
@@ -80,6 +81,8 @@ class AgentSpec:
     """A2A-style skills."""
     ttl: float = 0.0
     """Requested TTL in seconds; 0 for the default."""
+    card: AgentCard = field(default_factory=AgentCard)
+    """The rest of its A2A agent card."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,8 @@ class AgentQuery:
     """Agents must have this role; empty for any."""
     states: frozenset[AgentState] = frozenset({AgentState.LIVE})
     """Agents must be in one of these states."""
+    skills: frozenset[str] = frozenset()
+    """For each of these, agents must have a skill with that id or tag."""
 
     def matches(self, agent: Agent) -> bool:
         """Return whether ``agent`` passes the filter (its state included)."""
@@ -165,6 +170,7 @@ class AgentQuery:
             agent.state in self.states
             and (not self.role or agent.role == self.role)
             and self.capabilities.issubset(agent.capabilities)
+            and agent.has_skills(self.skills)
         )
 
 
@@ -202,6 +208,10 @@ class Summary:
     """Live agents per role."""
     by_capability: Mapping[str, int]
     """Live agents per capability."""
+    by_skill: Mapping[str, int]
+    """Live agents per skill id."""
+    by_skill_tag: Mapping[str, int]
+    """Live agents per skill tag (once per agent)."""
     total_capacity: int
     """Sum of live agents' capacities."""
     active_subtasks: int
@@ -258,6 +268,7 @@ def _registration_fields(agent: Agent) -> tuple[object, ...]:
         agent.capacity,
         dict(agent.labels),
         agent.skills,
+        agent.card,
         agent.ttl,
     )
 
@@ -429,6 +440,7 @@ class Discovery:
             capacity=spec.capacity,
             labels=dict(spec.labels),
             skills=spec.skills,
+            card=spec.card,
             ttl=self._grant_ttl(spec.ttl),
             status=AgentStatus.READY,
         )
@@ -674,6 +686,7 @@ class Discovery:
         states = query.states
         role = query.role
         capabilities = query.capabilities
+        skills = query.skills
         entries = self._entries
         start = bisect.bisect_right(candidates, after_agent_id) if after_agent_id else 0
         for index in range(start, len(candidates)):
@@ -686,6 +699,7 @@ class Discovery:
                 state not in states
                 or (role and base.role != role)
                 or not capabilities.issubset(base.capabilities)
+                or (skills and not base.has_skills(skills))
             ):
                 continue
             if len(page) == limit:
@@ -698,6 +712,8 @@ class Discovery:
         now = self._clock.monotonic()
         by_role: Counter[str] = Counter()
         by_capability: Counter[str] = Counter()
+        by_skill: Counter[str] = Counter()
+        by_skill_tag: Counter[str] = Counter()
         live = capacity = active = 0
         for entry in self._entries.values():
             agent = entry.base
@@ -708,7 +724,17 @@ class Discovery:
             active += entry.active_subtasks if entry.pending else agent.active_subtasks
             by_role[agent.role] += 1
             by_capability.update(agent.capabilities)
-        return Summary(live, dict(by_role), dict(by_capability), capacity, active)
+            by_skill.update({skill.id for skill in agent.skills})
+            by_skill_tag.update({tag for skill in agent.skills for tag in skill.tags})
+        return Summary(
+            live,
+            dict(by_role),
+            dict(by_capability),
+            dict(by_skill),
+            dict(by_skill_tag),
+            capacity,
+            active,
+        )
 
     async def watch(
         self, start_revision: int, query: AgentQuery

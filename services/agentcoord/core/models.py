@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -62,6 +62,78 @@ class Skill:
     """What the skill does."""
     tags: tuple[str, ...] = ()
     """Keywords."""
+    examples: tuple[str, ...] = ()
+    """Example requests the skill handles."""
+    input_modes: tuple[str, ...] = ()
+    """Media types it accepts."""
+    output_modes: tuple[str, ...] = ()
+    """Media types it produces."""
+
+    def matches(self, wanted: str) -> bool:
+        """Return whether ``wanted`` is this skill's id or one of its tags."""
+        return wanted == self.id or wanted in self.tags
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form kept by the stores and the change log."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "tags": list(self.tags),
+            "examples": list(self.examples),
+            "input_modes": list(self.input_modes),
+            "output_modes": list(self.output_modes),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Skill:
+        """Rebuild a skill from :meth:`to_json` output (older records lack the later fields)."""
+        return cls(
+            data["id"],
+            data["name"],
+            data.get("description", ""),
+            tuple(data.get("tags", ())),
+            tuple(data.get("examples", ())),
+            tuple(data.get("input_modes", ())),
+            tuple(data.get("output_modes", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCard:
+    """What an agent's A2A agent card says about it beyond its name and skills."""
+
+    description: str = ""
+    """What the agent does."""
+    version: str = ""
+    """The agent's version."""
+    provider_organization: str = ""
+    """Organisation providing the agent; empty when not given."""
+    provider_url: str = ""
+    """The provider's web site."""
+    a2a_url: str = ""
+    """The agent's own A2A endpoint; empty when it serves none."""
+
+    def to_json(self) -> dict[str, str]:
+        """Return the JSON form kept by the stores and the change log."""
+        return {
+            "description": self.description,
+            "version": self.version,
+            "provider_organization": self.provider_organization,
+            "provider_url": self.provider_url,
+            "a2a_url": self.a2a_url,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AgentCard:
+        """Rebuild a card from :meth:`to_json` output (empty for older records)."""
+        return cls(
+            description=data.get("description", ""),
+            version=data.get("version", ""),
+            provider_organization=data.get("provider_organization", ""),
+            provider_url=data.get("provider_url", ""),
+            a2a_url=data.get("a2a_url", ""),
+        )
 
 
 def agent_session_live(agent_id: str, ttl_remaining: float) -> AlreadyExists:
@@ -119,6 +191,12 @@ class Agent:
     """Wall-clock time of the latest heartbeat flushed to the store."""
     revision: int = 0
     """Revision of the latest change log entry about this agent."""
+    card: AgentCard = field(default_factory=AgentCard)
+    """The rest of its A2A agent card."""
+
+    def has_skills(self, wanted: Iterable[str]) -> bool:
+        """Return whether, for each of ``wanted``, a skill has that id or tag."""
+        return all(any(skill.matches(w) for skill in self.skills) for w in wanted)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -134,10 +212,8 @@ class Agent:
             "capabilities": list(self.capabilities),
             "capacity": self.capacity,
             "labels": dict(self.labels),
-            "skills": [
-                {"id": s.id, "name": s.name, "description": s.description, "tags": list(s.tags)}
-                for s in self.skills
-            ],
+            "skills": [skill.to_json() for skill in self.skills],
+            "card": self.card.to_json(),
             "ttl": self.ttl,
             "state": self.state.value,
             "epoch": self.epoch,
@@ -159,10 +235,7 @@ class Agent:
             capabilities=tuple(data["capabilities"]),
             capacity=int(data["capacity"]),
             labels=dict(data["labels"]),
-            skills=tuple(
-                Skill(s["id"], s["name"], s.get("description", ""), tuple(s.get("tags", ())))
-                for s in data["skills"]
-            ),
+            skills=tuple(Skill.from_json(skill) for skill in data["skills"]),
             ttl=float(data["ttl"]),
             state=AgentState(data["state"]),
             epoch=int(data["epoch"]),
@@ -172,6 +245,7 @@ class Agent:
             register_time=_parse_iso(data["register_time"]),
             last_heartbeat_time=_parse_iso(data["last_heartbeat_time"]),
             revision=int(data["revision"]),
+            card=AgentCard.from_json(data.get("card", {})),
         )
 
 

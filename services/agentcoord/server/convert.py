@@ -82,10 +82,7 @@ def agent_to_proto(agent: Agent, ttl_remaining: float = 0.0) -> discovery_pb.Age
         capabilities=agent.capabilities,
         capacity=agent.capacity,
         labels=agent.labels,
-        skills=[
-            discovery_pb.Skill(id=s.id, name=s.name, description=s.description, tags=s.tags)
-            for s in agent.skills
-        ],
+        skills=[skill_to_proto(skill) for skill in agent.skills],
         state=AGENT_STATE_TO_PROTO[agent.state],
         epoch=agent.epoch,
         heartbeat_interval=seconds_to_duration(agent.heartbeat_interval),
@@ -98,6 +95,29 @@ def agent_to_proto(agent: Agent, ttl_remaining: float = 0.0) -> discovery_pb.Age
         last_heartbeat_time=to_timestamp(agent.last_heartbeat_time),
         ttl_remaining=seconds_to_duration(ttl_remaining),
         revision=agent.revision,
+        description=agent.card.description,
+        version=agent.card.version,
+        provider=(
+            discovery_pb.Provider(
+                organization=agent.card.provider_organization, url=agent.card.provider_url
+            )
+            if agent.card.provider_organization
+            else None
+        ),
+        a2a_url=agent.card.a2a_url,
+    )
+
+
+def skill_to_proto(skill: Skill) -> discovery_pb.Skill:
+    """Return the wire form of a skill."""
+    return discovery_pb.Skill(
+        id=skill.id,
+        name=skill.name,
+        description=skill.description,
+        tags=skill.tags,
+        examples=skill.examples,
+        input_modes=skill.input_modes,
+        output_modes=skill.output_modes,
     )
 
 
@@ -137,7 +157,15 @@ class AgentProtoCache:
 
 def skill_from_proto(skill: discovery_pb.Skill) -> Skill:
     """Return the core form of a (validated) skill."""
-    return Skill(skill.id, skill.name, skill.description, tuple(skill.tags))
+    return Skill(
+        skill.id,
+        skill.name,
+        skill.description,
+        tuple(skill.tags),
+        tuple(skill.examples),
+        tuple(skill.input_modes),
+        tuple(skill.output_modes),
+    )
 
 
 def agent_event_to_proto(event: AgentEvent) -> discovery_pb.AgentEvent:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import grpc
 
 from agentcoord.core.discovery import AgentQuery, AgentSpec, Discovery, HeartbeatCommand, Session
 from agentcoord.core.errors import InvalidInput, PermissionDenied
-from agentcoord.core.models import AgentState, AgentStatus
+from agentcoord.core.models import AgentCard, AgentState, AgentStatus
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from agentcoord.server import convert, page_tokens, validation
@@ -59,9 +60,10 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         self, request: pb.ListAgentsRequest, context: Context
     ) -> pb.ListAgentsResponse:
         """List agents matching the filters, one page."""
-        query = _query(request.capabilities, request.role, request.states)
+        query = _query(request.capabilities, request.role, request.states, request.skills)
         fingerprint = {
             "capabilities": sorted(query.capabilities),
+            "skills": sorted(query.skills),
             "role": query.role,
             "states": sorted(state.value for state in query.states),
         }
@@ -148,7 +150,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         """Stream agent events after the start revision, then live."""
         if request.start_revision < 0:
             raise InvalidInput("start_revision", "must not be negative")
-        query = _query(request.capabilities, request.role, ())
+        query = _query(request.capabilities, request.role, (), ())
         with self._streams.track():
             async for events, revision in self._core.watch(request.start_revision, query):
                 messages = [convert.agent_event_to_proto(event) for event in events]
@@ -158,15 +160,20 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     async def GetSummary(
         self, request: pb.GetSummaryRequest, context: Context
     ) -> pb.GetSummaryResponse:
-        """Count live agents by role and capability."""
+        """Count live agents by role, capability, skill id and skill tag."""
         summary = self._core.summary()
-        by_role, roles_cut = _most_common(summary.by_role, self._max_bytes // 2)
-        by_capability, capabilities_cut = _most_common(summary.by_capability, self._max_bytes // 2)
+        share = self._max_bytes // 4
+        by_role, roles_cut = _most_common(summary.by_role, share)
+        by_capability, capabilities_cut = _most_common(summary.by_capability, share)
+        by_skill, skills_cut = _most_common(summary.by_skill, share)
+        by_skill_tag, tags_cut = _most_common(summary.by_skill_tag, share)
         return pb.GetSummaryResponse(
             live_agents=summary.live_agents,
             live_agents_by_role=by_role,
             live_agents_by_capability=by_capability,
-            counts_truncated=roles_cut or capabilities_cut,
+            live_agents_by_skill=by_skill,
+            live_agents_by_skill_tag=by_skill_tag,
+            counts_truncated=roles_cut or capabilities_cut or skills_cut or tags_cut,
             can_coordinate=summary.can_coordinate,
             total_capacity=summary.total_capacity,
             active_subtasks=summary.active_subtasks,
@@ -210,7 +217,9 @@ def _status(field: str, value: int) -> AgentStatus:
     return validation.known(field, value, convert.AGENT_STATUS_FROM_PROTO, "status")
 
 
-def _query(capabilities: Sequence[str], role: str, states: Sequence[int]) -> AgentQuery:
+def _query(
+    capabilities: Sequence[str], role: str, states: Sequence[int], skills: Sequence[str]
+) -> AgentQuery:
     chosen = {
         validation.known(f"states[{index}]", value, convert.AGENT_STATE_FROM_PROTO, "agent state")
         for index, value in enumerate(states)
@@ -221,6 +230,47 @@ def _query(capabilities: Sequence[str], role: str, states: Sequence[int]) -> Age
         capabilities=frozenset(validation.capabilities("capabilities", capabilities)),
         role=role,
         states=frozenset(chosen) or frozenset({AgentState.LIVE}),
+        skills=frozenset(_skill_names("skills", skills)),
+    )
+
+
+def _skill_names(field: str, values: Sequence[str]) -> list[str]:
+    """Check a list of skill ids or tags (1-128 characters, at most 32)."""
+    validation.at_most(field, values, 32)
+    return [
+        validation.text(f"{field}[{index}]", value, max_length=128, required=True)
+        for index, value in enumerate(values)
+    ]
+
+
+def _modes(field: str, values: Sequence[str]) -> None:
+    validation.at_most(field, values, 16)
+    for index, value in enumerate(values):
+        validation.text(f"{field}[{index}]", value, max_length=128, required=True)
+
+
+def _url(field: str, value: str) -> str:
+    """Check an optional absolute http(s) URL of at most 2048 characters."""
+    validation.text(field, value, max_length=2048)
+    if value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InvalidInput(field, f"must be an absolute http(s) URL, not {value!r}")
+    return value
+
+
+def _card(request: pb.RegisterRequest) -> AgentCard:
+    provider = request.provider
+    if request.HasField("provider"):
+        validation.text(
+            "provider.organization", provider.organization, max_length=256, required=True
+        )
+    return AgentCard(
+        description=validation.text("description", request.description, max_length=4096),
+        version=validation.text("version", request.version, max_length=64),
+        provider_organization=provider.organization,
+        provider_url=_url("provider.url", provider.url),
+        a2a_url=_url("a2a_url", request.a2a_url),
     )
 
 
@@ -242,6 +292,13 @@ def _agent_spec(request: pb.RegisterRequest) -> AgentSpec:
         validation.at_most(f"{field}.tags", skill.tags, 32)
         for tag_index, tag in enumerate(skill.tags):
             validation.text(f"{field}.tags[{tag_index}]", tag, max_length=64, required=True)
+        validation.at_most(f"{field}.examples", skill.examples, 16)
+        for example_index, example in enumerate(skill.examples):
+            validation.text(
+                f"{field}.examples[{example_index}]", example, max_length=1024, required=True
+            )
+        _modes(f"{field}.input_modes", skill.input_modes)
+        _modes(f"{field}.output_modes", skill.output_modes)
     return AgentSpec(
         agent_id=request.agent_id,
         name=validation.text("name", request.name, max_length=256, required=True),
@@ -251,4 +308,5 @@ def _agent_spec(request: pb.RegisterRequest) -> AgentSpec:
         labels=validation.labels("labels", request.labels),
         skills=tuple(convert.skill_from_proto(skill) for skill in request.skills),
         ttl=validation.duration("ttl", request.ttl),
+        card=_card(request),
     )

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from agentcoord.core.errors import InvalidInput
 from agentcoord.core.models import (
     Agent,
+    AgentCard,
     AgentEventKind,
     AgentState,
     AgentStatus,
@@ -50,6 +51,7 @@ AGENT_COLUMNS = (
     "last_heartbeat_time",
     "revision",
     "token_hash",
+    "card",
 )
 """Columns of the ``agents`` table, in the order of :meth:`Codec.agent_params`."""
 
@@ -139,10 +141,6 @@ class Codec:
 
     def agent_params(self, agent: Agent, token_hash: str) -> tuple[Any, ...]:
         """Return the values of :data:`AGENT_COLUMNS` for ``agent``."""
-        skills = [
-            {"id": s.id, "name": s.name, "description": s.description, "tags": list(s.tags)}
-            for s in agent.skills
-        ]
         return (
             agent.agent_id,
             agent.name,
@@ -150,7 +148,7 @@ class Codec:
             _dumps(list(agent.capabilities)),
             agent.capacity,
             _dumps(dict(agent.labels)),
-            _dumps(skills),
+            _dumps([skill.to_json() for skill in agent.skills]),
             agent.ttl,
             agent.state.value,
             agent.epoch,
@@ -161,6 +159,7 @@ class Codec:
             self._time_or_none(agent.last_heartbeat_time),
             agent.revision,
             token_hash,
+            _dumps(agent.card.to_json()),
         )
 
     def agent_from_row(self, row: Row) -> Agent:
@@ -174,10 +173,7 @@ class Codec:
             capabilities=tuple(json.loads(row["capabilities"])),
             capacity=row["capacity"],
             labels=json.loads(row["labels"]),
-            skills=tuple(
-                Skill(s["id"], s["name"], s["description"], tuple(s["tags"]))
-                for s in json.loads(row["skills"])
-            ),
+            skills=tuple(Skill.from_json(skill) for skill in json.loads(row["skills"])),
             ttl=row["ttl"],
             state=AgentState(row["state"]),
             epoch=row["epoch"],
@@ -189,6 +185,7 @@ class Codec:
                 None if last_heartbeat_time is None else self.decode_time(last_heartbeat_time)
             ),
             revision=row["revision"],
+            card=AgentCard.from_json(json.loads(row["card"])),
         )
 
     def change_params(self, change: Change) -> tuple[Any, ...]:

@@ -508,6 +508,7 @@ class ResumeSession(ViewOp):
             capacity=agent.capacity,
             labels=agent.labels,
             skills=agent.skills,
+            card=agent.card,
             ttl=agent.ttl,
         )
         return ws.save_agent(updated, current[1], AgentEventKind.UPDATED, self.now)

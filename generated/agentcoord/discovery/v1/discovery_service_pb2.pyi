@@ -118,6 +118,10 @@ class Agent(_message.Message):
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     TTL_REMAINING_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    A2A_URL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Identifier of the agent; 1-128 characters of [A-Za-z0-9._:-], unique per store."""
     name: _builtins.str
@@ -134,6 +138,12 @@ class Agent(_message.Message):
     """Status last reported by the agent's heartbeats. Output only."""
     revision: _builtins.int
     """Revision of the latest event that changed this agent. Output only."""
+    description: _builtins.str
+    """What the agent does, as its A2A agent card says; at most 4096 characters."""
+    version: _builtins.str
+    """Version of the agent (its A2A card's `version`); at most 64 characters."""
+    a2a_url: _builtins.str
+    """URL of the agent's own A2A endpoint, when it serves one; an absolute http(s) URL."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Capabilities such as `python` or `gpu`; each at most 64 characters of [a-z0-9_.:-], at most 64 entries, sorted and unique."""
@@ -170,6 +180,10 @@ class Agent(_message.Message):
     def ttl_remaining(self) -> _duration_pb2.Duration:
         """Remaining time before the agent expires unless it heartbeats; zero when not live. Output only."""
 
+    @_builtins.property
+    def provider(self) -> Global___Provider:
+        """Who provides the agent (its A2A card's `provider`); unset when not given."""
+
     def __init__(
         self,
         *,
@@ -190,14 +204,44 @@ class Agent(_message.Message):
         last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
         ttl_remaining: _duration_pb2.Duration | None = ...,
         revision: _builtins.int = ...,
+        description: _builtins.str = ...,
+        version: _builtins.str = ...,
+        provider: Global___Provider | None = ...,
+        a2a_url: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "last_heartbeat_time", b"last_heartbeat_time", "load", b"load", "register_time", b"register_time", "ttl", b"ttl", "ttl_remaining", b"ttl_remaining"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "last_heartbeat_time", b"last_heartbeat_time", "load", b"load", "provider", b"provider", "register_time", b"register_time", "ttl", b"ttl", "ttl_remaining", b"ttl_remaining"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "capacity", b"capacity", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "load", b"load", "name", b"name", "register_time", b"register_time", "revision", b"revision", "role", b"role", "skills", b"skills", "state", b"state", "status", b"status", "ttl", b"ttl", "ttl_remaining", b"ttl_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a2a_url", b"a2a_url", "agent_id", b"agent_id", "capabilities", b"capabilities", "capacity", b"capacity", "description", b"description", "epoch", b"epoch", "heartbeat_interval", b"heartbeat_interval", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "load", b"load", "name", b"name", "provider", b"provider", "register_time", b"register_time", "revision", b"revision", "role", b"role", "skills", b"skills", "state", b"state", "status", b"status", "ttl", b"ttl", "ttl_remaining", b"ttl_remaining", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class Provider(_message.Message):
+    """The organisation that provides an agent, as in an A2A agent card's `provider`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    organization: _builtins.str
+    """Name of the organisation; 1-256 characters."""
+    url: _builtins.str
+    """Web site of the organisation; an absolute http(s) URL of at most 2048 characters."""
+    def __init__(
+        self,
+        *,
+        organization: _builtins.str = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization", b"organization", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provider: _TypeAlias = Provider  # noqa: Y015
 
 @_typing.final
 class Skill(_message.Message):
@@ -209,6 +253,9 @@ class Skill(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    INPUT_MODES_FIELD_NUMBER: _builtins.int
+    OUTPUT_MODES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier of the skill, unique within the agent; 1-128 characters."""
     name: _builtins.str
@@ -219,6 +266,18 @@ class Skill(_message.Message):
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keywords for the skill; at most 32 entries of at most 64 characters."""
 
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Example prompts or requests the skill handles; at most 16 of at most 1024 characters."""
+
+    @_builtins.property
+    def input_modes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Media types the skill accepts, such as `text/plain`; at most 16 of at most 128 characters."""
+
+    @_builtins.property
+    def output_modes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Media types the skill produces; at most 16 of at most 128 characters."""
+
     def __init__(
         self,
         *,
@@ -226,10 +285,13 @@ class Skill(_message.Message):
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
+        examples: _abc.Iterable[_builtins.str] | None = ...,
+        input_modes: _abc.Iterable[_builtins.str] | None = ...,
+        output_modes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "name", b"name", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "examples", b"examples", "id", b"id", "input_modes", b"input_modes", "name", b"name", "output_modes", b"output_modes", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,6 +451,7 @@ class ListAgentsRequest(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
+    SKILLS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of agents to return; 0 means 100, values above 1000 are treated as 1000."""
     page_token: _builtins.str
@@ -403,6 +466,10 @@ class ListAgentsRequest(_message.Message):
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___Agent.State.ValueType]:
         """Returns only agents in these states; empty means live agents only."""
 
+    @_builtins.property
+    def skills(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Returns only agents that, for each of these, have a skill with that id or tag."""
+
     def __init__(
         self,
         *,
@@ -411,10 +478,11 @@ class ListAgentsRequest(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         role: _builtins.str = ...,
         states: _abc.Iterable[Global___Agent.State.ValueType] | None = ...,
+        skills: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "page_size", b"page_size", "page_token", b"page_token", "role", b"role", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "page_size", b"page_size", "page_token", b"page_token", "role", b"role", "skills", b"skills", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,6 +550,10 @@ class RegisterRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     SKILLS_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    A2A_URL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Identifier the agent chooses; empty lets the server generate one."""
     name: _builtins.str
@@ -490,6 +562,12 @@ class RegisterRequest(_message.Message):
     """Role of the agent; optional, at most 64 characters of [a-z0-9_.-]."""
     capacity: _builtins.int
     """Number of sub-tasks the agent runs in parallel; 0 means 1, at most 1024."""
+    description: _builtins.str
+    """What the agent does (A2A card `description`); at most 4096 characters."""
+    version: _builtins.str
+    """Version of the agent (A2A card `version`); at most 64 characters."""
+    a2a_url: _builtins.str
+    """URL of the agent's own A2A endpoint, when it serves one; an absolute http(s) URL."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Capabilities of the agent; each 1-64 characters of [a-z0-9_.:-], at most 64; duplicates are removed."""
@@ -506,6 +584,10 @@ class RegisterRequest(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """Requested TTL; zero means the server default, clamped to the server's [min, max] range."""
 
+    @_builtins.property
+    def provider(self) -> Global___Provider:
+        """Who provides the agent (A2A card `provider`); optional."""
+
     def __init__(
         self,
         *,
@@ -517,10 +599,14 @@ class RegisterRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         skills: _abc.Iterable[Global___Skill] | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        description: _builtins.str = ...,
+        version: _builtins.str = ...,
+        provider: Global___Provider | None = ...,
+        a2a_url: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "capacity", b"capacity", "labels", b"labels", "name", b"name", "role", b"role", "skills", b"skills", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a2a_url", b"a2a_url", "agent_id", b"agent_id", "capabilities", b"capabilities", "capacity", b"capacity", "description", b"description", "labels", b"labels", "name", b"name", "provider", b"provider", "role", b"role", "skills", b"skills", "ttl", b"ttl", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -836,6 +922,46 @@ class GetSummaryResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LiveAgentsBySkillEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class LiveAgentsBySkillTagEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LIVE_AGENTS_FIELD_NUMBER: _builtins.int
     LIVE_AGENTS_BY_ROLE_FIELD_NUMBER: _builtins.int
     LIVE_AGENTS_BY_CAPABILITY_FIELD_NUMBER: _builtins.int
@@ -844,6 +970,8 @@ class GetSummaryResponse(_message.Message):
     ACTIVE_SUBTASKS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     COUNTS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    LIVE_AGENTS_BY_SKILL_FIELD_NUMBER: _builtins.int
+    LIVE_AGENTS_BY_SKILL_TAG_FIELD_NUMBER: _builtins.int
     live_agents: _builtins.int
     """Number of live agents."""
     can_coordinate: _builtins.bool
@@ -870,6 +998,14 @@ class GetSummaryResponse(_message.Message):
     def live_agents_by_capability(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Number of live agents per capability; the most common only, as for roles."""
 
+    @_builtins.property
+    def live_agents_by_skill(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Number of live agents per skill id; the most common only, as for roles."""
+
+    @_builtins.property
+    def live_agents_by_skill_tag(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Number of live agents per skill tag (an agent counts once per tag); the most common only."""
+
     def __init__(
         self,
         *,
@@ -881,10 +1017,12 @@ class GetSummaryResponse(_message.Message):
         active_subtasks: _builtins.int = ...,
         revision: _builtins.int = ...,
         counts_truncated: _builtins.bool = ...,
+        live_agents_by_skill: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        live_agents_by_skill_tag: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_subtasks", b"active_subtasks", "can_coordinate", b"can_coordinate", "counts_truncated", b"counts_truncated", "live_agents", b"live_agents", "live_agents_by_capability", b"live_agents_by_capability", "live_agents_by_role", b"live_agents_by_role", "revision", b"revision", "total_capacity", b"total_capacity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_subtasks", b"active_subtasks", "can_coordinate", b"can_coordinate", "counts_truncated", b"counts_truncated", "live_agents", b"live_agents", "live_agents_by_capability", b"live_agents_by_capability", "live_agents_by_role", b"live_agents_by_role", "live_agents_by_skill", b"live_agents_by_skill", "live_agents_by_skill_tag", b"live_agents_by_skill_tag", "revision", b"revision", "total_capacity", b"total_capacity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -63,7 +63,7 @@ _STATE_TYPES = _typed(
 _AGENT_TYPES = _typed(
     AGENT_COLUMNS,
     "text text text jsonb integer jsonb jsonb float8 text bigint text integer jsonb"
-    " timestamptz timestamptz bigint text",
+    " timestamptz timestamptz bigint text jsonb",
 )
 _REQUEST_TYPES = _typed(REQUEST_COLUMNS, "text text jsonb timestamptz")
 _CHANGE_TYPES = _typed(CHANGE_COLUMNS, "bigint timestamptz text text text text jsonb")
