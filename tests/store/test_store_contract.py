@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import sqlite3
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -18,6 +20,7 @@ import pytest
 from agentcoord.core.errors import InvalidInput, Unavailable
 from agentcoord.core.models import (
     Agent,
+    AgentCard,
     AgentState,
     AgentStatus,
     Change,
@@ -486,7 +489,13 @@ EXPECTED_INDEXES = {
     "states_agent_session": ["agent_id", "session_epoch"],
     "write_requests_time": ["time"],
 }
-EXPECTED_MIGRATIONS = [(1, "init"), (2, "statesync"), (3, "distribution"), (4, "session_identity")]
+EXPECTED_MIGRATIONS = [
+    (1, "init"),
+    (2, "statesync"),
+    (3, "distribution"),
+    (4, "session_identity"),
+    (5, "agent_card"),
+]
 
 
 @dataclasses.dataclass
@@ -563,6 +572,34 @@ async def test_migrations_build_the_schema_once(store_url: str) -> None:
     async with opened(store_url) as store:  # reopening applies nothing again
         await store.register_agent(make_agent(), "h", NOW)
     assert (await inspect_schema(store_url)).migrations == first.migrations
+
+
+async def test_the_card_migration_keeps_agents_and_their_skills(tmp_path: Path) -> None:
+    """An agent written before 0005 reads back with its skills and an empty card."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    async with opened(url) as store:
+        await store.register_agent(make_agent(), "h", NOW)
+    # Back to the schema of migration 0004, skills as they were stored then.
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as conn, conn:
+        conn.executescript(
+            """
+            ALTER TABLE agents DROP COLUMN card;
+            UPDATE agents SET skills = '[{"id":"s1","name":"Summarise",'
+                || '"description":"Summarises text","tags":["nlp","text"]}]';
+            DELETE FROM schema_migrations WHERE version = 5;
+            """
+        )
+    async with opened(url) as store:
+        ((agent, _),) = await store.load_agents()
+    assert agent.card == AgentCard()
+    assert agent.skills == make_agent().skills
+    card = AgentCard(description="d", version="2", provider_organization="o", a2a_url="https://a")
+    skill = Skill("s2", "S", examples=("e",), input_modes=("text/plain",))
+    async with opened(url) as store:
+        await store.register_agent(make_agent(card=card, skills=(skill,)), "h2", NOW)
+    async with opened(url) as store:
+        ((agent, _),) = await store.load_agents()
+    assert (agent.card, agent.skills) == (card, (skill,))
 
 
 async def test_replicas_starting_together_migrate_once(store_url: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from agentcoord.cli.exits import CliError, Exit, exit_for_status
 from agentcoord.cli.rpc import Commands, add_client_flags, join_token, servers
@@ -32,6 +33,13 @@ def register(commands: Commands) -> None:
         "--ttl", type=float, default=None, metavar="SECONDS", help="heartbeat TTL (server default)"
     )
     parser.add_argument(
+        "--card",
+        default="",
+        metavar="FILE",
+        help="A2A agent card (JSON) of the agent: its skills, description, version, provider, "
+        "URL; its name unless --name",
+    )
+    parser.add_argument(
         "--http",
         default="",
         metavar="HOST:PORT",
@@ -42,7 +50,7 @@ def register(commands: Commands) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until the host disconnects or SIGTERM; return the exit status."""
     try:
-        from agentcoord.mcp import AgentOptions, serve
+        from agentcoord.mcp import AgentOptions, load_card, serve
     except ImportError as error:
         print(
             f"agentcoord: the mcp extra is not installed ({error}); "
@@ -62,16 +70,22 @@ def run(args: argparse.Namespace) -> int:
         return Exit.USAGE
     try:
         targets = servers(args)
+        card = load_card(Path(args.card)) if args.card else None
     except CliError as error:
         print(f"agentcoord: {error.message}", file=sys.stderr)
         return error.status
+    except ValueError as error:
+        print(f"agentcoord: --card {error}", file=sys.stderr)
+        return Exit.USAGE
     options = AgentOptions(
         targets=targets,
         agent_id=args.agent_id,
-        name=args.name,
+        name=args.name or (card.name if card else ""),
         role=args.role,
         capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
         capacity=args.capacity,
+        skills=card.skills if card else (),
+        card=card.info if card else None,
         ttl=args.ttl,
         join_token=join_token(args),
         timeout=args.timeout,

@@ -11,8 +11,10 @@ from agentcoord.client._agent import (
     Agent,
     AgentStats,
     Assignment,
+    CardInfo,
     Handler,
     NonRetryableError,
+    Skill,
     WorkItem,
 )
 from agentcoord.client._client import (
@@ -97,6 +99,7 @@ __all__ = [
     "AgentcoordClient",
     "Append",
     "Assignment",
+    "CardInfo",
     "Change",
     "ChangeType",
     "ConflictError",
@@ -126,6 +129,7 @@ __all__ = [
     "RemoveFromSet",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "Skill",
     "SplitPolicy",
     "StateClient",
     "StateSyncClient",

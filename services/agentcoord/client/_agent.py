@@ -174,6 +174,63 @@ Handler = Callable[[WorkItem], Awaitable[Any]]
 
 
 @dataclass(slots=True)
+@dataclass(frozen=True)
+class Skill:
+    """A skill an agent offers, as a skill of an A2A agent card says it."""
+
+    id: str
+    """Identifier, unique within the agent (1-128 characters)."""
+    name: str
+    """Human-readable name."""
+    description: str = ""
+    """What the skill does."""
+    tags: Sequence[str] = ()
+    """Keywords; agents are found by skill id or tag."""
+    examples: Sequence[str] = ()
+    """Example requests it handles."""
+    input_modes: Sequence[str] = ()
+    """Media types it accepts, such as ``text/plain``."""
+    output_modes: Sequence[str] = ()
+    """Media types it produces."""
+
+    def to_proto(self) -> discovery_pb.Skill:
+        """Return the wire form."""
+        return discovery_pb.Skill(
+            id=self.id,
+            name=self.name,
+            description=self.description,
+            tags=self.tags,
+            examples=self.examples,
+            input_modes=self.input_modes,
+            output_modes=self.output_modes,
+        )
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What an agent's A2A agent card says beyond its name and skills."""
+
+    description: str = ""
+    """What the agent does."""
+    version: str = ""
+    """The agent's version."""
+    provider_organization: str = ""
+    """Organisation providing it; none when empty."""
+    provider_url: str = ""
+    """The provider's web site."""
+    a2a_url: str = ""
+    """The agent's own A2A endpoint, when it serves one."""
+
+    def fill(self, request: discovery_pb.RegisterRequest) -> None:
+        """Set these fields of a registration."""
+        request.description = self.description
+        request.version = self.version
+        request.a2a_url = self.a2a_url
+        if self.provider_organization:
+            request.provider.organization = self.provider_organization
+            request.provider.url = self.provider_url
+
+
 class AgentStats:
     """Counters of an agent, for tests, logs and dashboards."""
 
@@ -247,6 +304,8 @@ class Agent:
         capabilities: Iterable[str] = (),
         capacity: int = 1,
         labels: Mapping[str, str] | None = None,
+        skills: Iterable[Skill] = (),
+        card: CardInfo | None = None,
         ttl: float | None = None,
         handler_timeout: float | None = None,
         drain_timeout: float = 30.0,
@@ -271,6 +330,9 @@ class Agent:
                 not assigned to this agent.
             capacity: Sub-tasks run at the same time.
             labels: Free-form labels.
+            skills: What the agent offers, as in an A2A agent card; ListAgents and
+                GetSummary filter and count by skill id and tag.
+            card: The rest of its A2A agent card (description, version, provider, URL).
             ttl: Seconds without a heartbeat after which the server declares the agent dead;
                 the server's default when None.
             handler_timeout: Seconds a handler may run before it is cancelled and the
@@ -295,7 +357,10 @@ class Agent:
             capabilities=sorted(set(capabilities)),
             capacity=capacity,
             labels=labels or {},
+            skills=[skill.to_proto() for skill in skills],
         )
+        if card is not None:
+            card.fill(self._registration)
         if ttl is not None:
             self._registration.ttl.FromNanoseconds(round(ttl * 1e9))
         self.client = AgentcoordClient(

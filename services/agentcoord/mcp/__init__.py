@@ -13,10 +13,20 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
+from agentcoord.mcp._card import CardFile, load_card
 from agentcoord.mcp._server import build_server, rpc_message
 from agentcoord.mcp._session import AgentOptions, AgentSession, LeaseLost
 
-__all__ = ["AgentOptions", "AgentSession", "LeaseLost", "build_server", "rpc_message", "serve"]
+__all__ = [
+    "AgentOptions",
+    "AgentSession",
+    "CardFile",
+    "LeaseLost",
+    "build_server",
+    "load_card",
+    "rpc_message",
+    "serve",
+]
 
 
 async def serve(options: AgentOptions, *, http: tuple[str, int] | None = None) -> None:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from agentcoord.client import Agent, NonRetryableError, RPCError, WorkItem
+from agentcoord.client import Agent, CardInfo, NonRetryableError, RPCError, Skill, WorkItem
 from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_pb
 
 Request = TypeVar("Request")
@@ -73,6 +73,10 @@ class AgentOptions:
     """Capabilities, such as ``python``."""
     capacity: int = 1
     """Sub-tasks held for the model at a time."""
+    skills: Sequence[Skill] = ()
+    """Skills, as the agent's A2A card lists them."""
+    card: CardInfo | None = None
+    """The rest of its A2A card."""
     ttl: float | None = None
     """Seconds without a heartbeat after which the server declares the agent dead."""
     join_token: str = ""
@@ -98,6 +102,8 @@ class AgentSession:
             role=options.role,
             capabilities=options.capabilities,
             capacity=options.capacity,
+            skills=options.skills,
+            card=options.card,
             ttl=options.ttl,
             join_token=options.join_token,
             timeout=options.timeout,

@@ -9,13 +9,14 @@ import logging
 import resource
 import signal
 import urllib.parse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pool as pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from starlette.routing import BaseRoute
 
 from agentcoord.core.changes import ChangeFeed
 from agentcoord.core.clock import Clock, SystemClock
@@ -27,6 +28,7 @@ from agentcoord.core.statesync import Liveness, StateSync, StateSyncConfig
 from agentcoord.core.task_rules import RetryPolicy, TaskDefaults
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc
+from agentcoord.server import a2a
 from agentcoord.server import discovery as discovery_server
 from agentcoord.server import distribution as distribution_server
 from agentcoord.server import statesync as statesync_server
@@ -123,6 +125,8 @@ class _Hosted:
     """Registers the servicer."""
     loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None
     """Background work until the event is set."""
+    http_routes: Sequence[BaseRoute] = ()
+    """Routes the service serves on the HTTP listener, when there is one."""
 
 
 @dataclass(slots=True)
@@ -167,6 +171,7 @@ async def _host_services(
                     servicer, server
                 ),
                 discovery.run,
+                a2a.routes(discovery),
             )
         )
     if "statesync" in config.services:
@@ -287,9 +292,12 @@ async def start_app(
     names = [service.name for service in hosted]
     enable_reflection(server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     http = HttpListener(config, authenticator) if config.http_listen else None
-    if http is not None and metrics is not None:
-        http.add_routes(metrics.routes())
-        http.add_routes(Dashboard(store, feed, clock, cores.discovery, http.closing).routes())
+    if http is not None:
+        if metrics is not None:
+            http.add_routes(metrics.routes())
+            http.add_routes(Dashboard(store, feed, clock, cores.discovery, http.closing).routes())
+        for service in hosted:
+            http.add_routes(service.http_routes)
     try:
         port = _bind(server, config, credentials)
         if http is not None:
