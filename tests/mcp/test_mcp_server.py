@@ -364,3 +364,50 @@ def test_docs_mcp_md_shows_a_host_configuration_that_parses_and_every_tool() -> 
         "agentcoord://tasks/{task_id}",
         "agentcoord://state/{key}",
     }
+
+
+async def test_the_agent_registers_the_a2a_card_given_with_card(
+    address: str, admin: AgentcoordClient, tmp_path: Path
+) -> None:
+    card = {
+        "name": "Reviewer",
+        "description": "Reviews diffs.",
+        "version": "0.3.1",
+        "provider": {"organization": "Example Labs", "url": "https://example.org"},
+        "supportedInterfaces": [{"url": "https://example.org/a2a", "protocolBinding": "JSONRPC"}],
+        "skills": [
+            {
+                "id": "code-review",
+                "name": "Code review",
+                "description": "Finds bugs in a diff.",
+                "tags": ["python"],
+                "examples": ["Review this patch"],
+                "inputModes": ["text/x-diff"],
+                "outputModes": ["text/markdown"],
+            }
+        ],
+    }
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    async with mcp_agent(address, tmp_path / "mcp.log", "carded", "--card", str(path)) as model:
+        found = await model.call("list_agents", skills=["python"])
+        assert [(a["agent_id"], a["name"], a["skills"]) for a in found["agents"]] == [
+            ("carded", "Reviewer", ["code-review"])
+        ]
+        assert (await model.call("list_agents", skills=["cooking"]))["agents"] == []
+        summary = await model.call("get_summary")
+        assert summary["live_agents_by_skill"] == {"code-review": 1}
+        assert summary["live_agents_by_skill_tag"] == {"python": 1}
+        agent = await agent_state(admin, "carded")
+    assert (agent.description, agent.version, agent.a2a_url) == (
+        "Reviews diffs.",
+        "0.3.1",
+        "https://example.org/a2a",
+    )
+    assert agent.provider.organization == "Example Labs"
+    (skill,) = agent.skills
+    assert (list(skill.examples), list(skill.input_modes), list(skill.output_modes)) == (
+        ["Review this patch"],
+        ["text/x-diff"],
+        ["text/markdown"],
+    )

@@ -80,9 +80,12 @@ def build_server(session: AgentSession) -> MCPServer[Any]:
 
     # --- Discovery ----------------------------------------------------------------------------
 
-    async def agents(capabilities: list[str], role: str, live_only: bool, limit: int) -> AgentList:
+    async def agents(
+        capabilities: list[str], skills: list[str], role: str, live_only: bool, limit: int
+    ) -> AgentList:
         request = discovery_pb.ListAgentsRequest(
             capabilities=capabilities,
+            skills=skills,
             role=role,
             states=[discovery_pb.Agent.STATE_LIVE] if live_only else [],
         )
@@ -98,14 +101,17 @@ def build_server(session: AgentSession) -> MCPServer[Any]:
         capabilities: Annotated[
             list[str], Field(description="Only agents with every one of these.")
         ] = [],  # noqa: B006 - pydantic copies defaults
+        skills: Annotated[
+            list[str], Field(description="Only agents with a skill of each of these ids or tags.")
+        ] = [],  # noqa: B006
         role: Annotated[str, Field(description="Only agents of this role.")] = "",
         live_only: Annotated[bool, Field(description="Leave out agents that left.")] = True,
         limit: Annotated[int, Field(ge=1, le=MAX_LIST)] = 100,
     ) -> AgentList:
         with tool_errors():
-            return await agents(capabilities, role, live_only, limit)
+            return await agents(capabilities, skills, role, live_only, limit)
 
-    @app.tool(description="Count the live agents by role and capability, with their capacity.")
+    @app.tool(description="Count live agents by role, capability and skill, and their capacity.")
     async def get_summary() -> Summary:
         with tool_errors():
             return Summary.of(await client.discovery.get_summary(discovery_pb.GetSummaryRequest()))
@@ -246,7 +252,7 @@ def build_server(session: AgentSession) -> MCPServer[Any]:
     )
     async def live_agents() -> str:
         with _resource_errors():
-            return (await agents([], "", True, MAX_LIST)).model_dump_json()
+            return (await agents([], [], "", True, MAX_LIST)).model_dump_json()
 
     @app.resource(
         "agentcoord://tasks/{task_id}",

@@ -102,6 +102,7 @@ class AgentView(BaseModel):
     name: str
     role: str
     capabilities: list[str]
+    skills: list[str] = Field(description="Ids of the skills its A2A card lists.")
     capacity: int
     state: str = Field(description="LIVE, LEFT or EXPIRED.")
     status: str = Field(description="READY, BUSY or DRAINING.")
@@ -116,6 +117,7 @@ class AgentView(BaseModel):
             name=agent.name,
             role=agent.role,
             capabilities=list(agent.capabilities),
+            skills=[skill.id for skill in agent.skills],
             capacity=agent.capacity,
             state=discovery_pb.Agent.State.Name(agent.state).removeprefix("STATE_"),
             status=discovery_pb.Agent.Status.Name(agent.status).removeprefix("STATUS_"),
@@ -140,6 +142,8 @@ class Summary(BaseModel):
     live_agents: int
     live_agents_by_role: dict[str, int]
     live_agents_by_capability: dict[str, int]
+    live_agents_by_skill: dict[str, int]
+    live_agents_by_skill_tag: dict[str, int]
     can_coordinate: bool = Field(description="At least two live agents.")
     total_capacity: int
     active_subtasks: int
@@ -151,6 +155,8 @@ class Summary(BaseModel):
             live_agents=summary.live_agents,
             live_agents_by_role=dict(summary.live_agents_by_role),
             live_agents_by_capability=dict(summary.live_agents_by_capability),
+            live_agents_by_skill=dict(summary.live_agents_by_skill),
+            live_agents_by_skill_tag=dict(summary.live_agents_by_skill_tag),
             can_coordinate=summary.can_coordinate,
             total_capacity=summary.total_capacity,
             active_subtasks=summary.active_subtasks,
