@@ -97,6 +97,51 @@ def table(output: str) -> list[list[str]]:
 # --- agents -------------------------------------------------------------------------------------
 
 
+async def test_agents_show_prints_the_a2a_card_and_ls_filters_by_skill(
+    cli: Cli, server: App
+) -> None:
+    await register(server, "plain", "worker")
+    async with AgentcoordClient(f"127.0.0.1:{server.port}") as client:
+        await client.discovery.register(
+            discovery_pb.RegisterRequest(
+                agent_id="reviewer",
+                name="Reviewer",
+                description="Reviews diffs.",
+                version="1.2.0",
+                provider=discovery_pb.Provider(organization="Example Labs", url="https://ex.org"),
+                a2a_url="https://ex.org/a2a",
+                skills=[
+                    discovery_pb.Skill(
+                        id="code-review",
+                        name="Code review",
+                        description="Finds bugs",
+                        tags=["python", "review"],
+                        examples=["Review this"],
+                        input_modes=["text/x-diff"],
+                        output_modes=["text/markdown"],
+                    )
+                ],
+                ttl=duration_pb2.Duration(seconds=300),
+            )
+        )
+    shown = await cli("agents", "show", "reviewer")
+    assert shown.code == Exit.OK, shown.err
+    lines = {tuple(row[:1]): row[1:] for row in table(shown.out)}
+    assert lines[("description",)] == ["Reviews diffs."]
+    assert lines[("version",)] == ["1.2.0"]
+    assert lines[("provider",)] == ["Example Labs (https://ex.org)"]
+    assert lines[("a2a url",)] == ["https://ex.org/a2a"]
+    assert lines[("skill code-review",)] == [
+        "Code review: Finds bugs; tags python,review; examples Review this; in text/x-diff; "
+        "out text/markdown"
+    ]
+    for wanted in ("code-review", "python"):
+        found = await cli("agents", "ls", "--skill", wanted)
+        assert [row[0] for row in table(found.out)[1:]] == ["reviewer"]
+    none = await cli("--json", "agents", "ls", "--skill", "review", "--skill", "cooking")
+    assert none.json.get("agents", []) == []
+
+
 async def test_agents_ls_show_and_watch(cli: Cli, server: App) -> None:
     await register(server, "gpu-1", "trainer", "gpu", "python")
     token = await register(server, "py-1", "worker", "python")
@@ -115,6 +160,7 @@ async def test_agents_ls_show_and_watch(cli: Cli, server: App) -> None:
 
     shown = await cli("agents", "show", "py-1")
     assert "state         live" in shown.out and "capabilities  python" in shown.out
+    assert "provider      -" in shown.out
     joined_at = int((await cli("--json", "agents", "show", "py-1")).json["agent"]["revision"])
 
     async with AgentcoordClient(f"127.0.0.1:{server.port}", token=token) as client:

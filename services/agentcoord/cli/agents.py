@@ -26,8 +26,16 @@ def register(commands: Commands) -> None:
     actions = add_group(commands, "agents", "list, show and watch agents")
     ls = add_command(actions, "ls", _list, "list agents (live ones unless --all)")
     _add_filters(ls)
+    ls.add_argument(
+        "--skill",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only agents with a skill of this id or tag (A2A card); repeatable (all must match)",
+    )
     ls.add_argument("--all", action="store_true", help="include agents that left or expired")
-    show = add_command(actions, "show", _show, "show one agent")
+    show_help = "show one agent, with its A2A card (description, version, provider, skills)"
+    show = add_command(actions, "show", _show, show_help)
     show.add_argument("agent_id", metavar="AGENT_ID")
     watch = add_command(actions, "watch", _watch, "print agents joining, updating, leaving")
     _add_filters(watch)
@@ -47,7 +55,10 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 
 async def _list(client: AgentcoordClient, args: argparse.Namespace, out: Output) -> int:
     request = pb.ListAgentsRequest(
-        capabilities=args.capability, role=args.role, states=EVERY_STATE if args.all else []
+        capabilities=args.capability,
+        role=args.role,
+        states=EVERY_STATE if args.all else [],
+        skills=args.skill,
     )
     response = await list_all(client.discovery.list_agents, request, "agents")
     if out.json:
@@ -88,7 +99,12 @@ async def _show(client: AgentcoordClient, args: argparse.Namespace, out: Output)
             ("load", f"{agent.load.active_subtasks}/{agent.capacity}"),
             ("holds", listing(agent.load.held_subtask_ids)),
             ("labels", listing(f"{k}={v}" for k, v in sorted(agent.labels.items()))),
+            ("description", agent.description or NONE),
+            ("version", agent.version or NONE),
+            ("provider", _provider(agent)),
+            ("a2a url", agent.a2a_url or NONE),
             ("skills", listing(skill.id for skill in agent.skills)),
+            *((f"skill {skill.id}", _skill(skill)) for skill in agent.skills),
             ("epoch", str(agent.epoch)),
             ("ttl", f"{seconds(agent.ttl)} ({seconds(agent.ttl_remaining)} left)"),
             ("registered", when(agent.register_time)),
@@ -97,6 +113,27 @@ async def _show(client: AgentcoordClient, args: argparse.Namespace, out: Output)
         ]
     )
     return Exit.OK
+
+
+def _provider(agent: pb.Agent) -> str:
+    if not agent.HasField("provider"):
+        return NONE
+    provider = agent.provider
+    return f"{provider.organization} ({provider.url})" if provider.url else provider.organization
+
+
+def _skill(skill: pb.Skill) -> str:
+    """One skill of the card on one line: name, description, then its lists."""
+    parts = [skill.name + (f": {skill.description}" if skill.description else "")]
+    for name, values in [
+        ("tags", skill.tags),
+        ("examples", skill.examples),
+        ("in", skill.input_modes),
+        ("out", skill.output_modes),
+    ]:
+        if values:
+            parts.append(f"{name} {listing(values)}")
+    return "; ".join(parts)
 
 
 async def _watch(client: AgentcoordClient, args: argparse.Namespace, out: Output) -> int:
