@@ -50,7 +50,7 @@ TOOLS = {
     "list_state",
     "list_events",
 }
-"""The tool names issue 13 fixes; update_state waits for server-side atomic operations."""
+"""The tool names issue 13 fixes; update_state (ModifyState) is not wired yet."""
 
 
 @pytest.fixture
