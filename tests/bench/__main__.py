@@ -457,10 +457,13 @@ class Bench:
             self.table.add(
                 f"sub-tasks end to end on {count} replica(s) (PostgreSQL), {spec.label}, "
                 "agents spread over the replicas",
-                "sub-tasks completed/s (seconds); server CPU ms per sub-task; exactly once",
+                "sub-tasks completed/s (seconds); server CPU ms per sub-task; SUCCEEDED with "
+                "the completer's result; OK responses; duplicates; log entries",
                 f"{result.rate:,.0f} ({result.seconds:.2f} s); "
                 f"{1000 * result.server_cpu * result.seconds / max(1, result.ok):.2f} ms; "
-                f"{'yes' if checks.exactly_once(args.subtasks, result.ok) else 'NO'}",
+                f"{checks.matching:,}; {result.ok:,}; {result.duplicates:,}; {checks.events:,}",
+                target=f"{args.subtasks:,}; {args.subtasks:,}; 0; {args.subtasks:,}",
+                met=checks.exactly_once(args.subtasks, result.ok),
             )
         self.table.add(
             "sub-tasks end to end, 2 replicas vs 1 (same machine, same cores)",
