@@ -67,7 +67,7 @@ async def test_expiry_is_judged_on_the_monotonic_clock(store: Store, clock: Manu
     clock.advance(0.2)
     expired = await discovery.sweep()
     assert [agent.agent_id for agent in expired] == ["a"]
-    assert discovery.get_agent("a").agent.state is AgentState.EXPIRED
+    assert (await discovery.get_agent("a")).agent.state is AgentState.EXPIRED
     stored = await store.get_agent("a")
     assert stored is not None and stored.state is AgentState.EXPIRED
     # The ended session can neither heartbeat nor authenticate again.
@@ -82,7 +82,7 @@ async def test_a_passed_deadline_reads_as_expired_before_the_sweep(
     discovery = await start_discovery(store, clock)
     await discovery.register(AgentSpec("a", "A", ttl=1))
     clock.advance(1.5)
-    view = discovery.get_agent("a")
+    view = await discovery.get_agent("a")
     assert view.agent.state is AgentState.EXPIRED and view.ttl_remaining == 0
     assert discovery.list_agents(AgentQuery(), after_agent_id="", limit=10)[0] == []
     assert discovery.summary().live_agents == 0
@@ -129,7 +129,7 @@ async def test_status_change_is_a_change_log_entry(store: Store, clock: ManualCl
     )
     changes = await store.list_changes(revision, 10)
     assert [change.kind for change in changes] == ["agent.updated"]
-    assert discovery.get_agent("a").agent.status is AgentStatus.DRAINING
+    assert (await discovery.get_agent("a")).agent.status is AgentStatus.DRAINING
 
 
 async def test_sessions_cannot_act_for_other_agents(store: Store, clock: ManualClock) -> None:

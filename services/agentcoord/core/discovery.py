@@ -5,6 +5,16 @@ moves the agent's deadline and costs no disk write. Heartbeat facts are flushed 
 store in batches every ``flush_interval``; expiry is swept every ``sweep_interval``.
 Registrations, departures, expiries and status changes are written through at once and
 land in the change log, which WatchAgents follows.
+
+Several processes may share one store (replicas on PostgreSQL). Each mirrors every agent
+change of the change log it hears, its own and other processes' commits, so an agent
+registered through one replica is known to all, and a registration through one ends the
+session the others held (they refuse its token from then on). A deadline that passes is
+judged against the store before the agent expires: an agent whose stored last heartbeat
+is newer than any this process received heartbeats through another process, and lives
+until that heartbeat plus its TTL plus ``flush_interval`` (the staleness of stored
+heartbeats). So a process that restarts, or that never held the agent's stream, never
+expires an agent that heartbeats elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import logging
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -239,6 +249,8 @@ class _Entry:
     last_heartbeat_time: datetime | None = None
     pending: bool = False
     """Whether the volatile fields are newer than ``base``."""
+    elsewhere: bool = False
+    """Whether its heartbeats may come through another process (the store tells)."""
 
     @property
     def agent(self) -> Agent:
@@ -309,11 +321,36 @@ class Discovery:
         not from their last flushed heartbeat, lets them reconnect without being
         reported expired.
         """
+        self._store.add_listener(self._heard)
         now = self._clock.monotonic()
         for agent, token_hash in await self._store.load_agents():
-            self._remember(agent, token_hash, now + agent.ttl)
+            entry = self._entries.get(agent.agent_id)
+            if entry is None or entry.base.revision < agent.revision:
+                self._remember(agent, token_hash, now + agent.ttl, elsewhere=True)
 
-    def _remember(self, agent: Agent, token_hash: str, deadline: float) -> _Entry:
+    def _heard(self, changes: Sequence[Change]) -> None:
+        """Mirror the agent changes of a commit, this process's or another's."""
+        now = self._clock.monotonic()
+        for change in changes:
+            if change.service is Service.DISCOVERY and "agent" in change.details:
+                self._heard_agent(Agent.from_snapshot(change.details["agent"]), now)
+
+    def _heard_agent(self, agent: Agent, now: float) -> None:
+        entry = self._entries.get(agent.agent_id)
+        if entry is not None and entry.base.revision >= agent.revision:
+            return  # known already (or an older change heard late)
+        if entry is not None and entry.base.epoch == agent.epoch:
+            if agent.state is not AgentState.LIVE:
+                self._end(entry, agent)
+            else:
+                entry.set_agent(agent)
+        else:  # a new session, opened through this process or another
+            self._remember(agent, "", now + agent.ttl, elsewhere=True)
+
+    def _remember(
+        self, agent: Agent, token_hash: str, deadline: float, *, elsewhere: bool = False
+    ) -> _Entry:
+        """Record ``agent``; with ``elsewhere``, the store is asked a flush interval early."""
         agent_id = agent.agent_id
         previous = self._entries.get(agent_id)
         if previous is None:
@@ -325,11 +362,13 @@ class Discovery:
                 self._unindex(agent_id, previous.base.capabilities, previous.base.role)
                 self._index(agent_id, agent.capabilities, agent.role)
         self._dirty.pop(agent_id, None)
-        entry = _Entry(agent, token_hash, deadline)
+        entry = _Entry(agent, token_hash, deadline, elsewhere=elsewhere)
         self._entries[agent.agent_id] = entry
         if agent.state is AgentState.LIVE:
-            self._by_token[token_hash] = agent.agent_id
-            heapq.heappush(self._deadlines, (deadline, agent.agent_id))
+            if token_hash:
+                self._by_token[token_hash] = agent.agent_id
+            look = deadline - self.config.flush_interval if elsewhere else deadline
+            heapq.heappush(self._deadlines, (look, agent.agent_id))
         return entry
 
     def _index(self, agent_id: str, capabilities: tuple[str, ...], role: str) -> None:
@@ -382,7 +421,7 @@ class Discovery:
         if current is not None:
             current.check_acts_as(agent_id)
         agent = self._agent_of(spec, agent_id)
-        entry = self._entries.get(agent_id)
+        entry = await self._entry_read_through(agent_id)
         if entry is not None and entry.base.state is AgentState.LIVE:
             remaining = entry.deadline - self._clock.monotonic()
             if remaining > 0 and current is not None and current.epoch == entry.base.epoch:
@@ -402,7 +441,8 @@ class Discovery:
         stored = await self._store.register_agent(
             agent, token_hash, self._clock.now(), replacing_epoch=replacing
         )
-        self._remember(stored, token_hash, self._clock.monotonic() + stored.ttl)
+        # Its stream may open on another process: elsewhere until it heartbeats here.
+        self._remember(stored, token_hash, self._clock.monotonic() + stored.ttl, elsewhere=True)
         return Registration(stored, new_token)
 
     async def _resume(self, entry: _Entry, agent: Agent, token: str) -> Registration:
@@ -461,7 +501,16 @@ class Discovery:
                     raise Unauthenticated("session token's session has expired; register again")
                 return Session(agent_id, entry.base.epoch)
         # A session opened through another process of the same store.
-        return await session_from_store(self._store, token)
+        session = await session_from_store(self._store, token)
+        mirrored = self._entries.get(session.agent_id)
+        if (
+            mirrored is not None
+            and mirrored.base.epoch == session.epoch
+            and not mirrored.token_hash
+        ):
+            mirrored.token_hash = token_hash
+            self._by_token[token_hash] = session.agent_id
+        return session
 
     def _session_entry(self, session: Session, agent_id: str) -> _Entry | None:
         """Return the entry of a still-current session, checking the caller acts as itself."""
@@ -495,12 +544,15 @@ class Discovery:
         now = self._clock.monotonic()
         if now >= entry.deadline:
             # Recorded now or, if the store fails, by a later sweep: the deadline stays due.
+            # No expiry either if it heartbeat through another process meanwhile.
             with contextlib.suppress(Unavailable):
                 await self._expire(entry)
-            return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
+            if entry.base.state is not AgentState.LIVE or now >= entry.deadline:
+                return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
         agent = entry.base
         ttl = agent.ttl
         entry.deadline = now + ttl
+        entry.elsewhere = False
         wall = self._clock.now()
         if status is not AgentStatus.UNSPECIFIED and status is not agent.status:
             updated = await self._store.update_agent_status(
@@ -547,7 +599,37 @@ class Discovery:
         entry.set_agent(ended)
         self._dirty.pop(ended.agent_id, None)
 
+    async def _heartbeats_elsewhere(self, entry: _Entry) -> bool:
+        """Whether the store shows the agent alive through another process's heartbeats.
+
+        If so, the entry's deadline moves to its stored last heartbeat plus its TTL plus
+        ``flush_interval``.
+        """
+        stored = await self._store.get_agent(entry.base.agent_id)
+        if stored is None or stored.state is not AgentState.LIVE:
+            return False
+        if stored.epoch != entry.base.epoch:
+            return False
+        times = [t for t in (stored.register_time, stored.last_heartbeat_time) if t is not None]
+        if not times:
+            return False
+        last = max(times)
+        if entry.last_heartbeat_time is not None and last <= entry.last_heartbeat_time:
+            return False  # the last heartbeat came through this process: memory knows best
+        now = self._clock.monotonic()
+        stored_deadline = now + (last - self._clock.now()).total_seconds() + stored.ttl
+        entry.deadline = stored_deadline + self.config.flush_interval
+        if entry.deadline <= now:
+            return False
+        entry.elsewhere = True
+        # Look again halfway to the deadline (newer heartbeats are flushed by then), so
+        # that an agent live elsewhere never reaches its deadline here.
+        heapq.heappush(self._deadlines, ((now + entry.deadline) / 2, entry.base.agent_id))
+        return True
+
     async def _expire(self, entry: _Entry) -> None:
+        if await self._heartbeats_elsewhere(entry):
+            return
         ended = await self._store.end_agent_session(
             entry.base.agent_id, entry.base.epoch, AgentState.EXPIRED, self._clock.now()
         )
@@ -571,13 +653,17 @@ class Discovery:
             entry = self._entries.get(agent_id)
             if entry is None or entry.base.state is not AgentState.LIVE:
                 continue
-            if entry.deadline > now:
+            if entry.deadline > now and not entry.elsewhere:
                 heapq.heappush(self._deadlines, (entry.deadline, agent_id))
             elif all(e is not entry for e in due):
                 due.append(entry)
         expired = []
         for index, entry in enumerate(due):
             try:
+                if entry.deadline > now:  # an early look at what other processes flushed
+                    if not await self._heartbeats_elsewhere(entry):
+                        heapq.heappush(self._deadlines, (entry.deadline, entry.base.agent_id))
+                    continue
                 await self._expire(entry)
             except Exception:
                 for unrecorded in due[index:]:
@@ -648,13 +734,23 @@ class Discovery:
             agent = replace(agent, state=AgentState.EXPIRED)
         return AgentView(agent, 0.0)
 
-    def get_agent(self, agent_id: str) -> AgentView:
-        """Return one agent.
+    async def _entry_read_through(self, agent_id: str) -> _Entry | None:
+        """The agent's entry; one not heard of yet is read from the store."""
+        entry = self._entries.get(agent_id)
+        if entry is None:
+            stored = await self._store.get_agent(agent_id)
+            if stored is not None:  # registered through another process a moment ago
+                self._heard_agent(stored, self._clock.monotonic())
+                entry = self._entries.get(agent_id)
+        return entry
+
+    async def get_agent(self, agent_id: str) -> AgentView:
+        """Return one agent; one this process has not heard of yet is read from the store.
 
         Raises:
             NotFound: no such agent.
         """
-        entry = self._entries.get(agent_id)
+        entry = await self._entry_read_through(agent_id)
         if entry is None:
             raise NotFound(f"agent_id: agent {agent_id!r} does not exist", reason="AGENT_NOT_FOUND")
         return self._view(entry, self._clock.monotonic())

@@ -53,7 +53,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         """Return one agent."""
         agent_id = _agent_id("agent_id", request.agent_id)
         response = pb.GetAgentResponse()
-        self._protos.fill(response.agent, self._core.get_agent(agent_id))
+        self._protos.fill(response.agent, await self._core.get_agent(agent_id))
         return response
 
     async def ListAgents(

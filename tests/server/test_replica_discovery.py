@@ -1,0 +1,172 @@
+"""Discovery across replica processes on one PostgreSQL database.
+
+Real ``agentcoord serve`` processes on a fresh schema: an agent registered through one
+replica is known to the others and may heartbeat through any of them; a registration
+through one ends the session everywhere; a replica that (re)starts while agents heartbeat
+another expires none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import duration_pb2, struct_pb2
+
+from agentcoord.discovery.v1 import discovery_service_pb2 as pb
+from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
+from agentcoord.statesync.v1 import statesync_service_pb2 as state_pb
+from agentcoord.statesync.v1 import statesync_service_pb2_grpc as state_grpc
+from tests.helpers import bearer
+from tests.server.processes import ADMIN, Replica, Replicas
+
+ADMIN_AUTH = bearer(ADMIN)
+TTL = 1.0
+"""The agents' TTL (the server's minimum): several TTLs pass in each test."""
+LIVE = pb.Agent.STATE_LIVE
+
+
+@contextlib.asynccontextmanager
+async def discovery(replica: Replica) -> AsyncIterator[pb_grpc.DiscoveryServiceStub]:
+    async with grpc.aio.insecure_channel(replica.address) as channel:
+        yield pb_grpc.DiscoveryServiceStub(channel)
+
+
+async def register(stub: pb_grpc.DiscoveryServiceStub, agent_id: str) -> pb.RegisterResponse:
+    request = pb.RegisterRequest(
+        agent_id=agent_id, name=agent_id, ttl=duration_pb2.Duration(seconds=int(TTL))
+    )
+    response: pb.RegisterResponse = await stub.Register(request, metadata=ADMIN_AUTH)
+    return response
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(
+    stub: pb_grpc.DiscoveryServiceStub, registered: pb.RegisterResponse
+) -> AsyncIterator[list[pb.HeartbeatResponse]]:
+    """Heartbeat a third of the TTL apart until the block ends; yields the answers so far."""
+    call = stub.Heartbeat(metadata=bearer(registered.session_token))
+    answers: list[pb.HeartbeatResponse] = []
+
+    async def beat() -> None:
+        while True:
+            await call.write(pb.HeartbeatRequest(agent_id=registered.agent.agent_id))
+            answers.append(await call.read())
+            await asyncio.sleep(TTL / 3)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield answers
+    finally:
+        task.cancel()
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await task
+    assert task.cancelled(), "the heartbeat stream failed"
+
+
+async def heartbeat_once(
+    stub: pb_grpc.DiscoveryServiceStub, agent_id: str, token: str
+) -> pb.HeartbeatResponse:
+    call = stub.Heartbeat(metadata=bearer(token))
+    try:
+        await call.write(pb.HeartbeatRequest(agent_id=agent_id))
+        answer: pb.HeartbeatResponse = await call.read()
+        return answer
+    finally:
+        call.cancel()
+
+
+async def agent_kinds(replica: Replica) -> list[str]:
+    """The kinds of every Discovery change in the change log, read through ``replica``."""
+    async with grpc.aio.insecure_channel(replica.address) as channel:
+        stub = state_grpc.StateSyncServiceStub(channel)
+        page = await stub.ListEvents(
+            state_pb.ListEventsRequest(page_size=1000), metadata=ADMIN_AUTH
+        )
+    return [event.kind for event in page.events if event.kind.startswith("agent.")]
+
+
+async def test_an_agent_registered_on_one_replica_is_known_and_heartbeats_on_another(
+    replicas: Replicas,
+) -> None:
+    replica_a = await replicas.start()
+    replica_b = await replicas.start("discovery", "statesync")
+    async with discovery(replica_a) as a, discovery(replica_b) as b:
+        registered = await register(a, "worker-1")
+        agent = (await b.GetAgent(pb.GetAgentRequest(agent_id="worker-1"))).agent
+        assert agent.state == LIVE and agent.epoch == registered.epoch
+        listed = await b.ListAgents(pb.ListAgentsRequest())
+        assert [listed_agent.agent_id for listed_agent in listed.agents] == ["worker-1"]
+        assert (await b.GetSummary(pb.GetSummaryRequest())).live_agents == 1
+        # Heartbeats through b only, for several TTLs: a sees the agent live all along,
+        # from the heartbeats b flushes to the store.
+        async with heartbeating(b, registered) as answers:
+            for _ in range(12):
+                await asyncio.sleep(TTL / 2)
+                on_a = (await a.GetAgent(pb.GetAgentRequest(agent_id="worker-1"))).agent
+                assert on_a.state == LIVE
+                assert (await a.GetSummary(pb.GetSummaryRequest())).live_agents == 1
+        assert answers and all(
+            answer.command == pb.HeartbeatResponse.COMMAND_UNSPECIFIED for answer in answers
+        )
+    assert await agent_kinds(replica_a) == ["agent.joined"]  # it never expired
+
+
+async def test_a_registration_on_another_replica_ends_the_session_everywhere(
+    replicas: Replicas,
+) -> None:
+    replica_a = await replicas.start()
+    replica_b = await replicas.start("discovery", "statesync")
+    async with discovery(replica_a) as a, discovery(replica_b) as b:
+        first = await register(a, "worker-1")
+        second = await register(b, "worker-1")  # the admin takes the live session over
+        assert second.epoch == first.epoch + 1
+        old, new = bearer(first.session_token), bearer(second.session_token)
+        async with grpc.aio.insecure_channel(replica_a.address) as channel:
+            state_on_a = state_grpc.StateSyncServiceStub(channel)
+            put = state_pb.PutStateRequest(key="shared/k", json=struct_pb2.Value(number_value=1))
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                for _ in range(100):  # a hears the registration through the change feed
+                    await state_on_a.PutState(put, metadata=old)
+                    await asyncio.sleep(0.05)
+            refused = state_on_a.PutState(put, metadata=old)
+            try:
+                await refused
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            else:
+                raise AssertionError("replica a still accepts the replaced session's token")
+            await state_on_a.PutState(put, metadata=new)
+        for stub in (a, b):
+            try:
+                answer = await heartbeat_once(stub, "worker-1", first.session_token)
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            else:
+                assert answer.command == pb.HeartbeatResponse.COMMAND_REREGISTER
+            answer = await heartbeat_once(stub, "worker-1", second.session_token)
+            assert answer.command == pb.HeartbeatResponse.COMMAND_UNSPECIFIED
+            assert answer.epoch == second.epoch
+
+
+async def test_a_restarted_replica_expires_no_agent_that_heartbeats_another(
+    replicas: Replicas,
+) -> None:
+    replica_a = await replicas.start()
+    replica_b = await replicas.start("discovery", "statesync")
+    async with discovery(replica_a) as a, contextlib.AsyncExitStack() as stack:
+        for n in range(4):
+            registered = await register(a, f"worker-{n}")
+            await stack.enter_async_context(heartbeating(a, registered))
+        replica_b.process.kill()
+        await replica_b.process.wait()
+        restarted = await replicas.start("discovery", "statesync")  # b again, on a new port
+        await asyncio.sleep(4 * TTL)  # several TTLs of restarted's clock
+        async with discovery(restarted) as b:
+            summary = await b.GetSummary(pb.GetSummaryRequest())
+        assert summary.live_agents == 4
+        assert (await a.GetSummary(pb.GetSummaryRequest())).live_agents == 4
+    assert await agent_kinds(replica_a) == ["agent.joined"] * 4
