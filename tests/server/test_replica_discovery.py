@@ -112,6 +112,8 @@ async def test_an_agent_registered_on_one_replica_is_known_and_heartbeats_on_ano
         assert answers and all(
             answer.command == pb.HeartbeatResponse.COMMAND_UNSPECIFIED for answer in answers
         )
+        # a shows the last heartbeat that b flushed, read from the store.
+        assert on_a.last_heartbeat_time.ToDatetime() > agent.register_time.ToDatetime()
     assert await agent_kinds(replica_a) == ["agent.joined"]  # it never expired
 
 

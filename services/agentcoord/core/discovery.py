@@ -603,7 +603,7 @@ class Discovery:
         """Whether the store shows the agent alive through another process's heartbeats.
 
         If so, the entry's deadline moves to its stored last heartbeat plus its TTL plus
-        ``flush_interval``.
+        ``flush_interval``, and its heartbeat facts (time, load) become the stored ones.
         """
         stored = await self._store.get_agent(entry.base.agent_id)
         if stored is None or stored.state is not AgentState.LIVE:
@@ -622,6 +622,14 @@ class Discovery:
         if entry.deadline <= now:
             return False
         entry.elsewhere = True
+        entry.set_agent(
+            replace(
+                entry.base,
+                last_heartbeat_time=stored.last_heartbeat_time,
+                active_subtasks=stored.active_subtasks,
+                held_subtask_ids=stored.held_subtask_ids,
+            )
+        )
         # Look again halfway to the deadline (newer heartbeats are flushed by then), so
         # that an agent live elsewhere never reaches its deadline here.
         heapq.heappush(self._deadlines, ((now + entry.deadline) / 2, entry.base.agent_id))
