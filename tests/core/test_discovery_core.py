@@ -183,7 +183,7 @@ async def test_an_ended_session_cannot_deregister_the_session_that_replaced_it(
     second = await discovery.register(AgentSpec("a", "A", ttl=60), admin=True)
     agent = await discovery.deregister(old, "")
     assert agent.epoch == second.agent.epoch and agent.state is AgentState.LIVE
-    assert discovery.get_agent("a").agent.state is AgentState.LIVE
+    assert (await discovery.get_agent("a")).agent.state is AgentState.LIVE
     stored = await store.get_agent("a")
     assert stored is not None and stored.state is AgentState.LIVE
     assert stored.epoch == second.agent.epoch
