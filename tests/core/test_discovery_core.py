@@ -207,7 +207,7 @@ async def test_a_resume_that_changes_fields_keeps_the_load_of_the_last_heartbeat
         token=registration.session_token,
     )
     assert resumed.agent.epoch == registration.agent.epoch and resumed.agent.capacity == 4
-    agent = discovery.get_agent("a").agent
+    agent = (await discovery.get_agent("a")).agent
     assert (agent.active_subtasks, agent.last_heartbeat_time) == (3, heartbeat_time)
     await discovery.flush()  # the heartbeat's facts were not flushed before the resume
     stored = await store.get_agent("a")
