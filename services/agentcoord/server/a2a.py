@@ -48,7 +48,7 @@ def routes(discovery: Discovery) -> list[BaseRoute]:
     async def one(request: Request) -> Response:
         agent_id = request.path_params["agent_id"]
         try:
-            view = discovery.get_agent(agent_id)
+            view = await discovery.get_agent(agent_id)
         except NotFound as error:
             return _error(404, error.reason, error.message)
         if view.agent.state is not AgentState.LIVE:
