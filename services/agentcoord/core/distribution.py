@@ -38,11 +38,11 @@ import heapq
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from agentcoord.core.changes import ChangeFeed, check_retained
+from agentcoord.core.changes import ChangeFeed, WatchBatch, check_retained
 from agentcoord.core.clock import Clock
 from agentcoord.core.discovery import Session
 from agentcoord.core.errors import (
@@ -51,6 +51,7 @@ from agentcoord.core.errors import (
     InvalidInput,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from agentcoord.core.loops import run_periodically
 from agentcoord.core.models import Agent, AgentEventKind, AgentState, AgentStatus, Change, Service
@@ -334,13 +335,39 @@ class Distribution:
         def is_agent_change(change: Change) -> bool:
             return change.service is Service.DISCOVERY and change.kind.startswith("agent.")
 
-        # From the revision the agents were loaded at: no join or expiry in between is missed.
-        async for batch in self._feed.watch(self._agents_revision, is_agent_change):
+        async def handle(batch: WatchBatch) -> None:
             for change in batch.changes:
                 try:
                     await self._on_agent_change(change)
                 except Exception:
                     log.exception("distribution: handling %s failed", change.kind)
+
+        await self._follow(is_agent_change, handle, "agent changes")
+
+    async def _follow(
+        self,
+        matches: Callable[[Change], bool],
+        handle: Callable[[WatchBatch], Awaitable[None]],
+        name: str,
+    ) -> None:
+        """Hand ``handle`` each batch of matching changes after the loaded revision, forever.
+
+        From the revision the agents were loaded at, so no change in between is missed. A
+        store outage while catching up does not end the follower: it logs once, waits a
+        sweep interval and resumes after the last batch it handled.
+        """
+        revision = self._agents_revision
+        failing = False
+        while True:
+            try:
+                async for batch in self._feed.watch(revision, matches):
+                    await handle(batch)
+                    revision, failing = batch.revision, False
+            except Unavailable as error:
+                if not failing:
+                    log.warning("distribution following %s: %s", name, error.message)
+                failing = True
+                await asyncio.sleep(self.config.sweep_interval)
 
     async def _follow_subtasks(self) -> None:
         """Absorb the sub-tasks other processes changed, as they stand in the store."""
@@ -348,7 +375,7 @@ class Distribution:
         def is_subtask_change(change: Change) -> bool:
             return change.service is Service.DISTRIBUTION and change.kind.startswith("subtask.")
 
-        async for batch in self._feed.watch(self._agents_revision, is_subtask_change):
+        async def handle(batch: WatchBatch) -> None:
             # The operations of this process whose changes these are resume first and
             # absorb their own results: those changes are no news by then.
             await asyncio.sleep(0)
@@ -361,6 +388,8 @@ class Distribution:
                     await self._absorb_others(await self._store.get_subtasks(news))
             except Exception:
                 log.exception("distribution: reading sub-tasks changed elsewhere failed")
+
+        await self._follow(is_subtask_change, handle, "sub-task changes")
 
     async def _absorb_others(self, subtasks: Sequence[Subtask]) -> None:
         """Absorb sub-tasks another process changed; revoke the leases that ended there."""
