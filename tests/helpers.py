@@ -7,11 +7,15 @@ import re
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+DetailT = TypeVar("DetailT", bound=Message)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -19,29 +23,33 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def details_of(error: grpc.RpcError, kind: type[DetailT]) -> list[DetailT]:
+    """Return the rich-status details of a failed call that are ``kind`` messages."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no rich status on {error!r}"
+    found = []
+    for detail in status.details:
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            found.append(message)
+    return found
+
+
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     """Return the ErrorInfo detail of a failed call."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"no rich status on {error.code()}: {error.details()}"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
+    infos = details_of(error, error_details_pb2.ErrorInfo)
+    assert infos, "no ErrorInfo detail"
+    return infos[0]
 
 
 def field_violations(error: grpc.RpcError) -> list[str]:
     """Return the fields a BadRequest detail of a failed call names."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            request = error_details_pb2.BadRequest()
-            detail.Unpack(request)
-            fields.extend(violation.field for violation in request.field_violations)
-    return fields
+    return [
+        violation.field
+        for request in details_of(error, error_details_pb2.BadRequest)
+        for violation in request.field_violations
+    ]
 
 
 PATH_SEGMENT = re.compile(r"([a-z_][a-z0-9_]*)(?:\[([^\]]*)\])?(?:\.|$)")

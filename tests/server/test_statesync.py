@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
-from grpc_status import rpc_status
 
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
 from agentcoord.server.app import App
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as pb_grpc
-from tests.helpers import bearer, error_info, eventually, field_violations
+from tests.helpers import bearer, details_of, error_info, eventually, field_violations
 from tests.server.conftest import StartServer
 
 Stub = pb_grpc.StateSyncServiceStub
@@ -666,15 +665,6 @@ async def test_concurrent_modify_state_loses_nothing(state: Stub, token: str) ->
 async def test_a_conflict_carries_the_current_entry(state: Stub, token: str) -> None:
     written = await put(state, token, "shared/c", 1, metadata={"a": "b"})
     stale = await failure(put(state, token, "shared/c", 2, expected_version=5))
-    status = rpc_status.from_call(stale)  # type: ignore[arg-type]
-    assert status is not None
-    entries = []
-    for detail in status.details:
-        if detail.Is(pb.State.DESCRIPTOR):
-            entry = pb.State()
-            detail.Unpack(entry)
-            entries.append(entry)
-    assert entries == [written.state]
+    assert details_of(stale, pb.State) == [written.state]
     absent = await failure(put(state, token, "shared/none", 2, expected_version=1))
-    details = rpc_status.from_call(absent).details  # type: ignore[arg-type, union-attr]
-    assert not any(d.Is(pb.State.DESCRIPTOR) for d in details)
+    assert details_of(absent, pb.State) == []
