@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from google.protobuf import descriptor_pool, json_format
 
+from agentcoord.client._client import SERVER_VARIABLE
 from agentcoord.core import errors as domain_errors
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.server import auth
@@ -254,6 +255,7 @@ def test_operations_mentions_only_real_flags_and_variables() -> None:
     assert flags - known_flags == set(), f"not flags of agentcoord serve: {flags - known_flags}"
     variables = set(re.findall(r"\bAGENTCOORD_[A-Z_]+\b", text))
     known = {env_name(spec.name) for spec in dataclasses.fields(ServerConfig)}
+    known.add(SERVER_VARIABLE)  # the clients' (Several replicas)
     assert variables - known == set(), f"unknown environment variables: {variables - known}"
 
 

@@ -492,6 +492,13 @@ async def test_clients_and_agents_find_the_server_in_agentcoord_server(
     async with Agent(name="env", agent_id="env", handler=handle, ttl=1.0) as worker:
         assert worker.client.target == address(app)
 
+    # A gRPC address list is one target: its commas are its own.
+    listed = f"ipv4:{dead},{address(app)}"
+    monkeypatch.setenv("AGENTCOORD_SERVER", listed)
+    async with AgentcoordClient() as client:
+        summary = await client.discovery.get_summary(discovery_pb.GetSummaryRequest())
+        assert summary.live_agents == 0 and client.targets == (listed,)
+
     monkeypatch.setenv("AGENTCOORD_SERVER", "127.0.0.1:99999")
     with pytest.raises(ValueError, match=re.escape("AGENTCOORD_SERVER: '127.0.0.1:99999'")):
         AgentcoordClient()

@@ -45,12 +45,22 @@ def check_target(target: str) -> str:
     return target
 
 
+_ADDRESS_LISTS = ("ipv4:", "ipv6:")
+"""gRPC URIs that list several addresses, comma-separated, for one channel."""
+
+
 def parse_targets(text: str) -> tuple[str, ...]:
     """Split a comma-separated list of server addresses, checking each.
+
+    A gRPC ``ipv4:`` or ``ipv6:`` URI lists its own addresses with commas
+    (``ipv4:10.0.0.1:50051,10.0.0.2:50051``): given alone, it is one target, whose channel
+    balances over those addresses as over a DNS name's.
 
     Raises:
         ValueError: an address is malformed, or there is none.
     """
+    if text.strip().startswith(_ADDRESS_LISTS):
+        return (text.strip(),)
     targets = tuple(check_target(part.strip()) for part in text.split(",") if part.strip())
     if not targets:
         raise ValueError(f"{text!r} names no server address")
