@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from agentcoord.store.factory import open_store
 
 POSTGRES_DSN_VARIABLE = "AGENTCOORD_TEST_POSTGRES_DSN"

@@ -72,18 +72,8 @@ LAYERS = [
     Layer(
         "core",
         modules=("agentcoord.core",),
-        # The core receives a Store through its constructor; it names the Protocol type only.
-        may_import=("agentcoord.core", "agentcoord.store.base"),
-    ),
-    Layer(
-        "store.base",
-        modules=("agentcoord.store.base",),
-        may_import=(
-            "agentcoord.core.models",
-            "agentcoord.core.errors",
-            "agentcoord.core.tasks",
-            "agentcoord.core.task_rules",
-        ),
+        # The core owns the Store protocol it is given (core.store); it imports no store.
+        may_import=("agentcoord.core",),
     ),
     Layer(
         "store shared helpers",
@@ -96,6 +86,7 @@ LAYERS = [
         modules=("agentcoord.store",),
         may_import=(
             "agentcoord.store",
+            "agentcoord.core.store",
             "agentcoord.core.models",
             "agentcoord.core.errors",
             "agentcoord.core.state_rules",
@@ -103,7 +94,7 @@ LAYERS = [
             "agentcoord.core.task_rules",
         ),
         must_not_import=(*STORE_BACKENDS, "agentcoord.store.factory"),
-        excludes=(*STORE_BACKENDS, "agentcoord.store.factory", "agentcoord.store.base"),
+        excludes=(*STORE_BACKENDS, "agentcoord.store.factory"),
     ),
     Layer(
         "store.sqlite",
@@ -122,7 +113,12 @@ LAYERS = [
     Layer(
         "store.factory",
         modules=("agentcoord.store.factory",),
-        may_import=("agentcoord.store", "agentcoord.core.models", "agentcoord.core.errors"),
+        may_import=(
+            "agentcoord.store",
+            "agentcoord.core.store",
+            "agentcoord.core.models",
+            "agentcoord.core.errors",
+        ),
         third_party=frozenset(),  # back ends import their drivers, not the factory
     ),
     Layer(
@@ -130,7 +126,6 @@ LAYERS = [
         modules=("agentcoord.server",),
         may_import=(
             "agentcoord.core",
-            "agentcoord.store.base",
             "agentcoord.server",
             *GENERATED_PACKAGES,
         ),
@@ -307,9 +302,10 @@ def test_core_reads_no_clock_or_environment_except_clock_module() -> None:
         ),
         ("agentcoord.store.postgres.store", "from ..sqlite import store", "must not import"),
         ("agentcoord.client._client", "from agentcoord.core import models", "must not import"),
-        ("agentcoord.cli.main", "import agentcoord.store.base", "must not import"),
-        ("agentcoord.store.base", "from agentcoord.discovery.v1 import x", "may import only"),
-        ("agentcoord.store.base", "from agentcoord.store import batching", "may import only"),
+        ("agentcoord.cli.main", "import agentcoord.store.rows", "must not import"),
+        ("agentcoord.core.store", "from agentcoord.discovery.v1 import x", "may import only"),
+        ("agentcoord.core.store", "from agentcoord.store import batching", "may import only"),
+        ("agentcoord.core.discovery", "from agentcoord.store import rows", "may import only"),
         ("agentcoord.store.rows", "import grpc", "may use the standard library only"),
         ("agentcoord.store.batching", "from agentcoord.store.sqlite import x", "must not import"),
     ],
@@ -320,6 +316,6 @@ def test_checker_reports_forbidden_imports(module: str, source: str, expected: s
 
 
 def test_checker_accepts_allowed_imports() -> None:
-    assert not violations("agentcoord.core.discovery", "from agentcoord.store.base import Store")
+    assert not violations("agentcoord.core.discovery", "from agentcoord.core.store import Store")
     assert not violations("agentcoord.store.postgres.store", "import asyncpg\nfrom .. import base")
     assert not violations("agentcoord.server.app", "from agentcoord.store import factory")

@@ -33,7 +33,7 @@ from agentcoord.core.models import (
     StateWrite,
     ValueKind,
 )
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from agentcoord.store.factory import open_store
 
 HOT_KEYS = 4

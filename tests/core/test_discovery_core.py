@@ -16,7 +16,7 @@ from agentcoord.core.discovery import (
 )
 from agentcoord.core.errors import NotFound, PermissionDenied, Unauthenticated
 from agentcoord.core.models import AgentState, AgentStatus
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from agentcoord.store.factory import open_store
 
 

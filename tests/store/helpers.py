@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from agentcoord.core.models import Change, ChangeFilter
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from agentcoord.store.factory import open_store
 
 

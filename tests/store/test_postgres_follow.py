@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from agentcoord.core.models import Change
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from agentcoord.store.postgres.follow import channel_name
 from tests.helpers import eventually
 from tests.store.helpers import all_changes, opened

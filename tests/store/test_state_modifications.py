@@ -23,7 +23,7 @@ from agentcoord.core.models import (
     ValueKind,
 )
 from agentcoord.core.state_rules import entry_to_snapshot
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from tests.store.helpers import all_changes
 from tests.store.test_state_store import NOW, put, value, write
 

@@ -30,7 +30,7 @@ from agentcoord.core.models import (
     ValueKind,
 )
 from agentcoord.core.state_rules import entry_to_snapshot
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from agentcoord.store.rows import prefix_end
 from tests.store.helpers import all_changes, opened
 

@@ -29,7 +29,7 @@ from agentcoord.core.models import (
     Service,
     Skill,
 )
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from agentcoord.store.factory import open_store
 from tests.store.helpers import all_changes, opened
 

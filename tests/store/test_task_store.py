@@ -24,6 +24,7 @@ from agentcoord.core.models import (
     StateWrite,
     ValueKind,
 )
+from agentcoord.core.store import Store
 from agentcoord.core.task_rules import (
     LeaseRenewal,
     RetryPolicy,
@@ -48,7 +49,6 @@ from agentcoord.core.tasks import (
     TaskSpec,
     TaskState,
 )
-from agentcoord.store.base import Store
 from tests.store.helpers import all_changes, opened
 from tests.store.test_store_contract import inspect_schema
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from agentcoord.core.errors import OutOfRange
 from agentcoord.core.models import Change
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 
 CATCH_UP_BATCH = 100
 """Changes read from the store per query while catching up (a short turn of the loop)."""

@@ -50,7 +50,7 @@ from agentcoord.core.models import (
     Skill,
     agent_session_live,
 )
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -57,6 +57,7 @@ from agentcoord.core.loops import run_periodically
 from agentcoord.core.models import Agent, AgentEventKind, AgentState, AgentStatus, Change, Service
 from agentcoord.core.splitter import Splitter
 from agentcoord.core.statesync import Liveness
+from agentcoord.core.store import Store
 from agentcoord.core.task_rules import (
     LeaseRenewal,
     RetryPolicy,
@@ -84,7 +85,6 @@ from agentcoord.core.tasks import (
     TaskSpec,
     TaskState,
 )
-from agentcoord.store.base import Store
 
 log = logging.getLogger(__name__)
 

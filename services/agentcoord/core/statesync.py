@@ -30,7 +30,7 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 
 AGENTS_PREFIX = "agents/"
 """Keys ``agents/<id>/...`` belong to agent ``<id>``."""

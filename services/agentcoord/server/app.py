@@ -25,6 +25,7 @@ from agentcoord.core.distribution import Distribution, DistributionConfig
 from agentcoord.core.errors import Unavailable
 from agentcoord.core.models import AgentState
 from agentcoord.core.statesync import Liveness, StateSync, StateSyncConfig
+from agentcoord.core.store import Store
 from agentcoord.core.task_rules import RetryPolicy, TaskDefaults
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc
@@ -44,7 +45,6 @@ from agentcoord.server.splitters import load_splitter
 from agentcoord.server.streams import StreamTracker
 from agentcoord.server.tls import server_credentials
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc
-from agentcoord.store.base import Store
 from agentcoord.store.factory import open_store
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from agentcoord.core.clock import Clock
 from agentcoord.core.discovery import AgentQuery, Discovery
 from agentcoord.core.errors import InvalidInput
 from agentcoord.core.models import AgentState, Change, ChangeFilter, Service
+from agentcoord.core.store import Store
 from agentcoord.core.tasks import TaskFilter
-from agentcoord.store.base import Store
 
 ASSETS = Path(__file__).resolve().parent / "dashboard"
 """The page's files."""

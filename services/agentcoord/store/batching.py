@@ -38,7 +38,7 @@ FAILURE_LOG_INTERVAL = 10.0
 OpT = TypeVar("OpT")
 
 Listener = Callable[[Sequence[Change]], None]
-"""Receives committed changes in revision order; the same as ``store.base.ChangeListener``."""
+"""Receives committed changes in revision order; the same as ``core.store.ChangeListener``."""
 
 CommitObserver = Callable[[float, int], None]
 """Receives each commit's duration in seconds and its number of operations."""

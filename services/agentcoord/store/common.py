@@ -1,4 +1,4 @@
-"""The :class:`~agentcoord.store.base.Store` API, once for both back ends.
+"""The :class:`~agentcoord.core.store.Store` API, once for both back ends.
 
 A back end supplies three things: how to run a read statement (:meth:`SqlStore._fetch`),
 how to perform the requests of a batch script (:meth:`SqlStore._run_batch`, see

@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from agentcoord.core.errors import InvalidInput
-from agentcoord.store.base import Store
+from agentcoord.core.store import Store
 from agentcoord.store.postgres import PostgresStore
 from agentcoord.store.sqlite import SqliteStore
 

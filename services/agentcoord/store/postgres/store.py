@@ -352,7 +352,7 @@ async def _abandon(conn: asyncpg.Connection) -> None:
 
 
 class PostgresStore(SqlStore):
-    """The :class:`~agentcoord.store.base.Store` on a PostgreSQL database."""
+    """The :class:`~agentcoord.core.store.Store` on a PostgreSQL database."""
 
     shared = True
     """Replicas share one database; their commits reach the listeners through NOTIFY."""

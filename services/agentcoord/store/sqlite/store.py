@@ -392,7 +392,7 @@ def classify(error: BaseException) -> Unavailable | None:
 
 
 class SqliteStore(SqlStore):
-    """The :class:`~agentcoord.store.base.Store` on one SQLite file."""
+    """The :class:`~agentcoord.core.store.Store` on one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
         """Use the database file at ``path`` (relative to the working directory)."""

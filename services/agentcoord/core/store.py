@@ -1,4 +1,8 @@
-"""The store interface every back end implements.
+"""The store interface the core is given and every back end implements.
+
+It lives in the core because the core is what uses it: the services receive a ``Store``
+through their constructors, and the store package imports this protocol (and the core's
+records and pure rules), never the reverse.
 
 Operations reveal intention (``register_agent``, ``end_agent_session``) rather than
 exposing SQL. Each mutating operation is atomic: it commits its row changes and its
