@@ -1,11 +1,12 @@
-"""Fail-over of SDK clients when the replica they use dies (``kill -9``).
+"""Fail-over of SDK clients when the replica they use dies (``kill -9``) or drains (SIGTERM).
 
 Three real ``agentcoord serve`` processes on a fresh PostgreSQL schema. Four SDK agents, a
 planner and StateSync writers all use replica b first, and b is killed with SIGKILL in the
 middle of a task and a write storm. The agents must move to another replica by themselves,
 soon enough that no replica expires them (their sessions are kept: same epoch, no second
 registration), every write b acknowledged must be readable, and the task must end with every
-sub-task succeeded exactly once.
+sub-task succeeded exactly once. A replica stopped with SIGTERM drains: its health turns
+NOT_SERVING before its streams end with UNAVAILABLE, its agents move, and it exits with 0.
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agentcoord.client import Agent, AgentcoordClient, TaskState, WorkItem
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
+from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
+from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
+from tests.helpers import bearer
 from tests.server.processes import ADMIN, Replica, Replicas
 from tests.server.test_replicas_distribution import check_log, running, spec, subtask_events
 
@@ -162,3 +169,58 @@ async def test_kill_9_of_the_replica_in_use_moves_its_clients_and_loses_nothing(
     assert storm.acknowledged, "no write was acknowledged"
     lost = {k: v for k, v in storm.acknowledged.items() if stored.get(k) != v}
     assert not lost, f"{len(lost)} acknowledged writes lost"
+
+
+async def watch_shutdown(address: str, seen: list[str]) -> None:
+    """Note in ``seen`` the health of ``address`` turning NOT_SERVING and a watch ending."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        watch = statesync_grpc.StateSyncServiceStub(channel).WatchStates(
+            statesync_pb.WatchStatesRequest(prefix="nothing/"), metadata=bearer(ADMIN)
+        )
+        await anext(aiter(watch))  # registered
+        health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+
+        async def follow_health() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for response in health:
+                    if response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        seen.append("NOT_SERVING")
+                        return
+
+        async def follow_watch() -> None:
+            try:
+                async for _ in watch:
+                    pass
+            except grpc.aio.AioRpcError as error:
+                seen.append(error.code().name)
+
+        await asyncio.gather(follow_health(), follow_watch())
+
+
+async def test_sigterm_drains_the_replica_and_its_agents_move_with_their_sessions(
+    replicas: Replicas,
+) -> None:
+    a, b = [await replicas.start() for _ in range(2)]
+    handled: list[tuple[str, int]] = []
+    # Half the agents fail over along an address list, half within one gRPC address list.
+    agents = (
+        agents_on([b.address, a.address], handled)[:2] + agents_on(ipv4_uri([b, a]), handled)[2:]
+    )
+    seen: list[str] = []
+    async with running(agents), AgentcoordClient([b.address, a.address]) as planner:
+        epochs = {agent.agent_id: agent.epoch for agent in agents}
+        watching = asyncio.create_task(watch_shutdown(b.address, seen))
+        task = await planner.tasks.submit(spec(SUBTASKS))
+        while len(handled) < SUBTASKS // 3:
+            await asyncio.sleep(0.02)
+        b.process.send_signal(signal.SIGTERM)
+        assert await b.process.wait() == 0
+        await watching
+        result = await planner.tasks.result(task.task_id, timeout=120)
+        await check_sessions_kept(agents, epochs, a.address)
+        done = await planner.tasks.get(task.task_id)
+    assert seen == ["NOT_SERVING", "UNAVAILABLE"]  # health first, then the streams end
+    assert done.state is TaskState.SUCCEEDED, done.state_reason
+    assert result.keys() == {f"s{i}" for i in range(SUBTASKS)}
+    assert len(set(handled)) == len(handled), "a lease was handed out twice"
+    check_log(await subtask_events(a.address, task.task_id), SUBTASKS)

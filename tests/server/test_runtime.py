@@ -337,3 +337,19 @@ def test_serve_command_reports_store_problems_without_traceback(
     )  # fmt: skip
     assert result.returncode == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_health_watch_reports_serving_then_not_serving_while_draining(
+    start_server: StartServer,
+) -> None:
+    app = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        stream = aiter(watch)
+        assert (await anext(stream)).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.create_task(app.stop(drain=1.0))
+        # During the drain the server still serves: health says so before anything ends.
+        assert (await anext(stream)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        summary = await pb_grpc.DiscoveryServiceStub(channel).GetSummary(pb.GetSummaryRequest())
+        assert summary.live_agents == 0
+        await stopping

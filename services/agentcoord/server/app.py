@@ -88,11 +88,18 @@ class App:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop_loops: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Shut down in order: health NOT_SERVING, end streams and loops, stop, close store."""
+    async def stop(self, grace: float | None = None, *, drain: float = 0.0) -> None:
+        """Shut down in order: health NOT_SERVING, end streams and loops, stop, close store.
+
+        Args:
+            grace: Seconds in-flight calls get to finish; ``config.grace`` when None.
+            drain: Seconds to go on serving everything once health says NOT_SERVING.
+        """
         if self._stop_loops.is_set():
             return
         await self.health.enter_graceful_shutdown()
+        if drain:
+            await asyncio.sleep(drain)
         self.streams.close_all()
         if self.http is not None:
             await self.http.stop()
@@ -406,6 +413,6 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info("shutting down (grace %.1fs)", config.grace)
-    await app.stop()
+    log.info("shutting down (drain %.1fs, grace %.1fs)", config.drain, config.grace)
+    await app.stop(drain=config.drain)
     log.info("stopped")

@@ -65,6 +65,9 @@ class ServerConfig:
     """Longest agent TTL granted; longer requests are lowered to it."""
     grace: float = field(default=5.0, metadata=DURATION)
     """Time in-flight calls get to finish on shutdown."""
+    drain: float = field(default=1.0, metadata=DURATION)
+    """Time the server keeps serving on SIGTERM after health turns NOT_SERVING, before it
+    ends the streams: load balancers see the drain and send new calls elsewhere."""
     max_pending_requests: int = 20_000
     """Calls grpc core queues before the server accepts them; past it new calls are refused."""
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata=BYTES)
@@ -166,8 +169,9 @@ class ServerConfig:
             level = getattr(self, name)
             if level.upper() not in LOG_LEVELS:
                 raise InvalidInput(name, f"{level!r}: choose one of {', '.join(LOG_LEVELS)}")
-        if self.grace < 0:
-            raise InvalidInput("grace", "must not be negative")
+        for name in ("grace", "drain"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(name, "must not be negative")
         for name in ("max_pending_requests", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidInput(name, "must be at least 1")

@@ -9,6 +9,7 @@ variable for exactly that call and to turn domain errors into statuses by the ta
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -134,6 +135,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
     def _streaming_request(self, behavior: Behavior) -> Behavior:
+        if not inspect.isasyncgenfunction(behavior):  # it writes (health's Watch)
+
+            async def writing(requests: AsyncIterator[Any], context: Context) -> None:
+                await behavior(await self._request(requests, context), context)
+
+            return writing
+
         async def stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
             async for response in behavior(await self._request(requests, context), context):
                 yield response
