@@ -15,6 +15,7 @@ import pytest
 from agentcoord.core.errors import FailedPrecondition, InvalidInput, NotFound
 from agentcoord.core.models import (
     Agent,
+    AgentState,
     Change,
     ChangeFilter,
     Fencing,
@@ -122,11 +123,28 @@ async def task_of(store: Store, task_id: str = "t1") -> Task:
     return found
 
 
+async def registered(store: Store, agent_id: str, epoch: int = 1) -> None:
+    """Register ``agent_id`` until session ``epoch`` is its live one (none if it is)."""
+    stored = await store.get_agent(agent_id)
+    while stored is None or stored.epoch < epoch:
+        agent = Agent(agent_id, agent_id, "worker", (), 8, {}, (), 30.0)
+        replacing = 0 if stored is None else stored.epoch
+        stored = await store.register_agent(agent, "h", NOW, replacing_epoch=replacing)
+
+
+async def leased(
+    store: Store, subtask_id: str, agent_id: str = "bob", now: datetime = NOW, epoch: int = 1
+) -> TaskUpdate:
+    """Lease a sub-task to session ``epoch`` of ``agent_id`` (registered so far as needed)."""
+    await registered(store, agent_id, epoch)
+    return await store.lease_subtask(subtask_id, agent_id, now, epoch=epoch, capacity=8)
+
+
 async def lease(
     store: Store, subtask_id: str, agent_id: str = "bob", now: datetime = NOW, epoch: int = 1
 ) -> int:
     """Lease a sub-task to session ``epoch`` of ``agent_id`` and return the fencing token."""
-    update = await store.lease_subtask(subtask_id, agent_id, now, epoch=epoch, capacity=8)
+    update = await leased(store, subtask_id, agent_id, now, epoch)
     assert update.subtask is not None and update.subtask.lease is not None
     return update.subtask.lease.fencing_token
 
@@ -303,6 +321,7 @@ async def test_submissions_of_one_request_in_one_batch_store_one_task(store: Sto
 async def test_a_failing_statement_rolls_back_only_its_own_operation(store: Store) -> None:
     """A database error re-runs the batch in isolation: each operation loads what the
     ones before it wrote, and only the failing one is rolled back."""
+    await registered(store, "bob")  # revision 1
     calls = commits(store)
     broken = make_task("t2", subtasks=(SubtaskSpec("a", "Only"),))
     broken_task = dataclasses.replace(broken[0], submitter_agent_id=cast(str, None))
@@ -317,7 +336,7 @@ async def test_a_failing_statement_rolls_back_only_its_own_operation(store: Stor
     assert isinstance(results[0], tuple) and results[0][1] is True
     assert isinstance(results[1], Exception) and not isinstance(results[1], NotFound)
     assert isinstance(results[2], TaskUpdate) and results[2].task.state is TaskState.RUNNING
-    assert calls == [[1, 2, 3, 4, 5, 6, 7]]
+    assert calls == [[2, 3, 4, 5, 6, 7, 8]]
     assert await store.get_task("t2") is None and await store.get_subtask("t2-a") is None
     assert await task_of(store) == results[2].task
 
@@ -328,34 +347,35 @@ async def test_a_failing_statement_rolls_back_only_its_own_operation(store: Stor
 async def test_lease_grants_a_token_that_is_the_revision_of_its_change(store: Store) -> None:
     await submit(store)
 
-    update = await store.lease_subtask("t1-a", "bob", NOW, epoch=1, capacity=8)
+    update = await leased(store, "t1-a", "bob")  # registers bob first (revision 6)
 
-    leased = update.subtask
-    assert leased is not None and leased.lease is not None
-    assert leased.state is SubtaskState.LEASED
-    assert (leased.lease.agent_id, leased.lease.attempt, leased.attempt) == ("bob", 1, 1)
-    assert leased.lease.expire_time == NOW + timedelta(seconds=TaskDefaults().lease_ttl)
-    assert leased.fencing_token == leased.lease.fencing_token == leased.revision == 6
-    assert (leased.agent_id, leased.start_time) == ("bob", NOW)
+    granted = update.subtask
+    assert granted is not None and granted.lease is not None
+    assert granted.state is SubtaskState.LEASED
+    assert (granted.lease.agent_id, granted.lease.attempt, granted.attempt) == ("bob", 1, 1)
+    assert granted.lease.expire_time == NOW + timedelta(seconds=TaskDefaults().lease_ttl)
+    assert granted.fencing_token == granted.lease.fencing_token == granted.revision == 7
+    assert (granted.agent_id, granted.start_time) == ("bob", NOW)
     assert update.task.state is TaskState.RUNNING
     assert update.task.counts == SubtaskCounts(blocked=3, leased=1)
-    assert update.changed == (leased,)
+    assert update.changed == (granted,)
     assert update.revocations == ()
-    assert await store.get_subtask("t1-a") == leased
+    assert await store.get_subtask("t1-a") == granted
     assert await store.get_task("t1") == update.task
 
-    changes = await distribution_changes(store, after=5)
+    changes = await distribution_changes(store, after=6)
     assert [(c.revision, c.kind, c.agent_id) for c in changes] == [
-        (6, "subtask.leased", "bob"),
-        (7, "task.running", "bob"),
+        (7, "subtask.leased", "bob"),
+        (8, "task.running", "bob"),
     ]
-    assert changes[0].details["fencing_token"] == 6
-    assert update.task.revision == 7
+    assert changes[0].details["fencing_token"] == 7
+    assert update.task.revision == 8
 
 
 async def test_only_a_ready_subtask_is_leased(store: Store) -> None:
     await submit(store)
     await lease(store, "t1-a", "bob")
+    await registered(store, "carol")
     before = (await store.current_revision(), await store.list_subtasks("t1"))
 
     for subtask_id in ("t1-a", "t1-b"):  # leased already; blocked
@@ -370,6 +390,8 @@ async def test_only_a_ready_subtask_is_leased(store: Store) -> None:
 
 async def test_concurrent_leases_of_one_subtask_grant_one(store: Store) -> None:
     await submit(store)
+    await registered(store, "bob")
+    await registered(store, "carol")
     calls = commits(store)
 
     results = await asyncio.gather(
@@ -383,7 +405,7 @@ async def test_concurrent_leases_of_one_subtask_grant_one(store: Store) -> None:
     assert len(granted) == 1 and len(refused) == 1
     assert refused[0].reason == "SUBTASK_NOT_READY"
     assert await store.get_subtask("t1-a") == granted[0].subtask
-    assert calls == [[6, 7]]  # one batch: the second lease saw the first
+    assert calls == [[8, 9]]  # one batch: the second lease saw the first
 
 
 # Completion
@@ -505,7 +527,7 @@ async def test_a_retryable_failure_makes_the_subtask_ready_after_a_back_off(stor
     assert again.subtask == failed and await store.current_revision() == revision
 
     with pytest.raises(FailedPrecondition) as early:
-        await store.lease_subtask("t1-a", "carol", NOW, epoch=1, capacity=8)
+        await leased(store, "t1-a", "carol")
     assert early.value.reason == "SUBTASK_NOT_READY"
     retried = await store.lease_subtask(
         "t1-a", "carol", NOW + timedelta(seconds=1), epoch=1, capacity=8
@@ -518,7 +540,7 @@ async def test_a_retryable_failure_makes_the_subtask_ready_after_a_back_off(stor
 async def test_a_final_failure_fails_the_task_and_revokes_the_other_leases(store: Store) -> None:
     await submit(store, subtasks=INDEPENDENT)
     token = await lease(store, "t1-a", "bob")
-    sibling = await store.lease_subtask("t1-b", "carol", NOW, epoch=1, capacity=8)
+    sibling = await leased(store, "t1-b", "carol")
     assert sibling.subtask is not None and sibling.subtask.lease is not None
 
     update = await store.fail_subtask(failure("t1-a"), token, RetryPolicy(base=1.0), epoch=1)
@@ -604,6 +626,27 @@ async def test_a_lease_belongs_to_a_session_and_only_ended_sessions_are_released
     assert done.subtask is not None and done.subtask.state is SubtaskState.SUCCEEDED
 
 
+async def test_a_lease_to_a_session_that_has_ended_is_refused(store: Store) -> None:
+    """The lease transaction checks the stored session: a grant racing with the session's
+    replacement (through another replica, say) is refused, not recorded under the dead
+    epoch where no release would find it."""
+    await submit(store, subtasks=INDEPENDENT)
+    await registered(store, "bob", epoch=2)  # session 1 was replaced
+    await registered(store, "carol")
+    await store.end_agent_session("carol", 1, AgentState.LEFT, NOW)
+    revision = await store.current_revision()
+
+    for agent_id, epoch in (("bob", 1), ("carol", 1), ("dave", 1)):  # dave: never registered
+        with pytest.raises(FailedPrecondition) as refused:
+            await store.lease_subtask("t1-a", agent_id, NOW, epoch=epoch, capacity=8)
+        assert refused.value.reason == "SESSION_ENDED"
+        assert refused.value.metadata == {"agent_id": agent_id, "epoch": "1"}
+
+    assert await store.current_revision() == revision
+    assert (await subtask(store, "t1-a")).state is SubtaskState.READY
+    assert await lease(store, "t1-a", "bob", epoch=2) > revision
+
+
 async def test_release_leases_makes_the_agents_subtasks_ready_without_burning(
     store: Store,
 ) -> None:
@@ -640,7 +683,7 @@ async def test_release_leases_makes_the_agents_subtasks_ready_without_burning(
     assert await store.current_revision() == revision
 
     # Retried at once, as the next attempt.
-    again = await store.lease_subtask("t1-a", "carol", LATER, epoch=1, capacity=8)
+    again = await leased(store, "t1-a", "carol", LATER)
     assert again.subtask is not None and again.subtask.attempt == 2
 
 
@@ -652,7 +695,7 @@ async def test_cancel_task_cancels_the_unfinished_subtasks_and_revokes_leases(
 ) -> None:
     await submit(store)
     await run(store, "t1-a")
-    held = await store.lease_subtask("t1-b", "bob", NOW, epoch=1, capacity=8)
+    held = await leased(store, "t1-b", "bob")
     assert held.subtask is not None and held.subtask.lease is not None
 
     update = await store.cancel_task("t1", "not needed", "alice", LATER, canceller="admin")
@@ -905,6 +948,7 @@ async def test_the_identity_migration_keeps_tasks_and_leases(tmp_path: Path) -> 
 
 
 async def test_subtasks_are_counted_by_state_and_commits_are_observed(store: Store) -> None:
+    await registered(store, "bob")
     observed: list[tuple[float, int]] = []
     store.observe_commits(lambda seconds, operations: observed.append((seconds, operations)))
     assert await store.count_subtasks() == SubtaskCounts()

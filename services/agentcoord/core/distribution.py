@@ -765,8 +765,8 @@ class Distribution:
     async def _push(self, slot: _Slot, subtask: Subtask) -> None:
         try:
             assignment = await self._grant(slot, subtask)
-        except ResourceExhausted:
-            return  # its leases from elsewhere are on the way through the change log
+        except (ResourceExhausted, SessionEnded):
+            return  # its leases, or its end, from elsewhere are on the way (the change log)
         if assignment is not None:
             if slot.stream is not None and slot.stream.epoch == assignment.lease.epoch:
                 slot.stream.send(assignment)
@@ -781,6 +781,8 @@ class Distribution:
         Raises:
             ResourceExhausted: the agent holds its capacity of leases, some granted by
                 another process that this one has not heard of yet.
+            SessionEnded: the slot's session ended (replaced through another process,
+                say); its end is on the way through the change log.
         """
         try:
             if not await self._is_live(slot.agent_id):
@@ -794,8 +796,13 @@ class Distribution:
                     epoch=slot.epoch,
                     capacity=slot.capacity,
                 )
-        except FailedPrecondition:
-            return None  # cancelled or leased meanwhile: the store knows best
+        except FailedPrecondition as error:
+            if error.reason != "SESSION_ENDED":
+                return None  # cancelled or leased meanwhile: the store knows best
+            self._enqueue(subtask)
+            raise SessionEnded(
+                error.message, reason=error.reason, metadata=error.metadata
+            ) from None
         except ResourceExhausted:
             self._enqueue(subtask)
             raise

@@ -242,7 +242,9 @@ class Store(Protocol):
 
         Raises:
             NotFound: no such sub-task.
-            FailedPrecondition: it is not READY (reason ``SUBTASK_NOT_READY``).
+            FailedPrecondition: session ``epoch`` is not the agent's stored live session
+                (reason ``SESSION_ENDED``: replaced, expired or left, through any process),
+                or the sub-task is not READY (reason ``SUBTASK_NOT_READY``).
             ResourceExhausted: the session holds ``capacity`` leases (``AGENT_AT_CAPACITY``).
         """
         ...

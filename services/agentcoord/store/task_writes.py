@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from agentcoord.core.errors import NotFound
+from agentcoord.core.errors import FailedPrecondition, NotFound
 from agentcoord.core.task_rules import (
     Journal,
     LeaseRenewal,
@@ -28,7 +28,7 @@ from agentcoord.core.task_rules import (
     renew_lease,
 )
 from agentcoord.core.tasks import Failure, FailureClass, Subtask, SubtaskState, Task
-from agentcoord.store.rows import to_utc
+from agentcoord.store.rows import is_current_session, to_utc
 from agentcoord.store.writes import Needs, ViewOp, WorkingSet
 
 
@@ -127,13 +127,24 @@ class LeaseSubtask(ViewOp):
     """Leases the session may hold at once, counted across every task and process."""
 
     def needs(self) -> Needs:
-        """The sub-task, its task, and the leases the agent holds."""
-        return Needs(
-            subtask_ids=frozenset((self.subtask_id,)), leased_by=frozenset((self.agent_id,))
-        )
+        """The sub-task, its task, the agent, and the leases the agent holds."""
+        agent = frozenset((self.agent_id,))
+        return Needs(subtask_ids=frozenset((self.subtask_id,)), agent_ids=agent, leased_by=agent)
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
-        """Lease the sub-task to the session if it is READY and the session has room."""
+        """Lease the sub-task to the session if it is live, the sub-task READY, room left.
+
+        The session is checked against the stored agent: a lease granted to a session that
+        a registration (through any process) ended meanwhile would be recorded under the
+        dead epoch, released by no one, and end only when it expires.
+        """
+        stored = ws.agent(self.agent_id)
+        if not is_current_session(None if stored is None else stored[0], self.epoch):
+            raise FailedPrecondition(
+                f"agent_id: session {self.epoch} of agent {self.agent_id!r} has ended",
+                reason="SESSION_ENDED",
+                metadata={"agent_id": self.agent_id, "epoch": str(self.epoch)},
+            )
         held = sum(
             1
             for s in ws.leased_by(self.agent_id)
