@@ -213,3 +213,27 @@ async def test_a_resume_that_changes_fields_keeps_the_load_of_the_last_heartbeat
     stored = await store.get_agent("a")
     assert stored is not None and stored.capacity == 4
     assert (stored.active_subtasks, stored.last_heartbeat_time) == (3, heartbeat_time)
+
+
+async def test_resumes_keep_one_deadline_per_agent_and_the_agent_live(
+    store: Store, clock: ManualClock
+) -> None:
+    """An agent that resumes its session often (an SDK reconnecting, say) costs the
+    sweep one deadline, not one more per resume for as long as the process runs."""
+    discovery = await start_discovery(store, clock)
+    registration = await discovery.register(AgentSpec("a", "A", ttl=2))
+    session = await discovery.authenticate(registration.session_token)
+    for n in range(40):
+        clock.advance(0.5)
+        capacity = 1 + n % 2  # every other resume changes a field, stored anew
+        await discovery.register(
+            AgentSpec("a", "A", capacity=capacity, ttl=2),
+            current=session,
+            token=registration.session_token,
+        )
+        assert await discovery.sweep() == []
+    deadlines = discovery._deadlines  # the sweep's heap: its size is the leak
+    assert len(deadlines) == 1, deadlines
+    clock.advance(2.1)
+    assert [agent.agent_id for agent in await discovery.sweep()] == ["a"]
+    assert discovery._deadlines == []

@@ -251,6 +251,8 @@ class _Entry:
     """Whether the volatile fields are newer than ``base``."""
     elsewhere: bool = False
     """Whether its heartbeats may come through another process (the store tells)."""
+    look: float | None = None
+    """When the sweep looks at it next: the time of its one live item in the deadline heap."""
 
     @property
     def agent(self) -> Agent:
@@ -362,14 +364,26 @@ class Discovery:
                 self._unindex(agent_id, previous.base.capabilities, previous.base.role)
                 self._index(agent_id, agent.capabilities, agent.role)
         self._dirty.pop(agent_id, None)
-        entry = _Entry(agent, token_hash, deadline, elsewhere=elsewhere)
+        # The previous entry's item in the deadline heap serves this one (it looks no later).
+        look = None if previous is None else previous.look
+        entry = _Entry(agent, token_hash, deadline, elsewhere=elsewhere, look=look)
         self._entries[agent.agent_id] = entry
         if agent.state is AgentState.LIVE:
             if token_hash:
                 self._by_token[token_hash] = agent.agent_id
-            look = deadline - self.config.flush_interval if elsewhere else deadline
-            heapq.heappush(self._deadlines, (look, agent.agent_id))
+            self._schedule(entry, deadline - self.config.flush_interval if elsewhere else deadline)
         return entry
+
+    def _schedule(self, entry: _Entry, at: float) -> None:
+        """Have the sweep look at ``entry`` at ``at``, or sooner if it already looks sooner.
+
+        Each entry has one live item in the deadline heap (the one at ``entry.look``); items
+        it superseded, and those of entries replaced since, are dropped when they come up.
+        A look that comes too early costs nothing: the sweep schedules the next one.
+        """
+        if entry.look is None or at < entry.look:
+            entry.look = at
+            heapq.heappush(self._deadlines, (at, entry.base.agent_id))
 
     def _index(self, agent_id: str, capabilities: tuple[str, ...], role: str) -> None:
         for capability in capabilities:
@@ -459,8 +473,7 @@ class Discovery:
             if unflushed:  # the heartbeat facts the store does not have yet stay
                 self._carry_load(entry, fresh)
             entry = fresh
-        entry.deadline = self._clock.monotonic() + entry.base.ttl
-        heapq.heappush(self._deadlines, (entry.deadline, base.agent_id))
+        entry.deadline = self._clock.monotonic() + entry.base.ttl  # looked at in time already
         return Registration(entry.agent, token)
 
     def _carry_load(self, old: _Entry, new: _Entry) -> None:
@@ -632,7 +645,7 @@ class Discovery:
         )
         # Look again halfway to the deadline (newer heartbeats are flushed by then), so
         # that an agent live elsewhere never reaches its deadline here.
-        heapq.heappush(self._deadlines, ((now + entry.deadline) / 2, entry.base.agent_id))
+        self._schedule(entry, (now + entry.deadline) / 2)
         return True
 
     async def _expire(self, entry: _Entry) -> None:
@@ -657,25 +670,28 @@ class Discovery:
         now = self._clock.monotonic()
         due: list[_Entry] = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, agent_id = heapq.heappop(self._deadlines)
+            at, agent_id = heapq.heappop(self._deadlines)
             entry = self._entries.get(agent_id)
-            if entry is None or entry.base.state is not AgentState.LIVE:
+            if entry is None or entry.look != at:
+                continue  # superseded by a sooner look, or the entry by a newer one
+            entry.look = None
+            if entry.base.state is not AgentState.LIVE:
                 continue
             if entry.deadline > now and not entry.elsewhere:
-                heapq.heappush(self._deadlines, (entry.deadline, agent_id))
-            elif all(e is not entry for e in due):
+                self._schedule(entry, entry.deadline)
+            else:
                 due.append(entry)
         expired = []
         for index, entry in enumerate(due):
             try:
                 if entry.deadline > now:  # an early look at what other processes flushed
                     if not await self._heartbeats_elsewhere(entry):
-                        heapq.heappush(self._deadlines, (entry.deadline, entry.base.agent_id))
+                        self._schedule(entry, entry.deadline)
                     continue
                 await self._expire(entry)
             except Exception:
                 for unrecorded in due[index:]:
-                    heapq.heappush(self._deadlines, (unrecorded.deadline, unrecorded.base.agent_id))
+                    self._schedule(unrecorded, unrecorded.deadline)
                 raise
             if entry.base.state is AgentState.EXPIRED:
                 expired.append(entry.agent)
