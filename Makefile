@@ -11,9 +11,12 @@ AGENTCOORD_STORE ?= sqlite:///var/agentcoord.db
 # An empty value turns it off: AGENTCOORD_HTTP_LISTEN= make run
 AGENTCOORD_HTTP_LISTEN ?= 127.0.0.1:8080
 export AGENTCOORD_LISTEN AGENTCOORD_STORE
+# make run-cluster's PostgreSQL database (created if missing) and its replicas' ports.
+CLUSTER_STORE ?= postgresql://root@127.0.0.1:5432/agentcoord
+CLUSTER_PORTS ?= 50051,50052,50053
 
 .PHONY: venv proto proto-check lint lint-proto fmt typecheck test pytest run run-discovery \
-	run-distribution run-statesync bench demo clean
+	run-distribution run-statesync run-cluster bench demo clean
 
 venv: $(STAMP)
 
@@ -81,6 +84,10 @@ run-discovery run-statesync: run-%: $(STAMP)
 run-distribution: $(STAMP)
 	mkdir -p var
 	$(VENV)/bin/agentcoord serve discovery distribution --listen $${LISTEN:-$(AGENTCOORD_LISTEN)}
+
+# Three replicas on one PostgreSQL database, until Ctrl-C (see docs/operations.md).
+run-cluster: $(STAMP)
+	$(PY) examples/cluster/run_cluster.py --store '$(CLUSTER_STORE)' --ports '$(CLUSTER_PORTS)' $(ARGS)
 
 # Four agents cooperate on an AUTO-split task; one is killed mid-sub-task (see README).
 demo: $(STAMP)

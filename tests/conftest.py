@@ -41,12 +41,18 @@ def with_query(url: str, **params: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-@contextlib.asynccontextmanager
-async def fresh_postgres_schema() -> AsyncIterator[str]:
-    """Yield the URL of a fresh PostgreSQL schema, dropped afterwards; skip without a DSN."""
+def postgres_dsn() -> str:
+    """The test PostgreSQL server's DSN; the test is skipped without one."""
     dsn = os.environ.get(POSTGRES_DSN_VARIABLE)
     if not dsn:
         pytest.skip(f"{POSTGRES_DSN_VARIABLE} is not set")
+    return dsn
+
+
+@contextlib.asynccontextmanager
+async def fresh_postgres_schema() -> AsyncIterator[str]:
+    """Yield the URL of a fresh PostgreSQL schema, dropped afterwards; skip without a DSN."""
+    dsn = postgres_dsn()
     schema = f"t_{uuid.uuid4().hex}"
     yield with_query(dsn, schema=schema)
     conn = await asyncpg.connect(dsn)
