@@ -79,16 +79,17 @@ LAYERS = [
         "store shared helpers",
         # agentcoord.store itself, and what both back ends share below the SQL
         # (group commit, migrations loader, row encoding, the write path). The write path
-        # applies the pure rules of a state write and of task transitions
-        # (core.state_rules, core.task_rules: no I/O, no clock) inside the store's
-        # transaction, so that both back ends share them instead of re-implementing them;
-        # the back ends themselves do not need them.
+        # applies the pure rules of sessions, of a state write and of task transitions
+        # (core.session_rules, core.state_rules, core.task_rules: no I/O, no clock) inside
+        # the store's transaction, so that both back ends share them instead of
+        # re-implementing them; the back ends themselves do not need them.
         modules=("agentcoord.store",),
         may_import=(
             "agentcoord.store",
             "agentcoord.core.store",
             "agentcoord.core.models",
             "agentcoord.core.errors",
+            "agentcoord.core.session_rules",
             "agentcoord.core.state_rules",
             "agentcoord.core.tasks",
             "agentcoord.core.task_rules",

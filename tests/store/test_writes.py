@@ -17,7 +17,8 @@ from agentcoord.core.models import (
     StateWrite,
     ValueKind,
 )
-from agentcoord.store.writes import (
+from agentcoord.store.state_writes import WriteStates
+from agentcoord.store.unit_of_work import (
     Execute,
     Flush,
     Load,
@@ -29,7 +30,6 @@ from agentcoord.store.writes import (
     Step,
     ViewOp,
     WorkingSet,
-    WriteStates,
     batch_script,
     drive,
 )

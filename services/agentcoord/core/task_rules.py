@@ -27,7 +27,7 @@ from agentcoord.core.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from agentcoord.core.models import NewChange, Service
+from agentcoord.core.models import NewChange, Service, StateWrite
 from agentcoord.core.state_rules import PlannedChange
 from agentcoord.core.tasks import (
     ADMIN_PRINCIPAL,
@@ -560,6 +560,36 @@ def check_unexpired(subtask: Subtask, fencing_token: int, now: datetime) -> None
             reason="LEASE_EXPIRED",
             metadata={"subtask_id": subtask.subtask_id, "fencing_token": str(fencing_token)},
         )
+
+
+def check_fencing(write: StateWrite, subtask: Subtask | None) -> None:
+    """Refuse a write whose fencing token is not that of a lease the writer holds.
+
+    The one place where StateSync writes meet Distribution's leases, inside the write's
+    transaction: the sub-task must be LEASED to the writer with exactly this token, and the
+    write must come before the lease's expire time (which heartbeats move: the record carries
+    the deadline the lease is judged by, ``Store.renew_leases``).
+
+    Raises:
+        FailedPrecondition: reason ``LEASE_NOT_HELD`` (no such sub-task),
+            ``STALE_FENCING_TOKEN`` or ``LEASE_NOT_HELD`` (see ``check_holder``), or
+            ``LEASE_EXPIRED`` (the write's time is at or past the lease's expire time).
+    """
+    fencing = write.fencing
+    if fencing is None:
+        return
+    if subtask is None:
+        raise FailedPrecondition(
+            f"fencing: sub-task {fencing.subtask_id!r} does not exist, so no lease of it is held",
+            reason="LEASE_NOT_HELD",
+            metadata={
+                "field": "fencing",
+                "subtask_id": fencing.subtask_id,
+                "fencing_token": str(fencing.fencing_token),
+            },
+        )
+    check_holder(subtask, write.agent_id, fencing.fencing_token, epoch=write.epoch)
+    check_unexpired(subtask, fencing.fencing_token, write.now)
 
 
 def check_expired(subtask: Subtask, now: datetime) -> None:

@@ -3,7 +3,7 @@
 Callers submit write operations; one writer task on the event loop takes everything
 queued (up to a cap) and hands it to the back end's ``run_batch``, which runs them in
 one transaction and commits once; an operation that fails changes nothing and only its
-caller sees the error (:mod:`agentcoord.store.writes` says how). While a batch commits,
+caller sees the error (:mod:`agentcoord.store.unit_of_work` says how). While a batch commits,
 new operations queue up for the next one, so throughput grows with concurrency instead
 of queueing on fsync. After each commit the writer calls the
 change listeners, on the event loop, with the batch's changes in revision order, and

@@ -2,7 +2,7 @@
 
 A back end supplies three things: how to run a read statement (:meth:`SqlStore._fetch`),
 how to perform the requests of a batch script (:meth:`SqlStore._run_batch`, see
-:mod:`agentcoord.store.writes`), and its placeholder style and :class:`Codec`. Everything
+:mod:`agentcoord.store.unit_of_work`), and its placeholder style and :class:`Codec`. Everything
 else (turning calls into operations, decoding rows, building filtered queries) is here.
 """
 
@@ -27,6 +27,12 @@ from agentcoord.core.models import (
 )
 from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, SubtaskCounts, Task, TaskCursor, TaskFilter
+from agentcoord.store.agent_writes import (
+    EndAgentSession,
+    RegisterAgent,
+    ResumeSession,
+    UpdateAgentStatus,
+)
 from agentcoord.store.batching import Classify, CommitObserver, GroupCommitter, Listener, Outcome
 from agentcoord.store.queries import (
     MAX_IDS,
@@ -38,6 +44,7 @@ from agentcoord.store.queries import (
     state_changed_since,
 )
 from agentcoord.store.rows import Codec, Row, to_utc
+from agentcoord.store.state_writes import ExpireStates, WriteStates
 from agentcoord.store.task_writes import (
     CancelTask,
     CompleteSubtask,
@@ -47,17 +54,7 @@ from agentcoord.store.task_writes import (
     RenewLeases,
     SubmitTask,
 )
-from agentcoord.store.writes import (
-    CompactChanges,
-    EndAgentSession,
-    ExpireStates,
-    Op,
-    RecordHeartbeats,
-    RegisterAgent,
-    ResumeSession,
-    UpdateAgentStatus,
-    WriteStates,
-)
+from agentcoord.store.unit_of_work import CompactChanges, Op, RecordHeartbeats
 
 
 class SqlStore(abc.ABC):
@@ -86,7 +83,7 @@ class SqlStore(abc.ABC):
 
     @abc.abstractmethod
     async def _run_batch(self, ops: list[Op]) -> list[Outcome]:
-        """Run :func:`~agentcoord.store.writes.batch_script` for ``ops`` and commit."""
+        """Run :func:`~agentcoord.store.unit_of_work.batch_script` for ``ops`` and commit."""
 
     async def _submit(self, op: Op) -> Any:
         return await self._writes.submit(op)

@@ -1,4 +1,4 @@
-"""What both back ends share below the SQL: row encoding and the rules of agent sessions.
+"""Row codecs both back ends share below the SQL: records to query parameters and back.
 
 JSON columns hold text in both back ends (SQLite TEXT, PostgreSQL jsonb exchanged as
 text); state values are bytes (SQLite BLOB, PostgreSQL bytea). Timestamps differ: ISO 8601
@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from agentcoord.core.errors import InvalidInput
 from agentcoord.core.models import (
     Agent,
     AgentCard,
-    AgentEventKind,
     AgentState,
     AgentStatus,
     Change,
     HeartbeatRecord,
-    NewChange,
     Service,
     Skill,
     StateEntry,
@@ -100,8 +97,6 @@ HEARTBEAT_PARAMS = (
     "held_subtask_ids",
 )
 """Order of :meth:`Codec.heartbeat_params`."""
-
-_ENDED_KINDS = {AgentState.LEFT: AgentEventKind.LEFT, AgentState.EXPIRED: AgentEventKind.EXPIRED}
 
 
 class Row(Protocol):
@@ -344,49 +339,3 @@ def prefix_end(prefix: str) -> str | None:
     if 0xD800 <= following <= 0xDFFF:  # surrogates are not characters: skip them
         following = 0xE000
     return stripped[:-1] + chr(following)
-
-
-def new_session(agent: Agent, previous: Agent | None, now: datetime) -> Agent:
-    """Return ``agent`` as a registration stores it: LIVE, next epoch, registered ``now``."""
-    epoch = 1 if previous is None else previous.epoch + 1
-    return replace(agent, state=AgentState.LIVE, epoch=epoch, register_time=now)
-
-
-def stored_at(agent: Agent, revision: int) -> Agent:
-    """Return ``agent`` as stored at ``revision``, its times in UTC."""
-    return replace(
-        agent,
-        register_time=None if agent.register_time is None else to_utc(agent.register_time),
-        last_heartbeat_time=(
-            None if agent.last_heartbeat_time is None else to_utc(agent.last_heartbeat_time)
-        ),
-        revision=revision,
-    )
-
-
-def is_current_session(agent: Agent | None, epoch: int) -> bool:
-    """Return whether ``agent`` exists, is live, and is in session ``epoch``."""
-    return agent is not None and agent.state is AgentState.LIVE and agent.epoch == epoch
-
-
-def ended_kind(state: AgentState) -> AgentEventKind:
-    """Return the change kind that ends a session in ``state``.
-
-    Raises:
-        InvalidInput: ``state`` does not end a session (it is LIVE).
-    """
-    kind = _ENDED_KINDS.get(state)
-    if kind is None:
-        raise InvalidInput("state", f"a session ends as LEFT or EXPIRED, not {state.name}")
-    return kind
-
-
-def agent_change(agent: Agent, kind: AgentEventKind) -> NewChange:
-    """Return the change log entry recording ``agent`` (stored, revision included)."""
-    return NewChange(
-        service=Service.DISCOVERY,
-        kind=kind.change_kind,
-        subject=agent.agent_id,
-        agent_id=agent.agent_id,
-        details={"agent": agent.to_snapshot()},
-    )

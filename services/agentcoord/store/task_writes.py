@@ -1,6 +1,6 @@
 """Distribution's write operations: each loads what it needs and applies the task rules.
 
-Every operation runs inside a batch's transaction (:mod:`agentcoord.store.writes`): it
+Every operation runs inside a batch's transaction (:mod:`agentcoord.store.unit_of_work`): it
 reads the task and sub-tasks it declared, applies :mod:`agentcoord.core.task_rules`, and
 stores the changed records with their change log entries. A rule that refuses (a stale
 fencing token, a sub-task no longer READY) raises, and the operation changes nothing.
@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from agentcoord.core.errors import FailedPrecondition, NotFound
+from agentcoord.core.errors import NotFound
+from agentcoord.core.session_rules import check_session_live
 from agentcoord.core.task_rules import (
     Journal,
     LeaseRenewal,
@@ -28,8 +29,8 @@ from agentcoord.core.task_rules import (
     renew_lease,
 )
 from agentcoord.core.tasks import Failure, FailureClass, Subtask, SubtaskState, Task
-from agentcoord.store.rows import is_current_session, to_utc
-from agentcoord.store.writes import Needs, ViewOp, WorkingSet
+from agentcoord.store.rows import to_utc
+from agentcoord.store.unit_of_work import Needs, ViewOp, WorkingSet
 
 
 def _transact(
@@ -139,12 +140,7 @@ class LeaseSubtask(ViewOp):
         dead epoch, released by no one, and end only when it expires.
         """
         stored = ws.agent(self.agent_id)
-        if not is_current_session(None if stored is None else stored[0], self.epoch):
-            raise FailedPrecondition(
-                f"agent_id: session {self.epoch} of agent {self.agent_id!r} has ended",
-                reason="SESSION_ENDED",
-                metadata={"agent_id": self.agent_id, "epoch": str(self.epoch)},
-            )
+        check_session_live(None if stored is None else stored[0], self.agent_id, self.epoch)
         held = sum(
             1
             for s in ws.leased_by(self.agent_id)

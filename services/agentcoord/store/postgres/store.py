@@ -1,7 +1,7 @@
 """PostgreSQL back end, on an asyncpg connection pool.
 
 Writes go through group commit: the batch writer holds one pooled connection for a batch
-and runs its batch script (:mod:`agentcoord.store.writes`), committing once with the
+and runs its batch script (:mod:`agentcoord.store.unit_of_work`), committing once with the
 server's default ``synchronous_commit=on``. Every batch first locks the single
 ``revision_counter`` row, so writers of all replicas take turns and commit in revision
 order; rows read after that lock cannot change before the commit, so they need no row
@@ -24,7 +24,7 @@ from typing import Any, cast
 import asyncpg
 
 from agentcoord.core.errors import InvalidInput, Unavailable, store_unavailable
-from agentcoord.store import writes
+from agentcoord.store import unit_of_work
 from agentcoord.store.batching import Outcome
 from agentcoord.store.common import SqlStore
 from agentcoord.store.migrations import load_migrations, pending_migrations
@@ -208,12 +208,12 @@ _COMPACT = """
     SELECT compact_revision FROM cut
 """
 _STEPS = {
-    writes.Step.BEGIN: _BEGIN,
-    writes.Step.COMMIT: "COMMIT",
-    writes.Step.ROLLBACK: "ROLLBACK",
-    writes.Step.SAVEPOINT: "SAVEPOINT op",
-    writes.Step.RELEASE: "RELEASE SAVEPOINT op",
-    writes.Step.ROLLBACK_TO: "ROLLBACK TO SAVEPOINT op",
+    unit_of_work.Step.BEGIN: _BEGIN,
+    unit_of_work.Step.COMMIT: "COMMIT",
+    unit_of_work.Step.ROLLBACK: "ROLLBACK",
+    unit_of_work.Step.SAVEPOINT: "SAVEPOINT op",
+    unit_of_work.Step.RELEASE: "RELEASE SAVEPOINT op",
+    unit_of_work.Step.ROLLBACK_TO: "ROLLBACK TO SAVEPOINT op",
 }
 _CREATE_SCHEMA_MIGRATIONS = """
     CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -265,7 +265,7 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
-async def _load(conn: asyncpg.Connection, needs: writes.Needs) -> writes.Loaded:
+async def _load(conn: asyncpg.Connection, needs: unit_of_work.Needs) -> unit_of_work.Loaded:
     """Read the revision counter and the rows ``needs`` covers, in one statement."""
     requests = sorted(needs.requests)
     requested_tasks = sorted(needs.task_request_ids)
@@ -288,7 +288,7 @@ async def _load(conn: asyncpg.Connection, needs: writes.Needs) -> writes.Loaded:
     )
     states = {s["key"]: s for part in ("keyed", "bound", "expired") for s in row[part]}
     tasks = {t["task_id"]: t for part in ("tasks", "requested_tasks") for t in row[part]}
-    return writes.Loaded(
+    return unit_of_work.Loaded(
         revision=row["revision"],
         states=[CODEC.state_from_row(state) for state in states.values()],
         agents=[(CODEC.agent_from_row(a), a["token_hash"]) for a in row["agents"]],
@@ -298,7 +298,9 @@ async def _load(conn: asyncpg.Connection, needs: writes.Needs) -> writes.Loaded:
     )
 
 
-async def _flush(conn: asyncpg.Connection, m: writes.Mutations, *, follower: Follower) -> None:
+async def _flush(
+    conn: asyncpg.Connection, m: unit_of_work.Mutations, *, follower: Follower
+) -> None:
     """Write what a run of operations changed, and NOTIFY its last revision, in one statement."""
     await conn.execute(
         _FLUSH,
@@ -315,15 +317,15 @@ async def _flush(conn: asyncpg.Connection, m: writes.Mutations, *, follower: Fol
     )
 
 
-async def _execute(conn: asyncpg.Connection, op: writes.DirectOp) -> object:
+async def _execute(conn: asyncpg.Connection, op: unit_of_work.DirectOp) -> object:
     """Run a direct operation."""
-    if isinstance(op, writes.RecordHeartbeats):
+    if isinstance(op, unit_of_work.RecordHeartbeats):
         await conn.executemany(_RECORD_HEARTBEAT, [CODEC.heartbeat_params(r) for r in op.records])
         return None
     return int(await conn.fetchval(_COMPACT, op.before))
 
 
-async def _step(conn: asyncpg.Connection, step: writes.Step) -> None:
+async def _step(conn: asyncpg.Connection, step: unit_of_work.Step) -> None:
     """Run a transaction control statement."""
     await conn.execute(_STEPS[step])
 
@@ -444,15 +446,15 @@ class PostgresStore(SqlStore):
         with _unavailable_on_disconnect():
             return cast(list[asyncpg.Record], await self._pool.fetch(sql, *params))
 
-    async def _run_batch(self, ops: list[writes.Op]) -> list[Outcome]:
+    async def _run_batch(self, ops: list[unit_of_work.Op]) -> list[Outcome]:
         """Run the batch script of ``ops`` on one pooled connection."""
         assert self._pool is not None
         with _unavailable_on_disconnect():
             async with self._pool.acquire() as conn:
                 try:
                     flush = functools.partial(_flush, follower=self._follower)
-                    performer = writes.Performer.on(conn, _step, _load, flush, _execute)
-                    return await writes.drive_async(writes.batch_script(ops), performer)
+                    performer = unit_of_work.Performer.on(conn, _step, _load, flush, _execute)
+                    return await unit_of_work.drive_async(unit_of_work.batch_script(ops), performer)
                 except BaseException:
                     await _abandon(conn)
                     raise

@@ -1,7 +1,7 @@
 """SQLite back end: the embedded default.
 
 One writer thread owns the write connection and runs the batch scripts of group commit
-(:mod:`agentcoord.store.writes`) with ``BEGIN IMMEDIATE``. One reader thread owns a
+(:mod:`agentcoord.store.unit_of_work`) with ``BEGIN IMMEDIATE``. One reader thread owns a
 second connection; WAL lets it read while the writer commits. Durability: WAL with
 ``synchronous=FULL``, so a commit is on disk before its callers hear of it.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from agentcoord.core.errors import Unavailable, store_unavailable
-from agentcoord.store import writes
+from agentcoord.store import unit_of_work
 from agentcoord.store.batching import Outcome
 from agentcoord.store.common import SqlStore
 from agentcoord.store.migrations import load_migrations, pending_migrations
@@ -196,12 +196,12 @@ _COMPACT = """
 _DROP_CHANGES = "DELETE FROM changes WHERE revision <= ?"
 _FORGET_REQUESTS = "DELETE FROM write_requests WHERE time < ?"
 _STEPS = {
-    writes.Step.BEGIN: "BEGIN IMMEDIATE",
-    writes.Step.COMMIT: "COMMIT",
-    writes.Step.ROLLBACK: "ROLLBACK",
-    writes.Step.SAVEPOINT: "SAVEPOINT op",
-    writes.Step.RELEASE: "RELEASE op",
-    writes.Step.ROLLBACK_TO: "ROLLBACK TO op",
+    unit_of_work.Step.BEGIN: "BEGIN IMMEDIATE",
+    unit_of_work.Step.COMMIT: "COMMIT",
+    unit_of_work.Step.ROLLBACK: "ROLLBACK",
+    unit_of_work.Step.SAVEPOINT: "SAVEPOINT op",
+    unit_of_work.Step.RELEASE: "RELEASE op",
+    unit_of_work.Step.ROLLBACK_TO: "ROLLBACK TO op",
 }
 _CREATE_SCHEMA_MIGRATIONS = """
     CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -268,7 +268,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _load(conn: sqlite3.Connection, needs: writes.Needs) -> writes.Loaded:
+def _load(conn: sqlite3.Connection, needs: unit_of_work.Needs) -> unit_of_work.Loaded:
     """Read the revision counter and the rows ``needs`` covers."""
     states: dict[str, sqlite3.Row] = {}
     queries = (
@@ -293,7 +293,7 @@ def _load(conn: sqlite3.Connection, needs: writes.Needs) -> writes.Loaded:
     )
     subtasks = _subtask_rows(conn, needs)
     of_subtasks = {row["task_id"] for row in subtasks}
-    return writes.Loaded(
+    return unit_of_work.Loaded(
         revision=int(conn.execute(_LOAD_REVISION).fetchone()[0]),
         states=[CODEC.state_from_row(row) for row in states.values()],
         agents=[(CODEC.agent_from_row(row), row["token_hash"]) for row in agents],
@@ -303,7 +303,7 @@ def _load(conn: sqlite3.Connection, needs: writes.Needs) -> writes.Loaded:
     )
 
 
-def _subtask_rows(conn: sqlite3.Connection, needs: writes.Needs) -> list[sqlite3.Row]:
+def _subtask_rows(conn: sqlite3.Connection, needs: unit_of_work.Needs) -> list[sqlite3.Row]:
     """Read every sub-task ``needs`` covers, each once."""
     rows: dict[str, sqlite3.Row] = {}
     queries = (
@@ -321,7 +321,7 @@ def _subtask_rows(conn: sqlite3.Connection, needs: writes.Needs) -> list[sqlite3
 
 
 def _task_rows(
-    conn: sqlite3.Connection, needs: writes.Needs, of_subtasks: set[str]
+    conn: sqlite3.Connection, needs: unit_of_work.Needs, of_subtasks: set[str]
 ) -> list[sqlite3.Row]:
     """Read the tasks ``needs`` names and those of the loaded sub-tasks, each once."""
     rows: dict[str, sqlite3.Row] = {}
@@ -336,7 +336,7 @@ def _task_rows(
     return list(rows.values())
 
 
-def _flush(conn: sqlite3.Connection, m: writes.Mutations) -> None:
+def _flush(conn: sqlite3.Connection, m: unit_of_work.Mutations) -> None:
     """Write what a run of operations changed."""
     conn.executemany(_DELETE_STATE, [(key,) for key in m.deleted_keys])
     conn.executemany(_SAVE_STATE, [CODEC.state_params(entry) for entry in m.states])
@@ -348,9 +348,9 @@ def _flush(conn: sqlite3.Connection, m: writes.Mutations) -> None:
     conn.execute(_SET_REVISION, (m.revision,))
 
 
-def _execute(conn: sqlite3.Connection, op: writes.DirectOp) -> object:
+def _execute(conn: sqlite3.Connection, op: unit_of_work.DirectOp) -> object:
     """Run a direct operation."""
-    if isinstance(op, writes.RecordHeartbeats):
+    if isinstance(op, unit_of_work.RecordHeartbeats):
         conn.executemany(_RECORD_HEARTBEAT, [CODEC.heartbeat_params(r) for r in op.records])
         return None
     before = CODEC.encode_time(op.before)
@@ -361,12 +361,12 @@ def _execute(conn: sqlite3.Connection, op: writes.DirectOp) -> object:
     return compact_revision
 
 
-def _step(conn: sqlite3.Connection, step: writes.Step) -> None:
+def _step(conn: sqlite3.Connection, step: unit_of_work.Step) -> None:
     """Run a transaction control statement."""
     try:
         conn.execute(_STEPS[step])
     except sqlite3.OperationalError as exc:
-        if step is not writes.Step.BEGIN:
+        if step is not unit_of_work.Step.BEGIN:
             raise
         # Another process held the write lock longer than the busy timeout.
         raise Unavailable(f"the SQLite database is busy: {exc}") from exc
@@ -455,17 +455,17 @@ class SqliteStore(SqlStore):
         except sqlite3.OperationalError as error:
             raise Unavailable(f"SQLite read failed: {error}") from error
 
-    async def _run_batch(self, ops: list[writes.Op]) -> list[Outcome]:
+    async def _run_batch(self, ops: list[unit_of_work.Op]) -> list[Outcome]:
         assert self._writer is not None
         return await self._on(self._writer, self._commit_batch, ops)
 
-    def _commit_batch(self, ops: list[writes.Op]) -> list[Outcome]:
+    def _commit_batch(self, ops: list[unit_of_work.Op]) -> list[Outcome]:
         """Run the batch script of ``ops`` (writer thread)."""
         conn = self._write_conn
         assert conn is not None
         try:
-            performer = writes.Performer.on(conn, _step, _load, _flush, _execute)
-            return writes.drive(writes.batch_script(ops), performer)
+            performer = unit_of_work.Performer.on(conn, _step, _load, _flush, _execute)
+            return unit_of_work.drive(unit_of_work.batch_script(ops), performer)
         except BaseException:
             if conn.in_transaction:
                 conn.rollback()

@@ -1,4 +1,4 @@
-"""The write path both back ends share: operations, the working set, the batch script.
+"""The unit of work both back ends share: the working set, the batch script, its driver.
 
 An operation declares what it reads (:class:`Needs`), then applies itself to a
 :class:`WorkingSet`: the rows its batch loaded, as changed by the operations before it
@@ -6,6 +6,13 @@ in the batch. Nothing touches the database while operations run, so an operation
 raises (a failed compare, a missing key, a refused fencing token) has changed nothing
 and needs no savepoint: the working set undoes its partial effects in memory. What the
 whole batch changed (:class:`Mutations`) is then written in a few statements.
+
+The operations themselves live beside this engine, one module per service:
+:mod:`agentcoord.store.agent_writes` (Discovery), :mod:`agentcoord.store.state_writes`
+(StateSync) and :mod:`agentcoord.store.task_writes` (Distribution). Each applies the pure
+rules of its service (``core.session_rules``, ``core.state_rules``, ``core.task_rules``)
+to the working set. The two direct operations (heartbeat facts, compaction) are the back
+end's own statements and are named here, where the batch script runs them.
 
 :func:`batch_script` is the transaction of one batch, written once and free of I/O: it
 yields requests (:class:`Step`, :class:`Load`, :class:`Flush`, :class:`Execute`) that a
@@ -32,34 +39,19 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Generic, TypeVar, cast
 
-from agentcoord.core.errors import FailedPrecondition
 from agentcoord.core.models import (
     Agent,
     AgentEventKind,
-    AgentState,
-    AgentStatus,
     Change,
     HeartbeatRecord,
     NewChange,
-    PutCommand,
     StateEntry,
-    StateWrite,
-    StateWriteResult,
-    agent_session_live,
 )
-from agentcoord.core.state_rules import keys_of, plan_expiry, plan_write
-from agentcoord.core.task_rules import check_holder, check_unexpired
+from agentcoord.core.session_rules import agent_change
+from agentcoord.core.state_rules import plan_expiry
 from agentcoord.core.tasks import Subtask, Task
 from agentcoord.store.batching import Outcome
-from agentcoord.store.rows import (
-    WriteRequest,
-    agent_change,
-    ended_kind,
-    is_current_session,
-    new_session,
-    stored_at,
-    to_utc,
-)
+from agentcoord.store.rows import WriteRequest, to_utc
 
 # What operations read
 
@@ -300,7 +292,7 @@ class WorkingSet:
         self, agent: Agent, token_hash: str, kind: AgentEventKind, now: datetime
     ) -> Agent:
         """Store ``agent`` at the next revision with its change entry; return it as stored."""
-        stored = stored_at(agent, self.revision + 1)
+        stored = _stored_at(agent, self.revision + 1)
         self.append(stored.revision, now, agent_change(stored, kind))
         self._set(self._agents, agent.agent_id, (stored, token_hash))
         self._set(self._agent_writes, agent.agent_id, (stored, token_hash))
@@ -374,6 +366,18 @@ class WorkingSet:
         )
 
 
+def _stored_at(agent: Agent, revision: int) -> Agent:
+    """Return ``agent`` as stored at ``revision``, its times in UTC."""
+    return replace(
+        agent,
+        register_time=None if agent.register_time is None else to_utc(agent.register_time),
+        last_heartbeat_time=(
+            None if agent.last_heartbeat_time is None else to_utc(agent.last_heartbeat_time)
+        ),
+        revision=revision,
+    )
+
+
 # Operations
 
 
@@ -387,264 +391,6 @@ class ViewOp(abc.ABC):
     @abc.abstractmethod
     def apply(self, ws: WorkingSet) -> object:
         """Apply the operation and return its result; raising means it changed nothing."""
-
-
-@dataclass(frozen=True, slots=True)
-class RegisterAgent(ViewOp):
-    """``Store.register_agent``: a new session, ending the earlier one's bound keys."""
-
-    agent: Agent
-    token_hash: str
-    now: datetime
-    replacing_epoch: int | None = None
-    """The live session it may replace (0: none); None replaces whatever is stored."""
-
-    def needs(self) -> Needs:
-        """The agent and the entries bound to its sessions."""
-        ids = frozenset((self.agent.agent_id,))
-        return Needs(agent_ids=ids, bound_to=ids)
-
-    def apply(self, ws: WorkingSet) -> Agent:
-        """Store the next session, then expire keys bound to the earlier ones."""
-        previous = ws.agent(self.agent.agent_id)
-        if previous is not None and self.replacing_epoch is not None:
-            check_replaceable(previous[0], self.replacing_epoch)
-        session = new_session(self.agent, None if previous is None else previous[0], self.now)
-        stored = ws.save_agent(session, self.token_hash, AgentEventKind.JOINED, self.now)
-        ws.expire(ws.bound_entries(stored.agent_id, stored.epoch - 1), self.now)
-        return stored
-
-
-def check_replaceable(stored: Agent, replacing_epoch: int) -> None:
-    """Refuse to open a session over a live one other than session ``replacing_epoch``.
-
-    Raises:
-        AlreadyExists: reason ``AGENT_ALREADY_REGISTERED`` (see ``agent_session_live``).
-    """
-    if stored.state is AgentState.LIVE and stored.epoch != replacing_epoch:
-        raise agent_session_live(stored.agent_id, stored.ttl)  # at most its TTL
-
-
-def _current_session(ws: WorkingSet, agent_id: str, epoch: int) -> tuple[Agent, str] | None:
-    """Return the agent and its token hash if it is live in session ``epoch``, else None."""
-    current = ws.agent(agent_id)
-    return current if current is not None and is_current_session(current[0], epoch) else None
-
-
-@dataclass(frozen=True, slots=True)
-class EndAgentSession(ViewOp):
-    """``Store.end_agent_session``: LEFT or EXPIRED, and its bound keys expire."""
-
-    agent_id: str
-    epoch: int
-    state: AgentState
-    now: datetime
-
-    def __post_init__(self) -> None:
-        """Refuse a state that does not end a session before the operation is queued."""
-        ended_kind(self.state)
-
-    def needs(self) -> Needs:
-        """The agent and the entries bound to its sessions."""
-        ids = frozenset((self.agent_id,))
-        return Needs(agent_ids=ids, bound_to=ids)
-
-    def apply(self, ws: WorkingSet) -> Agent | None:
-        """End the session if it is the current one."""
-        current = _current_session(ws, self.agent_id, self.epoch)
-        if current is None:
-            return None
-        ended = replace(current[0], state=self.state)
-        stored = ws.save_agent(ended, current[1], ended_kind(self.state), self.now)
-        ws.expire(ws.bound_entries(self.agent_id, self.epoch), self.now)
-        return stored
-
-
-@dataclass(frozen=True, slots=True)
-class UpdateAgentStatus(ViewOp):
-    """``Store.update_agent_status``."""
-
-    agent_id: str
-    epoch: int
-    status: AgentStatus
-    now: datetime
-
-    def needs(self) -> Needs:
-        """The agent."""
-        return Needs(agent_ids=frozenset((self.agent_id,)))
-
-    def apply(self, ws: WorkingSet) -> Agent | None:
-        """Record the status if the session is the current one."""
-        current = _current_session(ws, self.agent_id, self.epoch)
-        if current is None:
-            return None
-        updated = replace(current[0], status=self.status)
-        return ws.save_agent(updated, current[1], AgentEventKind.UPDATED, self.now)
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeSession(ViewOp):
-    """``Store.resume_session``: new registration fields of a live session, same epoch."""
-
-    agent: Agent
-    """The registration; its ``epoch`` names the session."""
-    now: datetime
-
-    def needs(self) -> Needs:
-        """The agent."""
-        return Needs(agent_ids=frozenset((self.agent.agent_id,)))
-
-    def apply(self, ws: WorkingSet) -> Agent | None:
-        """Record the fields if the session is the current one."""
-        agent = self.agent
-        current = _current_session(ws, agent.agent_id, agent.epoch)
-        if current is None:
-            return None
-        updated = replace(
-            current[0],
-            name=agent.name,
-            role=agent.role,
-            capabilities=agent.capabilities,
-            capacity=agent.capacity,
-            labels=agent.labels,
-            skills=agent.skills,
-            card=agent.card,
-            ttl=agent.ttl,
-        )
-        return ws.save_agent(updated, current[1], AgentEventKind.UPDATED, self.now)
-
-
-def check_fencing(write: StateWrite, subtask: Subtask | None) -> None:
-    """Refuse a write whose fencing token is not that of a lease the writer holds.
-
-    The one place where StateSync writes meet Distribution's leases, inside the write's
-    transaction: the sub-task must be LEASED to the writer with exactly this token, and the
-    write must come before the lease's expire time (which heartbeats move: the record carries
-    the deadline the lease is judged by, ``Store.renew_leases``).
-
-    Raises:
-        FailedPrecondition: reason ``LEASE_NOT_HELD`` (no such sub-task),
-            ``STALE_FENCING_TOKEN`` or ``LEASE_NOT_HELD`` (see ``check_holder``), or
-            ``LEASE_EXPIRED`` (the write's time is at or past the lease's expire time).
-    """
-    fencing = write.fencing
-    if fencing is None:
-        return
-    if subtask is None:
-        raise FailedPrecondition(
-            f"fencing: sub-task {fencing.subtask_id!r} does not exist, so no lease of it is held",
-            reason="LEASE_NOT_HELD",
-            metadata={
-                "field": "fencing",
-                "subtask_id": fencing.subtask_id,
-                "fencing_token": str(fencing.fencing_token),
-            },
-        )
-    check_holder(subtask, write.agent_id, fencing.fencing_token, epoch=write.epoch)
-    check_unexpired(subtask, fencing.fencing_token, write.now)
-
-
-def _bound_epochs(write: StateWrite) -> set[int]:
-    """Return the session epochs the write's puts bind keys to."""
-    return {
-        op.session_epoch
-        for op in write.operations
-        if isinstance(op, PutCommand) and op.session_epoch > 0
-    }
-
-
-def check_session(write: StateWrite, writer: Agent | None) -> None:
-    """Refuse to bind keys to a session that is not the writer's live one.
-
-    Checked in the write's transaction: a key bound to a session that ended meanwhile
-    would outlive it, since the end of a session deletes only the keys bound by then.
-
-    Raises:
-        FailedPrecondition: reason ``SESSION_ENDED``.
-    """
-    for epoch in sorted(_bound_epochs(write)):
-        if not is_current_session(writer, epoch):
-            raise FailedPrecondition(
-                f"bind_to_session: session {epoch} of agent {write.agent_id!r} is not live",
-                reason="SESSION_ENDED",
-                metadata={"field": "bind_to_session", "agent_id": write.agent_id},
-            )
-
-
-def _in_utc(write: StateWrite) -> StateWrite:
-    """Return ``write`` with its times in UTC, as the store returns them."""
-    operations = tuple(
-        replace(op, expire_time=to_utc(op.expire_time))
-        if isinstance(op, PutCommand) and op.expire_time is not None
-        else op
-        for op in write.operations
-    )
-    return replace(write, now=to_utc(write.now), operations=operations)
-
-
-@dataclass(frozen=True, slots=True)
-class WriteStates(ViewOp):
-    """``Store.write_states``: the rules of :func:`~agentcoord.core.state_rules.plan_write`."""
-
-    write: StateWrite
-
-    def needs(self) -> Needs:
-        """The write's keys, its remembered result, and the writer if it binds keys."""
-        write = self.write
-        return Needs(
-            state_keys=frozenset(keys_of(write)),
-            requests=(
-                frozenset(((write.agent_id, write.request_id),))
-                if write.request_id
-                else frozenset()
-            ),
-            agent_ids=frozenset((write.agent_id,)) if _bound_epochs(write) else frozenset(),
-            subtask_ids=(
-                frozenset((write.fencing.subtask_id,)) if write.fencing is not None else frozenset()
-            ),
-        )
-
-    def apply(self, ws: WorkingSet) -> StateWriteResult:
-        """Return a repeat's first result, or check, plan and apply the write."""
-        write = _in_utc(self.write)
-        if write.request_id:
-            repeat = ws.request(write.agent_id, write.request_id)
-            if repeat is not None:
-                return repeat.result
-        check_fencing(
-            write, None if write.fencing is None else ws.subtask(write.fencing.subtask_id)
-        )
-        if _bound_epochs(write):
-            writer = ws.agent(write.agent_id)
-            check_session(write, None if writer is None else writer[0])
-        current = {key: entry for key in keys_of(write) if (entry := ws.state(key)) is not None}
-        plan = plan_write(write, current, ws.revision + 1)
-        for planned in plan.changes:
-            ws.append(planned.revision, write.now, planned.change)
-        for key in sorted(plan.deletes):
-            ws.delete_state(key)
-        for entry in plan.upserts.values():
-            ws.put_state(entry)
-        if write.request_id:
-            ws.remember(WriteRequest(write.agent_id, write.request_id, plan.result, write.now))
-        return plan.result
-
-
-@dataclass(frozen=True, slots=True)
-class ExpireStates(ViewOp):
-    """``Store.expire_states``."""
-
-    now: datetime
-
-    def needs(self) -> Needs:
-        """Every entry expired at ``now``."""
-        return Needs(expired_at=to_utc(self.now))
-
-    def apply(self, ws: WorkingSet) -> list[StateEntry]:
-        """Delete the expired entries, each with a ``state.expire`` change."""
-        entries = ws.expired_entries(to_utc(self.now))
-        ws.expire(entries, self.now)
-        return entries
 
 
 @dataclass(frozen=True, slots=True)
