@@ -216,7 +216,9 @@ async def test_tasks_submit_watch_show_and_list(cli: Cli, tmp_path: Path) -> Non
     assert watched.code == Exit.OK, watched.err
     lines = watched.out.splitlines()
     assert lines[0].startswith(f"task {task_id} ")  # where it stood when the watch began
-    assert "[##########] 5/5 succeeded | step-5 succeeded by worker-1; task succeeded" in lines
+    # one line per batch of transitions (one commit or several), with the progress after it
+    assert lines[-3].startswith("[##########] 5/5 succeeded | ")
+    assert lines[-3].endswith("step-5 succeeded by worker-1; task succeeded")
     assert lines[-2:] == [
         f"task {task_id} succeeded",
         'result: {"step-1":"done: Build the wheel","step-2":"done: Test it for linux",'

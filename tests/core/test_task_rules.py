@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from agentcoord.core.errors import FailedPrecondition, InvalidInput
-from agentcoord.core.models import Service
+from agentcoord.core.models import Change, Service
 from agentcoord.core.state_rules import PlannedChange
 from agentcoord.core.task_rules import (
     Journal,
@@ -34,6 +34,7 @@ from agentcoord.core.task_rules import (
     lease_subtask,
     plan_of,
     retry_delay,
+    task_after,
     topological_order,
 )
 from agentcoord.core.tasks import (
@@ -1096,3 +1097,27 @@ def test_a_lifecycle_journals_every_transition_at_consecutive_revisions() -> Non
     assert tokens[2] == tokens[3] < tokens[4] == tokens[5]
     assert world.result() == {"a": None, "b": None, "c": None, "d": None}
     assert world.task.counts == SubtaskCounts(succeeded=4)
+
+
+def test_a_watched_task_is_moved_by_the_transitions_it_does_not_reflect_yet() -> None:
+    world = diamond()
+    seen = [world.task]
+    for local_id in "abcd":
+        world.lease(local_id)
+        seen.append(world.task)
+        world.complete(local_id)
+        seen.append(world.task)
+    log = [
+        Change(
+            e.revision, NOW, e.change.service, e.change.kind, e.change.subject, "", e.change.details
+        )
+        for e in world.log
+    ]
+    assert world.task.state is TaskState.SUCCEEDED
+    for earlier in seen:  # from the task as read at any step, the whole log leads to the end
+        assert task_after(earlier, log) == world.task
+    b_leased = seen[3]
+    halfway = [change for change in log if change.revision <= b_leased.revision]
+    assert task_after(seen[0], halfway) == b_leased
+    assert (b_leased.counts.succeeded, b_leased.counts.leased, b_leased.counts.ready) == (1, 1, 1)
+    assert b_leased.state is TaskState.RUNNING

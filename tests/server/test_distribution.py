@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
+from collections.abc import Mapping
 
 import grpc
 import pytest
@@ -295,6 +297,38 @@ async def test_watch_task_streams_every_transition_until_the_end(
         for event in response.events:
             kinds.append(event.WhichOneof("transition"))
     assert kinds.count("subtask") >= 3 and kinds[-1] == "task"
+
+
+async def test_each_watch_message_shows_the_task_as_it_stood_after_its_transitions(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    workers = [await join(channel, f"w{n}", capacity=3) for n in range(4)]
+    task = await submit(stub, explicit(*(sub(f"s{n}") for n in range(12))))
+    call = stub.WatchTask(pb.WatchTaskRequest(task_id=task.task_id))
+    first = await call.read()
+    # Commits in quick succession: the store is ahead of the change being sent.
+    claimants = [worker for worker in workers for _ in range(3)]
+    claims = await asyncio.gather(*(worker.claim() for worker in claimants))
+    leases = zip(claimants, claims, strict=True)
+    await asyncio.gather(*(worker.complete(claim, "ok") for worker, claim in leases if claim))
+    counts = Counter(json_format.MessageToDict(first.task.counts))
+    while (response := await call.read()) is not grpc.aio.EOF:  # as a progress display does
+        for event in response.events:
+            if event.WhichOneof("transition") == "subtask":
+                moved = event.subtask
+                if moved.from_state:
+                    counts[_state_name(moved.from_state)] -= 1
+                counts[_state_name(moved.to_state)] += 1
+        assert _nonzero(counts) == _nonzero(json_format.MessageToDict(response.task.counts))
+    assert counts["succeeded"] == 12
+
+
+def _state_name(state: int) -> str:
+    return pb.Subtask.State.Name(state).removeprefix("STATE_").lower()
+
+
+def _nonzero(counts: Mapping[str, int]) -> dict[str, int]:
+    return {name: number for name, number in counts.items() if number}
 
 
 async def test_bad_input_names_the_field(stub: Stub) -> None:

@@ -68,6 +68,7 @@ from agentcoord.core.task_rules import (
     check_capacity,
     check_plan,
     plan_of,
+    task_after,
 )
 from agentcoord.core.tasks import (
     Caller,
@@ -1157,22 +1158,24 @@ class Distribution:
         def is_task_change(change: Change) -> bool:
             return change.service is Service.DISTRIBUTION and change.subject == task_id
 
-        first = True
+        view: TaskView | None = None
         async for batch in self._feed.watch(start_revision, is_task_change):
-            if first:
-                first = False
+            if view is None:
                 # Read after the watch is registered: no later change can be missed.
-                view = await self.get_task(task_id, full=full)
-                yield TaskWatchItem(
-                    [], replace(view, subtasks=None), batch.revision, view.subtasks or ()
-                )
+                first = await self.get_task(task_id, full=full)
+                view = replace(first, subtasks=None)
+                yield TaskWatchItem([], view, batch.revision, first.subtasks or ())
                 if view.task.state.is_final and view.task.revision <= batch.revision:
                     return  # its last transition is behind the watch: nothing more comes
                 continue
             changed = await self._changed_subtasks(task_id, batch.changes) if full else []
-            view = await self.get_task(task_id, full=False)
+            ended = any(_ends_task(change) for change in batch.changes)
+            if ended:  # the end brings the result and the failure: read them
+                view = await self.get_task(task_id, full=False)
+            else:
+                view = replace(view, task=task_after(view.task, batch.changes))
             yield TaskWatchItem(batch.changes, view, batch.revision, tuple(changed))
-            if any(_ends_task(change) for change in batch.changes):
+            if ended:
                 return
 
 

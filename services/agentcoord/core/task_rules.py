@@ -27,7 +27,7 @@ from agentcoord.core.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from agentcoord.core.models import NewChange, Service, StateWrite
+from agentcoord.core.models import Change, NewChange, Service, StateWrite
 from agentcoord.core.state_rules import PlannedChange
 from agentcoord.core.tasks import (
     ADMIN_PRINCIPAL,
@@ -419,6 +419,32 @@ class TaskTransitions:
             NewChange(Service.DISTRIBUTION, kind, self.task.task_id, self._actor, details)
         )
         self.task = replace(self.task, update_time=self._now, revision=revision)
+
+
+def task_after(task: Task, changes: Iterable[Change]) -> Task:
+    """Return ``task`` as it stood after ``changes``, those of its own it does not reflect yet.
+
+    A task read from the store may be ahead of the change log entries being watched;
+    WatchTask moves the counts and state of the task it began with by each later transition
+    instead, so every message shows the task as it stood right after its transitions.
+    """
+    for change in changes:
+        if change.subject != task.task_id or change.revision <= task.revision:
+            continue
+        before, after = change.details["from"], change.details["to"]
+        if change.kind.startswith("subtask."):
+            from_state = None if before is None else SubtaskState(before)
+            task = replace(task, counts=task.counts.moved(from_state, SubtaskState(after)))
+        elif before is not None:
+            state = TaskState(after)
+            task = replace(
+                task,
+                state=state,
+                state_reason=change.details["reason"] or task.state_reason,
+                end_time=change.time if state.is_final else task.end_time,
+            )
+        task = replace(task, update_time=change.time, revision=change.revision)
+    return task
 
 
 def _token_of(lease: Lease | None) -> int:

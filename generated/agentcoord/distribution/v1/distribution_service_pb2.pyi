@@ -1349,10 +1349,12 @@ class WatchTaskResponse(_message.Message):
 
     @_builtins.property
     def task(self) -> Global___Task:
-        """The task as it stands when the message is sent, in the requested view.
+        """The task after this message's transitions, in the requested view: its state and counts
+        are moved by each transition, so a progress display agrees with the events.
 
-        It is the current task, not a historical one: while old transitions are replayed it is
-        ahead of them, and its own `revision` says which change it reflects.
+        Transitions replayed from before the stream began are behind the task it began with,
+        which stays as it was read (its own `revision` says which change it reflects). The
+        message whose transition ends the task carries the task as read then, with its result.
         """
 
     @_builtins.property

@@ -189,7 +189,7 @@ class DistributionServiceServicer:
         """Streams every state transition of one task and its sub-tasks, in revision order.
 
         The first response carries the task as it stands; later ones carry transitions and the
-        current task. With `start_revision` the stream first replays the transitions after that
+        task after them. With `start_revision` the stream first replays the transitions after that
         revision, without gaps or duplicates, so a client resumes with the last `revision` it
         received. A revision no longer retained is OUT_OF_RANGE; a watcher too slow to keep up is
         ended with RESOURCE_EXHAUSTED and resumes from its last revision: events are never skipped.
