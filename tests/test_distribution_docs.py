@@ -40,6 +40,7 @@ DISTRIBUTION_MD = DOCS / "distribution.md"
 DISTRIBUTION_CODE = [
     SERVICES / "core" / "distribution.py",
     SERVICES / "core" / "task_rules.py",
+    SERVICES / "core" / "session_rules.py",
     SERVICES / "store" / "task_writes.py",
     SERVICES / "server" / "distribution.py",
 ]

@@ -13,8 +13,10 @@ from agentcoord.core.errors import InvalidInput, PermissionDenied
 from agentcoord.core.models import AgentCard, AgentState, AgentStatus
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
-from agentcoord.server import convert, page_tokens, validation
+from agentcoord.server import page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.convert import discovery as convert
+from agentcoord.server.convert import wire
 from agentcoord.server.sizes import budget, fitting, revision_chunks
 from agentcoord.server.streams import StreamTracker, messages_within
 
@@ -102,8 +104,8 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             agent=convert.agent_to_proto(agent, agent.ttl),
             session_token=registration.session_token,
             epoch=agent.epoch,
-            heartbeat_interval=convert.seconds_to_duration(agent.heartbeat_interval),
-            ttl=convert.seconds_to_duration(agent.ttl),
+            heartbeat_interval=wire.seconds_to_duration(agent.heartbeat_interval),
+            ttl=wire.seconds_to_duration(agent.ttl),
         )
 
     async def Heartbeat(

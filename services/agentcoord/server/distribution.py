@@ -8,40 +8,43 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 
 from agentcoord.core.discovery import Session
 from agentcoord.core.distribution import (
     Assignment,
     Connected,
     Distribution,
-    Revoked,
     TaskView,
     TaskWatchItem,
 )
 from agentcoord.core.errors import InvalidInput, PermissionDenied
-from agentcoord.core.models import Change
 from agentcoord.core.tasks import (
     Caller,
-    Failure,
-    FailureClass,
-    Lease,
-    Plan,
-    RevocationReason,
     SplitPolicy,
-    Subtask,
     SubtaskSpec,
-    SubtaskState,
-    Task,
     TaskCursor,
     TaskFilter,
     TaskSpec,
-    TaskState,
 )
 from agentcoord.distribution.v1 import distribution_service_pb2 as pb
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc as pb_grpc
-from agentcoord.server import convert, page_tokens, validation
+from agentcoord.server import page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.convert import wire
+from agentcoord.server.convert.distribution import (
+    FAILURE_CLASS_FROM_PROTO,
+    FULL_BY_VIEW,
+    MAX_JSON_BYTES,
+    SPLIT_POLICY_FROM_PROTO,
+    TASK_STATE_FROM_PROTO,
+    TASK_STATE_TO_PROTO,
+    assignment_to_proto,
+    plan_to_proto,
+    revocation_to_proto,
+    subtask_to_proto,
+    task_event_to_proto,
+    task_to_proto,
+)
 from agentcoord.server.sizes import budget, chunks_by_size, fitting, item_size, revision_chunks
 from agentcoord.server.streams import StreamTracker
 
@@ -71,50 +74,10 @@ LOCAL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_TITLE = 256
 MAX_DESCRIPTION = 65536
 MAX_SUBTASKS = 10000
-MAX_JSON_BYTES = 1 << 20
-"""Largest encoded input or result."""
 MAX_DETAILS_BYTES = 64 << 10
 MAX_ERROR_MESSAGE = 4096
 MAX_REQUEST_ID = 128
 MAX_REASON = 1024
-
-TASK_STATE_TO_PROTO = {
-    TaskState.PENDING: pb.Task.STATE_PENDING,
-    TaskState.RUNNING: pb.Task.STATE_RUNNING,
-    TaskState.SUCCEEDED: pb.Task.STATE_SUCCEEDED,
-    TaskState.FAILED: pb.Task.STATE_FAILED,
-    TaskState.CANCELLED: pb.Task.STATE_CANCELLED,
-}
-TASK_STATE_FROM_PROTO = {value: key for key, value in TASK_STATE_TO_PROTO.items()}
-SUBTASK_STATE_TO_PROTO = {
-    SubtaskState.BLOCKED: pb.Subtask.STATE_BLOCKED,
-    SubtaskState.READY: pb.Subtask.STATE_READY,
-    SubtaskState.LEASED: pb.Subtask.STATE_LEASED,
-    SubtaskState.SUCCEEDED: pb.Subtask.STATE_SUCCEEDED,
-    SubtaskState.FAILED: pb.Subtask.STATE_FAILED,
-    SubtaskState.CANCELLED: pb.Subtask.STATE_CANCELLED,
-}
-FULL_BY_VIEW = {pb.TASK_VIEW_BASIC: False, pb.TASK_VIEW_FULL: True}
-"""Whether each known TaskView returns every sub-task."""
-SPLIT_POLICY_FROM_PROTO = {
-    pb.SPLIT_POLICY_NONE: SplitPolicy.NONE,
-    pb.SPLIT_POLICY_EXPLICIT: SplitPolicy.EXPLICIT,
-    pb.SPLIT_POLICY_AUTO: SplitPolicy.AUTO,
-}
-SPLIT_POLICY_TO_PROTO = {value: key for key, value in SPLIT_POLICY_FROM_PROTO.items()}
-FAILURE_CLASS_TO_PROTO = {
-    FailureClass.AGENT_DIED: pb.FAILURE_CLASS_AGENT_DIED,
-    FailureClass.LEASE_LOST: pb.FAILURE_CLASS_LEASE_LOST,
-    FailureClass.TASK_ERROR: pb.FAILURE_CLASS_TASK_ERROR,
-    FailureClass.TIMEOUT: pb.FAILURE_CLASS_TIMEOUT,
-}
-FAILURE_CLASS_FROM_PROTO = {value: key for key, value in FAILURE_CLASS_TO_PROTO.items()}
-REVOCATION_REASON_TO_PROTO = {
-    RevocationReason.TASK_CANCELLED: pb.Revocation.REASON_TASK_CANCELLED,
-    RevocationReason.TASK_FAILED: pb.Revocation.REASON_TASK_FAILED,
-    RevocationReason.LEASE_EXPIRED: pb.Revocation.REASON_LEASE_EXPIRED,
-    RevocationReason.SESSION_ENDED: pb.Revocation.REASON_SESSION_ENDED,
-}
 
 
 class DistributionServicer(pb_grpc.DistributionServiceServicer):
@@ -393,25 +356,11 @@ def _json(message: Any, field: str, max_bytes: int, prefix: str = "") -> str | N
         return None
     path = prefix + field
     value = getattr(message, field)
-    text = convert.json_text(path, value)
+    text = wire.json_text(path, value)
     size = max(len(text), value.ByteSize())
     if size > max_bytes:
         raise InvalidInput(path, f"encodes to {size} bytes; at most {max_bytes}")
     return text.decode()
-
-
-def _value(text: str | None) -> struct_pb2.Value | None:
-    if text is None:
-        return None
-    return json_format.Parse(text, struct_pb2.Value())
-
-
-def _result(text: str | None) -> struct_pb2.Value | None:
-    """Return a task's aggregated result, or None when it exceeds MAX_JSON_BYTES."""
-    if text is None or len(text) > MAX_JSON_BYTES:
-        return None
-    value = _value(text)
-    return value if value is not None and value.ByteSize() <= MAX_JSON_BYTES else None
 
 
 def _local_id(field: str, value: str) -> str:
@@ -477,180 +426,3 @@ def task_spec_from_proto(request: pb.SubmitTaskRequest | pb.AnalyzeTaskRequest) 
         ),
         aggregation_local_id=aggregation,
     )
-
-
-def _subtask_spec_to_proto(spec: SubtaskSpec) -> pb.SubtaskSpec:
-    return pb.SubtaskSpec(
-        local_id=spec.local_id,
-        title=spec.title,
-        description=spec.description,
-        input=_value(spec.input),
-        required_capabilities=spec.required_capabilities,
-        depends_on=spec.depends_on,
-        max_attempts=spec.max_attempts,
-    )
-
-
-def plan_to_proto(plan: Plan) -> pb.AnalyzeTaskResponse:
-    """Return the wire form of a plan."""
-    return pb.AnalyzeTaskResponse(
-        parallelizable=plan.parallelizable,
-        reason=plan.reason,
-        subtasks=[_subtask_spec_to_proto(spec) for spec in plan.subtasks],
-        aggregation_local_id=plan.aggregation_local_id,
-        splitter=plan.splitter,
-    )
-
-
-def failure_to_proto(failure: Failure | None) -> pb.Failure | None:
-    """Return the wire form of a failure."""
-    if failure is None:
-        return None
-    return pb.Failure(
-        failure_class=FAILURE_CLASS_TO_PROTO[failure.failure_class],
-        message=failure.message,
-        retryable=failure.retryable,
-        details=_value(failure.details),
-        subtask_id=failure.subtask_id,
-        agent_id=failure.agent_id,
-        attempt=failure.attempt,
-        failure_time=convert.to_timestamp(failure.time),
-    )
-
-
-def lease_to_proto(lease: Lease | None) -> pb.Lease | None:
-    """Return the wire form of a lease."""
-    if lease is None:
-        return None
-    return pb.Lease(
-        subtask_id=lease.subtask_id,
-        fencing_token=lease.fencing_token,
-        expire_time=convert.to_timestamp(lease.expire_time),
-        ttl=convert.seconds_to_duration(lease.ttl),
-        agent_id=lease.agent_id,
-        attempt=lease.attempt,
-    )
-
-
-def subtask_to_proto(subtask: Subtask) -> pb.Subtask:
-    """Return the wire form of a sub-task."""
-    return pb.Subtask(
-        subtask_id=subtask.subtask_id,
-        task_id=subtask.task_id,
-        local_id=subtask.local_id,
-        title=subtask.title,
-        description=subtask.description,
-        input=_value(subtask.input),
-        required_capabilities=subtask.required_capabilities,
-        depends_on=subtask.depends_on,
-        state=SUBTASK_STATE_TO_PROTO[subtask.state],
-        attempt=subtask.attempt,
-        max_attempts=subtask.max_attempts,
-        lease=lease_to_proto(subtask.lease),
-        agent_id=subtask.agent_id,
-        result=_value(subtask.result),
-        last_failure=failure_to_proto(subtask.last_failure),
-        next_attempt_time=convert.to_timestamp(subtask.next_attempt_time),
-        create_time=convert.to_timestamp(subtask.create_time),
-        update_time=convert.to_timestamp(subtask.update_time),
-        start_time=convert.to_timestamp(subtask.start_time),
-        end_time=convert.to_timestamp(subtask.end_time),
-        revision=subtask.revision,
-    )
-
-
-def task_to_proto(view: TaskView) -> pb.Task:
-    """Return the wire form of a task view."""
-    task: Task = view.task
-    counts = task.counts
-    return pb.Task(
-        task_id=task.task_id,
-        title=task.title,
-        description=task.description,
-        input=_value(task.input),
-        required_capabilities=task.required_capabilities,
-        priority=task.priority,
-        max_attempts=task.max_attempts,
-        lease_ttl=convert.seconds_to_duration(task.lease_ttl),
-        split_policy=SPLIT_POLICY_TO_PROTO[task.split_policy],
-        allow_partial_results=task.allow_partial_results,
-        aggregation_subtask_id=task.aggregation_subtask_id,
-        state=TASK_STATE_TO_PROTO[task.state],
-        subtasks=[subtask_to_proto(s) for s in view.subtasks or ()],
-        result=_result(view.result),
-        counts=pb.Task.SubtaskCounts(
-            total=counts.total,
-            blocked=counts.blocked,
-            ready=counts.ready,
-            leased=counts.leased,
-            succeeded=counts.succeeded,
-            failed=counts.failed,
-            cancelled=counts.cancelled,
-        ),
-        failure=failure_to_proto(task.failure),
-        state_reason=task.state_reason,
-        submitter_agent_id=task.submitter_agent_id,
-        request_id=task.request_id,
-        create_time=convert.to_timestamp(task.create_time),
-        update_time=convert.to_timestamp(task.update_time),
-        end_time=convert.to_timestamp(task.end_time),
-        revision=task.revision,
-    )
-
-
-def assignment_to_proto(assignment: Assignment) -> pb.Assignment:
-    """Return the wire form of an assignment."""
-    return pb.Assignment(
-        lease=lease_to_proto(assignment.lease), subtask=subtask_to_proto(assignment.subtask)
-    )
-
-
-def revocation_to_proto(revoked: Revoked) -> pb.Revocation:
-    """Return the wire form of a revocation."""
-    return pb.Revocation(
-        subtask_id=revoked.subtask_id,
-        fencing_token=revoked.fencing_token,
-        reason=REVOCATION_REASON_TO_PROTO[revoked.reason],
-    )
-
-
-def task_event_to_proto(change: Change) -> pb.TaskEvent:
-    """Return the TaskEvent of a Distribution change log entry."""
-    details = change.details
-    event = pb.TaskEvent(
-        revision=change.revision,
-        event_time=convert.to_timestamp(change.time),
-        task_id=change.subject,
-        agent_id=change.agent_id,
-    )
-    if change.kind.startswith("subtask."):
-        failure = details.get("failure")
-        event.subtask.CopyFrom(
-            pb.TaskEvent.SubtaskTransition(
-                subtask_id=details["subtask_id"],
-                local_id=details["local_id"],
-                from_state=(
-                    SUBTASK_STATE_TO_PROTO[SubtaskState(details["from"])]
-                    if details["from"]
-                    else pb.Subtask.STATE_UNSPECIFIED
-                ),
-                to_state=SUBTASK_STATE_TO_PROTO[SubtaskState(details["to"])],
-                attempt=details["attempt"],
-                fencing_token=details["fencing_token"],
-                failure=failure_to_proto(
-                    None if failure is None else Failure.from_snapshot(failure)
-                ),
-            )
-        )
-    else:
-        event.task.CopyFrom(
-            pb.TaskEvent.TaskTransition(
-                from_state=(
-                    TASK_STATE_TO_PROTO[TaskState(details["from"])]
-                    if details["from"]
-                    else pb.Task.STATE_UNSPECIFIED
-                ),
-                to_state=TASK_STATE_TO_PROTO[TaskState(details["to"])],
-            )
-        )
-    return event

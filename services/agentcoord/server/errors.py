@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 
 from agentcoord.core import errors
 from agentcoord.core.models import StateEntry
-from agentcoord.server.convert import state_to_proto
+from agentcoord.server.convert.statesync import state_to_proto
 
 log = logging.getLogger(__name__)
 

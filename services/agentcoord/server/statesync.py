@@ -25,8 +25,10 @@ from agentcoord.core.models import (
     ValueKind,
 )
 from agentcoord.core.statesync import PutRequest, StateSync, Writer
-from agentcoord.server import convert, page_tokens, validation
+from agentcoord.server import page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
+from agentcoord.server.convert import statesync as convert
+from agentcoord.server.convert import wire
 from agentcoord.server.sizes import budget, fitting, revision_chunks
 from agentcoord.server.streams import ChangeProtos, StreamTracker
 from agentcoord.statesync.v1 import statesync_service_pb2 as pb
@@ -236,9 +238,9 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         elif kind == "merge_patch":
             if modification.merge_patch.WhichOneof("kind") is None:
                 raise InvalidInput(field, "is an empty Value; set one of its kinds")
-            operand = convert.json_plain(field, modification.merge_patch)
+            operand = wire.json_plain(field, modification.merge_patch)
         else:
-            operand = convert.json_items(field, getattr(modification, kind))
+            operand = wire.json_items(field, getattr(modification, kind))
         key = validation.state_key(f"{field_prefix}key", message.key)
         return ModifyCommand(key, ModificationKind(kind), operand, self._max_value_bytes, field)
 
@@ -362,7 +364,7 @@ def _value(field_prefix: str, message: Any, max_bytes: int, oneof: str = "value"
     if kind == "json":
         if message.json.WhichOneof("kind") is None:
             raise InvalidInput(f"{field_prefix}json", "is an empty Value; set one of its kinds")
-        value = StateValue(ValueKind.JSON, convert.json_text(f"{field_prefix}json", message.json))
+        value = StateValue(ValueKind.JSON, wire.json_text(f"{field_prefix}json", message.json))
         size = max(len(value.data), message.json.ByteSize())  # as JSON and as protobuf
     elif kind == "binary":
         value = StateValue(ValueKind.BINARY, bytes(message.binary))
