@@ -1,4 +1,7 @@
-"""Frozen domain records shared by the core and the stores."""
+"""Frozen records of Discovery, StateSync and the change log, shared by the core and the stores.
+
+Distribution's records are in :mod:`agentcoord.core.tasks`.
+"""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from agentcoord.server.http import HttpListener
 from agentcoord.server.interceptors import CallInterceptor
 from agentcoord.server.metrics import Metrics, Present
 from agentcoord.server.reflection import enable_reflection
-from agentcoord.server.splitters import load_splitter
+from agentcoord.server.splitter_loader import load_splitter
 from agentcoord.server.streams import StreamTracker
 from agentcoord.server.tls import server_credentials
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc

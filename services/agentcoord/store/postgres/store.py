@@ -26,7 +26,6 @@ import asyncpg
 from agentcoord.core.errors import InvalidInput, Unavailable, store_unavailable
 from agentcoord.store import unit_of_work
 from agentcoord.store.batching import Outcome
-from agentcoord.store.common import SqlStore
 from agentcoord.store.migrations import load_migrations, pending_migrations
 from agentcoord.store.postgres.follow import Follower, channel_name
 from agentcoord.store.rows import (
@@ -39,6 +38,7 @@ from agentcoord.store.rows import (
     Codec,
     to_utc,
 )
+from agentcoord.store.sql_store import SqlStore
 
 CODEC = Codec(encode_time=to_utc, decode_time=to_utc)
 """Timestamps are timestamptz; asyncpg exchanges them as aware datetimes."""

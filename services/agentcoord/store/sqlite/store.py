@@ -28,7 +28,6 @@ from typing import Any, ClassVar, TypeVar
 from agentcoord.core.errors import Unavailable, store_unavailable
 from agentcoord.store import unit_of_work
 from agentcoord.store.batching import Outcome
-from agentcoord.store.common import SqlStore
 from agentcoord.store.migrations import load_migrations, pending_migrations
 from agentcoord.store.rows import (
     AGENT_COLUMNS,
@@ -40,6 +39,7 @@ from agentcoord.store.rows import (
     Codec,
     to_utc,
 )
+from agentcoord.store.sql_store import SqlStore
 
 T = TypeVar("T")
 
