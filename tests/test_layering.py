@@ -67,7 +67,16 @@ LAYERS = [
             "agentcoord.client",
             "agentcoord.cli",
             "agentcoord.mcp",
+            "agentcoord.telemetry",
         ),
+    ),
+    Layer(
+        "telemetry",
+        # Spans with OpenTelemetry, for the server and the client SDK alike: it knows
+        # nothing of agentcoord's layers, only gRPC and OpenTelemetry.
+        modules=("agentcoord.telemetry",),
+        may_import=("agentcoord.telemetry",),
+        third_party=frozenset({"grpc", "opentelemetry"}),
     ),
     Layer(
         "core",
@@ -128,6 +137,7 @@ LAYERS = [
         may_import=(
             "agentcoord.core",
             "agentcoord.server",
+            "agentcoord.telemetry",
             *GENERATED_PACKAGES,
         ),
         must_not_import=(*STORE_BACKENDS, "agentcoord.store.factory"),
@@ -143,7 +153,7 @@ LAYERS = [
     Layer(
         "client",
         modules=("agentcoord.client",),
-        may_import=("agentcoord.client", *GENERATED_PACKAGES),
+        may_import=("agentcoord.client", "agentcoord.telemetry", *GENERATED_PACKAGES),
         must_not_import=("agentcoord.core", "agentcoord.store", "agentcoord.server"),
         third_party=None,
     ),

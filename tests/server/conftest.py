@@ -23,12 +23,12 @@ async def start_server(store_url: str) -> AsyncIterator[StartServer]:
     """Start servers on the test's store; every one still running is stopped afterwards."""
     apps: list[App] = []
 
-    async def start(**overrides: Any) -> App:
+    async def start(tracer_provider: Any = None, **overrides: Any) -> App:
         config = dataclasses.replace(
             ServerConfig(listen="127.0.0.1:0", store=store_url, min_ttl=0.2, grace=0.5),
             **overrides,
         )
-        app = await start_app(config)
+        app = await start_app(config, tracer_provider=tracer_provider)
         apps.append(app)
         return app
 

@@ -253,6 +253,8 @@ class _Work:
     """One sub-task this agent holds."""
 
     item: WorkItem
+    trace_parent: str = ""
+    """The assignment's trace context (W3C traceparent), when the server traces."""
     task: asyncio.Task[None] | None = None
     started: bool = False
     """The handler got a slot and runs."""
@@ -315,6 +317,7 @@ class Agent:
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tracer_provider: Any = None,
     ) -> None:
         """Configure the agent; it registers on entering the context.
 
@@ -344,6 +347,9 @@ class Agent:
             timeout: Deadline in seconds of each unary call.
             retry: Back-off of idempotent calls and of the first registration.
             options: gRPC channel options, on top of :data:`CHANNEL_OPTIONS`.
+            tracer_provider: OpenTelemetry tracer provider; each sub-task's work and report
+                then run in a span of the task's trace. When None, the agent traces only
+                with an OTLP endpoint in the environment (docs/operations.md).
 
         Raises:
             ValueError: ``capacity`` is below 1.
@@ -371,6 +377,7 @@ class Agent:
             timeout=timeout,
             retry=retry,
             options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()),
+            tracer_provider=tracer_provider,
         )
         """The agent's client; its session token is the agent's."""
         self.capacity = capacity
@@ -717,7 +724,7 @@ class Agent:
         item = WorkItem(
             assignment.subtask, assignment.lease, state=self.client.state, tasks=self.client.tasks
         )
-        work = _Work(item)
+        work = _Work(item, message.trace_parent)
         self._work[item.subtask_id] = work
         work.task = asyncio.create_task(self._run(work), name=f"agentcoord-{item.subtask_id}")
         self._wake.set()  # its lease may need more frequent heartbeats
@@ -744,12 +751,26 @@ class Agent:
         try:
             async with self._slots:
                 work.started = True
-                report = await self._outcome(item)
-                work.reporting = True
-                await self._report(report, item.lease.ttl)
+                with self._span_of(work):
+                    report = await self._outcome(item)
+                    work.reporting = True
+                    await self._report(report, item.lease.ttl)
         finally:
             if self._work.get(item.subtask_id) is work:
                 del self._work[item.subtask_id]
+
+    def _span_of(self, work: _Work) -> contextlib.AbstractContextManager[object]:
+        """The span of the work on a sub-task in the task's trace, when tracing."""
+        if self.client.tracing is None:
+            return contextlib.nullcontext()
+        item = work.item
+        subjects: dict[str, str | int] = {
+            "agent_id": self.agent_id,
+            "task_id": item.task_id,
+            "subtask_id": item.subtask_id,
+            "attempt": item.attempt,
+        }
+        return self.client.tracing.span("work", work.trace_parent, subjects)
 
     async def _outcome(self, item: WorkItem) -> Report:
         """Run the handler; return the completion or failure to report."""
@@ -802,6 +823,8 @@ class Agent:
             "as retryable" if retryable else "as final: no other attempt",
             exc_info=None if isinstance(error, NonRetryableError) else error,  # deliberate
         )
+        if self.client.tracing is not None:
+            self.client.tracing.fail_current(message)
         return distribution_pb.FailSubtaskRequest(
             subtask_id=item.subtask_id,
             agent_id=self.agent_id,

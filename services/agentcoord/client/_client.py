@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -19,6 +19,10 @@ from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc as distribution_grpc
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
+from agentcoord.telemetry import tracing
+
+if TYPE_CHECKING:
+    from agentcoord.telemetry.spans import Tracing
 
 Response = TypeVar("Response", bound=Message)
 Metadata = tuple[tuple[str, str], ...]
@@ -85,6 +89,9 @@ def default_targets(environ: Mapping[str, str] | None = None) -> tuple[str, ...]
 class _ServiceClient:
     """Calls one service's stub with credentials, a deadline, retries and failover."""
 
+    SERVICE = ""
+    """The service's full name."""
+
     def __init__(
         self, stub_type: Callable[[grpc.aio.Channel], Any], client: AgentcoordClient
     ) -> None:
@@ -109,15 +116,22 @@ class _ServiceClient:
         async for attempt in policy.retrying():
             with attempt:
                 target = self._client.target
-                call: Callable[..., Any] = getattr(self._stub, method)
                 try:
-                    response = await call(
-                        request, metadata=self._client.metadata(), timeout=self._client.timeout
-                    )
+                    response = await self._call(method, request, target)
                 except grpc.aio.AioRpcError as error:
                     raise self._client.call_error(error, target) from None
         assert isinstance(response, response_type)
         return response
+
+    async def _call(self, method: str, request: Message, target: str) -> Any:
+        """Make one attempt of a unary call; in a client span when tracing."""
+        call: Callable[..., Any] = getattr(self._stub, method)
+        metadata = self._client.metadata()
+        traced = self._client.tracing
+        if traced is None:
+            return await call(request, metadata=metadata, timeout=self._client.timeout)
+        with traced.client_span(f"{self.SERVICE}/{method}", target) as headers:
+            return await call(request, metadata=(*metadata, *headers), timeout=self._client.timeout)
 
     async def _server_stream(self, method: str, request: Message) -> AsyncIterator[Any]:
         target = self._client.target
@@ -133,6 +147,8 @@ class _ServiceClient:
 
 class DiscoveryClient(_ServiceClient):
     """``agentcoord.discovery.v1.DiscoveryService``."""
+
+    SERVICE = "agentcoord.discovery.v1.DiscoveryService"
 
     async def get_agent(
         self, request: discovery_pb.GetAgentRequest
@@ -207,6 +223,8 @@ class DiscoveryClient(_ServiceClient):
 
 class DistributionClient(_ServiceClient):
     """``agentcoord.distribution.v1.DistributionService``."""
+
+    SERVICE = "agentcoord.distribution.v1.DistributionService"
 
     async def get_task(
         self, request: distribution_pb.GetTaskRequest
@@ -313,6 +331,8 @@ class DistributionClient(_ServiceClient):
 class StateSyncClient(_ServiceClient):
     """``agentcoord.statesync.v1.StateSyncService``."""
 
+    SERVICE = "agentcoord.statesync.v1.StateSyncService"
+
     async def get_state(
         self, request: statesync_pb.GetStateRequest
     ) -> statesync_pb.GetStateResponse:
@@ -418,6 +438,7 @@ class AgentcoordClient:
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        tracer_provider: Any = None,
     ) -> None:
         """Configure the client; the channel opens on entering the context.
 
@@ -432,6 +453,9 @@ class AgentcoordClient:
             timeout: Deadline in seconds of each unary call.
             retry: Back-off for idempotent calls on UNAVAILABLE.
             options: Extra grpc channel options; they override :data:`MESSAGE_SIZE_OPTIONS`.
+            tracer_provider: OpenTelemetry tracer provider: each unary call gets a client
+                span, its context sent in ``traceparent`` metadata. When None, calls are
+                traced only with an OTLP endpoint in the environment (docs/operations.md).
 
         Raises:
             ValueError: no address, or a malformed one (such as port 99999).
@@ -455,6 +479,8 @@ class AgentcoordClient:
         self._options = list({**dict(MESSAGE_SIZE_OPTIONS), **dict(options)}.items())
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._channel: grpc.aio.Channel | None = None
+        self.tracing: Tracing | None = tracing("agentcoord-client", tracer_provider)
+        """Spans of the calls, or None when tracing is off."""
 
     @property
     def target(self) -> str:

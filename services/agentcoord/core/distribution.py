@@ -113,6 +113,8 @@ class Assignment:
 
     lease: Lease
     subtask: Subtask
+    trace_parent: str = ""
+    """The task's :attr:`Task.trace_parent`: the agent continues that trace."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -822,7 +824,7 @@ class Distribution:
         held = self._held.get(leased.subtask_id)
         if held is None or held.lease.fencing_token != leased.lease.fencing_token:
             return None  # ended meanwhile, as another process's change already told
-        return Assignment(leased.lease, leased)
+        return Assignment(leased.lease, leased, update.task.trace_parent)
 
     # Agent-facing calls
 
@@ -872,7 +874,7 @@ class Distribution:
                     continue  # an earlier session's, being released
                 subtask = await self._store.get_subtask(held.lease.subtask_id)
                 if subtask is not None and subtask.state is SubtaskState.LEASED:
-                    yield Assignment(self._live_lease(held), subtask)
+                    yield await self._assignment(self._live_lease(held), subtask)
             self._feed_agent(slot)
             while True:
                 message = await stream.queue.get()
@@ -882,6 +884,11 @@ class Distribution:
         finally:
             if slot.stream is stream:
                 slot.stream = None
+
+    async def _assignment(self, lease: Lease, subtask: Subtask) -> Assignment:
+        """Return a lease held before, again, with its task's trace context."""
+        task = await self._store.get_task(subtask.task_id)
+        return Assignment(lease, subtask, task.trace_parent if task is not None else "")
 
     def _live_lease(self, held: _Held) -> Lease:
         """Return a lease with the expiry this process judges it by."""
@@ -903,7 +910,7 @@ class Distribution:
             if held is not None and held.lease.epoch == session.epoch:
                 subtask = await self._store.get_subtask(held.lease.subtask_id)
                 if subtask is not None:
-                    return Assignment(self._live_lease(held), subtask)
+                    return await self._assignment(self._live_lease(held), subtask)
         deadline = self._clock.monotonic() + min(wait, self.config.max_claim_wait)
         while True:
             # Checked again after each wait (a stream may have filled it); the lease
@@ -1042,11 +1049,15 @@ class Distribution:
         check_plan(plan)
         return plan
 
-    async def submit(self, spec: TaskSpec, request_id: str, caller: Caller) -> TaskView:
+    async def submit(
+        self, spec: TaskSpec, request_id: str, caller: Caller, trace_parent: str = ""
+    ) -> TaskView:
         """Create a task and queue its READY sub-tasks.
 
         A request id the same caller used before gives its first task; request ids are
         scoped to the caller's principal, so another caller's equal id makes a new task.
+        ``trace_parent`` (the submitting call's span, when traced) is stored with the task
+        and handed out with each of its assignments.
         """
         task, subtasks = build_task(
             spec,
@@ -1058,6 +1069,8 @@ class Distribution:
             now=self._clock.now(),
             defaults=self.config.defaults,
         )
+        if trace_parent:
+            task = replace(task, trace_parent=trace_parent)
         stored, created = await self._store.submit_task(task, subtasks)
         if created:
             self._enqueue_all([s for s in subtasks if s.state is SubtaskState.READY])

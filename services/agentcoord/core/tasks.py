@@ -360,6 +360,8 @@ class Task:
     end_time: datetime | None = None
     failure: Failure | None = None
     state_reason: str = ""
+    trace_parent: str = ""
+    """W3C traceparent of the SubmitTask call's span, when the server traced it; else ""."""
 
     def to_snapshot(self) -> dict[str, Any]:
         """Return the JSON-able form."""
@@ -386,6 +388,7 @@ class Task:
             "end_time": _iso(self.end_time),
             "failure": None if self.failure is None else self.failure.to_snapshot(),
             "state_reason": self.state_reason,
+            "trace_parent": self.trace_parent,
         }
 
     @classmethod
@@ -414,6 +417,7 @@ class Task:
             end_time=_time(data["end_time"]),
             failure=None if data["failure"] is None else Failure.from_snapshot(data["failure"]),
             state_reason=data["state_reason"],
+            trace_parent=data.get("trace_parent", ""),  # absent in tasks stored before it
         )
 
 

@@ -11,7 +11,7 @@ import signal
 import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from google.protobuf import descriptor_pool as pool
@@ -46,6 +46,10 @@ from agentcoord.server.streams import StreamTracker
 from agentcoord.server.tls import server_credentials
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc
 from agentcoord.store.factory import open_store
+from agentcoord.telemetry import tracing as tracing_from
+
+if TYPE_CHECKING:
+    from agentcoord.telemetry.spans import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +155,7 @@ async def _host_services(
     feed: ChangeFeed,
     streams: StreamTracker,
     cores: _Cores,
+    tracing: Tracing | None,
 ) -> tuple[list[_Hosted], SessionLookup]:
     """Build the cores (into ``cores``) and servicers of the configured services."""
     hosted: list[_Hosted] = []
@@ -224,7 +229,7 @@ async def _host_services(
         cores.distribution = distribution
         discovery.heartbeat_listeners.append(distribution.renew_leases)
         distribution_servicer = distribution_server.DistributionServicer(
-            distribution, streams, config.max_message_bytes
+            distribution, streams, config.max_message_bytes, tracing
         )
         hosted.append(
             _Hosted(
@@ -242,7 +247,11 @@ async def _host_services(
 
 
 async def start_app(
-    config: ServerConfig, *, store: Store | None = None, clock: Clock | None = None
+    config: ServerConfig,
+    *,
+    store: Store | None = None,
+    clock: Clock | None = None,
+    tracer_provider: Any = None,
 ) -> App:
     """Open the store, build and start the server with the configured services.
 
@@ -250,6 +259,8 @@ async def start_app(
         config: Validated configuration.
         store: An un-opened store to use instead of ``config.store``.
         clock: Clock for the core; the system clock by default.
+        tracer_provider: OpenTelemetry tracer provider to trace with; when None, traces
+            are on only with an OTLP endpoint in the environment (:mod:`agentcoord.telemetry`).
     """
     config.validate()
     credentials = server_credentials(config)  # before anything starts: bad files fail fast
@@ -259,7 +270,8 @@ async def start_app(
     streams = StreamTracker(config.max_streams_per_session)
     feed = ChangeFeed(store, max_pending_bytes=config.watch_buffer_bytes)
     cores = _Cores()
-    hosted, lookup = await _host_services(config, store, clock, feed, streams, cores)
+    tracing = tracing_from("agentcoord", tracer_provider)
+    hosted, lookup = await _host_services(config, store, clock, feed, streams, cores, tracing)
     metrics = _metrics(store, feed, cores) if config.http_listen else None
     authenticator = Authenticator(
         lookup=lookup,
@@ -277,7 +289,9 @@ async def start_app(
         for method, need in service.access.items()
     }
     server = grpc.aio.server(
-        interceptors=[CallInterceptor(authenticator, access, metrics, config.request_timeout)],
+        interceptors=[
+            CallInterceptor(authenticator, access, metrics, config.request_timeout, tracing)
+        ],
         options=[
             ("grpc.max_concurrent_streams", config.max_streams_per_connection),
             ("grpc.max_send_message_length", config.max_message_bytes),

@@ -49,6 +49,8 @@ from agentcoord.server.sizes import budget, chunks_by_size, fitting, item_size, 
 from agentcoord.server.streams import StreamTracker
 
 if TYPE_CHECKING:
+    from agentcoord.telemetry.spans import Tracing
+
     Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DistributionService"]
@@ -83,14 +85,23 @@ MAX_REASON = 1024
 class DistributionServicer(pb_grpc.DistributionServiceServicer):
     """Serves ``agentcoord.distribution.v1.DistributionService``."""
 
-    def __init__(self, core: Distribution, streams: StreamTracker, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        core: Distribution,
+        streams: StreamTracker,
+        max_message_bytes: int,
+        tracing: Tracing | None = None,
+    ) -> None:
         """Serve ``core``; ``streams`` ends long streams at shutdown.
 
-        Responses are cut or split by size to stay under ``max_message_bytes``.
+        Responses are cut or split by size to stay under ``max_message_bytes``. With
+        ``tracing``, a task keeps its submission's trace context, and each assignment gets a
+        span in that trace whose context the agent receives.
         """
         self._core = core
         self._streams = streams
         self._max_bytes = budget(max_message_bytes)
+        self._tracing = tracing
 
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         """Return one task; in the FULL view the sub-tasks that fit, and a token for the rest."""
@@ -164,7 +175,8 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         """Create a task."""
         spec = task_spec_from_proto(request)
         request_id = validation.text("request_id", request.request_id, max_length=MAX_REQUEST_ID)
-        view = await self._core.submit(spec, request_id, _caller())
+        trace_parent = self._tracing.trace_parent() if self._tracing is not None else ""
+        view = await self._core.submit(spec, request_id, _caller(), trace_parent)
         task, token = self._fitted(view)
         return pb.SubmitTaskResponse(task=task, next_subtasks_page_token=token)
 
@@ -234,7 +246,7 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
                 if isinstance(message, Connected):
                     await context.send_initial_metadata(())
                 elif isinstance(message, Assignment):
-                    yield pb.StreamAssignmentsResponse(assignment=assignment_to_proto(message))
+                    yield pb.StreamAssignmentsResponse(assignment=self._assigned(message))
                 else:
                     yield pb.StreamAssignmentsResponse(revocation=revocation_to_proto(message))
 
@@ -253,7 +265,23 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         assignment = await self._core.claim(session, request.agent_id, wait, request_id)
         if assignment is None:
             return pb.ClaimSubtaskResponse()
-        return pb.ClaimSubtaskResponse(assignment=assignment_to_proto(assignment))
+        return pb.ClaimSubtaskResponse(assignment=self._assigned(assignment))
+
+    def _assigned(self, assignment: Assignment) -> pb.Assignment:
+        """Return the wire form of an assignment; when tracing, with its span's context."""
+        message = assignment_to_proto(assignment)
+        if self._tracing is not None:
+            lease = assignment.lease
+            subjects: dict[str, str | int] = {
+                "agent_id": lease.agent_id,
+                "task_id": assignment.subtask.task_id,
+                "subtask_id": lease.subtask_id,
+                "attempt": lease.attempt,
+                "fencing_token": lease.fencing_token,
+            }
+            with self._tracing.span("assign", assignment.trace_parent, subjects) as trace_parent:
+                message.trace_parent = trace_parent
+        return message
 
     async def CompleteSubtask(
         self, request: pb.CompleteSubtaskRequest, context: Context

@@ -1,4 +1,4 @@
-"""The one wrapper around every handler: identity, error mapping, logging.
+"""The one wrapper around every handler: identity, error mapping, logging, metrics, spans.
 
 grpc.aio runs a handler's behaviour in its own task, so the interceptor wraps the
 behaviour itself (not just the lookup) to bind the caller's identity in a context
@@ -29,6 +29,10 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 
 Behavior = Callable[..., Any]
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from agentcoord.telemetry.spans import Tracing
+
     Context = grpc.aio.ServicerContext[Any, Any]
     Handler = grpc.RpcMethodHandler[Any, Any]
 
@@ -42,17 +46,20 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         access: Mapping[str, Access],
         metrics: Metrics | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        tracing: Tracing | None = None,
     ) -> None:
         """Wrap the methods named in ``access`` (full method names); others pass through.
 
         With ``metrics``, each finished call is observed and open streams are counted. A
         call whose one request message has not arrived ``request_timeout`` seconds after
-        its headers ends with DEADLINE_EXCEEDED.
+        its headers ends with DEADLINE_EXCEEDED. With ``tracing``, each call gets a server
+        span (current while a unary call's handler runs) continuing the caller's trace.
         """
         self._authenticator = authenticator
         self._access = dict(access)
         self._metrics = metrics
         self._request_timeout = request_timeout
+        self._tracing = tracing
 
     async def intercept_service(
         self,
@@ -151,21 +158,29 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, method: str, access: Access, behavior: Behavior) -> Behavior:
         async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
+            tracing = self._tracing
+            span = self._span(method, context)
+            response = None
             try:
                 await self._identify(context, access)
-                return await behavior(request, context)
+                if tracing is None or span is None:
+                    return await behavior(request, context)
+                with tracing.current(span):
+                    response = await behavior(request, context)
+                return response
             except Exception as error:
                 if _is_abort(error):
                     raise
                 await abort_with(context, error)
             finally:
-                self._finished(method, context, started, request)
+                self._finished(method, context, started, request, span=span, response=response)
 
         return unary
 
     def _wrap_stream(self, method: str, access: Access, behavior: Behavior) -> Behavior:
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            span = self._span(method, context)
             gauge = None if self._metrics is None else self._metrics.stream(method)
             if gauge is not None:
                 gauge.inc()
@@ -184,9 +199,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 if gauge is not None:
                     gauge.dec()
-                self._finished(method, context, started, request, cancelled=cancelled)
+                self._finished(method, context, started, request, cancelled=cancelled, span=span)
 
         return stream
+
+    def _span(self, method: str, context: Context) -> Span | None:
+        """Start the call's server span, when tracing."""
+        if self._tracing is None:
+            return None
+        return self._tracing.server_span(method, context.invocation_metadata() or ())
 
     def _finished(
         self,
@@ -196,14 +217,22 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         request: Any,
         *,
         cancelled: bool = False,
+        span: Span | None = None,
+        response: Any = None,
     ) -> None:
-        """Observe and log one finished call."""
-        if self._metrics is not None:
+        """Observe, log and end the span of one finished call."""
+        if self._metrics is not None or span is not None:
             code = context.code()
-            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+            status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
             if cancelled:
-                name = "CANCELLED"
-            self._metrics.rpc(method, name, time.perf_counter() - started)
+                status = grpc.StatusCode.CANCELLED
+            if self._metrics is not None:
+                self._metrics.rpc(method, status.name, time.perf_counter() - started)
+            if span is not None and self._tracing is not None:
+                subjects = _subjects(request)
+                if response is not None:
+                    subjects = _subjects_within(response, depth=2) | subjects
+                self._tracing.end_server_span(span, status, subjects)
         _log_call(method, context, started, request)
 
 
@@ -243,6 +272,21 @@ def _subjects(request: Any) -> dict[str, str]:
         session = current_identity().session
         if session is not None:
             found["agent_id"] = session.agent_id
+    return found
+
+
+def _subjects_within(message: Any, depth: int) -> dict[str, str]:
+    """The subject fields set in ``message`` and in its set message fields, ``depth`` deep.
+
+    A response names what the request could not: the task SubmitTask created, the task of
+    a completed sub-task, the sub-task ClaimSubtask leased.
+    """
+    found: dict[str, str] = {}
+    for field, value in message.ListFields():
+        if field.name in SUBJECT_FIELDS and isinstance(value, str):
+            found.setdefault(field.name, value)
+        elif depth > 0 and field.message_type is not None and not field.is_repeated:
+            found = _subjects_within(value, depth - 1) | found
     return found
 
 

@@ -843,6 +843,12 @@ class Assignment(_message.Message):
 
     LEASE_FIELD_NUMBER: _builtins.int
     SUBTASK_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    trace_parent: _builtins.str
+    """W3C traceparent of this assignment's span in the task's trace, when the server traces
+    (docs/operations.md, "Traces"); empty otherwise. The agent continues it around its work
+    and its CompleteSubtask or FailSubtask, so one trace shows the task end to end.
+    """
     @_builtins.property
     def lease(self) -> Global___Lease:
         """The lease; present its fencing token when completing, failing or writing state."""
@@ -856,10 +862,11 @@ class Assignment(_message.Message):
         *,
         lease: Global___Lease | None = ...,
         subtask: Global___Subtask | None = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "subtask", b"subtask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "subtask", b"subtask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "subtask", b"subtask", "trace_parent", b"trace_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
