@@ -12,9 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2 as pb
-from tests.helpers import eventually
+from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
+from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
+from tests.helpers import bearer, eventually
 from tests.server.conftest import StartServer
 from tests.server.test_distribution import Stub, Worker, explicit, seconds, sub, submit
+from tests.server.test_statesync import register
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -120,3 +123,43 @@ async def test_a_lease_expiry_is_counted(start_server: StartServer) -> None:
         await eventually(expired)
         samples = await scrape(client)
         assert value(samples, "agentcoord_subtask_retries_total", failure_class="lease_lost") == 1
+
+
+async def test_a_watcher_that_stops_reading_shows_its_lag(start_server: StartServer) -> None:
+    app = await start_server(http_listen="127.0.0.1:0")
+    assert app.http is not None
+    async with (
+        httpx.AsyncClient(base_url=app.http.url) as client,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        token = await register(channel, "alice")
+        stub = statesync_grpc.StateSyncServiceStub(channel)
+        before = await scrape(client)
+        watch = stub.WatchStates(statesync_pb.WatchStatesRequest(prefix="agents/alice/"))
+        await asyncio.wait_for(watch.read(), 5)  # registered; the test reads nothing more
+        assert (
+            value(await scrape(client), "agentcoord_watchers")
+            == value(before, "agentcoord_watchers") + 1
+        )
+        blob = b"x" * 256 * 1024  # 16 MiB in all: more than the stream's flow-control window
+        writes = 64
+        for index in range(writes):
+            await stub.PutState(
+                statesync_pb.PutStateRequest(key=f"agents/alice/{index}", binary=blob),
+                metadata=bearer(token),
+            )
+        lagging = await scrape(client)
+        assert value(lagging, "agentcoord_watcher_lag_revisions") > 0
+        commits = value(lagging, "agentcoord_store_commit_operations_count") - value(
+            before, "agentcoord_store_commit_operations_count"
+        )
+        assert commits >= 1
+        seen = 0
+        while seen < writes:  # the watcher reads again and catches up
+            seen += len((await asyncio.wait_for(watch.read(), 10)).changes)
+
+        async def caught_up() -> bool:
+            return value(await scrape(client), "agentcoord_watcher_lag_revisions") == 0
+
+        await eventually(caught_up)
+        watch.cancel()
