@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import distribution, procs, replicas, report, statesync, unary, watchers
+from tests.bench.collector import Collector
 from tests.bench.expiry import ExpiryResult, measure_expiry
 from tests.bench.load import LoadResult, LoadSpec, OpenStats, run_load
 from tests.bench.report import Table, ms, percentile, ratio
@@ -158,9 +159,16 @@ class Bench:
         """Store URL of each agentcoord server started, by server name."""
 
     def server(
-        self, kind: str, extra: list[str] | None = None, store: str | None = None
+        self,
+        kind: str,
+        extra: list[str] | None = None,
+        store: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> procs.Server:
-        """Start a server on a fresh store (or ``store``); it is stopped when the bench ends."""
+        """Start a server on a fresh store (or ``store``); it is stopped when the bench ends.
+
+        ``env`` adds variables to its environment.
+        """
         self.serial += 1
         name = f"{kind}-{self.serial}"
         if kind == "echo":
@@ -174,6 +182,7 @@ class Bench:
                 self.workdir,
                 ["--default-ttl", str(self.args.ttl), *(extra or [])],
                 profile=self.args.profile and kind in ("load", "state-rmw", "dist", "watchers"),
+                env=env,
             )
         self.stack.callback(server.stop)
         return server
@@ -222,23 +231,45 @@ class Bench:
 
     def statesync(self, echo: procs.Server) -> None:
         """StateSync: unary PutState / GetState, then contended update() beside echo."""
-        # The second server serves /metrics: its interceptor observes every call.
-        for extra, note in (([], ""), (["--http-listen", "127.0.0.1:0"], ", with /metrics")):
-            server = self.server("state", extra)
-            progress(f"StateSync unary latency{note}, {self.args.calls} sequential calls each")
-            samples = asyncio.run(
-                statesync.measure_unary(server.address, echo.address, self.args.calls, warmup=50)
+        # The second server serves /metrics: its interceptor observes every call. The third
+        # traces every call, exporting its spans over OTLP to a receiver in this process.
+        with Collector() as collector:
+            variants = (
+                ([], {}, ""),
+                (["--http-listen", "127.0.0.1:0"], {}, ", with /metrics"),
+                ([], {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint}, ", with traces"),
             )
-            server.stop()
-            e50 = percentile(samples["echo"], 50)
-            for name in ("PutState", "GetState"):
-                self.latency_row(
-                    f"unary {name}, 1 sequential caller{note}",
-                    samples[name],
-                    samples["echo"],
-                    "p50 <= 1.3x echo",
-                    percentile(samples[name], 50) <= 1.3 * e50,
+            for extra, env, note in variants:
+                self.statesync_unary(echo, extra, env, note)
+            if collector.spans:
+                self.table.notes.append(
+                    f"The traced StateSync server exported {collector.spans:,} spans over OTLP "
+                    "(a server span per call, batched; the callers sent no trace context)."
                 )
+        self.statesync_rmw()
+
+    def statesync_unary(
+        self, echo: procs.Server, extra: list[str], env: dict[str, str], note: str
+    ) -> None:
+        """PutState and GetState, sequential, beside echo, on a server started with these."""
+        server = self.server("state", extra, env=env)
+        progress(f"StateSync unary latency{note}, {self.args.calls} sequential calls each")
+        samples = asyncio.run(
+            statesync.measure_unary(server.address, echo.address, self.args.calls, warmup=50)
+        )
+        server.stop()
+        e50 = percentile(samples["echo"], 50)
+        for name in ("PutState", "GetState"):
+            self.latency_row(
+                f"unary {name}, 1 sequential caller{note}",
+                samples[name],
+                samples["echo"],
+                "p50 <= 1.3x echo",
+                percentile(samples[name], 50) <= 1.3 * e50,
+            )
+
+    def statesync_rmw(self) -> None:
+        """Contended read-modify-write: update(), CAS and ModifyState, beside echo."""
         args = self.args
         runs: dict[str, statesync.RmwResult] = {}
         for mode in ("echo", "statesync", "cas", "modify"):

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 import urllib.parse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -79,9 +79,16 @@ def _clean_env() -> dict[str, str]:
 
 
 def start_server(
-    name: str, module_args: list[str], workdir: Path, *, profile: bool = False
+    name: str,
+    module_args: list[str],
+    workdir: Path,
+    *,
+    profile: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Server:
     """Start ``python -m <module_args>`` and wait for its ``listening on host:port`` line.
+
+    ``env`` adds variables to the server's environment.
 
     Raises:
         RuntimeError: the server exited or did not listen within 30 s (its log is quoted).
@@ -96,7 +103,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
-            env=_clean_env(),
+            env={**_clean_env(), **(env or {})},
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
@@ -111,12 +118,18 @@ def start_server(
 
 
 def start_agentcoord(
-    name: str, store_url: str, workdir: Path, extra: list[str], *, profile: bool = False
+    name: str,
+    store_url: str,
+    workdir: Path,
+    extra: list[str],
+    *,
+    profile: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Server:
     """Start ``agentcoord serve`` on an ephemeral loopback port."""
     args = ["agentcoord.cli", "serve", "--listen", "127.0.0.1:0", "--store", store_url]
     args += ["--log-level", "INFO", "--grace", "1", *extra]  # INFO: the listening line
-    return start_server(name, args, workdir, profile=profile)
+    return start_server(name, args, workdir, profile=profile, env=env)
 
 
 def start_echo(name: str, workdir: Path, max_pending_requests: int = 20_000) -> Server:
