@@ -12,10 +12,15 @@ from typing import Any
 import pytest
 
 from agentcoord.client import (
+    Agent,
+    AgentcoordClient,
+    AgentOptions,
+    CardInfo,
     ChangeType,
     ConflictError,
     FailedPreconditionError,
     NotFoundError,
+    Skill,
     SubtaskSpec,
     SyncAgent,
     SyncClient,
@@ -23,6 +28,7 @@ from agentcoord.client import (
     TaskCancelled,
     TaskSpec,
     TaskState,
+    WorkItem,
 )
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.server.app import App
@@ -105,6 +111,48 @@ async def test_a_sync_agent_runs_blocking_handlers(address: str) -> None:
             return result
 
     assert await asyncio.to_thread(script) == 5
+
+
+async def test_one_agent_options_configures_async_and_sync_agents_alike(address: str) -> None:
+    options = AgentOptions(
+        name="indexer",
+        role="worker",
+        capabilities=["index"],
+        labels={"zone": "a"},
+        skills=[Skill("index", "Index", tags=["search"])],
+        card=CardInfo(description="indexes documents"),
+        ttl=5.0,
+    )
+
+    async def handle(item: WorkItem) -> None:
+        return None
+
+    def stored_sync_agent() -> discovery_pb.Agent:
+        sync = SyncAgent(address, handler=lambda item: None, agent_options=options, capacity=3)
+        with sync, SyncClient(address) as client:
+            request = discovery_pb.GetAgentRequest(agent_id=sync.agent_id)
+            return client.run(lambda c: c.discovery.get_agent(request)).agent
+
+    async with (
+        Agent(address, handler=handle, agent_options=options, agent_id="async-indexer"),
+        AgentcoordClient(address) as client,
+    ):
+        request = discovery_pb.GetAgentRequest(agent_id="async-indexer")
+        stored = [(await client.discovery.get_agent(request)).agent]
+    stored.append(await asyncio.to_thread(stored_sync_agent))
+    assert [agent.capacity for agent in stored] == [1, 3]  # keywords override the options
+    for agent in stored:
+        assert (agent.name, agent.role, list(agent.capabilities)) == (
+            "indexer",
+            "worker",
+            ["index"],
+        )
+        assert dict(agent.labels) == {"zone": "a"} and agent.description == "indexes documents"
+        assert [(s.id, list(s.tags)) for s in agent.skills] == [("index", ["search"])]
+    with pytest.raises(TypeError, match="capacty"):
+        Agent(address, handler=handle, name="typo", capacty=2)
+    with pytest.raises(ValueError, match="capacity"):
+        AgentOptions(name="none", capacity=0)
 
 
 async def test_a_blocking_handler_runs_on_after_a_revocation_but_cannot_write(

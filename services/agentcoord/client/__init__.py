@@ -9,6 +9,7 @@
 
 from agentcoord.client._agent import (
     Agent,
+    AgentOptions,
     AgentStats,
     Assignment,
     CardInfo,
@@ -95,6 +96,7 @@ __all__ = [
     "MESSAGE_SIZE_OPTIONS",
     "AddToSet",
     "Agent",
+    "AgentOptions",
     "AgentStats",
     "AgentcoordClient",
     "Append",

@@ -276,6 +276,78 @@ def _session_ended(error: RPCError) -> bool:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class AgentOptions:
+    """What an agent registers as and how it runs: the settings of Agent and SyncAgent.
+
+    Give them as keyword arguments, or build them once and share them::
+
+        Agent(name="counter", capabilities=["count"], handler=handle)
+        options = AgentOptions(name="counter", capabilities=("count",), capacity=4)
+        Agent(handler=handle, agent_options=options)
+        SyncAgent(handler=count, agent_options=options, name="sync-counter")
+
+    Keyword arguments given beside ``agent_options`` override its fields.
+    """
+
+    name: str
+    """Human-readable name."""
+    agent_id: str = ""
+    """Identifier to register under; empty lets the server choose one, which the agent
+    then keeps when it registers again."""
+    role: str = ""
+    """Role, such as ``worker``."""
+    capabilities: Iterable[str] = ()
+    """Capabilities such as ``python``; sub-tasks requiring others are not assigned to it."""
+    capacity: int = 1
+    """Sub-tasks run at the same time (at least 1)."""
+    labels: Mapping[str, str] | None = None
+    """Free-form labels."""
+    skills: Iterable[Skill] = ()
+    """What the agent offers, as in an A2A agent card; ListAgents and GetSummary filter and
+    count by skill id and tag."""
+    card: CardInfo | None = None
+    """The rest of its A2A agent card (description, version, provider, URL)."""
+    ttl: float | None = None
+    """Seconds without a heartbeat after which the server declares the agent dead; the
+    server's default when None."""
+    handler_timeout: float | None = None
+    """Seconds a handler may run before it is cancelled and the attempt fails as a
+    timeout; no limit when None."""
+    drain_timeout: float = 30.0
+    """Seconds running handlers get to finish when the agent closes."""
+    reconnect: RetryPolicy = RECONNECT
+    """Back-off of re-opening streams and registering again."""
+    join_token: str = ""
+    """The server's join token, if it requires one."""
+    credentials: grpc.ChannelCredentials | None = None
+    """TLS channel credentials; plaintext when None."""
+    timeout: float = 10.0
+    """Deadline in seconds of each unary call."""
+    retry: RetryPolicy | None = None
+    """Back-off of idempotent calls and of the first registration."""
+    options: Sequence[tuple[str, Any]] = ()
+    """gRPC channel options, on top of :data:`CHANNEL_OPTIONS`."""
+    tracer_provider: Any = None
+    """OpenTelemetry tracer provider; each sub-task's work and report then run in a span
+    of the task's trace. When None, the agent traces only with an OTLP endpoint in the
+    environment (docs/operations.md)."""
+
+    def __post_init__(self) -> None:
+        """Refuse a capacity below 1; keep iterables as tuples and labels as a dict."""
+        if self.capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        object.__setattr__(self, "capabilities", tuple(self.capabilities))
+        object.__setattr__(self, "labels", dict(self.labels or {}))
+        object.__setattr__(self, "skills", tuple(self.skills))
+        object.__setattr__(self, "options", tuple(self.options))
+
+    @classmethod
+    def of(cls, base: AgentOptions | None, settings: Mapping[str, Any]) -> AgentOptions:
+        """Return ``base`` with ``settings`` applied, or options made of ``settings`` alone."""
+        return replace(base, **settings) if base is not None else cls(**settings)
+
+
 class Agent:
     """An agent that takes sub-tasks from Distribution and runs ``handler`` on each.
 
@@ -299,100 +371,65 @@ class Agent:
         self,
         targets: str | Sequence[str] | None = None,
         *,
-        name: str,
         handler: Handler,
-        agent_id: str = "",
-        role: str = "",
-        capabilities: Iterable[str] = (),
-        capacity: int = 1,
-        labels: Mapping[str, str] | None = None,
-        skills: Iterable[Skill] = (),
-        card: CardInfo | None = None,
-        ttl: float | None = None,
-        handler_timeout: float | None = None,
-        drain_timeout: float = 30.0,
-        reconnect: RetryPolicy = RECONNECT,
-        join_token: str = "",
-        credentials: grpc.ChannelCredentials | None = None,
-        timeout: float = 10.0,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        tracer_provider: Any = None,
+        agent_options: AgentOptions | None = None,
+        **settings: Any,
     ) -> None:
         """Configure the agent; it registers on entering the context.
 
         Args:
             targets: ``host:port`` of a server, or several to fail over between; None
                 reads ``AGENTCOORD_SERVER``, like :class:`AgentcoordClient`.
-            name: Human-readable name.
             handler: Coroutine function run for each sub-task.
-            agent_id: Identifier to register under; empty lets the server choose one,
-                which the agent then keeps when it registers again.
-            role: Role, such as ``worker``.
-            capabilities: Capabilities such as ``python``; sub-tasks requiring others are
-                not assigned to this agent.
-            capacity: Sub-tasks run at the same time.
-            labels: Free-form labels.
-            skills: What the agent offers, as in an A2A agent card; ListAgents and
-                GetSummary filter and count by skill id and tag.
-            card: The rest of its A2A agent card (description, version, provider, URL).
-            ttl: Seconds without a heartbeat after which the server declares the agent dead;
-                the server's default when None.
-            handler_timeout: Seconds a handler may run before it is cancelled and the
-                attempt fails as a timeout; no limit when None.
-            drain_timeout: Seconds running handlers get to finish when the agent closes.
-            reconnect: Back-off of re-opening streams and registering again.
-            join_token: The server's join token, if it requires one.
-            credentials: TLS channel credentials; plaintext when None.
-            timeout: Deadline in seconds of each unary call.
-            retry: Back-off of idempotent calls and of the first registration.
-            options: gRPC channel options, on top of :data:`CHANNEL_OPTIONS`.
-            tracer_provider: OpenTelemetry tracer provider; each sub-task's work and report
-                then run in a span of the task's trace. When None, the agent traces only
-                with an OTLP endpoint in the environment (docs/operations.md).
+            agent_options: What the agent registers as and how it runs.
+            settings: Fields of :class:`AgentOptions` (``name=``, ``capacity=``, ...), given
+                one by one; they override those of ``agent_options``.
 
         Raises:
+            TypeError: a setting is not a field of :class:`AgentOptions`, or ``name`` is
+                missing.
             ValueError: ``capacity`` is below 1.
         """
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
+        opts = AgentOptions.of(agent_options, settings)
+        self.options = opts
+        """The agent's settings."""
         self._registration = discovery_pb.RegisterRequest(
-            agent_id=agent_id,
-            name=name,
-            role=role,
-            capabilities=sorted(set(capabilities)),
-            capacity=capacity,
-            labels=labels or {},
-            skills=[skill.to_proto() for skill in skills],
+            agent_id=opts.agent_id,
+            name=opts.name,
+            role=opts.role,
+            capabilities=sorted(set(opts.capabilities)),
+            capacity=opts.capacity,
+            labels=opts.labels,
+            skills=[skill.to_proto() for skill in opts.skills],
         )
-        if card is not None:
-            card.fill(self._registration)
-        if ttl is not None:
-            self._registration.ttl.FromNanoseconds(round(ttl * 1e9))
+        if opts.card is not None:
+            opts.card.fill(self._registration)
+        if opts.ttl is not None:
+            self._registration.ttl.FromNanoseconds(round(opts.ttl * 1e9))
         self.client = AgentcoordClient(
             targets,
-            agent_id=agent_id,
-            join_token=join_token,
-            credentials=credentials,
-            timeout=timeout,
-            retry=retry,
-            options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()),
-            tracer_provider=tracer_provider,
+            agent_id=opts.agent_id,
+            join_token=opts.join_token,
+            credentials=opts.credentials,
+            timeout=opts.timeout,
+            retry=opts.retry,
+            options=list({**dict(CHANNEL_OPTIONS), **dict(opts.options)}.items()),
+            tracer_provider=opts.tracer_provider,
         )
         """The agent's client; its session token is the agent's."""
-        self.capacity = capacity
+        self.capacity = opts.capacity
         """Sub-tasks run at the same time."""
-        self.handler_timeout = handler_timeout
+        self.handler_timeout = opts.handler_timeout
         """Seconds a handler may run; None for no limit."""
-        self.drain_timeout = drain_timeout
+        self.drain_timeout = opts.drain_timeout
         """Seconds running handlers get to finish when the agent closes."""
-        self.reconnect = reconnect
+        self.reconnect = opts.reconnect
         """Back-off of re-opening streams and registering again."""
         self.stats = AgentStats()
         """Counters."""
         self._handler = handler
         self._work: dict[str, _Work] = {}
-        self._slots = asyncio.Semaphore(capacity)
+        self._slots = asyncio.Semaphore(opts.capacity)
         self._register_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._urgent = False

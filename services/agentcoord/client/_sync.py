@@ -18,9 +18,7 @@ from collections.abc import (
     AsyncIterator,
     Callable,
     Coroutine,
-    Iterable,
     Iterator,
-    Mapping,
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +28,8 @@ from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar
 import grpc
 
 from agentcoord.client._agent import (
-    RECONNECT,
     Agent,
+    AgentOptions,
     AgentStats,
     Assignment,
     WorkItem,
@@ -281,45 +279,17 @@ class SyncAgent:
         self,
         targets: str | Sequence[str] | None = None,
         *,
-        name: str,
         handler: SyncHandler,
-        agent_id: str = "",
-        role: str = "",
-        capabilities: Iterable[str] = (),
-        capacity: int = 1,
-        labels: Mapping[str, str] | None = None,
-        ttl: float | None = None,
-        handler_timeout: float | None = None,
-        drain_timeout: float = 30.0,
-        reconnect: RetryPolicy = RECONNECT,
-        join_token: str = "",
-        credentials: grpc.ChannelCredentials | None = None,
-        timeout: float = 10.0,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
+        agent_options: AgentOptions | None = None,
+        **settings: Any,
     ) -> None:
         """Configure the agent (arguments as for Agent); it registers on entering."""
-        self._agent = Agent(
-            targets,
-            name=name,
-            handler=self._handle,
-            agent_id=agent_id,
-            role=role,
-            capabilities=capabilities,
-            capacity=capacity,
-            labels=labels,
-            ttl=ttl,
-            handler_timeout=handler_timeout,
-            drain_timeout=drain_timeout,
-            reconnect=reconnect,
-            join_token=join_token,
-            credentials=credentials,
-            timeout=timeout,
-            retry=retry,
-            options=options,
-        )
+        options = AgentOptions.of(agent_options, settings)
+        self._agent = Agent(targets, handler=self._handle, agent_options=options)
         self._handler = handler
-        self._executor = ThreadPoolExecutor(capacity, thread_name_prefix="agentcoord-handler")
+        self._executor = ThreadPoolExecutor(
+            options.capacity, thread_name_prefix="agentcoord-handler"
+        )
         self._portal: _Portal | None = None
         self._closing = threading.Lock()
 
