@@ -89,7 +89,8 @@ run-distribution: $(STAMP)
 run-cluster: $(STAMP)
 	$(PY) examples/cluster/run_cluster.py --store '$(CLUSTER_STORE)' --ports '$(CLUSTER_PORTS)' $(ARGS)
 
-# Four agents cooperate on an AUTO-split task; one is killed mid-sub-task (see README).
+# Four agents cooperate on an AUTO-split task; one is killed mid-sub-task (see README). On
+# its own server, or with AGENTCOORD_SERVER=127.0.0.1:50051 on make run's (its dashboard).
 demo: $(STAMP)
 	$(PY) examples/demo/run_demo.py
 

@@ -1,6 +1,8 @@
 """The agentcoord demo (``make demo``): four agents cooperate on a task, and survive a death.
 
-It starts the services on a temporary SQLite store, starts four agent processes
+It starts the services on a temporary SQLite store (or, with ``AGENTCOORD_SERVER`` set to
+one address, uses that server: ``make run``'s, whose dashboard then shows the demo live),
+starts four agent processes
 (``demo_agent.py``) with different capabilities, submits a task that the AUTO splitter turns
 into a DAG (three parallel sub-tasks and a fan-in report), prints the plan and the live
 progress, kills (SIGKILL) the agent working on the research sub-task to show that the
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -233,10 +236,10 @@ async def follow(client: AgentcoordClient, task_id: str, revision: int) -> Progr
     return progress
 
 
-async def change_log(client: AgentcoordClient, since: int) -> AsyncIterator[statesync_pb.Event]:
-    """Yield the Distribution service's events after revision ``since``, all pages."""
+async def change_log(client: AgentcoordClient, task_id: str) -> AsyncIterator[statesync_pb.Event]:
+    """Yield the Distribution service's events of task ``task_id``, all pages."""
     request = statesync_pb.ListEventsRequest(
-        service=statesync_pb.SERVICE_DISTRIBUTION, start_revision=since, page_size=1000
+        service=statesync_pb.SERVICE_DISTRIBUTION, subject=task_id, page_size=1000
     )
     while True:
         response = await client.statesync.list_events(request)
@@ -249,13 +252,17 @@ async def change_log(client: AgentcoordClient, since: int) -> AsyncIterator[stat
 
 async def demo(processes: Processes) -> None:
     """Run the demo; raise DemoError if something it should show did not happen."""
-    port = free_port()
-    target = f"127.0.0.1:{port}"
     markers = processes.folder / "markers"
     markers.mkdir()
 
     print("== 1. services and agents")
-    processes.start_server(port)
+    target = os.environ.get("AGENTCOORD_SERVER", "")
+    if target:
+        print(f"using the server at {target} (AGENTCOORD_SERVER)")
+    else:
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        processes.start_server(port)
     await wait_serving(target, processes)
     for name, capabilities in AGENTS.items():
         processes.start_agent(name, capabilities, target)
@@ -319,7 +326,7 @@ async def demo(processes: Processes) -> None:
         print(json.dumps(result, indent=2, sort_keys=True))
 
         print("\n== 6. the change log (Distribution events)")
-        async for event in change_log(client, since=0):
+        async for event in change_log(client, task.task_id):
             details = dict(event.details)
             local_id = str(details.get("local_id", "-"))
             when = stamp(event.event_time.ToNanoseconds() / 1e9)
@@ -344,7 +351,8 @@ def main() -> int:
         print("\n== 7. stopping everything")
         processes.stop_all()
         shutil.rmtree(folder, ignore_errors=True)
-    print(f"stopped {len(processes.agents)} agents and the server; removed {folder}")
+    server = " and the server" if processes.server is not None else ""
+    print(f"stopped {len(processes.agents)} agents{server}; removed {folder}")
     if code == 0:
         print(f"demo OK in {time.monotonic() - started:.1f} s")
     return code
