@@ -61,21 +61,16 @@ async def test_one_trace_holds_a_task_across_two_agents(start_server: StartServe
             raise RuntimeError("first attempt fails")
         return item.local_id
 
-    one = Agent(
-        target,
-        name="one",
-        agent_id="one",
-        capabilities=["x"],
-        handler=handle,
-        tracer_provider=provider,
-    )
-    two = Agent(
-        target,
-        name="two",
-        agent_id="two",
-        capabilities=["y"],
-        handler=handle,
-        tracer_provider=provider,
+    one, two = (
+        Agent(
+            target,
+            name=name,
+            agent_id=name,
+            capabilities=[capability],
+            handler=handle,
+            tracer_provider=provider,
+        )
+        for name, capability in (("one", "x"), ("two", "y"))
     )
     spec = TaskSpec(
         "two parts",
