@@ -210,6 +210,34 @@ def test_tracing_off_loads_nothing_of_opentelemetry(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[-1] == "[]"
 
 
+WITHOUT_THE_EXTRA = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Missing(importlib.abc.MetaPathFinder):  # as if the otel extra were not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "opentelemetry":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.meta_path.insert(0, Missing())
+    """
+)
+
+
+def test_an_endpoint_without_the_extra_warns_and_runs_untraced(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_THE_EXTRA + SCRIPT, f"sqlite:///{tmp_path / 'x.db'}"],
+        env={**without_otel(), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("pip install 'agentcoord[otel]'") == 1  # once per process
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 class Collector(trace_service_grpc.TraceServiceServicer):
     """An OTLP receiver: keeps the spans exported to it."""
 

@@ -9,6 +9,7 @@ This module imports OpenTelemetry only when tracing is on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -49,10 +50,16 @@ def tracing(
 
         provider = environment_provider(service_name, environ)
     except ImportError as error:
-        log.warning(
-            "an OTLP endpoint is set but the OpenTelemetry SDK or exporter is missing (%s): "
-            "no traces; install them with pip install 'agentcoord[otel]'",
-            error,
-        )
+        _warn_missing(str(error))
         return None
     return Tracing(provider)
+
+
+@functools.cache
+def _warn_missing(error: str) -> None:
+    """Say once per process that tracing was asked for but cannot be had."""
+    log.warning(
+        "an OTLP endpoint is set but the OpenTelemetry SDK or exporter is missing (%s): "
+        "no traces; install them with pip install 'agentcoord[otel]'",
+        error,
+    )
