@@ -48,6 +48,14 @@ class HeartbeatStream:
         assert response is not grpc.aio.EOF
         return response
 
+    async def ended(self) -> None:
+        """Check that the server ends the stream unasked: ``COMMAND_REREGISTER``, then EOF."""
+        response = await self.call.read()
+        assert response is not grpc.aio.EOF
+        assert response.command == pb.HeartbeatResponse.COMMAND_REREGISTER
+        assert await self.call.read() is grpc.aio.EOF
+        assert await self.call.code() == grpc.StatusCode.OK
+
     def close(self) -> None:
         self.call.cancel()
 
@@ -109,10 +117,8 @@ async def test_silent_agent_expires_within_ttl(discovery: Stub) -> None:
     started = loop.time()
     await eventually(lambda: _is_state(discovery, "quiet", pb.Agent.STATE_EXPIRED), timeout=3)
     assert loop.time() - started <= 0.5 + 1.0
-    # The stream stayed open, but the session is over: the next beat says re-register.
-    ack = await stream.beat()
-    assert ack.command == pb.HeartbeatResponse.COMMAND_REREGISTER
-    stream.close()
+    # The session is over: its open stream says re-register at once, unasked, and ends.
+    await stream.ended()
 
 
 async def test_closed_stream_alone_is_not_death(discovery: Stub) -> None:
@@ -148,9 +154,7 @@ async def test_an_admin_reregistration_ends_the_old_session(start_server: StartS
             metadata=bearer("admin-secret"),
         )
         assert new.epoch == old.epoch + 1
-        ack = await old_stream.beat()
-        assert ack.command == pb.HeartbeatResponse.COMMAND_REREGISTER
-        assert await old_stream.call.read() is grpc.aio.EOF
+        await old_stream.ended()  # at once, not at its next heartbeat
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await discovery.Deregister(
                 pb.DeregisterRequest(agent_id="dup"), metadata=bearer(old.session_token)

@@ -17,9 +17,11 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
+from agentcoord.distribution.v1 import distribution_service_pb2 as dist_pb
+from agentcoord.distribution.v1 import distribution_service_pb2_grpc as dist_grpc
 from agentcoord.statesync.v1 import statesync_service_pb2 as state_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as state_grpc
-from tests.helpers import bearer
+from tests.helpers import bearer, error_info
 from tests.server.processes import ADMIN, Replica, Replicas
 
 ADMIN_AUTH = bearer(ADMIN)
@@ -34,9 +36,11 @@ async def discovery(replica: Replica) -> AsyncIterator[pb_grpc.DiscoveryServiceS
         yield pb_grpc.DiscoveryServiceStub(channel)
 
 
-async def register(stub: pb_grpc.DiscoveryServiceStub, agent_id: str) -> pb.RegisterResponse:
+async def register(
+    stub: pb_grpc.DiscoveryServiceStub, agent_id: str, ttl: float = TTL
+) -> pb.RegisterResponse:
     request = pb.RegisterRequest(
-        agent_id=agent_id, name=agent_id, ttl=duration_pb2.Duration(seconds=int(TTL))
+        agent_id=agent_id, name=agent_id, ttl=duration_pb2.Duration(seconds=int(ttl))
     )
     response: pb.RegisterResponse = await stub.Register(request, metadata=ADMIN_AUTH)
     return response
@@ -172,3 +176,59 @@ async def test_a_restarted_replica_expires_no_agent_that_heartbeats_another(
         assert summary.live_agents == 4
         assert (await a.GetSummary(pb.GetSummaryRequest())).live_agents == 4
     assert await agent_kinds(replica_a) == ["agent.joined"] * 4
+
+
+async def test_a_registration_ends_the_replaced_sessions_streams_on_another_replica_at_once(
+    replicas: Replicas,
+) -> None:
+    """Its Heartbeat and StreamAssignments streams on b end as soon as b hears the new
+    registration made through a, not at their next message; the old token is refused on
+    both replicas."""
+    replica_a, replica_b = await replicas.start(), await replicas.start()
+    async with (
+        discovery(replica_a) as a,
+        grpc.aio.insecure_channel(replica_b.address) as channel_b,
+    ):
+        b = pb_grpc.DiscoveryServiceStub(channel_b)
+        tasks_b = dist_grpc.DistributionServiceStub(channel_b)
+        # A long TTL: nothing but the new registration can end the first session meanwhile.
+        first = await register(a, "worker-1", ttl=60)
+        old = bearer(first.session_token)
+        beats = b.Heartbeat(metadata=old)
+        await beats.write(pb.HeartbeatRequest(agent_id="worker-1"))
+        assert (await beats.read()).command == pb.HeartbeatResponse.COMMAND_UNSPECIFIED
+        assignments = tasks_b.StreamAssignments(
+            dist_pb.StreamAssignmentsRequest(agent_id="worker-1"), metadata=old
+        )
+        await assignments.initial_metadata()  # registered on b
+
+        second = await register(a, "worker-1", ttl=60)  # the admin takes the id over
+
+        told = await beats.read()  # unasked: no heartbeat was sent since
+        assert told is not grpc.aio.EOF
+        assert told.command == pb.HeartbeatResponse.COMMAND_REREGISTER
+        assert told.epoch == first.epoch
+        assert await beats.read() is grpc.aio.EOF
+        try:
+            await assignments.read()
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_info(error).reason == "SESSION_ENDED"
+        else:
+            raise AssertionError("the replaced session's assignment stream goes on")
+        for replica in (replica_a, replica_b):
+            async with grpc.aio.insecure_channel(replica.address) as channel:
+                claim = dist_grpc.DistributionServiceStub(channel).ClaimSubtask(
+                    dist_pb.ClaimSubtaskRequest(agent_id="worker-1"), metadata=old
+                )
+                try:
+                    await claim
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, replica.name
+                else:
+                    raise AssertionError(f"replica {replica.name} accepts the old token")
+        answer = await heartbeat_once(b, "worker-1", second.session_token)
+        assert (answer.command, answer.epoch) == (
+            pb.HeartbeatResponse.COMMAND_UNSPECIFIED,
+            second.epoch,
+        )

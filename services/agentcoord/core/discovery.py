@@ -161,6 +161,11 @@ class HeartbeatAck:
     """What the agent should do."""
 
 
+def session_ended_ack(session: Session) -> HeartbeatAck:
+    """The answer to a heartbeat of a session that has ended: register again."""
+    return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentQuery:
     """A filter over agents."""
@@ -253,6 +258,8 @@ class _Entry:
     """Whether its heartbeats may come through another process (the store tells)."""
     look: float | None = None
     """When the sweep looks at it next: the time of its one live item in the deadline heap."""
+    ended: asyncio.Future[None] | None = None
+    """Done when the session ends (see :meth:`Discovery.session_end`); made on first ask."""
 
     @property
     def agent(self) -> Agent:
@@ -285,6 +292,11 @@ def _registration_fields(agent: Agent) -> tuple[object, ...]:
         agent.card,
         agent.ttl,
     )
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def hash_token(token: str) -> str:
@@ -367,6 +379,11 @@ class Discovery:
         # The previous entry's item in the deadline heap serves this one (it looks no later).
         look = None if previous is None else previous.look
         entry = _Entry(agent, token_hash, deadline, elsewhere=elsewhere, look=look)
+        if previous is not None and previous.ended is not None:
+            if previous.base.epoch == agent.epoch and agent.state is AgentState.LIVE:
+                entry.ended = previous.ended  # the same session, its fields stored anew
+            else:
+                _resolve(previous.ended)
         self._entries[agent.agent_id] = entry
         if agent.state is AgentState.LIVE:
             if token_hash:
@@ -553,7 +570,7 @@ class Discovery:
         """
         entry = self._session_entry(session, agent_id)
         if entry is None:
-            return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
+            return session_ended_ack(session)
         now = self._clock.monotonic()
         if now >= entry.deadline:
             # Recorded now or, if the store fails, by a later sweep: the deadline stays due.
@@ -561,7 +578,7 @@ class Discovery:
             with contextlib.suppress(Unavailable):
                 await self._expire(entry)
             if entry.base.state is not AgentState.LIVE or now >= entry.deadline:
-                return HeartbeatAck(0.0, 0.0, session.epoch, HeartbeatCommand.REREGISTER)
+                return session_ended_ack(session)
         agent = entry.base
         ttl = agent.ttl
         entry.deadline = now + ttl
@@ -611,6 +628,28 @@ class Discovery:
         self._by_token.pop(entry.token_hash, None)
         entry.set_agent(ended)
         self._dirty.pop(ended.agent_id, None)
+        if entry.ended is not None:
+            _resolve(entry.ended)
+
+    def session_end(self, session: Session) -> asyncio.Future[None]:
+        """Return a future that is done once the session has ended (done already if it has).
+
+        A session ends when this process records or hears its end: a registration of the
+        same id through any process, an expiry, a departure. Streams of the session wait
+        on it to end at once rather than at their next message.
+        """
+        entry = self._entries.get(session.agent_id)
+        if (
+            entry is None
+            or entry.base.epoch != session.epoch
+            or entry.base.state is not AgentState.LIVE
+        ):
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        if entry.ended is None:
+            entry.ended = asyncio.get_running_loop().create_future()
+        return entry.ended
 
     async def _heartbeats_elsewhere(self, entry: _Entry) -> bool:
         """Whether the store shows the agent alive through another process's heartbeats.

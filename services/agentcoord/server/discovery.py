@@ -8,7 +8,14 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from agentcoord.core.discovery import AgentQuery, AgentSpec, Discovery, HeartbeatCommand, Session
+from agentcoord.core.discovery import (
+    AgentQuery,
+    AgentSpec,
+    Discovery,
+    HeartbeatCommand,
+    Session,
+    session_ended_ack,
+)
 from agentcoord.core.errors import InvalidInput, PermissionDenied
 from agentcoord.core.models import AgentCard, AgentState, AgentStatus
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
@@ -18,7 +25,7 @@ from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.convert import discovery as convert
 from agentcoord.server.convert import wire
 from agentcoord.server.sizes import budget, fitting, revision_chunks
-from agentcoord.server.streams import StreamTracker, messages_within
+from agentcoord.server.streams import StreamTracker, messages_until, messages_within
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -116,8 +123,10 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         """Renew the caller's session for every message it sends."""
         session = _own_session()
         silence = self._core.config.max_ttl  # past it no session is still alive
+        ended = self._core.session_end(session)
         with self._streams.track():
-            async for request in messages_within(request_iterator, silence, context, "--max-ttl"):
+            requests = messages_within(request_iterator, silence, context, "--max-ttl")
+            async for request in messages_until(requests, ended):
                 held = tuple(request.load.held_subtask_ids)
                 validation.at_most("load.held_subtask_ids", held, 1024)
                 for index, subtask_id in enumerate(held):
@@ -134,6 +143,8 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
                 yield convert.heartbeat_ack_to_proto(ack)
                 if ack.command is HeartbeatCommand.REREGISTER:
                     return  # the session ended: the agent must register again
+            if ended.done():  # ended between heartbeats (replaced through any process, ...)
+                yield convert.heartbeat_ack_to_proto(session_ended_ack(session))
 
     async def Deregister(
         self, request: pb.DeregisterRequest, context: Context

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -115,6 +116,45 @@ async def messages_within(
                 f"no message on this stream for {seconds:g} s ({flag})",
             )
         yield message
+
+
+async def messages_until(requests: AsyncIterator[R], end: asyncio.Future[None]) -> AsyncIterator[R]:
+    """Yield a client stream's messages until it ends, or at once when ``end`` is done.
+
+    A helper task reads the messages one at a time (so flow control still holds the
+    client back), so that waiting for the next one does not keep the stream open past
+    ``end``. What the reading raises (an abort, say) is raised here.
+    """
+    arrived: asyncio.Queue[tuple[R] | Exception | None] = asyncio.Queue(maxsize=1)
+
+    async def read() -> None:
+        try:
+            async for message in requests:
+                await arrived.put((message,))
+            await arrived.put(None)
+        except asyncio.CancelledError:
+            with contextlib.suppress(asyncio.QueueFull):  # full: the loop sees ``end`` first
+                arrived.put_nowait(None)
+        except Exception as error:
+            await arrived.put(error)
+
+    reader = asyncio.create_task(read())
+
+    def stop(_: object) -> None:
+        reader.cancel()
+
+    end.add_done_callback(stop)
+    try:
+        while not end.done():
+            item = await arrived.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item[0]
+    finally:
+        end.remove_done_callback(stop)
+        reader.cancel()
 
 
 class ChangeProtos(Generic[M]):
