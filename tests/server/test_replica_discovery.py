@@ -232,3 +232,42 @@ async def test_a_registration_ends_the_replaced_sessions_streams_on_another_repl
             pb.HeartbeatResponse.COMMAND_UNSPECIFIED,
             second.epoch,
         )
+
+
+FLUSH = 0.1
+"""The replicas' ``--heartbeat-flush-interval`` in the staleness test."""
+
+
+async def test_heartbeat_facts_received_on_one_replica_are_seen_on_another_within_the_bound(
+    replicas: Replicas,
+) -> None:
+    """architecture.md: the load and last heartbeat time of an agent heartbeating another
+    replica lag by at most flush_interval + (TTL + flush_interval) / 2."""
+    flags = ("--heartbeat-flush-interval", f"{FLUSH}s")
+    replica_a, replica_b = await replicas.start(*flags), await replicas.start(*flags)
+    ttl = 3.0
+    bound = FLUSH + (ttl + FLUSH) / 2
+    loop = asyncio.get_running_loop()
+    async with discovery(replica_a) as a, discovery(replica_b) as b:
+        registered = await register(a, "worker-1", ttl=ttl)
+        call = b.Heartbeat(metadata=bearer(registered.session_token))
+        acked: list[tuple[float, int]] = []  # (when b's answer arrived, the load it carried)
+        lags: list[float] = []
+        for load in range(1, 31):  # 30 heartbeats a third of the TTL apart: 10 TTLs
+            await call.write(
+                pb.HeartbeatRequest(agent_id="worker-1", load=pb.Load(active_subtasks=load))
+            )
+            assert (await call.read()).command == pb.HeartbeatResponse.COMMAND_UNSPECIFIED
+            acked.append((loop.time(), load))
+            for _ in range(4):
+                await asyncio.sleep(ttl / 12)
+                asked = loop.time()
+                shown = (await a.GetAgent(pb.GetAgentRequest(agent_id="worker-1"))).agent
+                assert shown.state == LIVE
+                # How long ago b acknowledged the heartbeat whose load a shows, or a newer one.
+                newer = [at for at, sent in acked if sent > shown.load.active_subtasks]
+                lags.append(asked - newer[0] if newer else 0.0)
+        call.cancel()
+    # The bound, plus what a loaded machine adds to one read (a generous tenth of a TTL).
+    assert max(lags) <= bound + ttl / 10, sorted(lags)[-5:]
+    assert max(lags) > 0  # a showed stale facts at times: the test measured the lag

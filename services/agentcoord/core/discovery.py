@@ -364,7 +364,7 @@ class Discovery:
     def _remember(
         self, agent: Agent, token_hash: str, deadline: float, *, elsewhere: bool = False
     ) -> _Entry:
-        """Record ``agent``; with ``elsewhere``, the store is asked a flush interval early."""
+        """Record ``agent``; with ``elsewhere``, the store is asked halfway to ``deadline``."""
         agent_id = agent.agent_id
         previous = self._entries.get(agent_id)
         if previous is None:
@@ -388,7 +388,11 @@ class Discovery:
         if agent.state is AgentState.LIVE:
             if token_hash:
                 self._by_token[token_hash] = agent.agent_id
-            self._schedule(entry, deadline - self.config.flush_interval if elsewhere else deadline)
+            # Elsewhere: look at the store halfway (as after each look), so that the facts
+            # shown of an agent heartbeating another process lag by the documented bound
+            # from the start, and at least a flush interval before the deadline.
+            early = max(self.config.flush_interval, agent.ttl / 2) if elsewhere else 0.0
+            self._schedule(entry, deadline - early)
         return entry
 
     def _schedule(self, entry: _Entry, at: float) -> None:

@@ -168,7 +168,10 @@ async def _host_services(
             clock,
             feed,
             DiscoveryConfig(
-                default_ttl=config.default_ttl, min_ttl=config.min_ttl, max_ttl=config.max_ttl
+                default_ttl=config.default_ttl,
+                min_ttl=config.min_ttl,
+                max_ttl=config.max_ttl,
+                flush_interval=config.heartbeat_flush_interval,
             ),
         )
         await discovery.start()

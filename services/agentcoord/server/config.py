@@ -63,6 +63,10 @@ class ServerConfig:
     """Shortest agent TTL granted; shorter requests are raised to it."""
     max_ttl: float = field(default=300.0, metadata=DURATION)
     """Longest agent TTL granted; longer requests are lowered to it."""
+    heartbeat_flush_interval: float = field(default=1.0, metadata=DURATION)
+    """Time between batched writes of the heartbeat facts (load, last heartbeat time) a
+    replica receives; other replicas show them this much later at most, plus half the
+    agent's TTL and this interval again."""
     grace: float = field(default=5.0, metadata=DURATION)
     """Time in-flight calls get to finish on shutdown."""
     drain: float = field(default=1.0, metadata=DURATION)
@@ -127,6 +131,8 @@ class ServerConfig:
                 raise InvalidInput("mtls_agent_id_pattern", "must contain {agent_id} exactly once")
         if not (0 < self.min_ttl <= self.default_ttl <= self.max_ttl):
             raise InvalidInput("default_ttl", "need 0 < min_ttl <= default_ttl <= max_ttl")
+        if self.heartbeat_flush_interval <= 0:
+            raise InvalidInput("heartbeat_flush_interval", "must be positive")
         if self.max_message_bytes < MIN_MAX_MESSAGE_BYTES:
             raise InvalidInput(
                 "max_message_bytes",
