@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from agentcoord.client import Agent, AgentcoordClient, Handler, TaskSpec, TaskState, WorkItem
+from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
+from agentcoord.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
+from agentcoord.distribution.v1 import distribution_service_pb2 as dist_pb
+from agentcoord.distribution.v1 import distribution_service_pb2_grpc as dist_grpc
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
-from tests.helpers import bearer
+from tests.helpers import bearer, error_info
 from tests.server.processes import ADMIN, Replica, Replicas
 
 AGENTS_PER_REPLICA = 2
@@ -199,3 +204,220 @@ async def test_kill_9_of_a_replica_mid_task_loses_no_subtask_and_completes_none_
     assert all(written), written
     assert set(workers.handled.values()) == {1}, "a lease was handed out twice"
     check_log(await subtask_events(a.address, task.task_id), count)
+
+
+class RawAgent:
+    """An agent driven through the generated stubs: registered through one replica, its
+    streams and calls through whichever the test names."""
+
+    def __init__(self, agent_id: str, capacity: int, channels: dict[str, grpc.aio.Channel]):
+        self.agent_id = agent_id
+        self.capacity = capacity
+        self._channels = channels
+        self.token = ""
+        self.completed: list[str] = []
+        self.held: set[str] = set()
+        self.pushed = 0
+        """Assignments it took from its StreamAssignments stream."""
+
+    def tasks(self, replica: str) -> dist_grpc.DistributionServiceStub:
+        return dist_grpc.DistributionServiceStub(self._channels[replica])
+
+    async def register(self, replica: str) -> None:
+        stub = discovery_grpc.DiscoveryServiceStub(self._channels[replica])
+        registered = await stub.Register(
+            discovery_pb.RegisterRequest(
+                agent_id=self.agent_id,
+                name=self.agent_id,
+                capacity=self.capacity,
+                ttl=duration_pb2.Duration(seconds=60),  # no expiry while the test runs
+            )
+        )
+        self.token = registered.session_token
+
+    async def claim(self, replica: str) -> dist_pb.Assignment | None:
+        """One ClaimSubtask through ``replica`` (None: nothing READY, or at capacity)."""
+        try:
+            claimed = await self.tasks(replica).ClaimSubtask(
+                dist_pb.ClaimSubtaskRequest(agent_id=self.agent_id), metadata=bearer(self.token)
+            )
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            assert error_info(error).reason == "AGENT_AT_CAPACITY"
+            return None
+        return claimed.assignment if claimed.HasField("assignment") else None
+
+    async def complete(self, replica: str, assignment: dist_pb.Assignment) -> None:
+        subtask_id = assignment.lease.subtask_id
+        await self.tasks(replica).CompleteSubtask(
+            dist_pb.CompleteSubtaskRequest(
+                subtask_id=subtask_id,
+                agent_id=self.agent_id,
+                fencing_token=assignment.lease.fencing_token,
+                result=struct_pb2.Value(string_value=self.agent_id),
+            ),
+            metadata=bearer(self.token),
+        )
+        self.completed.append(subtask_id)
+        self.held.discard(subtask_id)
+
+    async def serve(self, replica: str, complete_on: str, stop: asyncio.Event) -> None:
+        """Heartbeat and take pushed assignments through ``replica`` until ``stop``."""
+        discovery = discovery_grpc.DiscoveryServiceStub(self._channels[replica])
+        beats = discovery.Heartbeat(metadata=bearer(self.token))
+        pushed = self.tasks(replica).StreamAssignments(
+            dist_pb.StreamAssignmentsRequest(agent_id=self.agent_id), metadata=bearer(self.token)
+        )
+
+        async def heartbeat() -> None:
+            while True:
+                load = discovery_pb.Load(held_subtask_ids=sorted(self.held))
+                await beats.write(discovery_pb.HeartbeatRequest(agent_id=self.agent_id, load=load))
+                await beats.read()
+                await asyncio.sleep(0.5)
+
+        async def work() -> None:
+            async for message in pushed:
+                if message.HasField("assignment"):
+                    self.pushed += 1
+                    self.held.add(message.assignment.lease.subtask_id)
+                    await asyncio.sleep(WORK_SECONDS)
+                    await self.complete(complete_on, message.assignment)
+
+        helpers = [asyncio.create_task(heartbeat()), asyncio.create_task(work())]
+        await stop.wait()
+        for helper in helpers:
+            helper.cancel()
+        pushed.cancel()
+        beats.cancel()
+        for helper in helpers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await helper
+
+
+def most_held_at_once(events: Sequence[statesync_pb.Event]) -> Counter[str]:
+    """The most leases each agent held at once, by the change log."""
+    holder: dict[str, str] = {}
+    held: Counter[str] = Counter()
+    most: Counter[str] = Counter()
+    for event in events:
+        details = json_format.MessageToDict(event.details)
+        subtask_id = details["subtask_id"]
+        if subtask_id in holder:
+            held[holder.pop(subtask_id)] -= 1
+        if event.kind == "subtask.leased":
+            holder[subtask_id] = event.agent_id
+            held[event.agent_id] += 1
+            most[event.agent_id] = max(most[event.agent_id], held[event.agent_id])
+    return most
+
+
+@contextlib.asynccontextmanager
+async def channels_to(replicas: Sequence[Replica]) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield {
+            r.name: await stack.enter_async_context(grpc.aio.insecure_channel(r.address))
+            for r in replicas
+        }
+
+
+async def test_pushes_come_from_the_stream_replica_pulls_from_any_within_capacity(
+    replicas: Replicas,
+) -> None:
+    """A task submitted on c is worked by agents whose streams are on a and b (registered
+    through other replicas) and by claims through c and a; an agent that is pushed work
+    on a and claims more through c never holds more than its capacity."""
+    started = [await replicas.start() for _ in range(3)]
+    count = 60
+    stop = asyncio.Event()
+    async with channels_to(started) as channels:
+        push_a = RawAgent("push-a", 2, channels)  # registered on c, streams on a, claims on c
+        push_b = RawAgent("push-b", 2, channels)  # registered on a, streams on b
+        puller = RawAgent("puller", 1, channels)  # registered on b, claims on c and a
+        for agent, home in ((push_a, "c"), (push_b, "a"), (puller, "b")):
+            await agent.register(home)
+
+        async def pull(agent: RawAgent, through: Sequence[str]) -> None:
+            for n in itertools.count():
+                if stop.is_set():
+                    return
+                replica = through[n % len(through)]
+                assignment = await agent.claim(replica)
+                if assignment is None:
+                    await asyncio.sleep(0.01)
+                    continue
+                agent.held.add(assignment.lease.subtask_id)
+                await agent.complete(through[(n + 1) % len(through)], assignment)
+
+        async with AgentcoordClient(started[2].address) as planner:
+            task = await planner.tasks.submit(spec(count))
+            workers = [
+                asyncio.create_task(push_a.serve("a", "b", stop)),
+                asyncio.create_task(push_b.serve("b", "c", stop)),
+                asyncio.create_task(pull(puller, ("c", "a"))),
+                asyncio.create_task(pull(push_a, ("c",))),
+            ]
+            try:
+                result = await planner.tasks.result(task.task_id, timeout=90)
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
+    assert result.keys() == {f"s{i}" for i in range(count)}
+    done = [*push_a.completed, *push_b.completed, *puller.completed]
+    assert sorted(done) == sorted(set(done)) and len(done) == count
+    assert push_a.pushed and push_b.pushed and puller.completed
+    assert len(push_a.completed) > push_a.pushed, "push-a claimed none through c"
+    events = await subtask_events(started[0].address, task.task_id)
+    check_log(events, count)
+    most = most_held_at_once(events)
+    assert most["push-a"] <= 2 and most["push-b"] <= 2 and most["puller"] <= 1, most
+
+
+async def test_two_replicas_racing_to_lease_the_same_subtasks_lease_each_once(
+    replicas: Replicas,
+) -> None:
+    """Many concurrent claims on both replicas over one task: each sub-task is leased
+    once, completed once, none lost."""
+    started = [await replicas.start() for _ in range(2)]
+    count = 200
+    async with channels_to(started) as channels:
+        agents = [RawAgent(f"racer-{n}", 4, channels) for n in range(8)]
+        for n, agent in enumerate(agents):
+            await agent.register("ab"[n % 2])
+        async with AgentcoordClient(started[0].address) as planner:
+            task = await planner.tasks.submit(spec(count))
+
+            async def race(agent: RawAgent, first: int) -> None:
+                # Four claims at once per agent, alternating replicas; each completes
+                # through the other replica.
+                async def claimer(k: int) -> None:
+                    for n in itertools.count(first + k):
+                        assignment = await agent.claim("ab"[n % 2])
+                        if assignment is None:
+                            if (
+                                len(agent.completed)
+                                + sum(len(a.completed) for a in agents if a is not agent)
+                                >= count
+                            ):
+                                return
+                            await asyncio.sleep(0.01)
+                            continue
+                        await agent.complete("ab"[(n + 1) % 2], assignment)
+
+                await asyncio.gather(*(claimer(k) for k in range(4)))
+
+            await asyncio.wait_for(
+                asyncio.gather(*(race(agent, n) for n, agent in enumerate(agents))), 120
+            )
+            done = await planner.tasks.get(task.task_id)
+    assert done.state is TaskState.SUCCEEDED
+    completed = Counter(s for agent in agents for s in agent.completed)
+    assert len(completed) == count and set(completed.values()) == {1}
+    events = await subtask_events(started[1].address, task.task_id)
+    check_log(events, count)
+    leased = Counter(
+        json_format.MessageToDict(e.details)["subtask_id"]
+        for e in events
+        if e.kind == "subtask.leased"
+    )
+    assert set(leased.values()) == {1}, "a sub-task was leased more than once"
