@@ -49,10 +49,12 @@ class HeartbeatStream:
         return response
 
     async def ended(self) -> None:
-        """Check that the server ends the stream unasked: ``COMMAND_REREGISTER``, then EOF."""
+        """Check that the server tells the stream unasked (``COMMAND_REREGISTER``) and
+        answers its next heartbeat so too, closing it."""
         response = await self.call.read()
         assert response is not grpc.aio.EOF
         assert response.command == pb.HeartbeatResponse.COMMAND_REREGISTER
+        assert (await self.beat()).command == pb.HeartbeatResponse.COMMAND_REREGISTER
         assert await self.call.read() is grpc.aio.EOF
         assert await self.call.code() == grpc.StatusCode.OK
 

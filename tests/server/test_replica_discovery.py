@@ -208,6 +208,8 @@ async def test_a_registration_ends_the_replaced_sessions_streams_on_another_repl
         assert told is not grpc.aio.EOF
         assert told.command == pb.HeartbeatResponse.COMMAND_REREGISTER
         assert told.epoch == first.epoch
+        await beats.write(pb.HeartbeatRequest(agent_id="worker-1"))  # renews nothing
+        assert (await beats.read()).command == pb.HeartbeatResponse.COMMAND_REREGISTER
         assert await beats.read() is grpc.aio.EOF
         try:
             await assignments.read()

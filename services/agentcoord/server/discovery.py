@@ -25,7 +25,7 @@ from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.convert import discovery as convert
 from agentcoord.server.convert import wire
 from agentcoord.server.sizes import budget, fitting, revision_chunks
-from agentcoord.server.streams import StreamTracker, messages_until, messages_within
+from agentcoord.server.streams import StreamTracker, messages_and_end, messages_within
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -126,7 +126,10 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         ended = self._core.session_end(session)
         with self._streams.track():
             requests = messages_within(request_iterator, silence, context, "--max-ttl")
-            async for request in messages_until(requests, ended):
+            async for request in messages_and_end(requests, ended):
+                if request is None:  # ended between heartbeats (replaced, expired, ...)
+                    yield convert.heartbeat_ack_to_proto(session_ended_ack(session))
+                    continue  # its next heartbeat is answered so too, and ends the stream
                 held = tuple(request.load.held_subtask_ids)
                 validation.at_most("load.held_subtask_ids", held, 1024)
                 for index, subtask_id in enumerate(held):
@@ -143,8 +146,6 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
                 yield convert.heartbeat_ack_to_proto(ack)
                 if ack.command is HeartbeatCommand.REREGISTER:
                     return  # the session ended: the agent must register again
-            if ended.done():  # ended between heartbeats (replaced through any process, ...)
-                yield convert.heartbeat_ack_to_proto(session_ended_ack(session))
 
     async def Deregister(
         self, request: pb.DeregisterRequest, context: Context

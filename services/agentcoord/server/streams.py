@@ -118,42 +118,50 @@ async def messages_within(
         yield message
 
 
-async def messages_until(requests: AsyncIterator[R], end: asyncio.Future[None]) -> AsyncIterator[R]:
-    """Yield a client stream's messages until it ends, or at once when ``end`` is done.
+async def messages_and_end(
+    requests: AsyncIterator[R], end: asyncio.Future[None]
+) -> AsyncIterator[R | None]:
+    """Yield a client stream's messages, and None once, at once, when ``end`` is done.
 
     A helper task reads the messages one at a time (so flow control still holds the
-    client back), so that waiting for the next one does not keep the stream open past
-    ``end``. What the reading raises (an abort, say) is raised here.
+    client back), so that the None does not wait for the next message. The stream is
+    not closed then: a client may be writing its next message, and grpc-python turns a
+    write racing with the close into INTERNAL, losing what the server said. What the
+    reading raises (an abort, say) is raised here.
     """
     arrived: asyncio.Queue[tuple[R] | Exception | None] = asyncio.Queue(maxsize=1)
+    woken = (None,)  # not a message: wakes the loop up to see ``end``
 
     async def read() -> None:
         try:
             async for message in requests:
                 await arrived.put((message,))
             await arrived.put(None)
-        except asyncio.CancelledError:
-            with contextlib.suppress(asyncio.QueueFull):  # full: the loop sees ``end`` first
-                arrived.put_nowait(None)
         except Exception as error:
             await arrived.put(error)
 
+    def wake(_: object) -> None:
+        with contextlib.suppress(asyncio.QueueFull):  # full: the loop sees ``end`` next
+            arrived.put_nowait(woken)  # type: ignore[arg-type]
+
     reader = asyncio.create_task(read())
-
-    def stop(_: object) -> None:
-        reader.cancel()
-
-    end.add_done_callback(stop)
+    end.add_done_callback(wake)
+    told = False
     try:
-        while not end.done():
+        while True:
+            if end.done() and not told:
+                told = True
+                yield None
+                continue
             item = await arrived.get()
             if item is None:
                 return
             if isinstance(item, Exception):
                 raise item
-            yield item[0]
+            if item is not woken:
+                yield item[0]
     finally:
-        end.remove_done_callback(stop)
+        end.remove_done_callback(wake)
         reader.cancel()
 
 
