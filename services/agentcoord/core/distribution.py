@@ -6,8 +6,10 @@ no sub-task succeeds twice whatever this process believes. This process keeps a 
 for speed, rebuilt from the store at start and updated from each operation's result:
 
 - READY sub-tasks in one priority queue per set of required capabilities (``-priority``,
-  task age, position in the task), and sub-tasks waiting out a retry back-off in a heap;
-- the agents Discovery knows, from the change log, with the leases each one holds;
+  task age, position in the task), and sub-tasks waiting out a retry back-off in a heap
+  (:class:`~agentcoord.core.scheduler.ReadyQueues`);
+- the agents Discovery knows, from the change log, with the leases each one holds
+  (:class:`~agentcoord.core.scheduler.Slot`);
 - lease deadlines on the monotonic clock, renewed by heartbeats that name the sub-task
   (Discovery calls :meth:`Distribution.renew_leases`). Each renewal is also written to the
   lease's record (coalesced, one write at a time), so that a fenced StateSync write, in any
@@ -40,7 +42,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from agentcoord.core.changes import ChangeFeed, WatchBatch, check_retained
 from agentcoord.core.clock import Clock
@@ -55,6 +57,7 @@ from agentcoord.core.errors import (
 )
 from agentcoord.core.loops import run_periodically
 from agentcoord.core.models import Agent, AgentEventKind, AgentState, AgentStatus, Change, Service
+from agentcoord.core.scheduler import Assignment, Held, ReadyQueues, Revoked, Slot, Stream
 from agentcoord.core.splitter import Splitter
 from agentcoord.core.statesync import Liveness
 from agentcoord.core.store import Store
@@ -108,25 +111,6 @@ class DistributionConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class Assignment:
-    """A lease for an agent, with the sub-task to work on."""
-
-    lease: Lease
-    subtask: Subtask
-    trace_parent: str = ""
-    """The task's :attr:`Task.trace_parent`: the agent continues that trace."""
-
-
-@dataclass(frozen=True, slots=True)
-class Revoked:
-    """Notice that an agent lost a lease and must stop working on the sub-task."""
-
-    subtask_id: str
-    fencing_token: int
-    reason: RevocationReason
-
-
-@dataclass(frozen=True, slots=True)
 class Connected:
     """The stream is registered: leases granted from now on are pushed to it."""
 
@@ -166,66 +150,6 @@ class SessionEnded(FailedPrecondition):
     """The agent's session ended while its stream was open."""
 
 
-@dataclass(slots=True)
-class _Held:
-    """A lease this process knows of."""
-
-    lease: Lease
-    task_id: str
-    deadline: float
-
-
-class _Stream:
-    """The open StreamAssignments stream of one agent session."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.queue: asyncio.Queue[Assignment | Revoked | AgentcoordError] = asyncio.Queue()
-
-    def send(self, message: Assignment | Revoked | AgentcoordError) -> None:
-        self.queue.put_nowait(message)
-
-
-@dataclass(slots=True)
-class _Slot:
-    """An agent as the scheduler sees it."""
-
-    agent_id: str
-    epoch: int
-    """The agent's current session; leases of earlier ones are released, never inherited."""
-    capabilities: frozenset[str]
-    capacity: int
-    live: bool = True
-    draining: bool = False
-    held: dict[str, _Held] = field(default_factory=dict)
-    reserved: int = 0
-    """Leases being granted (store write in flight)."""
-    stream: _Stream | None = None
-    last_grant: int = 0
-    """Sequence number of the latest grant; the lower, the longer it waited."""
-
-    @property
-    def load(self) -> int:
-        return len(self.held) + self.reserved
-
-    @property
-    def free(self) -> int:
-        return self.capacity - self.load
-
-    @property
-    def hungry(self) -> bool:
-        """Whether leases may be pushed to it now."""
-        return self.stream is not None and self.live and not self.draining and self.free > 0
-
-    def rank(self) -> tuple[float, int, str]:
-        """Least loaded first, then the one that waited longest."""
-        return (self.load / self.capacity, self.last_grant, self.agent_id)
-
-
-def _queue_key(subtask: Subtask) -> tuple[int, float, int, str]:
-    return (-subtask.priority, subtask.create_time.timestamp(), subtask.seq, subtask.subtask_id)
-
-
 class Distribution:
     """The Distribution domain service and its scheduler."""
 
@@ -245,16 +169,11 @@ class Distribution:
         self.config = config
         self.splitter = splitter
         self._is_live = is_live
-        self._slots: dict[str, _Slot] = {}
-        self._ready: dict[str, Subtask] = {}
-        """READY sub-tasks that may be leased now (not reserved, back-off passed)."""
-        self._queues: dict[frozenset[str], list[tuple[tuple[int, float, int, str], str]]] = {}
+        self._slots: dict[str, Slot] = {}
+        self._queues = ReadyQueues()
         self._capable: dict[frozenset[str], list[str]] = {}
         """Agents (ids) covering each capability set that has a queue."""
-        self._delayed: list[tuple[datetime, str]] = []
-        self._waiting: dict[str, Subtask] = {}
-        """READY sub-tasks waiting out a back-off."""
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, Held] = {}
         self._deadlines: list[tuple[float, str, int]] = []
         self._claims: dict[tuple[str, str], str] = {}
         self._renewals: dict[str, LeaseRenewal] = {}
@@ -273,7 +192,7 @@ class Distribution:
 
     def queue_depth(self) -> tuple[int, int]:
         """Return the READY sub-tasks waiting for an agent, and those backing off."""
-        return len(self._ready), len(self._waiting)
+        return self._queues.depth()
 
     # Start and background work
 
@@ -292,15 +211,15 @@ class Distribution:
                 lease = subtask.lease
                 slot = self._slots.get(lease.agent_id)
                 if slot is None:
-                    slot = _Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
+                    slot = Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
                     self._slots[lease.agent_id] = slot
                 self._track(slot, lease, subtask.task_id, now + lease.ttl)
                 self._queue_renewal(lease, lease.ttl)
         await self._write_renewals()  # the stored expire times of the full TTLs just given
 
     @staticmethod
-    def _slot_of(agent: Agent) -> _Slot:
-        return _Slot(
+    def _slot_of(agent: Agent) -> Slot:
+        return Slot(
             agent.agent_id,
             agent.epoch,
             frozenset(agent.capabilities),
@@ -408,7 +327,7 @@ class Distribution:
             and task.state is TaskState.CANCELLED
         }
 
-        def reason(subtask: Subtask, held: _Held) -> RevocationReason | None:
+        def reason(subtask: Subtask, held: Held) -> RevocationReason | None:
             if subtask.state is SubtaskState.CANCELLED:
                 if subtask.task_id in cancelled:
                     return RevocationReason.TASK_CANCELLED
@@ -445,7 +364,7 @@ class Distribution:
         self._capable.clear()  # capability sets are re-matched lazily
         self._feed_agent(slot)
 
-    def _end_stream(self, slot: _Slot, why: str) -> None:
+    def _end_stream(self, slot: Slot, why: str) -> None:
         """Revoke the leases of the slot's session on its stream, and end the stream."""
         stream = slot.stream
         if stream is None:
@@ -462,7 +381,7 @@ class Distribution:
         stream.send(SessionEnded(f"{why}: its session ended", reason="SESSION_ENDED"))
         slot.stream = None
 
-    async def _new_session(self, slot: _Slot, agent: Agent) -> None:
+    async def _new_session(self, slot: Slot, agent: Agent) -> None:
         """Move a slot to the agent's newer session: the earlier one's leases are released.
 
         They are revoked on the earlier session's stream and offered again without
@@ -523,14 +442,10 @@ class Distribution:
         if now - self._seen_since >= self.config.recent_window:
             self._seen_before, self._seen = self._seen, {}
             self._seen_since = now
-        wall = self._clock.now()
-        while self._delayed and self._delayed[0][0] <= wall:
-            _, subtask_id = heapq.heappop(self._delayed)
-            subtask = self._waiting.pop(subtask_id, None)
-            if subtask is not None:
-                self._enqueue(replace(subtask, next_attempt_time=None))
+        for subtask in self._queues.due(self._clock.now()):
+            self._enqueue(subtask)
 
-    async def _expire(self, held: _Held) -> None:
+    async def _expire(self, held: Held) -> None:
         lease = held.lease
         failure = Failure(
             failure_class=FailureClass.LEASE_LOST,
@@ -558,7 +473,7 @@ class Distribution:
         if update is not None:
             self._absorb(update)
 
-    async def _rejudge(self, held: _Held) -> None:
+    async def _rejudge(self, held: Held) -> None:
         """Give a lease renewed elsewhere the deadline of its stored expire time."""
         subtask = await self._store.get_subtask(held.lease.subtask_id)
         lease = None if subtask is None else subtask.lease
@@ -585,19 +500,7 @@ class Distribution:
 
     def _enqueue_all(self, subtasks: Sequence[Subtask]) -> None:
         """Queue READY sub-tasks, then offer each queue they joined once."""
-        groups: dict[frozenset[str], None] = {}
-        wall = self._clock.now()
-        for subtask in subtasks:
-            if subtask.next_attempt_time is not None and subtask.next_attempt_time > wall:
-                self._waiting[subtask.subtask_id] = subtask
-                heapq.heappush(self._delayed, (subtask.next_attempt_time, subtask.subtask_id))
-                continue
-            self._ready[subtask.subtask_id] = subtask
-            group = frozenset(subtask.required_capabilities)
-            heapq.heappush(
-                self._queues.setdefault(group, []), (_queue_key(subtask), subtask.subtask_id)
-            )
-            groups[group] = None
+        groups = self._queues.add(subtasks, self._clock.now())
         if not groups:
             return
         for group in groups:
@@ -605,18 +508,13 @@ class Distribution:
         self._work_arrived.set()
         self._work_arrived = asyncio.Event()
 
-    def _forget(self, subtask_id: str) -> None:
-        """Drop a sub-task from the queues (lazily: heap entries are skipped later)."""
-        self._ready.pop(subtask_id, None)
-        self._waiting.pop(subtask_id, None)
-
-    def _track(self, slot: _Slot, lease: Lease, task_id: str, deadline: float) -> None:
-        held = _Held(lease, task_id, deadline)
+    def _track(self, slot: Slot, lease: Lease, task_id: str, deadline: float) -> None:
+        held = Held(lease, task_id, deadline)
         slot.held[lease.subtask_id] = held
         self._held[lease.subtask_id] = held
         heapq.heappush(self._deadlines, (deadline, lease.subtask_id, lease.fencing_token))
 
-    def _untrack(self, subtask_id: str) -> _Slot | None:
+    def _untrack(self, subtask_id: str) -> Slot | None:
         held = self._held.pop(subtask_id, None)
         if held is None:
             return None
@@ -646,7 +544,7 @@ class Distribution:
     def _absorb_subtasks(
         self,
         subtasks: Sequence[Subtask],
-        revoke: Callable[[Subtask, _Held], RevocationReason | None],
+        revoke: Callable[[Subtask, Held], RevocationReason | None],
     ) -> None:
         """Bring the mirror up to date with sub-tasks as stored (older ones are skipped).
 
@@ -654,7 +552,7 @@ class Distribution:
         when ``revoke`` gives a reason); a lease not tracked yet, granted elsewhere, is
         tracked by its stored expire time; READY sub-tasks are queued.
         """
-        freed: dict[str, _Slot] = {}
+        freed: dict[str, Slot] = {}
         fresh: list[Subtask] = []
         for subtask in subtasks:
             if subtask.revision <= self._absorbed(subtask.subtask_id):
@@ -679,11 +577,11 @@ class Distribution:
                         stream.send(
                             Revoked(held.lease.subtask_id, held.lease.fencing_token, reason)
                         )
-            self._forget(subtask.subtask_id)
+            self._queues.forget(subtask.subtask_id)
             if lease is not None and subtask.subtask_id not in self._held:
                 slot = self._slots.get(lease.agent_id)
                 if slot is None:  # its join is on the way through the change log
-                    slot = _Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
+                    slot = Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
                     self._slots[lease.agent_id] = slot
                 self._track(slot, lease, subtask.task_id, self._deadline_of(lease))
         self._enqueue_all([s for s in fresh if s.state is SubtaskState.READY])
@@ -703,24 +601,10 @@ class Distribution:
             self._capable[group] = agents
         return agents
 
-    def _head(self, group: frozenset[str]) -> Subtask | None:
-        """Return the best leasable sub-task of a queue, dropping stale entries."""
-        queue = self._queues.get(group)
-        while queue:
-            _, subtask_id = queue[0]
-            subtask = self._ready.get(subtask_id)
-            if subtask is None:
-                heapq.heappop(queue)
-                continue
-            return subtask
-        if queue is not None:
-            del self._queues[group]
-        return None
-
     def _offer(self, group: frozenset[str]) -> None:
         """Push the queue's sub-tasks to its capable hungry agents, least loaded first."""
         while True:
-            subtask = self._head(group)
+            subtask = self._queues.head(group)
             if subtask is None:
                 return
             hungry = [
@@ -730,42 +614,32 @@ class Distribution:
             ]
             if not hungry:
                 return
-            slot = min(hungry, key=_Slot.rank)
+            slot = min(hungry, key=Slot.rank)
             avoided = _last_failed_agent(subtask)
             if slot.agent_id == avoided and len(hungry) > 1:
-                slot = min((s for s in hungry if s.agent_id != avoided), key=_Slot.rank)
+                slot = min((s for s in hungry if s.agent_id != avoided), key=Slot.rank)
             self._reserve_and_grant(slot, subtask)
 
-    def _feed_agent(self, slot: _Slot) -> None:
+    def _feed_agent(self, slot: Slot) -> None:
         """Push work to an agent that has free capacity, best sub-task first."""
         while slot.hungry:
-            subtask = self._best_for(slot)
+            subtask = self._queues.best_for(slot.capabilities)
             if subtask is None:
                 return
             self._reserve_and_grant(slot, subtask)
 
-    def _best_for(self, slot: _Slot) -> Subtask | None:
-        best: Subtask | None = None
-        for group in list(self._queues):
-            if not group <= slot.capabilities:
-                continue
-            subtask = self._head(group)
-            if subtask is not None and (best is None or _queue_key(subtask) < _queue_key(best)):
-                best = subtask
-        return best
-
-    def _reserve(self, slot: _Slot, subtask: Subtask) -> None:
-        self._ready.pop(subtask.subtask_id, None)
+    def _reserve(self, slot: Slot, subtask: Subtask) -> None:
+        self._queues.take(subtask.subtask_id)
         slot.reserved += 1
         slot.last_grant = next(self._grants)
 
-    def _reserve_and_grant(self, slot: _Slot, subtask: Subtask) -> None:
+    def _reserve_and_grant(self, slot: Slot, subtask: Subtask) -> None:
         self._reserve(slot, subtask)
         task = asyncio.create_task(self._push(slot, subtask))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _push(self, slot: _Slot, subtask: Subtask) -> None:
+    async def _push(self, slot: Slot, subtask: Subtask) -> None:
         try:
             assignment = await self._grant(slot, subtask)
         except (ResourceExhausted, SessionEnded):
@@ -778,7 +652,7 @@ class Distribution:
         elif slot.hungry:
             self._feed_agent(slot)
 
-    async def _grant(self, slot: _Slot, subtask: Subtask) -> Assignment | None:
+    async def _grant(self, slot: Slot, subtask: Subtask) -> Assignment | None:
         """Lease a reserved sub-task to ``slot``'s agent in the store.
 
         Raises:
@@ -828,7 +702,7 @@ class Distribution:
 
     # Agent-facing calls
 
-    async def _slot_for(self, session: Session, agent_id: str) -> _Slot:
+    async def _slot_for(self, session: Session, agent_id: str) -> Slot:
         session.check_acts_as(agent_id)
         slot = self._slots.get(session.agent_id)
         if slot is None or not slot.live or slot.epoch != session.epoch:
@@ -865,7 +739,7 @@ class Distribution:
                     reason="STREAM_REPLACED",
                 )
             )
-        stream = _Stream(session.epoch)
+        stream = Stream(session.epoch)
         slot.stream = stream
         try:
             yield Connected()
@@ -890,7 +764,7 @@ class Distribution:
         task = await self._store.get_task(subtask.task_id)
         return Assignment(lease, subtask, task.trace_parent if task is not None else "")
 
-    def _live_lease(self, held: _Held) -> Lease:
+    def _live_lease(self, held: Held) -> Lease:
         """Return a lease with the expiry this process judges it by."""
         remaining = max(0.0, held.deadline - self._clock.monotonic())
         return replace(held.lease, expire_time=self._clock.now() + timedelta(seconds=remaining))
@@ -916,7 +790,7 @@ class Distribution:
             # Checked again after each wait (a stream may have filled it); the lease
             # transaction checks it again against every lease stored.
             check_capacity(slot.agent_id, slot.load, slot.capacity)
-            subtask = self._best_for(slot)
+            subtask = self._queues.best_for(slot.capabilities)
             if subtask is not None:
                 self._reserve(slot, subtask)
                 assignment = await self._grant(slot, subtask)
@@ -1192,7 +1066,7 @@ class Distribution:
                 return
 
 
-def _refresh(slot: _Slot, agent: Agent) -> None:
+def _refresh(slot: Slot, agent: Agent) -> None:
     """Bring a slot up to date with its agent's record (of the slot's session)."""
     slot.capabilities = frozenset(agent.capabilities)
     slot.capacity = max(agent.capacity, 1)
@@ -1200,7 +1074,7 @@ def _refresh(slot: _Slot, agent: Agent) -> None:
     slot.live = True
 
 
-def _is_stale(slot: _Slot, lease: Lease) -> bool:
+def _is_stale(slot: Slot, lease: Lease) -> bool:
     """Whether a lease belongs to a session of the slot's agent that has ended."""
     return not slot.live or lease.epoch != slot.epoch
 

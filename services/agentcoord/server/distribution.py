@@ -10,14 +10,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from agentcoord.core.discovery import Session
-from agentcoord.core.distribution import (
-    Assignment,
-    Connected,
-    Distribution,
-    TaskView,
-    TaskWatchItem,
-)
+from agentcoord.core.distribution import Connected, Distribution, TaskView, TaskWatchItem
 from agentcoord.core.errors import InvalidInput, PermissionDenied
+from agentcoord.core.scheduler import Assignment
 from agentcoord.core.tasks import (
     Caller,
     SplitPolicy,

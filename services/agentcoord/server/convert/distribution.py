@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from google.protobuf import json_format, struct_pb2
 
-from agentcoord.core.distribution import Assignment, Revoked, TaskView
+from agentcoord.core.distribution import TaskView
 from agentcoord.core.models import Change
+from agentcoord.core.scheduler import Assignment, Revoked
 from agentcoord.core.tasks import (
     Failure,
     FailureClass,
