@@ -14,6 +14,9 @@ export AGENTCOORD_LISTEN AGENTCOORD_STORE
 # make run-cluster's PostgreSQL database (created if missing) and its replicas' ports.
 CLUSTER_STORE ?= postgresql://root@127.0.0.1:5432/agentcoord
 CLUSTER_PORTS ?= 50051,50052,50053
+# make test's pytest processes (pytest-xdist): most tests wait on servers, timeouts and
+# child processes, so two workers halve the suite's time on two cores. TEST_WORKERS=0: one.
+TEST_WORKERS ?= 2
 
 .PHONY: venv proto proto-check lint lint-proto fmt typecheck test pytest run run-discovery \
 	run-distribution run-statesync run-cluster bench demo clean
@@ -67,7 +70,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: proto-check lint
-	$(VENV)/bin/pytest $(ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) $(ARGS)
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
