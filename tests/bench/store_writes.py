@@ -1,13 +1,15 @@
 """Write throughput of the stores alone (no gRPC), at several numbers of concurrent writers.
 
 .venv/bin/python -m tests.bench.store_writes [--store sqlite|postgresql://...]
-    [--writers 1,16,64] [--duration 3] [--ops register,put,update]
+    [--writers 1,16,64] [--duration 3] [--ops register,put,update,modify]
 
 - ``register``: ``register_agent`` of distinct agents.
 - ``put``: ``write_states`` of one key per writer, no compare, a request id each.
 - ``update``: 4 hot keys; each writer reads a key and writes it back with a version
   compare and a request id, retrying conflicts (the store's share of ``update()``);
   reports committed increments/s and checks that none was lost.
+- ``modify``: the same 4 hot keys incremented inside the write (the store's share of
+  ModifyState): no read and no conflict; checked for lost increments like ``update``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from agentcoord.core.errors import Conflict
 from agentcoord.core.models import (
     Agent,
     Compare,
+    ModificationKind,
+    ModifyCommand,
     PutCommand,
     StateValue,
     StateWrite,
@@ -81,10 +85,20 @@ async def _update(store: Store, writer: int, seq: int) -> int:
             continue
 
 
+async def _modify(store: Store, writer: int, seq: int) -> int:
+    key = f"shared/hot{(writer + seq) % HOT_KEYS}"
+    increment = ModifyCommand(key, ModificationKind.INCREMENT, 1.0, max_bytes=1 << 20)
+    await store.write_states(
+        StateWrite("", (), (increment,), datetime.now(UTC), request_id=uuid.uuid4().hex)
+    )
+    return 1
+
+
 OPS: dict[str, Callable[[Store, int, int], Awaitable[int]]] = {
     "register": _register,
     "put": _put,
     "update": _update,
+    "modify": _modify,
 }
 
 
@@ -107,12 +121,12 @@ async def _measure(url: str, op: str, writers: int, duration: float) -> tuple[fl
         await asyncio.gather(*(writer(n) for n in range(writers)))
         rate = done / (time.perf_counter() - started)
         note = ""
-        if op == "update":
+        if op in ("update", "modify"):
             total = 0
             for n in range(HOT_KEYS):
                 entry = await store.get_state(f"shared/hot{n}")
                 total += json.loads(entry.value.data) if entry else 0
-            note = f"lost {done - total}"
+            note = f"lost {done - total:g}"
         return rate, note
     finally:
         await store.close()
@@ -150,7 +164,7 @@ async def main() -> None:
     )
     parser.add_argument("--writers", default="1,16,64")
     parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--ops", default="register,put,update")
+    parser.add_argument("--ops", default="register,put,update,modify")
     args = parser.parse_args()
     stores = args.store or ["sqlite"] + (
         [os.environ["AGENTCOORD_TEST_POSTGRES_DSN"]]
