@@ -192,7 +192,7 @@ async def test_tasks_analyze_takes_the_description_three_ways(cli: Cli, tmp_path
     assert analysed.code == Exit.OK, analysed.err
     assert "parallel     yes" in analysed.out
     rows = table(analysed.out.split("\n\n")[1])
-    assert rows[0] == ["SUBTASK", "DEPENDS ON", "CAPABILITIES", "TITLE"]
+    assert rows[0] == ["SUBTASK", "DEPENDS ON", "CAPABILITIES", "SKILLS", "TITLE"]
     assert rows[-1][:2] == ["step-5", "step-2,step-3,step-4"]
 
     plan = tmp_path / "plan.md"
@@ -291,8 +291,20 @@ async def test_failed_and_cancelled_tasks_exit_1(cli: Cli) -> None:
     assert "main failed by worker-1 (asked to fail)" in failed.out
     assert failed.out.splitlines()[-1].endswith(" failed: sub-task 'main' failed: asked to fail")
 
-    gpu = (await cli("tasks", "submit", "-q", "--capability", "gpu", "--description", "Train")).out
-    task_id = gpu.strip()
+    gpu = await cli(
+        "tasks",
+        "submit",
+        "-q",
+        "--capability",
+        "gpu",
+        "--skill",
+        "vision",
+        "--description",
+        "Train",
+    )
+    task_id = gpu.out.strip()
+    shown = (await cli("tasks", "show", task_id)).out
+    assert "capabilities  gpu\n" in shown and "skills        vision\n" in shown
     cancelled = await cli("tasks", "cancel", task_id, "--reason", "no GPU")
     assert cancelled.out == f"task {task_id} cancelled: no GPU\n"
     watched = await cli("tasks", "watch", task_id)

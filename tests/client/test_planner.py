@@ -68,10 +68,17 @@ async def test_submit_get_and_list(client: AgentcoordClient) -> None:
         "release",
         input={"version": "1.2"},
         capabilities=["python"],
+        skills=["release"],
         subtasks=[
             {"local_id": "build", "title": "Build it", "input": {"target": "wheel"}},
             Step("test", depends_on=("build",)),
-            SubtaskSpec("publish", depends_on=["test"], capabilities=["pypi"], max_attempts=1),
+            SubtaskSpec(
+                "publish",
+                depends_on=["test"],
+                capabilities=["pypi"],
+                skills=["sign"],
+                max_attempts=1,
+            ),
         ],
         priority=5,
         lease_ttl=2.0,
@@ -94,6 +101,8 @@ async def test_submit_get_and_list(client: AgentcoordClient) -> None:
     assert test.title == "test" and test.input == {"version": "1.2"}  # the task's input
     assert test.depends_on == (build.subtask_id,) and test.state is SubtaskState.BLOCKED
     assert publish.required_capabilities == ("pypi", "python") and publish.max_attempts == 1
+    assert (task.required_skills, build.required_skills) == (("release",), ("release",))
+    assert publish.required_skills == ("release", "sign")
     assert await client.tasks.get(task.task_id) == task
     basic = await client.tasks.get(task.task_id, full=False)
     assert basic.subtasks == () and basic.counts == task.counts

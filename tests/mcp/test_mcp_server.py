@@ -411,3 +411,23 @@ async def test_the_agent_registers_the_a2a_card_given_with_card(
         ["text/x-diff"],
         ["text/markdown"],
     )
+
+
+async def test_a_task_requiring_a_skill_goes_to_the_agent_whose_card_has_it(
+    address: str, tmp_path: Path
+) -> None:
+    card = {"name": "Reviewer", "skills": [{"id": "code-review", "name": "Review", "tags": ["py"]}]}
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    log = tmp_path / "mcp.log"
+    async with (
+        mcp_agent(address, log, "plain") as plain,
+        mcp_agent(address, log, "reviewer", "--card", str(path)) as reviewer,
+    ):
+        spec = {"title": "review", "skills": ["py"], "subtasks": [{"local_id": "diff"}]}
+        task = await plain.call("submit_task", task=spec)
+        (waiting,) = task["subtasks"]
+        assert (waiting["state"], waiting["skills"]) == ("READY", ["py"])
+        assert (await plain.call("claim_subtask", wait_seconds=0))["subtask"] is None
+        offer = (await reviewer.call("claim_subtask", wait_seconds=10))["subtask"]
+        assert offer is not None and offer["local_id"] == "diff"

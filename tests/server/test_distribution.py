@@ -88,6 +88,7 @@ async def join(
     capabilities: tuple[str, ...] = (),
     capacity: int = 1,
     ttl: float = 10.0,
+    skills: tuple[discovery_pb.Skill, ...] = (),
 ) -> Worker:
     response = await discovery_grpc.DiscoveryServiceStub(channel).Register(
         discovery_pb.RegisterRequest(
@@ -96,6 +97,7 @@ async def join(
             capabilities=list(capabilities),
             capacity=capacity,
             ttl=seconds(ttl),
+            skills=list(skills),
         )
     )
     return Worker(channel, agent_id, response.session_token)

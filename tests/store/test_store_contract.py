@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -31,7 +30,7 @@ from agentcoord.core.models import (
 )
 from agentcoord.core.store import Store
 from agentcoord.store.factory import open_store
-from tests.store.helpers import all_changes, opened
+from tests.store.helpers import all_changes, opened, raw_postgres
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -495,6 +494,7 @@ EXPECTED_MIGRATIONS = [
     (3, "distribution"),
     (4, "session_identity"),
     (5, "agent_card"),
+    (6, "required_skills"),
 ]
 
 
@@ -509,12 +509,7 @@ async def inspect_schema(url: str) -> Schema:
     """Read tables, indexes and applied migrations with the driver, not the store."""
     if url.startswith("sqlite:"):
         return inspect_sqlite(url.removeprefix("sqlite:///"))
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query)
-    schema = dict(query)["schema"]
-    dsn = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"])))
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with raw_postgres(url) as (conn, schema):
         tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
         definitions = await conn.fetch(
             "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = $1", schema
@@ -522,8 +517,6 @@ async def inspect_schema(url: str) -> Schema:
         migrations = await conn.fetch(
             f'SELECT version, name, applied_at FROM "{schema}".schema_migrations ORDER BY version'
         )
-    finally:
-        await conn.close()
     return Schema(
         tables={r["tablename"] for r in tables},
         # indexdef reads "CREATE INDEX name ON schema.table USING btree (a, b) [WHERE ...]".

@@ -50,7 +50,7 @@ from agentcoord.core.tasks import (
     TaskSpec,
     TaskState,
 )
-from tests.store.helpers import all_changes, opened
+from tests.store.helpers import all_changes, opened, raw_postgres
 from tests.store.test_store_contract import inspect_schema
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -945,6 +945,53 @@ async def test_the_identity_migration_keeps_tasks_and_leases(tmp_path: Path) -> 
         assert held.lease is not None and held.lease.epoch == agent.epoch
         done = await store.complete_subtask("t1-a", "bob", token, "1", NOW, epoch=agent.epoch)
         assert done.subtask is not None and done.subtask.state is SubtaskState.SUCCEEDED
+
+
+async def test_skill_requirements_are_stored_and_the_migration_keeps_older_tasks(
+    store_url: str,
+) -> None:
+    """Tasks written before 0006 require no skills and carry on; new ones keep theirs."""
+    async with opened(store_url) as store:
+        await submit(store)
+        token = await lease(store, "t1-a")
+    # Back to the bodies of migration 0005, which had no skill requirements.
+    if store_url.startswith("sqlite:"):
+        path = store_url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.executescript(
+                """
+                UPDATE tasks SET body = json_remove(body, '$.required_skills');
+                UPDATE subtasks SET body = json_remove(body, '$.required_skills');
+                DELETE FROM schema_migrations WHERE version = 6;
+                """
+            )
+    else:
+        async with raw_postgres(store_url) as (conn, schema):
+            await conn.execute(
+                f"""
+                SET search_path TO "{schema}";
+                UPDATE tasks SET body = body - 'required_skills';
+                UPDATE subtasks SET body = body - 'required_skills';
+                DELETE FROM schema_migrations WHERE version = 6;
+                """
+            )
+
+    async with opened(store_url) as store:
+        assert (await task_of(store)).required_skills == ()
+        assert {s.required_skills for s in await store.list_subtasks("t1")} == {()}
+        done = await store.complete_subtask("t1-a", "bob", token, "1", NOW, epoch=1)
+        assert done.subtask is not None and done.subtask.state is SubtaskState.SUCCEEDED
+        subtasks = (
+            SubtaskSpec("a", "Translate", required_skills=("translate", "fr")),
+            SubtaskSpec("b", "Review", depends_on=("a",)),
+        )
+        await submit(store, "t2", subtasks=subtasks, required_skills=("fr",))
+    async with opened(store_url) as store:
+        assert (await task_of(store, "t2")).required_skills == ("fr",)
+        needs = {s.local_id: s.required_skills for s in await store.list_subtasks("t2")}
+        assert needs == {"a": ("fr", "translate"), "b": ("fr",)}
+        ready = [s for s in await store.load_open_subtasks() if s.task_id == "t2"]
+        assert [s.required_skills for s in ready] == [("fr", "translate")]
 
 
 async def test_subtasks_are_counted_by_state_and_commits_are_observed(store: Store) -> None:

@@ -91,6 +91,13 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         help="a capability every sub-task requires; repeatable",
     )
     parser.add_argument(
+        "--skill",
+        action="append",
+        default=[],
+        metavar="S",
+        help="a skill (id or tag) every sub-task requires; repeatable",
+    )
+    parser.add_argument(
         "--priority", type=_priority, metavar="N", help="higher runs first; -1000 to 1000"
     )
 
@@ -115,6 +122,7 @@ def _task_spec(args: argparse.Namespace) -> pb.TaskSpec:
         spec = pb.TaskSpec(description=description, split_policy=pb.SPLIT_POLICY_AUTO)
     spec.title = args.title or spec.title or _first_line(spec.description)
     spec.required_capabilities.extend(args.capability)
+    spec.required_skills.extend(args.skill)
     if args.priority is not None:
         spec.priority = args.priority
     return spec
@@ -143,9 +151,15 @@ async def _analyze(client: AgentcoordClient, args: argparse.Namespace, out: Outp
     )
     out.line()
     out.table(
-        ["SUBTASK", "DEPENDS ON", "CAPABILITIES", "TITLE"],
+        ["SUBTASK", "DEPENDS ON", "CAPABILITIES", "SKILLS", "TITLE"],
         (
-            [s.local_id, listing(s.depends_on), listing(s.required_capabilities), s.title]
+            [
+                s.local_id,
+                listing(s.depends_on),
+                listing(s.required_capabilities),
+                listing(s.required_skills),
+                s.title,
+            ]
             for s in response.subtasks
         ),
     )
@@ -220,6 +234,7 @@ async def _show(client: AgentcoordClient, args: argparse.Namespace, out: Output)
             ("reason", task.state_reason or NONE),
             ("progress", progress(task)),
             ("capabilities", listing(task.required_capabilities)),
+            ("skills", listing(task.required_skills)),
             ("submitted", f"{when(task.create_time)} by {task.submitter_agent_id or NONE}"),
             ("ended", when(task.end_time)),
             ("result", _result(task)),

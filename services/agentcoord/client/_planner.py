@@ -201,6 +201,8 @@ class Subtask:
     """JSON input (the task's when the sub-task has none of its own)."""
     required_capabilities: tuple[str, ...]
     """Capabilities an agent needs to be assigned it."""
+    required_skills: tuple[str, ...]
+    """Skill ids or tags an agent must offer to be assigned it (the task's and its own)."""
     depends_on: tuple[str, ...]
     """Server identifiers of the sub-tasks that must succeed first."""
     state: SubtaskState
@@ -239,6 +241,7 @@ class Subtask:
             description=subtask.description,
             input=_json(subtask, "input"),
             required_capabilities=tuple(subtask.required_capabilities),
+            required_skills=tuple(subtask.required_skills),
             depends_on=tuple(subtask.depends_on),
             state=SubtaskState(subtask.state),
             attempt=subtask.attempt,
@@ -289,6 +292,8 @@ class Task:
     """JSON input handed to sub-tasks that have none of their own."""
     required_capabilities: tuple[str, ...]
     """Capabilities every sub-task requires."""
+    required_skills: tuple[str, ...]
+    """Skill ids or tags every sub-task requires."""
     priority: int
     """Queue priority; higher runs first."""
     max_attempts: int
@@ -337,6 +342,7 @@ class Task:
             description=task.description,
             input=_json(task, "input"),
             required_capabilities=tuple(task.required_capabilities),
+            required_skills=tuple(task.required_skills),
             priority=task.priority,
             max_attempts=task.max_attempts,
             lease_ttl=seconds(task.lease_ttl),
@@ -488,6 +494,8 @@ class SubtaskSpec:
     """JSON input; None hands the sub-task the task's input."""
     capabilities: Sequence[str] = ()
     """Capabilities required on top of the task's."""
+    skills: Sequence[str] = ()
+    """Skills required on top of the task's: each an id or tag of a skill the agent offers."""
     depends_on: Sequence[str] = ()
     """Local ids of the sub-tasks that must succeed first."""
     max_attempts: int = 0
@@ -517,6 +525,7 @@ class SubtaskSpec:
             description=spec.description,
             input=_json(spec, "input"),
             capabilities=tuple(spec.required_capabilities),
+            skills=tuple(spec.required_skills),
             depends_on=tuple(spec.depends_on),
             max_attempts=spec.max_attempts,
         )
@@ -531,6 +540,7 @@ class SubtaskSpec:
             required_capabilities=list(self.capabilities),
             depends_on=list(self.depends_on),
             max_attempts=self.max_attempts,
+            required_skills=list(self.skills),
         )
 
 
@@ -546,6 +556,8 @@ class TaskSpec:
     """JSON input for sub-tasks that have none of their own; None for none."""
     capabilities: Sequence[str] = ()
     """Capabilities every sub-task requires."""
+    skills: Sequence[str] = ()
+    """Skills every sub-task requires: for each, the agent offers a skill with that id or tag."""
     subtasks: Sequence[SubtaskSpec | Mapping[str, Any] | Any] = ()
     """Sub-tasks (SubtaskSpecs, or dicts or dataclasses of the same fields)."""
     split: SplitPolicy | None = None
@@ -581,6 +593,7 @@ class TaskSpec:
             allow_partial_results=self.allow_partial_results,
             subtasks=subtasks,
             aggregation_local_id=self.aggregate,
+            required_skills=list(self.skills),
         )
 
 

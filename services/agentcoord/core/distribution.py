@@ -5,9 +5,9 @@ operation that checks the sub-task's state and fencing token inside its transact
 no sub-task succeeds twice whatever this process believes. This process keeps a mirror
 for speed, rebuilt from the store at start and updated from each operation's result:
 
-- READY sub-tasks in one priority queue per set of required capabilities (``-priority``,
-  task age, position in the task), and sub-tasks waiting out a retry back-off in a heap
-  (:class:`~agentcoord.core.scheduler.ReadyQueues`);
+- READY sub-tasks in one priority queue per set of required capabilities and skills
+  (``-priority``, task age, position in the task), and sub-tasks waiting out a retry
+  back-off in a heap (:class:`~agentcoord.core.scheduler.ReadyQueues`);
 - the agents Discovery knows, from the change log, with the leases each one holds
   (:class:`~agentcoord.core.scheduler.Slot`);
 - lease deadlines on the monotonic clock, renewed by heartbeats that name the sub-task
@@ -16,9 +16,10 @@ for speed, rebuilt from the store at start and updated from each operation's res
   process, is checked against the lease's real expire time in its own transaction.
 
 Assignment never scans every sub-task or agent: a new READY sub-task is offered to the
-agents capable of its capability set only, least loaded first (held leases / capacity,
-ties to the agent that waited longest); an agent with free capacity takes the best head
-among the queues of the capability sets it covers. Leases are pushed to agents with an
+agents that meet its needs only (every required capability, and for every required skill
+a skill with that id or tag), least loaded first (held leases / capacity, ties to the
+agent that waited longest); an agent with free capacity takes the best head among the
+queues whose needs it meets. Leases are pushed to agents with an
 open StreamAssignments stream; ClaimSubtask pulls from the same queues. It must run in a
 process that hosts Discovery (liveness and heartbeats).
 
@@ -57,7 +58,15 @@ from agentcoord.core.errors import (
 )
 from agentcoord.core.loops import run_periodically
 from agentcoord.core.models import Agent, AgentEventKind, AgentState, AgentStatus, Change, Service
-from agentcoord.core.scheduler import Assignment, Held, ReadyQueues, Revoked, Slot, Stream
+from agentcoord.core.scheduler import (
+    Assignment,
+    Held,
+    Needs,
+    ReadyQueues,
+    Revoked,
+    Slot,
+    Stream,
+)
 from agentcoord.core.splitter import Splitter
 from agentcoord.core.statesync import Liveness
 from agentcoord.core.store import Store
@@ -171,8 +180,8 @@ class Distribution:
         self._is_live = is_live
         self._slots: dict[str, Slot] = {}
         self._queues = ReadyQueues()
-        self._capable: dict[frozenset[str], list[str]] = {}
-        """Agents (ids) covering each capability set that has a queue."""
+        self._capable: dict[Needs, list[str]] = {}
+        """Agents (ids) meeting the needs of each queue."""
         self._held: dict[str, Held] = {}
         self._deadlines: list[tuple[float, str, int]] = []
         self._claims: dict[tuple[str, str], str] = {}
@@ -224,6 +233,7 @@ class Distribution:
             agent.epoch,
             frozenset(agent.capabilities),
             max(agent.capacity, 1),
+            agent.skill_names(),
             draining=agent.status is AgentStatus.DRAINING,
         )
 
@@ -361,7 +371,7 @@ class Distribution:
             return  # a change of a session already replaced
         else:
             _refresh(slot, agent)
-        self._capable.clear()  # capability sets are re-matched lazily
+        self._capable.clear()  # needs are re-matched lazily
         self._feed_agent(slot)
 
     def _end_stream(self, slot: Slot, why: str) -> None:
@@ -594,15 +604,15 @@ class Distribution:
 
     # Matching
 
-    def _capable_of(self, group: frozenset[str]) -> list[str]:
+    def _capable_of(self, group: Needs) -> list[str]:
         agents = self._capable.get(group)
         if agents is None:
-            agents = [a for a, slot in self._slots.items() if group <= slot.capabilities]
+            agents = [a for a, slot in self._slots.items() if group.met_by(slot)]
             self._capable[group] = agents
         return agents
 
-    def _offer(self, group: frozenset[str]) -> None:
-        """Push the queue's sub-tasks to its capable hungry agents, least loaded first."""
+    def _offer(self, group: Needs) -> None:
+        """Push the queue's sub-tasks to the hungry agents meeting its needs, least loaded first."""
         while True:
             subtask = self._queues.head(group)
             if subtask is None:
@@ -623,7 +633,7 @@ class Distribution:
     def _feed_agent(self, slot: Slot) -> None:
         """Push work to an agent that has free capacity, best sub-task first."""
         while slot.hungry:
-            subtask = self._queues.best_for(slot.capabilities)
+            subtask = self._queues.best_for(slot)
             if subtask is None:
                 return
             self._reserve_and_grant(slot, subtask)
@@ -790,7 +800,7 @@ class Distribution:
             # Checked again after each wait (a stream may have filled it); the lease
             # transaction checks it again against every lease stored.
             check_capacity(slot.agent_id, slot.load, slot.capacity)
-            subtask = self._queues.best_for(slot.capabilities)
+            subtask = self._queues.best_for(slot)
             if subtask is not None:
                 self._reserve(slot, subtask)
                 assignment = await self._grant(slot, subtask)
@@ -1069,6 +1079,7 @@ class Distribution:
 def _refresh(slot: Slot, agent: Agent) -> None:
     """Bring a slot up to date with its agent's record (of the slot's session)."""
     slot.capabilities = frozenset(agent.capabilities)
+    slot.skills = agent.skill_names()
     slot.capacity = max(agent.capacity, 1)
     slot.draining = agent.status is AgentStatus.DRAINING
     slot.live = True

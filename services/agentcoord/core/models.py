@@ -72,10 +72,6 @@ class Skill:
     output_modes: tuple[str, ...] = ()
     """Media types it produces."""
 
-    def matches(self, wanted: str) -> bool:
-        """Return whether ``wanted`` is this skill's id or one of its tags."""
-        return wanted == self.id or wanted in self.tags
-
     def to_json(self) -> dict[str, Any]:
         """Return the JSON form kept by the stores and the change log."""
         return {
@@ -197,9 +193,13 @@ class Agent:
     card: AgentCard = field(default_factory=AgentCard)
     """The rest of its A2A agent card."""
 
+    def skill_names(self) -> frozenset[str]:
+        """Return the ids and tags of its skills: the names a wanted skill is matched by."""
+        return frozenset(name for skill in self.skills for name in (skill.id, *skill.tags))
+
     def has_skills(self, wanted: Iterable[str]) -> bool:
         """Return whether, for each of ``wanted``, a skill has that id or tag."""
-        return all(any(skill.matches(w) for skill in self.skills) for w in wanted)
+        return self.skill_names().issuperset(wanted)
 
     @property
     def heartbeat_interval(self) -> float:

@@ -1,9 +1,9 @@
 """The scheduler's memory: what waits for an agent, and the agents as the scheduler sees them.
 
-:class:`ReadyQueues` holds the READY sub-tasks in one priority queue per set of required
-capabilities (``-priority``, task age, position in the task) and those waiting out a retry
-back-off in a heap. A :class:`Slot` is an agent with its capacity, the leases it holds
-(:class:`Held`), the grants in flight and its open StreamAssignments stream
+:class:`ReadyQueues` holds the READY sub-tasks in one priority queue per :class:`Needs` (the
+required capabilities and skills; ``-priority``, task age, position in the task) and those
+waiting out a retry back-off in a heap. A :class:`Slot` is an agent with its capacity, the
+leases it holds (:class:`Held`), the grants in flight and its open StreamAssignments stream
 (:class:`Stream`), whose messages are :class:`Assignment` and :class:`Revoked`.
 
 Bookkeeping only, no I/O and no clock of its own: :mod:`agentcoord.core.distribution`
@@ -72,6 +72,8 @@ class Slot:
     """The agent's current session; leases of earlier ones are released, never inherited."""
     capabilities: frozenset[str]
     capacity: int
+    skills: frozenset[str] = frozenset()
+    """Ids and tags of the agent's skills (:meth:`Agent.skill_names`)."""
     live: bool = True
     draining: bool = False
     held: dict[str, Held] = field(default_factory=dict)
@@ -101,6 +103,24 @@ class Slot:
         return (self.load / self.capacity, self.last_grant, self.agent_id)
 
 
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What an agent must offer to be leased a sub-task; READY sub-tasks queue by it."""
+
+    capabilities: frozenset[str]
+    skills: frozenset[str]
+    """Skill ids or tags; each is met by a skill of the agent with that id or tag."""
+
+    @classmethod
+    def of(cls, subtask: Subtask) -> Needs:
+        """Return what ``subtask`` requires."""
+        return cls(frozenset(subtask.required_capabilities), frozenset(subtask.required_skills))
+
+    def met_by(self, slot: Slot) -> bool:
+        """Return whether the agent has every capability and offers every skill."""
+        return self.capabilities <= slot.capabilities and self.skills <= slot.skills
+
+
 QueueKey = tuple[int, float, int, str]
 """Order of a queue: higher priority, then older, then earlier in its task."""
 
@@ -111,13 +131,13 @@ def queue_key(subtask: Subtask) -> QueueKey:
 
 
 class ReadyQueues:
-    """READY sub-tasks by capability set, best first, and those waiting out a back-off."""
+    """READY sub-tasks by what they need, best first, and those waiting out a back-off."""
 
     def __init__(self) -> None:
         """Start empty."""
         self._ready: dict[str, Subtask] = {}
         """READY sub-tasks that may be leased now (not reserved, back-off passed)."""
-        self._queues: dict[frozenset[str], list[tuple[QueueKey, str]]] = {}
+        self._queues: dict[Needs, list[tuple[QueueKey, str]]] = {}
         self._delayed: list[tuple[datetime, str]] = []
         self._waiting: dict[str, Subtask] = {}
         """READY sub-tasks waiting out a back-off."""
@@ -126,19 +146,19 @@ class ReadyQueues:
         """Return the sub-tasks that may be leased now, and those backing off."""
         return len(self._ready), len(self._waiting)
 
-    def add(self, subtasks: Iterable[Subtask], now: datetime) -> list[frozenset[str]]:
+    def add(self, subtasks: Iterable[Subtask], now: datetime) -> list[Needs]:
         """Queue READY sub-tasks, or park those whose back-off lasts past ``now``.
 
-        Returns the capability sets whose queues they joined, each once, in order.
+        Returns the needs whose queues they joined, each once, in order.
         """
-        groups: dict[frozenset[str], None] = {}
+        groups: dict[Needs, None] = {}
         for subtask in subtasks:
             if subtask.next_attempt_time is not None and subtask.next_attempt_time > now:
                 self._waiting[subtask.subtask_id] = subtask
                 heapq.heappush(self._delayed, (subtask.next_attempt_time, subtask.subtask_id))
                 continue
             self._ready[subtask.subtask_id] = subtask
-            group = frozenset(subtask.required_capabilities)
+            group = Needs.of(subtask)
             heapq.heappush(
                 self._queues.setdefault(group, []), (queue_key(subtask), subtask.subtask_id)
             )
@@ -164,7 +184,7 @@ class ReadyQueues:
         """Take a sub-task out of its queue: a lease of it is being granted."""
         self._ready.pop(subtask_id, None)
 
-    def head(self, group: frozenset[str]) -> Subtask | None:
+    def head(self, group: Needs) -> Subtask | None:
         """Return the best leasable sub-task of a queue, dropping stale entries."""
         queue = self._queues.get(group)
         while queue:
@@ -178,11 +198,11 @@ class ReadyQueues:
             del self._queues[group]
         return None
 
-    def best_for(self, capabilities: frozenset[str]) -> Subtask | None:
-        """Return the best head among the queues an agent of ``capabilities`` can serve."""
+    def best_for(self, slot: Slot) -> Subtask | None:
+        """Return the best head among the queues whose needs the agent meets."""
         best: Subtask | None = None
         for group in list(self._queues):
-            if not group <= capabilities:
+            if not group.met_by(slot):
                 continue
             subtask = self.head(group)
             if subtask is not None and (best is None or queue_key(subtask) < queue_key(best)):

@@ -215,9 +215,8 @@ def build_task(
                 title=sub.title,
                 description=sub.description,
                 input=sub.input if sub.input is not None else spec.input,
-                required_capabilities=tuple(
-                    sorted(set(spec.required_capabilities) | set(sub.required_capabilities))
-                ),
+                required_capabilities=_union(spec.required_capabilities, sub.required_capabilities),
+                required_skills=_union(spec.required_skills, sub.required_skills),
                 depends_on=prerequisites,
                 dependents=tuple(dependents[sub.local_id]),
                 waiting_on=len(prerequisites),
@@ -235,6 +234,7 @@ def build_task(
         description=spec.description,
         input=spec.input,
         required_capabilities=spec.required_capabilities,
+        required_skills=spec.required_skills,
         priority=spec.priority,
         max_attempts=max_attempts,
         lease_ttl=lease_ttl,
@@ -250,6 +250,10 @@ def build_task(
         update_time=now,
     )
     return task, subtasks
+
+
+def _union(first: Sequence[str], second: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted({*first, *second}))
 
 
 @dataclass(slots=True)

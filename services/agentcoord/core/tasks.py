@@ -139,6 +139,8 @@ class SubtaskSpec:
     """Local ids of the sub-tasks that must succeed first."""
     max_attempts: int = 0
     """Maximum attempts; 0 means the task's."""
+    required_skills: tuple[str, ...] = ()
+    """Skill ids or tags required in addition to the task's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,8 @@ class TaskSpec:
     """Sub-tasks for EXPLICIT."""
     aggregation_local_id: str = ""
     """Local id of the sub-task whose result is the task's."""
+    required_skills: tuple[str, ...] = ()
+    """Skill ids or tags every sub-task requires (see :meth:`Agent.has_skills`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +366,8 @@ class Task:
     state_reason: str = ""
     trace_parent: str = ""
     """W3C traceparent of the SubmitTask call's span, when the server traced it; else ""."""
+    required_skills: tuple[str, ...] = ()
+    """Skill ids or tags every sub-task requires."""
 
     def to_snapshot(self) -> dict[str, Any]:
         """Return the JSON-able form."""
@@ -389,6 +395,7 @@ class Task:
             "failure": None if self.failure is None else self.failure.to_snapshot(),
             "state_reason": self.state_reason,
             "trace_parent": self.trace_parent,
+            "required_skills": list(self.required_skills),
         }
 
     @classmethod
@@ -418,6 +425,7 @@ class Task:
             failure=None if data["failure"] is None else Failure.from_snapshot(data["failure"]),
             state_reason=data["state_reason"],
             trace_parent=data.get("trace_parent", ""),  # absent in tasks stored before it
+            required_skills=tuple(data["required_skills"]),
         )
 
 
@@ -466,6 +474,8 @@ class Subtask:
     start_time: datetime | None = None
     end_time: datetime | None = None
     revision: int = 0
+    required_skills: tuple[str, ...] = ()
+    """Skill ids or tags an agent must offer (the task's and the spec's, sorted)."""
 
     def to_snapshot(self) -> dict[str, Any]:
         """Return the JSON-able form."""
@@ -498,6 +508,7 @@ class Subtask:
             "start_time": _iso(self.start_time),
             "end_time": _iso(self.end_time),
             "revision": self.revision,
+            "required_skills": list(self.required_skills),
         }
 
     @classmethod
@@ -536,6 +547,7 @@ class Subtask:
             start_time=_time(data["start_time"]),
             end_time=_time(data["end_time"]),
             revision=int(data["revision"]),
+            required_skills=tuple(data["required_skills"]),
         )
 
 

@@ -123,7 +123,10 @@ def build_server(session: AgentSession) -> MCPServer[Any]:
         with tool_errors():
             return PlanView.of(await client.tasks.analyze(task.to_spec()))
 
-    @app.tool(description="Submit a task for the team; its sub-tasks go to capable live agents.")
+    @app.tool(
+        description="Submit a task for the team; each sub-task goes to a live agent with the"
+        " capabilities and skills it requires."
+    )
     async def submit_task(task: TaskInput) -> TaskView:
         with tool_errors():
             return TaskView.of(await client.tasks.submit(task.to_spec()))

@@ -42,6 +42,9 @@ class SubtaskInput(BaseModel):
     description: str = Field("", description="What to do.")
     input: Any = Field(None, description="JSON input; null hands it the task's input.")
     capabilities: list[str] = Field(default_factory=list, description="Capabilities required.")
+    skills: list[str] = Field(
+        default_factory=list, description="Skills required: ids or tags of an agent's skills."
+    )
     depends_on: list[str] = Field(
         default_factory=list, description="Local ids of sub-tasks that must succeed first."
     )
@@ -56,6 +59,10 @@ class TaskInput(BaseModel):
     input: Any = Field(None, description="JSON input for sub-tasks without their own.")
     capabilities: list[str] = Field(
         default_factory=list, description="Capabilities every sub-task requires."
+    )
+    skills: list[str] = Field(
+        default_factory=list,
+        description="Skills every sub-task requires: ids or tags of a live agent's skills.",
     )
     subtasks: list[SubtaskInput] = Field(
         default_factory=list, description="Explicit sub-tasks; empty for one sub-task or AUTO."
@@ -82,6 +89,7 @@ class TaskInput(BaseModel):
             description=self.description,
             input=self.input,
             capabilities=self.capabilities,
+            skills=self.skills,
             subtasks=[SubtaskSpec(**subtask.model_dump()) for subtask in self.subtasks],
             split=SplitPolicy[self.split] if self.split else None,
             aggregate=self.aggregate,
@@ -198,6 +206,8 @@ class SubtaskView(BaseModel):
     description: str
     state: str
     depends_on: list[str] = Field(description="Local ids of the sub-tasks it waits for.")
+    capabilities: list[str] = Field(description="Capabilities an agent needs to take it.")
+    skills: list[str] = Field(description="Skill ids or tags an agent needs to take it.")
     agent_id: str
     attempt: int
     result: Any
@@ -213,6 +223,8 @@ class SubtaskView(BaseModel):
             description=subtask.description,
             state=subtask.state.name,
             depends_on=[local_ids.get(i, i) for i in subtask.depends_on],
+            capabilities=list(subtask.required_capabilities),
+            skills=list(subtask.required_skills),
             agent_id=subtask.agent_id,
             attempt=subtask.attempt,
             result=subtask.result,
@@ -284,6 +296,7 @@ class PlanView(BaseModel):
                     description=spec.description,
                     input=spec.input,
                     capabilities=list(spec.capabilities),
+                    skills=list(spec.skills),
                     depends_on=list(spec.depends_on),
                     max_attempts=spec.max_attempts,
                 )

@@ -244,17 +244,8 @@ def _query(
         capabilities=frozenset(validation.capabilities("capabilities", capabilities)),
         role=role,
         states=frozenset(chosen) or frozenset({AgentState.LIVE}),
-        skills=frozenset(_skill_names("skills", skills)),
+        skills=frozenset(validation.skill_names("skills", skills)),
     )
-
-
-def _skill_names(field: str, values: Sequence[str]) -> list[str]:
-    """Check a list of skill ids or tags (1-128 characters, at most 32)."""
-    validation.at_most(field, values, 32)
-    return [
-        validation.text(f"{field}[{index}]", value, max_length=128, required=True)
-        for index, value in enumerate(values)
-    ]
 
 
 def _modes(field: str, values: Sequence[str]) -> None:

@@ -407,6 +407,7 @@ def _subtask_spec_from_proto(prefix: str, spec: pb.SubtaskSpec) -> SubtaskSpec:
             for index, local_id in enumerate(spec.depends_on)
         ),
         max_attempts=validation.in_range(f"{prefix}.max_attempts", spec.max_attempts, 0, 100),
+        required_skills=validation.skill_names(f"{prefix}.required_skills", spec.required_skills),
     )
 
 
@@ -448,4 +449,5 @@ def task_spec_from_proto(request: pb.SubmitTaskRequest | pb.AnalyzeTaskRequest) 
             for index, spec in enumerate(task.subtasks)
         ),
         aggregation_local_id=aggregation,
+        required_skills=validation.skill_names("task.required_skills", task.required_skills),
     )

@@ -68,6 +68,14 @@ def capabilities(field: str, values: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(values)))
 
 
+def skill_names(field: str, values: Sequence[str]) -> tuple[str, ...]:
+    """Return valid skill ids or tags (1-128 characters, at most 32), sorted and unique."""
+    at_most(field, values, 32)
+    for index, value in enumerate(values):
+        text(f"{field}[{index}]", value, max_length=128, required=True)
+    return tuple(sorted(set(values)))
+
+
 def labels(field: str, values: Mapping[str, str]) -> dict[str, str]:
     """Return valid labels."""
     at_most(field, values, 32)

@@ -214,6 +214,7 @@ class Task(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    REQUIRED_SKILLS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Identifier of the task, assigned by the server (a UUID). Output only."""
     title: _builtins.str
@@ -291,6 +292,10 @@ class Task(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Time the task reached a terminal state; unset before. Output only."""
 
+    @_builtins.property
+    def required_skills(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Skills every sub-task requires, in addition to its own; sorted and unique."""
+
     def __init__(
         self,
         *,
@@ -317,10 +322,11 @@ class Task(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
+        required_skills: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "create_time", b"create_time", "end_time", b"end_time", "failure", b"failure", "input", b"input", "lease_ttl", b"lease_ttl", "result", b"result", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_subtask_id", b"aggregation_subtask_id", "allow_partial_results", b"allow_partial_results", "counts", b"counts", "create_time", b"create_time", "description", b"description", "end_time", b"end_time", "failure", b"failure", "input", b"input", "lease_ttl", b"lease_ttl", "max_attempts", b"max_attempts", "priority", b"priority", "request_id", b"request_id", "required_capabilities", b"required_capabilities", "result", b"result", "revision", b"revision", "split_policy", b"split_policy", "state", b"state", "state_reason", b"state_reason", "submitter_agent_id", b"submitter_agent_id", "subtasks", b"subtasks", "task_id", b"task_id", "title", b"title", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_subtask_id", b"aggregation_subtask_id", "allow_partial_results", b"allow_partial_results", "counts", b"counts", "create_time", b"create_time", "description", b"description", "end_time", b"end_time", "failure", b"failure", "input", b"input", "lease_ttl", b"lease_ttl", "max_attempts", b"max_attempts", "priority", b"priority", "request_id", b"request_id", "required_capabilities", b"required_capabilities", "required_skills", b"required_skills", "result", b"result", "revision", b"revision", "split_policy", b"split_policy", "state", b"state", "state_reason", b"state_reason", "submitter_agent_id", b"submitter_agent_id", "subtasks", b"subtasks", "task_id", b"task_id", "title", b"title", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,7 +349,10 @@ class Subtask(_message.Message):
         STATE_BLOCKED: Subtask._State.ValueType  # 1
         """Waiting for the sub-tasks it depends on to succeed."""
         STATE_READY: Subtask._State.ValueType  # 2
-        """Dependencies done; waiting for a capable agent with free capacity (or for its back-off)."""
+        """Dependencies done; waiting for a capable agent with free capacity (or for its back-off).
+
+        A sub-task whose required capabilities or skills no live agent has stays here.
+        """
         STATE_LEASED: Subtask._State.ValueType  # 3
         """Leased to one agent, which is working on it."""
         STATE_SUCCEEDED: Subtask._State.ValueType  # 4
@@ -361,7 +370,10 @@ class Subtask(_message.Message):
     STATE_BLOCKED: Subtask.State.ValueType  # 1
     """Waiting for the sub-tasks it depends on to succeed."""
     STATE_READY: Subtask.State.ValueType  # 2
-    """Dependencies done; waiting for a capable agent with free capacity (or for its back-off)."""
+    """Dependencies done; waiting for a capable agent with free capacity (or for its back-off).
+
+    A sub-task whose required capabilities or skills no live agent has stays here.
+    """
     STATE_LEASED: Subtask.State.ValueType  # 3
     """Leased to one agent, which is working on it."""
     STATE_SUCCEEDED: Subtask.State.ValueType  # 4
@@ -392,6 +404,7 @@ class Subtask(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    REQUIRED_SKILLS_FIELD_NUMBER: _builtins.int
     subtask_id: _builtins.str
     """Identifier of the sub-task, assigned by the server and unique across tasks. Output only."""
     task_id: _builtins.str
@@ -456,6 +469,12 @@ class Subtask(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Time the sub-task reached SUCCEEDED, FAILED or CANCELLED; unset before. Output only."""
 
+    @_builtins.property
+    def required_skills(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Skills an agent must advertise to be assigned the sub-task: the task's plus the spec's,
+        sorted. Each is met by an agent skill with that id or with it among its tags.
+        """
+
     def __init__(
         self,
         *,
@@ -480,10 +499,11 @@ class Subtask(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         revision: _builtins.int = ...,
+        required_skills: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "input", b"input", "last_failure", b"last_failure", "lease", b"lease", "next_attempt_time", b"next_attempt_time", "result", b"result", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "create_time", b"create_time", "depends_on", b"depends_on", "description", b"description", "end_time", b"end_time", "input", b"input", "last_failure", b"last_failure", "lease", b"lease", "local_id", b"local_id", "max_attempts", b"max_attempts", "next_attempt_time", b"next_attempt_time", "required_capabilities", b"required_capabilities", "result", b"result", "revision", b"revision", "start_time", b"start_time", "state", b"state", "subtask_id", b"subtask_id", "task_id", b"task_id", "title", b"title", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "create_time", b"create_time", "depends_on", b"depends_on", "description", b"description", "end_time", b"end_time", "input", b"input", "last_failure", b"last_failure", "lease", b"lease", "local_id", b"local_id", "max_attempts", b"max_attempts", "next_attempt_time", b"next_attempt_time", "required_capabilities", b"required_capabilities", "required_skills", b"required_skills", "result", b"result", "revision", b"revision", "start_time", b"start_time", "state", b"state", "subtask_id", b"subtask_id", "task_id", b"task_id", "title", b"title", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -610,6 +630,7 @@ class TaskSpec(_message.Message):
     ALLOW_PARTIAL_RESULTS_FIELD_NUMBER: _builtins.int
     SUBTASKS_FIELD_NUMBER: _builtins.int
     AGGREGATION_LOCAL_ID_FIELD_NUMBER: _builtins.int
+    REQUIRED_SKILLS_FIELD_NUMBER: _builtins.int
     title: _builtins.str
     """Short human-readable title; required, 1-256 characters."""
     description: _builtins.str
@@ -640,6 +661,15 @@ class TaskSpec(_message.Message):
     def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubtaskSpec]:
         """Sub-tasks for SPLIT_POLICY_EXPLICIT (1-10000); must be empty for the other policies."""
 
+    @_builtins.property
+    def required_skills(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Skills every sub-task requires; optional, at most 32, each 1-128 characters.
+
+        A sub-task requiring skills is leased only to a live agent that, for each of them,
+        registered a skill (Register's `skills`, an A2A card's skills) with that id or with it
+        among the skill's tags. While no live agent has them, the sub-task stays READY.
+        """
+
     def __init__(
         self,
         *,
@@ -654,10 +684,11 @@ class TaskSpec(_message.Message):
         allow_partial_results: _builtins.bool = ...,
         subtasks: _abc.Iterable[Global___SubtaskSpec] | None = ...,
         aggregation_local_id: _builtins.str = ...,
+        required_skills: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_local_id", b"aggregation_local_id", "allow_partial_results", b"allow_partial_results", "description", b"description", "input", b"input", "lease_ttl", b"lease_ttl", "max_attempts", b"max_attempts", "priority", b"priority", "required_capabilities", b"required_capabilities", "split_policy", b"split_policy", "subtasks", b"subtasks", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation_local_id", b"aggregation_local_id", "allow_partial_results", b"allow_partial_results", "description", b"description", "input", b"input", "lease_ttl", b"lease_ttl", "max_attempts", b"max_attempts", "priority", b"priority", "required_capabilities", b"required_capabilities", "required_skills", b"required_skills", "split_policy", b"split_policy", "subtasks", b"subtasks", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -676,6 +707,7 @@ class SubtaskSpec(_message.Message):
     REQUIRED_CAPABILITIES_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    REQUIRED_SKILLS_FIELD_NUMBER: _builtins.int
     local_id: _builtins.str
     """Identifier chosen by the client, unique within the task; 1-64 characters of [A-Za-z0-9._-]."""
     title: _builtins.str
@@ -696,6 +728,12 @@ class SubtaskSpec(_message.Message):
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Local ids of the sub-tasks that must succeed first; unknown ids and cycles are INVALID_ARGUMENT."""
 
+    @_builtins.property
+    def required_skills(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Skills (ids or tags) required in addition to the task's; same limits and matching as the
+        task's.
+        """
+
     def __init__(
         self,
         *,
@@ -706,10 +744,11 @@ class SubtaskSpec(_message.Message):
         required_capabilities: _abc.Iterable[_builtins.str] | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         max_attempts: _builtins.int = ...,
+        required_skills: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "description", b"description", "input", b"input", "local_id", b"local_id", "max_attempts", b"max_attempts", "required_capabilities", b"required_capabilities", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "description", b"description", "input", b"input", "local_id", b"local_id", "max_attempts", b"max_attempts", "required_capabilities", b"required_capabilities", "required_skills", b"required_skills", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,8 +30,8 @@ class DistributionServiceStub:
     """Splits tasks into sub-tasks, assigns them to live agents under leases and aggregates results.
 
     A task is a DAG of sub-tasks. A sub-task whose dependencies have all succeeded becomes READY
-    and is leased to one live agent that has every required capability and free capacity, least
-    loaded first. Every lease has an expiry and a fencing token that only grows; heartbeats that
+    and is leased to one live agent that has every required capability and skill and free
+    capacity, least loaded first. Every lease has an expiry and a fencing token that only grows; heartbeats that
     name the sub-task renew it. A completion or failure that presents a stale token, or arrives
     after the lease expired, is FAILED_PRECONDITION and changes nothing, so a sub-task succeeds
     at most once. Calls that act as an agent (ClaimSubtask, CompleteSubtask, FailSubtask,
@@ -147,8 +147,8 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
     """Splits tasks into sub-tasks, assigns them to live agents under leases and aggregates results.
 
     A task is a DAG of sub-tasks. A sub-task whose dependencies have all succeeded becomes READY
-    and is leased to one live agent that has every required capability and free capacity, least
-    loaded first. Every lease has an expiry and a fencing token that only grows; heartbeats that
+    and is leased to one live agent that has every required capability and skill and free
+    capacity, least loaded first. Every lease has an expiry and a fencing token that only grows; heartbeats that
     name the sub-task renew it. A completion or failure that presents a stale token, or arrives
     after the lease expired, is FAILED_PRECONDITION and changes nothing, so a sub-task succeeds
     at most once. Calls that act as an agent (ClaimSubtask, CompleteSubtask, FailSubtask,
@@ -260,8 +260,8 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Splits tasks into sub-tasks, assigns them to live agents under leases and aggregates results.
 
     A task is a DAG of sub-tasks. A sub-task whose dependencies have all succeeded becomes READY
-    and is leased to one live agent that has every required capability and free capacity, least
-    loaded first. Every lease has an expiry and a fencing token that only grows; heartbeats that
+    and is leased to one live agent that has every required capability and skill and free
+    capacity, least loaded first. Every lease has an expiry and a fencing token that only grows; heartbeats that
     name the sub-task renew it. A completion or failure that presents a stale token, or arrives
     after the lease expired, is FAILED_PRECONDITION and changes nothing, so a sub-task succeeds
     at most once. Calls that act as an agent (ClaimSubtask, CompleteSubtask, FailSubtask,

@@ -88,6 +88,7 @@ def _subtask_spec_to_proto(spec: SubtaskSpec) -> pb.SubtaskSpec:
         required_capabilities=spec.required_capabilities,
         depends_on=spec.depends_on,
         max_attempts=spec.max_attempts,
+        required_skills=spec.required_skills,
     )
 
 
@@ -156,6 +157,7 @@ def subtask_to_proto(subtask: Subtask) -> pb.Subtask:
         start_time=to_timestamp(subtask.start_time),
         end_time=to_timestamp(subtask.end_time),
         revision=subtask.revision,
+        required_skills=subtask.required_skills,
     )
 
 
@@ -195,6 +197,7 @@ def task_to_proto(view: TaskView) -> pb.Task:
         update_time=to_timestamp(task.update_time),
         end_time=to_timestamp(task.end_time),
         revision=task.revision,
+        required_skills=task.required_skills,
     )
 
 
