@@ -47,10 +47,11 @@ TOOLS = {
     "fail_subtask",
     "get_state",
     "put_state",
+    "update_state",
     "list_state",
     "list_events",
 }
-"""The tool names issue 13 fixes; update_state (ModifyState) is not wired yet."""
+"""The tool names issue 13 fixes."""
 
 
 @pytest.fixture
@@ -263,6 +264,61 @@ async def test_state_written_by_one_agent_is_read_by_the_other(
         assert "PERMISSION_DENIED" in denied
         missing = await writer.refused("get_task", task_id="no-such-task")
         assert "NOT_FOUND" in missing or "INVALID_ARGUMENT" in missing
+
+
+async def test_update_state_changes_a_key_atomically_for_agents_writing_at_once(
+    address: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "mcp.log"
+    async with (
+        mcp_agent(address, log, "ann") as ann,
+        mcp_agent(address, log, "ben") as ben,
+    ):
+
+        async def count(model: Model, name: str) -> None:
+            for _ in range(5):
+                await model.call("update_state", key="shared/done", operation="increment")
+                await model.call("update_state", key="shared/log", operation="append", items=[name])
+
+        await asyncio.gather(count(ann, "ann"), count(ben, "ben"))  # no update is lost
+        done = (await ann.call("get_state", key="shared/done"))["entry"]
+        assert (done["value"], done["version"]) == (10, 10)
+        log_value = (await ben.call("get_state", key="shared/log"))["entry"]["value"]
+        assert sorted(log_value) == ["ann"] * 5 + ["ben"] * 5
+
+        halved = await ann.call("update_state", key="shared/done", operation="increment", by=-5)
+        assert (halved["value"], halved["agent_id"]) == (5, "ann")
+        tags = await ann.call(
+            "update_state", key="shared/tags", operation="add_to_set", items=["a", "b", "a"]
+        )
+        assert tags["value"] == ["a", "b"]
+        tags = await ben.call(
+            "update_state", key="shared/tags", operation="remove_from_set", items=["a"]
+        )
+        assert tags["value"] == ["b"]
+        await ann.call("put_state", key="shared/plan", value={"step": 1, "owner": "ann"})
+        merged = await ben.call(
+            "update_state",
+            key="shared/plan",
+            operation="merge_patch",
+            patch={"step": 2, "owner": None, "notes": {"ben": "ok"}},
+        )
+        assert merged["value"] == {"step": 2, "notes": {"ben": "ok"}}
+
+        await ann.call("put_state", key="shared/name", value="not a number")
+        mismatch = await ann.refused("update_state", key="shared/name", operation="increment")
+        assert mismatch.startswith("Error executing tool update_state: FAILED_PRECONDITION: ")
+        assert "(reason VALUE_TYPE_MISMATCH)" in mismatch
+        denied = await ben.refused(
+            "update_state", key="agents/ann/x", operation="append", items=[1]
+        )
+        assert "PERMISSION_DENIED" in denied
+        assert "append needs items" in await ann.refused(
+            "update_state", key="shared/log", operation="append"
+        )
+        assert "increment does not take items" in await ann.refused(
+            "update_state", key="shared/done", operation="increment", items=[1]
+        )
 
 
 async def test_heartbeats_keep_the_agent_and_its_lease_through_a_long_pause(

@@ -5,13 +5,24 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from pydantic import Field
 
-from agentcoord.client import RPCError, SubtaskState, TaskFailed, TaskState
+from agentcoord.client import (
+    AddToSet,
+    Append,
+    Increment,
+    MergePatch,
+    Modification,
+    RemoveFromSet,
+    RPCError,
+    SubtaskState,
+    TaskFailed,
+    TaskState,
+)
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.mcp._session import AgentSession, LeaseLost, NotHeld
 from agentcoord.mcp._views import (
@@ -47,7 +58,8 @@ You are one agent of an agentcoord team. Other agents (people's programs or othe
 share tasks and state with you. Take work with claim_subtask, do it, then report it with
 complete_subtask or fail_subtask; leases and fencing tokens are kept for you. Plan work for
 others with analyze_task and submit_task, follow it with get_task and wait_task. Share facts
-under shared/ (or your own agents/<your id>/) with get_state, put_state and list_state."""
+under shared/ (or your own agents/<your id>/) with get_state, put_state and list_state;
+update_state counts, appends and merges without conflicts when several agents write a key."""
 
 
 def rpc_message(error: RPCError) -> str:
@@ -69,6 +81,35 @@ def tool_errors() -> Iterator[None]:
         raise ToolError(rpc_message(error)) from error
     except (LeaseLost, NotHeld) as error:
         raise ToolError(str(error)) from error
+
+
+def _modification(
+    key: str, operation: str, by: float | None, items: list[Any] | None, patch: Any
+) -> Modification:
+    """Return the SDK's modification for update_state's arguments.
+
+    Raises:
+        ToolError: an argument the operation does not take is given, or one it needs is not.
+    """
+    given = {name for name, value in (("by", by), ("items", items)) if value is not None}
+    if patch is not None:
+        given.add("patch")
+    wanted = {"increment": {"by"}, "merge_patch": {"patch"}}.get(operation, {"items"})
+    if given - wanted:
+        raise ToolError(f"{operation} does not take {', '.join(sorted(given - wanted))}")
+    if operation == "increment":
+        return Increment(key, 1 if by is None else by)
+    if operation == "merge_patch":
+        if patch is None:
+            raise ToolError("merge_patch needs patch (use put_state to write null)")
+        return MergePatch(key, patch)
+    if items is None:
+        raise ToolError(f"{operation} needs items")
+    if operation == "append":
+        return Append(key, items)
+    if operation == "add_to_set":
+        return AddToSet(key, items)
+    return RemoveFromSet(key, items)
 
 
 def build_server(session: AgentSession) -> MCPServer[Any]:
@@ -221,6 +262,29 @@ def build_server(session: AgentSession) -> MCPServer[Any]:
             return StateEntry.of(
                 await client.state.put(key, value, expected_version=expected_version)
             )
+
+    @app.tool(
+        description="Change a key in place, atomically, with no version to match: increment a "
+        "number, append to a list, add or remove set members, or merge a JSON patch."
+    )
+    async def update_state(
+        key: str,
+        operation: Annotated[
+            Literal["increment", "append", "add_to_set", "remove_from_set", "merge_patch"],
+            Field(description="What to do; a missing key counts as 0, [] or null."),
+        ],
+        by: Annotated[float | None, Field(description="increment: number to add; 1.")] = None,
+        items: Annotated[
+            list[Any] | None,
+            Field(description="append, add_to_set, remove_from_set: the JSON items."),
+        ] = None,
+        patch: Annotated[
+            Any, Field(description="merge_patch: RFC 7396 patch; a null member deletes it.")
+        ] = None,
+    ) -> StateEntry:
+        modification = _modification(key, operation, by, items, patch)
+        with tool_errors():
+            return StateEntry.of(await client.state.modify(modification))
 
     @app.tool(description="List the shared-state keys under a prefix, with their values.")
     async def list_state(
