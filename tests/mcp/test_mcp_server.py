@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from mcp.client.session import ClientSession
@@ -23,7 +24,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 from agentcoord.cli.main import build_parser
-from agentcoord.client import AgentcoordClient
+from agentcoord.client import AgentcoordClient, TaskSpec
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.server.app import App
 from tests.helpers import eventually
@@ -401,10 +402,52 @@ async def test_streamable_http_serves_the_same_tools_to_the_sdk_client(
     assert (await agent_state(admin, "web")).state == discovery_pb.Agent.STATE_LEFT
 
 
-def test_docs_mcp_md_shows_a_host_configuration_that_parses_and_every_tool() -> None:
-    text = (Path(__file__).resolve().parents[2] / "docs" / "mcp.md").read_text()
+MCP_MD = Path(__file__).resolve().parents[2] / "docs" / "mcp.md"
+
+
+def host_entry() -> dict[str, Any]:
+    """Return the one server entry of the host configuration (``mcpServers``) in docs/mcp.md."""
+    text = MCP_MD.read_text()
     config = json.loads(re.search(r"```json\n(.*?)```", text, re.S).group(1))  # type: ignore[union-attr]
     (server,) = config["mcpServers"].values()
+    return cast(dict[str, Any], server)
+
+
+async def test_the_host_configuration_of_docs_mcp_md_runs_an_agent_that_completes_work(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """What an MCP host does with the documented entry; only the server address differs."""
+    entry = host_entry()
+    app = await start_server(admin_token=ADMIN, join_token=entry["env"]["AGENTCOORD_JOIN_TOKEN"])
+    args = list(entry["args"])
+    args[args.index("--server") + 1] = f"127.0.0.1:{app.port}"  # the docs' is `make run`'s
+    # The host finds the command on its PATH: the console script of this environment.
+    command = shutil.which(entry["command"], path=str(Path(sys.executable).parent))
+    assert command is not None
+    params = StdioServerParameters(command=command, args=args, env=entry["env"])
+    async with AgentcoordClient(f"127.0.0.1:{app.port}", token=ADMIN) as admin:
+        with (tmp_path / "mcp.log").open("a") as errlog:
+            async with (
+                stdio_client(params, errlog=errlog) as (read, write),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                model = Model(session)
+                task = await admin.tasks.submit(
+                    TaskSpec("review", capabilities=["review"], input={"diff": "+x"})
+                )
+                offer = (await model.call("claim_subtask", wait_seconds=10))["subtask"]
+                assert offer is not None and offer["input"] == {"diff": "+x"}
+                await model.call(
+                    "complete_subtask", subtask_id=offer["subtask_id"], result={"ok": True}
+                )
+                assert await admin.tasks.result(task.task_id, timeout=10) == {"main": {"ok": True}}
+        assert (await agent_state(admin, "assistant-1")).state == discovery_pb.Agent.STATE_LEFT
+
+
+def test_docs_mcp_md_shows_a_host_configuration_that_parses_and_every_tool() -> None:
+    text = MCP_MD.read_text()
+    server = host_entry()
     assert server["command"] == "agentcoord"
     args = build_parser().parse_args(server["args"])
     assert (args.command, args.agent_id, args.capabilities) == (
