@@ -106,7 +106,7 @@ def make_task(
 
 async def submit(store: Store, task_id: str = "t1", **fields: Any) -> Task:
     task, subtasks = make_task(task_id, **fields)
-    stored, created = await store.submit_task(task, subtasks)
+    stored, _, created = await store.submit_task(task, subtasks)
     assert created
     return stored
 
@@ -209,7 +209,7 @@ async def test_the_distribution_migration_builds_its_tables(store_url: str) -> N
 
 async def test_submit_stores_the_task_and_its_subtasks(store: Store) -> None:
     task, subtasks = make_task("t1")
-    stored, created = await store.submit_task(task, subtasks)
+    stored, written, created = await store.submit_task(task, subtasks)
 
     assert created
     assert stored == dataclasses.replace(
@@ -228,6 +228,7 @@ async def test_submit_stores_the_task_and_its_subtasks(store: Store) -> None:
     assert listed == [
         dataclasses.replace(s, revision=r) for s, r in zip(subtasks, revisions, strict=True)
     ]
+    assert list(written) == listed  # the answer is what a read gives
     assert listed[0].dependents == ("t1-b", "t1-c")
     assert listed[3].depends_on == ("t1-b", "t1-c")
     assert listed[0].input == '{"doc":"naïve","n":[1,2]}'  # JSON text kept as it is
@@ -271,15 +272,15 @@ async def test_the_same_request_id_returns_the_first_task(store: Store) -> None:
     first = await submit(store, "t1", request_id="r1")
     changes = await all_changes(store)
 
-    again, created = await store.submit_task(*make_task("t2", request_id="r1"))
+    again, written, created = await store.submit_task(*make_task("t2", request_id="r1"))
 
-    assert (again, created) == (first, False)
+    assert (again, written, created) == (first, (), False)
     assert await store.get_task("t2") is None
     assert await store.list_subtasks("t2") == []
     assert await all_changes(store) == changes
 
     # Request ids are scoped to the submitter: another one's equal id is its own task.
-    other, created = await store.submit_task(*make_task("t2", request_id="r1", submitter="x"))
+    other, _, created = await store.submit_task(*make_task("t2", request_id="r1", submitter="x"))
     assert created and other.task_id == "t2" and other.submitter == "agent:x"
 
     # Another request id, or none at all, is another task.
@@ -309,7 +310,7 @@ async def test_submissions_of_one_request_in_one_batch_store_one_task(store: Sto
         store.submit_task(*make_task("t2", request_id="r1")),
     )
 
-    assert sorted(created for _, created in results) == [False, True]
+    assert sorted(created for _, _, created in results) == [False, True]
     assert results[0][0] == results[1][0]
     winner = results[0][0].task_id
     assert await store.get_task(winner) == results[0][0]
@@ -333,7 +334,7 @@ async def test_a_failing_statement_rolls_back_only_its_own_operation(store: Stor
         return_exceptions=True,
     )
 
-    assert isinstance(results[0], tuple) and results[0][1] is True
+    assert isinstance(results[0], tuple) and results[0][2] is True
     assert isinstance(results[1], Exception) and not isinstance(results[1], NotFound)
     assert isinstance(results[2], TaskUpdate) and results[2].task.state is TaskState.RUNNING
     assert calls == [[2, 3, 4, 5, 6, 7, 8]]
@@ -906,7 +907,7 @@ async def test_tasks_survive_a_restart(store_url: str) -> None:
         )
         assert after == before
         # The idempotency key, the lease and the DAG carry on.
-        again, created = await store.submit_task(*make_task("t2", request_id="r1"))
+        again, _, created = await store.submit_task(*make_task("t2", request_id="r1"))
         assert (again, created) == (before[0], False)
         await store.complete_subtask("t1-b", "carol", token, "2", NOW, epoch=1)
         await run(store, "t1-c")
@@ -939,7 +940,7 @@ async def test_the_identity_migration_keeps_tasks_and_leases(tmp_path: Path) -> 
     async with opened(url) as store:
         task = await task_of(store)
         assert task.submitter == "agent:alice"
-        again, created = await store.submit_task(*make_task("t2", request_id="r1"))
+        again, _, created = await store.submit_task(*make_task("t2", request_id="r1"))
         assert (again.task_id, created) == ("t1", False)
         held = await subtask(store, "t1-a")
         assert held.lease is not None and held.lease.epoch == agent.epoch

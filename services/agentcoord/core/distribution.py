@@ -955,10 +955,13 @@ class Distribution:
         )
         if trace_parent:
             task = replace(task, trace_parent=trace_parent)
-        stored, created = await self._store.submit_task(task, subtasks)
-        if created:
-            self._enqueue_all([s for s in subtasks if s.state is SubtaskState.READY])
-        return await self.get_task(stored.task_id, full=True)
+        stored, written, created = await self._store.submit_task(task, subtasks)
+        if not created:
+            return await self.get_task(stored.task_id, full=True)
+        self._enqueue_all([s for s in subtasks if s.state is SubtaskState.READY])
+        # The answer is what was written: no sub-task of a new task can have moved yet
+        # that this reply must show (a lease granted meanwhile is pushed to its agent).
+        return TaskView(stored, written, aggregate_result(stored, written))
 
     async def get_task(self, task_id: str, *, full: bool) -> TaskView:
         """Return a task; ``full`` includes every sub-task.

@@ -221,12 +221,15 @@ class Store(Protocol):
 
     # Distribution
 
-    async def submit_task(self, task: Task, subtasks: Sequence[Subtask]) -> tuple[Task, bool]:
+    async def submit_task(
+        self, task: Task, subtasks: Sequence[Subtask]
+    ) -> tuple[Task, tuple[Subtask, ...], bool]:
         """Store a new task and its sub-tasks (revisions 0, assigned here).
 
-        Appends ``task.submitted`` then one ``subtask.<state>`` per sub-task. When
-        ``task.request_id`` is set and a task of the same ``submitter`` with that request id
-        exists, nothing is written and that task is returned with False (request ids are
+        Appends ``task.submitted`` then one ``subtask.<state>`` per sub-task, and returns the
+        task and its sub-tasks as stored, in task order, with True. When ``task.request_id``
+        is set and a task of the same ``submitter`` with that request id exists, nothing is
+        written and that task is returned with no sub-tasks and False (request ids are
         scoped to the submitter: another submitter's equal id makes a new task).
         """
         ...

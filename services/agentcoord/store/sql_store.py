@@ -220,9 +220,12 @@ class SqlStore(abc.ABC):
 
     # Distribution
 
-    async def submit_task(self, task: Task, subtasks: Sequence[Subtask]) -> tuple[Task, bool]:
+    async def submit_task(
+        self, task: Task, subtasks: Sequence[Subtask]
+    ) -> tuple[Task, tuple[Subtask, ...], bool]:
         """Store a new task and its sub-tasks, or return the task of the same request id."""
-        return cast(tuple[Task, bool], await self._submit(SubmitTask(task, tuple(subtasks))))
+        op = SubmitTask(task, tuple(subtasks))
+        return cast(tuple[Task, tuple[Subtask, ...], bool], await self._submit(op))
 
     async def lease_subtask(
         self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int, capacity: int

@@ -95,12 +95,15 @@ class SubmitTask(ViewOp):
         key = (self.task.submitter, self.task.request_id)
         return Needs(task_request_ids=frozenset((key,)) if key[1] else frozenset())
 
-    def apply(self, ws: WorkingSet) -> tuple[Task, bool]:
-        """Store the task (False: the submitter's earlier task of the request is returned)."""
+    def apply(self, ws: WorkingSet) -> tuple[Task, tuple[Subtask, ...], bool]:
+        """Store the task; return it and its sub-tasks as stored, in task order.
+
+        False, with no sub-tasks: the submitter's earlier task of the request is returned.
+        """
         if self.task.request_id:
             earlier = ws.task_by_request(self.task.submitter, self.task.request_id)
             if earlier is not None:
-                return earlier, False
+                return earlier, (), False
         journal = Journal(ws.revision + 1)
         now = to_utc(self.task.create_time)
         task = replace(self.task, create_time=now, update_time=now)
@@ -113,7 +116,7 @@ class SubmitTask(ViewOp):
         ws.put_task(tx.task)
         for subtask in tx.changed.values():
             ws.put_subtask(subtask)
-        return tx.task, True
+        return tx.task, tuple(sorted(tx.changed.values(), key=lambda s: s.seq)), True
 
 
 @dataclass(frozen=True, slots=True)
