@@ -651,10 +651,24 @@ def run_flow(spec: FlowSpec, server: Server, others: Sequence[Server] = ()) -> F
 
 
 async def _full_task(address: str, task_id: str) -> pb.Task:
+    """GetTask(TASK_VIEW_FULL) with every sub-task: the pages past the first one too.
+
+    The server cuts a FULL view at its message size limit (10,000 sub-tasks with results
+    do not fit) and hands a token for ListSubtasks to continue.
+    """
     async with grpc.aio.insecure_channel(address, options=BIG_MESSAGES) as channel:
         stub = pb_grpc.DistributionServiceStub(channel)
         request = pb.GetTaskRequest(task_id=task_id, view=pb.TASK_VIEW_FULL)
-        return (await stub.GetTask(request, timeout=120)).task
+        response = await stub.GetTask(request, timeout=120)
+        task, token = response.task, response.next_subtasks_page_token
+        while token:
+            page = await stub.ListSubtasks(
+                pb.ListSubtasksRequest(task_id=task_id, page_size=1000, page_token=token),
+                timeout=120,
+            )
+            task.subtasks.extend(page.subtasks)
+            token = page.next_page_token
+        return task
 
 
 def _matching(task: pb.Task, completed: dict[str, tuple[str, str]]) -> tuple[int, int]:
