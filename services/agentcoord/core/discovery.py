@@ -14,7 +14,8 @@ judged against the store before the agent expires: an agent whose stored last he
 is newer than any this process received heartbeats through another process, and lives
 until that heartbeat plus its TTL plus ``flush_interval`` (the staleness of stored
 heartbeats). So a process that restarts, or that never held the agent's stream, never
-expires an agent that heartbeats elsewhere.
+expires an agent that heartbeats elsewhere. Only one of them, the store's leader,
+records expiries (:meth:`Discovery.sweep`).
 """
 
 from __future__ import annotations
@@ -707,6 +708,11 @@ class Discovery:
         heap, so the next sweep tries again until it is recorded. Meanwhile the session is
         already refused (:meth:`authenticate`, :meth:`heartbeat`, :meth:`is_live`).
 
+        Only the leader of the processes sharing the store (:meth:`Store.is_leader`)
+        records expiries. Another one keeps a passed deadline, looks at the store for
+        heartbeats through other processes every ``flush_interval``, and hears the
+        leader's expiry; should it become the leader, it expires the agent at its next look.
+
         Raises:
             Exception: the store failed to record an expiry (the rest stay due).
         """
@@ -725,11 +731,16 @@ class Discovery:
             else:
                 due.append(entry)
         expired = []
+        leading = self._store.is_leader()
         for index, entry in enumerate(due):
             try:
                 if entry.deadline > now:  # an early look at what other processes flushed
                     if not await self._heartbeats_elsewhere(entry):
                         self._schedule(entry, entry.deadline)
+                    continue
+                if not leading:  # the leader records the expiry
+                    if not await self._heartbeats_elsewhere(entry):
+                        self._schedule(entry, now + self.config.flush_interval)
                     continue
                 await self._expire(entry)
             except Exception:

@@ -430,13 +430,17 @@ class Distribution:
         and the next sweep tries again. An overdue lease is refused meanwhile
         (``LEASE_EXPIRED``).
 
+        Only the leader of the processes sharing the store (:meth:`Store.is_leader`)
+        expires leases; the others keep the deadlines, to expire them once they lead.
+
         Raises:
             Exception: the store failed to record an expiry or a release.
         """
         for agent_id, through_epoch in list(self._unreleased.items()):
             await self._release(agent_id, through_epoch)
         now = self._clock.monotonic()
-        while self._deadlines and self._deadlines[0][0] <= now:
+        leading = self._store.is_leader()
+        while leading and self._deadlines and self._deadlines[0][0] <= now:
             _, subtask_id, token = heapq.heappop(self._deadlines)
             held = self._held.get(subtask_id)
             if held is None or held.lease.fencing_token != token:

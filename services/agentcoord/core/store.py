@@ -44,6 +44,15 @@ class Store(Protocol):
     """Whether other processes may write to it (PostgreSQL replicas); False when one
     process owns it (SQLite refuses a second one)."""
 
+    def is_leader(self) -> bool:
+        """Whether this process leads: the one of those sharing the store that sweeps.
+
+        Exactly one process at a time records agent expiries and lease expiries; the others
+        keep their deadlines and take over when they become the leader. A store one process
+        owns (SQLite) always leads.
+        """
+        ...
+
     async def open(self) -> None:
         """Connect and apply pending schema migrations (idempotent, safe with several replicas)."""
         ...

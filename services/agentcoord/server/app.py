@@ -267,7 +267,7 @@ async def start_app(
     """
     config.validate()
     credentials = server_credentials(config)  # before anything starts: bad files fail fast
-    store = store or open_store(config.store)
+    store = store or open_store(config.store, leader_interval=config.leader_interval)
     await store.open()
     clock = clock or SystemClock()
     streams = StreamTracker(config.max_streams_per_session)
@@ -359,6 +359,7 @@ def _metrics(store: Store, feed: ChangeFeed, cores: _Cores) -> Metrics:
             queue_backing_off=backing_off,
             watcher_lags=[max(revision - at, 0) for at in feed.watcher_positions()],
             watch_overflows=feed.overflows,
+            leader=store.is_leader(),
         )
 
     metrics = Metrics(sample)

@@ -67,6 +67,11 @@ class ServerConfig:
     """Time between batched writes of the heartbeat facts (load, last heartbeat time) a
     replica receives; other replicas show them this much later at most, plus half the
     agent's TTL and this interval again."""
+    leader_interval: float = field(default=1.0, metadata=DURATION)
+    """Time between a PostgreSQL replica's tries to become the one replica that sweeps
+    agent and lease expiries (and between the leader's checks of its lock connection):
+    when the leader dies, another replica takes over within this time of PostgreSQL
+    noticing the closed connection."""
     grace: float = field(default=5.0, metadata=DURATION)
     """Time in-flight calls get to finish on shutdown."""
     drain: float = field(default=1.0, metadata=DURATION)
@@ -133,6 +138,8 @@ class ServerConfig:
             raise InvalidInput("default_ttl", "need 0 < min_ttl <= default_ttl <= max_ttl")
         if self.heartbeat_flush_interval <= 0:
             raise InvalidInput("heartbeat_flush_interval", "must be positive")
+        if self.leader_interval <= 0:
+            raise InvalidInput("leader_interval", "must be positive")
         if self.max_message_bytes < MIN_MAX_MESSAGE_BYTES:
             raise InvalidInput(
                 "max_message_bytes",

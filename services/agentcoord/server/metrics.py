@@ -48,6 +48,7 @@ class Present:
     queue_backing_off: int = 0
     watcher_lags: Sequence[int] = ()
     watch_overflows: int = 0
+    leader: bool = False
 
 
 Sampler = Callable[[], Awaitable[Present]]
@@ -100,6 +101,11 @@ class _PresentCollector(Collector):
             "agentcoord_watch_overflows",
             "Times a watcher fell so far behind that it re-read the store.",
             present.watch_overflows,
+        )
+        yield GaugeMetricFamily(
+            "agentcoord_replica_leader",
+            "1 on the replica that sweeps agent and lease expiries (SQLite: always), else 0.",
+            int(present.leader),
         )
 
 

@@ -12,7 +12,7 @@ from agentcoord.store.sqlite import SqliteStore
 _SQLITE_PREFIX = "sqlite:///"
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, leader_interval: float = 1.0) -> Store:
     """Return an un-opened store for ``url``; the caller awaits its ``open()``.
 
     Args:
@@ -20,6 +20,8 @@ def open_store(url: str) -> Store:
             ``sqlite:////absolute/path.db``, or ``postgresql://...`` (also
             ``postgres://...``) with an optional ``schema=<name>`` query parameter naming
             the schema that holds the tables.
+        leader_interval: Seconds between a PostgreSQL replica's tries to take the sweeping
+            leadership (see :class:`~agentcoord.store.postgres.PostgresStore`).
 
     Raises:
         InvalidInput: the URL has an unknown scheme or no path (field ``store``).
@@ -35,7 +37,9 @@ def open_store(url: str) -> Store:
         schemas = [value for key, value in query if key == "schema"]
         rest = [(key, value) for key, value in query if key != "schema"]
         dsn = urlunsplit(parts._replace(query=urlencode(rest)))
-        return PostgresStore(dsn, schema=schemas[-1] if schemas else None)
+        return PostgresStore(
+            dsn, schema=schemas[-1] if schemas else None, leader_interval=leader_interval
+        )
     raise InvalidInput(
         "store", f"unknown store URL scheme {scheme!r}: use sqlite:/// or postgresql://"
     )

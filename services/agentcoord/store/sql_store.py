@@ -63,6 +63,10 @@ class SqlStore(abc.ABC):
     shared = False
     """Whether other processes may write to the same store (see ``Store.shared``)."""
 
+    def is_leader(self) -> bool:
+        """Whether this process sweeps (see ``Store.is_leader``): a store it owns alone, always."""
+        return True
+
     def __init__(self, marker: str, codec: Codec, classify: Classify) -> None:
         """Use placeholders ``<marker>1``, ``<marker>2``... and ``codec`` for rows.
 

@@ -28,6 +28,7 @@ from agentcoord.store import unit_of_work
 from agentcoord.store.batching import Outcome
 from agentcoord.store.migrations import load_migrations, pending_migrations
 from agentcoord.store.postgres.follow import Follower, channel_name
+from agentcoord.store.postgres.leader import Leadership, leader_key
 from agentcoord.store.rows import (
     AGENT_COLUMNS,
     CHANGE_COLUMNS,
@@ -360,7 +361,13 @@ class PostgresStore(SqlStore):
     """Replicas share one database; their commits reach the listeners through NOTIFY."""
 
     def __init__(
-        self, dsn: str, *, schema: str | None = None, min_size: int = 2, max_size: int = 10
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        min_size: int = 2,
+        max_size: int = 10,
+        leader_interval: float = 1.0,
     ) -> None:
         """Connect with ``dsn`` to the tables in ``schema`` (created if missing).
 
@@ -369,6 +376,9 @@ class PostgresStore(SqlStore):
             schema: Schema holding the tables; None for the server's default search path.
             min_size: Connections the pool keeps open.
             max_size: Connections the pool opens at most.
+            leader_interval: Seconds between a follower's tries to take the leadership
+                (:mod:`agentcoord.store.postgres.leader`), and between the leader's checks
+                of its lock connection.
 
         Raises:
             InvalidInput: ``schema`` is not a plain SQL identifier (field ``store``).
@@ -383,12 +393,17 @@ class PostgresStore(SqlStore):
         self._settings = {} if self._schema is None else {"search_path": self._schema}
         self._pool: asyncpg.Pool | None = None
         self._follower = Follower(
-            self._listening_connection, self.list_changes, self._writes.announce
+            self._dedicated_connection, self.list_changes, self._writes.announce
         )
+        self._leadership = Leadership(self._dedicated_connection, leader_interval)
         self._closed = False
 
+    def is_leader(self) -> bool:
+        """Whether this store holds the leader's advisory lock of its schema."""
+        return self._leadership.is_leader()
+
     async def open(self) -> None:
-        """Connect the pool, apply pending migrations and follow other processes' commits."""
+        """Connect the pool, apply migrations, follow other processes' commits, try to lead."""
         if self._pool is not None or self._closed:
             raise RuntimeError("a store is opened once")
         with _unavailable_on_disconnect():
@@ -409,9 +424,10 @@ class PostgresStore(SqlStore):
                 raise
         self._writes.add_listener(self._follower.saw)
         self._follower.start(channel_name(schema), revision)
+        self._leadership.start(leader_key(schema))
         self._writes.start()
 
-    async def _listening_connection(self) -> asyncpg.Connection:
+    async def _dedicated_connection(self) -> asyncpg.Connection:
         return await asyncpg.connect(self._dsn, server_settings=self._settings)
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
@@ -435,6 +451,7 @@ class PostgresStore(SqlStore):
         if self._closed:
             return
         self._closed = True
+        await self._leadership.close()
         await self._follower.close()
         await self._writes.close()
         if self._pool is not None:

@@ -1,0 +1,177 @@
+"""The one sweeping replica: leadership through a PostgreSQL advisory lock.
+
+Real ``agentcoord serve`` processes on a fresh schema. Exactly one of them leads (its
+``agentcoord_replica_leader`` gauge is 1) and records agent and lease expiries; when it is
+killed with SIGKILL another takes over, and an agent that stopped heartbeating meanwhile
+expires once. Leases renewed through a replica that does not lead are never expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import httpx
+from google.protobuf import duration_pb2, struct_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentcoord.client import AgentcoordClient, TaskSpec
+from agentcoord.discovery.v1 import discovery_service_pb2 as pb
+from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
+from agentcoord.distribution.v1 import distribution_service_pb2 as dist_pb
+from agentcoord.distribution.v1 import distribution_service_pb2_grpc as dist_grpc
+from tests.helpers import bearer, eventually
+from tests.server.processes import Replica, Replicas, free_port
+from tests.server.test_replica_discovery import ADMIN_AUTH, agent_kinds, register
+from tests.server.test_replicas_distribution import subtask_events
+
+LEADER_INTERVAL = "0.2s"
+"""The replicas' ``--leader-interval``: a follower tries to take over five times a second."""
+TAKE_OVER_BUDGET = 15.0
+"""Seconds the tests wait for a take-over (the bound is 0.2 s; the machine is shared)."""
+
+
+@dataclass
+class Scraped:
+    """A replica with its HTTP listener, whose /metrics tells whether it leads."""
+
+    replica: Replica
+    metrics_url: str
+
+    async def leads(self) -> bool:
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(self.metrics_url)
+        values = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples
+        }
+        return values["agentcoord_replica_leader"] == 1
+
+
+async def start(replicas: Replicas) -> Scraped:
+    port = free_port()
+    replica = await replicas.start(
+        "--http-listen", f"127.0.0.1:{port}", "--leader-interval", LEADER_INTERVAL
+    )
+    return Scraped(replica, f"http://127.0.0.1:{port}/metrics")
+
+
+async def the_leader(started: Sequence[Scraped]) -> Scraped:
+    """Wait until exactly one of ``started`` leads; return it."""
+    leaders: list[Scraped] = []
+
+    async def one_leads() -> bool:
+        leaders[:] = [s for s in started if await s.leads()]
+        return len(leaders) == 1
+
+    await eventually(one_leads, timeout=TAKE_OVER_BUDGET)
+    return leaders[0]
+
+
+async def test_exactly_one_replica_leads(replicas: Replicas) -> None:
+    started = [await start(replicas) for _ in range(3)]
+    leader = await the_leader(started)
+    for _ in range(5):  # it keeps leading, and alone, over several tries of the others
+        await asyncio.sleep(0.2)
+        assert [s for s in started if await s.leads()] == [leader]
+
+
+async def test_kill_9_of_the_leader_hands_the_sweep_over_and_an_idle_agent_expires_once(
+    replicas: Replicas,
+) -> None:
+    started = [await start(replicas) for _ in range(3)]
+    leader = await the_leader(started)
+    async with grpc.aio.insecure_channel(leader.replica.address) as channel:
+        # Registered through the leader and never heartbeating: it expires after 2 s.
+        await register(pb_grpc.DiscoveryServiceStub(channel), "idle-1", ttl=2.0)
+    leader.replica.process.kill()
+    await leader.replica.process.wait()
+    survivors = [s for s in started if s is not leader]
+    await the_leader(survivors)
+    async with grpc.aio.insecure_channel(survivors[0].replica.address) as channel:
+        stub = pb_grpc.DiscoveryServiceStub(channel)
+
+        async def expired() -> bool:
+            agent = (await stub.GetAgent(pb.GetAgentRequest(agent_id="idle-1"))).agent
+            return agent.state == pb.Agent.STATE_EXPIRED
+
+        await eventually(expired, timeout=TAKE_OVER_BUDGET)
+    await asyncio.sleep(1.0)  # five more tries of the sweeps: none records a second expiry
+    assert await agent_kinds(survivors[1].replica) == ["agent.joined", "agent.expired"]
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(
+    channel: grpc.aio.Channel, agent_id: str, token: str, held: Sequence[str]
+) -> AsyncIterator[None]:
+    """Heartbeat naming the ``held`` sub-tasks every quarter second until the block ends."""
+    call = pb_grpc.DiscoveryServiceStub(channel).Heartbeat(metadata=bearer(token))
+
+    async def beat() -> None:
+        while True:
+            load = pb.Load(held_subtask_ids=list(held))
+            await call.write(pb.HeartbeatRequest(agent_id=agent_id, load=load))
+            await call.read()
+            await asyncio.sleep(0.25)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await task
+
+
+async def test_leases_renewed_through_a_replica_that_does_not_lead_never_expire(
+    replicas: Replicas,
+) -> None:
+    started = [await start(replicas) for _ in range(2)]
+    leader = await the_leader(started)
+    follower = next(s for s in started if s is not leader)
+    async with (
+        grpc.aio.insecure_channel(follower.replica.address) as channel,
+        AgentcoordClient(leader.replica.address) as planner,
+    ):
+        discovery = pb_grpc.DiscoveryServiceStub(channel)
+        tasks = dist_grpc.DistributionServiceStub(channel)
+        registered = await discovery.Register(
+            pb.RegisterRequest(
+                agent_id="holder", name="holder", ttl=duration_pb2.Duration(seconds=60)
+            ),
+            metadata=ADMIN_AUTH,
+        )
+        token = registered.session_token
+        task = await planner.tasks.submit(
+            TaskSpec("held", subtasks=[{"local_id": "s0", "input": 0}], lease_ttl=1.0)
+        )
+        claimed: list[dist_pb.Assignment] = []
+
+        async def claims() -> bool:
+            answer = await tasks.ClaimSubtask(
+                dist_pb.ClaimSubtaskRequest(agent_id="holder"), metadata=bearer(token)
+            )
+            if answer.HasField("assignment"):
+                claimed.append(answer.assignment)
+            return bool(claimed)
+
+        await eventually(claims)
+        lease = claimed[0].lease
+        async with heartbeating(channel, "holder", token, [lease.subtask_id]):
+            await asyncio.sleep(5.0)  # five lease TTLs, renewed through the follower only
+        await tasks.CompleteSubtask(
+            dist_pb.CompleteSubtaskRequest(
+                subtask_id=lease.subtask_id,
+                agent_id="holder",
+                fencing_token=lease.fencing_token,
+                result=struct_pb2.Value(string_value="done"),
+            ),
+            metadata=bearer(token),
+        )
+    kinds = [event.kind for event in await subtask_events(leader.replica.address, task.task_id)]
+    assert kinds == ["subtask.ready", "subtask.leased", "subtask.succeeded"]
