@@ -206,7 +206,12 @@ class Distribution:
     # Start and background work
 
     async def start(self) -> None:
-        """Rebuild the mirror from the store; leases held get a full TTL from now."""
+        """Rebuild the mirror from the store.
+
+        A lease whose stored expire time is still ahead on a shared store keeps it (another
+        replica may be renewing it); any other lease held gets a full TTL from now, so its
+        agent has time to reconnect after the server was down.
+        """
         self._agents_revision = await self._store.current_revision()
         self._seen_since = self._clock.monotonic()
         for agent, _ in await self._store.load_agents():
@@ -222,6 +227,9 @@ class Distribution:
                 if slot is None:
                     slot = Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
                     self._slots[lease.agent_id] = slot
+                if self._store.shared and lease.expire_time > self._clock.now():
+                    self._track(slot, lease, subtask.task_id, self._deadline_of(lease))
+                    continue
                 self._track(slot, lease, subtask.task_id, now + lease.ttl)
                 self._queue_renewal(lease, lease.ttl)
         await self._write_renewals()  # the stored expire times of the full TTLs just given
