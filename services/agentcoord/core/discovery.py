@@ -643,12 +643,8 @@ class Discovery:
         same id through any process, an expiry, a departure. Streams of the session wait
         on it to end at once rather than at their next message.
         """
-        entry = self._entries.get(session.agent_id)
-        if (
-            entry is None
-            or entry.base.epoch != session.epoch
-            or entry.base.state is not AgentState.LIVE
-        ):
+        entry = self._session_entry(session, session.agent_id)
+        if entry is None:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done

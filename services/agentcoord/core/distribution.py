@@ -228,10 +228,11 @@ class Distribution:
                     slot = Slot(lease.agent_id, lease.epoch, frozenset(), 1, live=False)
                     self._slots[lease.agent_id] = slot
                 if self._store.shared and lease.expire_time > self._clock.now():
-                    self._track(slot, lease, subtask.task_id, self._deadline_of(lease))
-                    continue
-                self._track(slot, lease, subtask.task_id, now + lease.ttl)
-                self._queue_renewal(lease, lease.ttl)
+                    deadline = self._deadline_of(lease)
+                else:
+                    deadline = now + lease.ttl
+                    self._queue_renewal(lease, lease.ttl)
+                self._track(slot, lease, subtask.task_id, deadline)
         await self._write_renewals()  # the stored expire times of the full TTLs just given
 
     @staticmethod
