@@ -8,6 +8,8 @@ result naming itself and the sub-task. The bench process then submits ONE task
 (SPLIT_POLICY_EXPLICIT, ``subtasks`` independent sub-tasks, lease TTL 60 s) and polls
 GetTask until it ends. A warm-up task of ``agents x capacity`` sub-tasks runs first. The
 same with one agent of capacity 1 gives the assignment latency of an otherwise idle server.
+The pulled flow (``FlowSpec.pull``) opens no stream: each agent runs ``capacity`` loops of
+ClaimSubtask (waiting up to 1 s) then CompleteSubtask, with the same task and checks.
 
 - Throughput: sub-tasks / (SubmitTask sent -> last successful CompleteSubtask response).
 - Assignment latency, two ways (one clock: ``time.monotonic`` is system-wide on Linux):
@@ -26,7 +28,9 @@ The echo column runs the same agents from the same processes against the bare ec
 service: an agent's bidirectional echo stream stands for StreamAssignments (a message the
 size of an Assignment comes back for each free slot) and one unary echo the size of a
 CompleteSubtaskRequest stands for the completion, with the same work split evenly over
-the agents: the RPC ceiling of this load shape, with no scheduling and no store.
+the agents: the RPC ceiling of this load shape, with no scheduling and no store. For the
+pulled flow each of an agent's ``capacity`` loops sends a unary echo the size of an
+Assignment (the claim) then one the size of a CompleteSubtaskRequest, per sub-task.
 
 Coordination cycle (the old prototype's ~160 ms): one sequential caller, a registered
 planner, runs ListAgents (capability ``python``; 16 agents hold it, none streaming),
@@ -108,13 +112,17 @@ class FlowSpec:
     agents: int
     capacity: int
     workers: int
+    pull: bool = False
+    """Agents pull with ClaimSubtask (``capacity`` claim loops each) instead of having
+    assignments pushed on StreamAssignments."""
 
     @property
     def label(self) -> str:
-        """E.g. ``10,000 sub-tasks, 16 agents x capacity 4, 4 client procs``."""
+        """E.g. ``10,000 sub-tasks, 16 agents x capacity 4, 4 client procs, pushed``."""
         agents = f"{self.agents} agent{'s' if self.agents != 1 else ''}"
         procs = f"{self.workers} client proc{'s' if self.workers != 1 else ''}"
-        return f"{self.subtasks:,} sub-tasks, {agents} x capacity {self.capacity}, {procs}"
+        flow = "pulled (ClaimSubtask)" if self.pull else "pushed (StreamAssignments)"
+        return f"{self.subtasks:,} sub-tasks, {agents} x capacity {self.capacity}, {procs}, {flow}"
 
 
 @dataclass
@@ -258,8 +266,8 @@ class _Agent:
 
     # distribution
 
-    async def join(self, channel: grpc.aio.Channel) -> None:
-        """Register, heartbeat (a first one at once) and open StreamAssignments."""
+    async def join(self, channel: grpc.aio.Channel, *, pull: bool) -> None:
+        """Register, heartbeat (a first one at once), and open StreamAssignments unless it pulls."""
         discovery = discovery_grpc.DiscoveryServiceStub(channel)
         response = await discovery.Register(
             discovery_pb.RegisterRequest(
@@ -276,6 +284,8 @@ class _Agent:
         self.stub = pb_grpc.DistributionServiceStub(channel)
         self.heartbeats = discovery.Heartbeat(self._heartbeat_requests(), metadata=self.metadata)
         await self.heartbeats.read()  # the first ack: the session is live
+        if pull:
+            return
         self.stream = self.stub.StreamAssignments(
             pb.StreamAssignmentsRequest(agent_id=self.agent_id), metadata=self.metadata
         )
@@ -291,16 +301,25 @@ class _Agent:
             )
             await asyncio.sleep(self.interval)
 
-    async def serve(self) -> None:
-        """Complete every assignment pushed, until cancelled."""
+    async def serve(self, *, pull: bool) -> None:
+        """Complete every assignment pushed (or, with ``pull``, claimed), until cancelled."""
         acks = asyncio.create_task(self._read_acks())
+        try:
+            if pull:
+                await asyncio.gather(*(self._claim_loop() for _ in range(self.capacity)))
+            else:
+                await self._serve_stream()
+        finally:
+            acks.cancel()
+            self.heartbeats.cancel()
+            if not pull:
+                self.stream.cancel()
+
+    async def _serve_stream(self) -> None:
         try:
             async for response in self.stream:
                 if response.HasField("assignment"):
-                    arrived = _now()
-                    assignment = response.assignment
-                    self.arrivals.setdefault(assignment.subtask.task_id, []).append(arrived)
-                    self.held.add(assignment.lease.subtask_id)
+                    assignment = self._arrived(response.assignment)
                     task = asyncio.create_task(self._complete(assignment))
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
@@ -309,10 +328,25 @@ class _Agent:
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
                 self.errors[f"stream {error.code().name}"] += 1
-        finally:
-            acks.cancel()
-            self.heartbeats.cancel()
-            self.stream.cancel()
+
+    async def _claim_loop(self) -> None:
+        """One slot of a pulling agent: claim (waiting up to 1 s), complete, again."""
+        request = pb.ClaimSubtaskRequest(agent_id=self.agent_id, wait=Duration(seconds=1))
+        while True:
+            try:
+                response = await self.stub.ClaimSubtask(request, metadata=self.metadata)
+            except grpc.aio.AioRpcError as error:
+                self.errors[f"ClaimSubtask {error.code().name}"] += 1
+                await asyncio.sleep(0.1)
+                continue
+            if response.HasField("assignment"):
+                await self._complete(self._arrived(response.assignment))
+
+    def _arrived(self, assignment: pb.Assignment) -> pb.Assignment:
+        """Note an assignment's arrival and its lease as held."""
+        self.arrivals.setdefault(assignment.subtask.task_id, []).append(_now())
+        self.held.add(assignment.lease.subtask_id)
+        return assignment
 
     async def _read_acks(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -348,10 +382,12 @@ class _Agent:
 
     # echo
 
-    async def join_echo(self, channel: grpc.aio.Channel, complete: bytes) -> None:
-        """Open the echo stream and warm the connection up."""
+    async def join_echo(self, channel: grpc.aio.Channel, complete: bytes, *, pull: bool) -> None:
+        """Warm the connection up and, unless it pulls, open the echo stream."""
         self.echo_unary = channel.unary_unary(echo.UNARY)
         await self.echo_unary(complete)
+        if pull:
+            return
         self.pushes: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.echo_stream = channel.stream_stream(echo.STREAM)(self._echo_requests())
 
@@ -359,9 +395,19 @@ class _Agent:
         while (item := await self.pushes.get()) is not None:
             yield item
 
-    async def serve_echo(self, quota: int, assignment: bytes, complete: bytes) -> None:
-        """Do ``quota`` echo "sub-tasks", ``capacity`` at a time."""
+    async def _echo_complete(self, complete: bytes) -> None:
+        """The stand-in of one CompleteSubtask, recorded as a completion."""
         key = "echo"
+        started = _now()
+        await self.echo_unary(complete)
+        freed = _now()
+        self.complete.setdefault(key, []).append(freed - started)
+        self.completed.setdefault(key, []).append(("", ""))
+        self.last[key] = freed
+        self.freed.setdefault(key, []).append(freed)
+
+    async def serve_echo(self, quota: int, assignment: bytes, complete: bytes) -> None:
+        """Do ``quota`` echo "sub-tasks", ``capacity`` at a time, pushed on the echo stream."""
         sent = min(quota, self.capacity)
         done = 0
         for _ in range(sent):
@@ -369,13 +415,7 @@ class _Agent:
 
         async def finish() -> None:
             nonlocal sent, done
-            started = _now()
-            await self.echo_unary(complete)
-            freed = _now()
-            self.complete.setdefault(key, []).append(freed - started)
-            self.completed.setdefault(key, []).append(("", ""))
-            self.last[key] = freed
-            self.freed.setdefault(key, []).append(freed)
+            await self._echo_complete(complete)
             done += 1
             if sent < quota:
                 sent += 1
@@ -386,11 +426,29 @@ class _Agent:
         if quota == 0:
             self.pushes.put_nowait(None)
         async for _ in self.echo_stream:
-            self.arrivals.setdefault(key, []).append(_now())
+            self.arrivals.setdefault("echo", []).append(_now())
             task = asyncio.create_task(finish())
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
         await asyncio.gather(*self._inflight)
+
+    async def serve_echo_pull(self, quota: int, assignment: bytes, complete: bytes) -> None:
+        """Do ``quota`` echo "sub-tasks" in ``capacity`` loops, each a claim and a completion.
+
+        The claim's stand-in is a unary echo the size of an Assignment (the size of the
+        ClaimSubtask response; the request is smaller, so this slightly favours echo).
+        """
+        left = quota
+
+        async def loop() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await self.echo_unary(assignment)
+                self.arrivals.setdefault("echo", []).append(_now())
+                await self._echo_complete(complete)
+
+        await asyncio.gather(*(loop() for _ in range(self.capacity)))
 
     # results
 
@@ -440,24 +498,25 @@ async def _worker(plan: _Plan, conn: Connection) -> dict[str, Any]:
             )
             async with starting:
                 if spec.mode == "echo":
-                    await agent.join_echo(channel, complete)
+                    await agent.join_echo(channel, complete, pull=spec.pull)
                 else:
-                    await agent.join(channel)
+                    await agent.join(channel, pull=spec.pull)
 
         await asyncio.gather(*(start(agent) for agent in agents))
         conn.send(("ready",))
         if spec.mode == "echo":
             _, begin = await asyncio.to_thread(conn.recv)
             await asyncio.sleep(max(0.0, begin - _now()))
+            serve = _Agent.serve_echo_pull if spec.pull else _Agent.serve_echo
             await asyncio.gather(
                 *(
-                    agent.serve_echo(quota, assignment, complete)
+                    serve(agent, quota, assignment, complete)
                     for agent, quota in zip(agents, plan.quotas, strict=True)
                 )
             )
             task_id = "echo"
         else:
-            serving = [asyncio.create_task(agent.serve()) for agent in agents]
+            serving = [asyncio.create_task(agent.serve(pull=spec.pull)) for agent in agents]
             _, task_id = await asyncio.to_thread(conn.recv)
             for task in serving:
                 task.cancel()
