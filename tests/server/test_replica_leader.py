@@ -1,9 +1,10 @@
 """The one sweeping replica: leadership through a PostgreSQL advisory lock.
 
 Real ``agentcoord serve`` processes on a fresh schema. Exactly one of them leads (its
-``agentcoord_replica_leader`` gauge is 1) and records agent and lease expiries; when it is
-killed with SIGKILL another takes over, and an agent that stopped heartbeating meanwhile
-expires once. Leases renewed through a replica that does not lead are never expired.
+``agentcoord_replica_leader`` gauge is 1) and records agent, lease and key expiries; when it is
+killed with SIGKILL another takes over, and an agent that stopped heartbeating meanwhile (and a
+key whose TTL ran out) expires once. Leases renewed through a replica that does not lead are
+never expired.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from agentcoord.distribution.v1 import distribution_service_pb2 as dist_pb
 from agentcoord.distribution.v1 import distribution_service_pb2_grpc as dist_grpc
+from agentcoord.statesync.v1 import statesync_service_pb2 as state_pb
+from agentcoord.statesync.v1 import statesync_service_pb2_grpc as state_grpc
 from tests.helpers import bearer, eventually
 from tests.server.processes import Replica, Replicas, free_port
 from tests.server.test_replica_discovery import ADMIN_AUTH, agent_kinds, register
@@ -88,6 +91,13 @@ async def test_kill_9_of_the_leader_hands_the_sweep_over_and_an_idle_agent_expir
     async with grpc.aio.insecure_channel(leader.replica.address) as channel:
         # Registered through the leader and never heartbeating: it expires after 2 s.
         await register(pb_grpc.DiscoveryServiceStub(channel), "idle-1", ttl=2.0)
+        # A key with a TTL of 1 s, written through the leader: deleted after the take-over.
+        put = state_pb.PutStateRequest(
+            key="lease/holder",
+            json=struct_pb2.Value(string_value="idle-1"),
+            ttl=duration_pb2.Duration(seconds=1),
+        )
+        await state_grpc.StateSyncServiceStub(channel).PutState(put, metadata=ADMIN_AUTH)
     leader.replica.process.kill()
     await leader.replica.process.wait()
     survivors = [s for s in started if s is not leader]
@@ -100,8 +110,23 @@ async def test_kill_9_of_the_leader_hands_the_sweep_over_and_an_idle_agent_expir
             return agent.state == pb.Agent.STATE_EXPIRED
 
         await eventually(expired, timeout=TAKE_OVER_BUDGET)
+
+    async def key_expired() -> bool:
+        return "state.expire" in await key_kinds(survivors[0].replica, "lease/holder")
+
+    await eventually(key_expired, timeout=TAKE_OVER_BUDGET)
     await asyncio.sleep(1.0)  # five more tries of the sweeps: none records a second expiry
     assert await agent_kinds(survivors[1].replica) == ["agent.joined", "agent.expired"]
+    assert await key_kinds(survivors[1].replica, "lease/holder") == ["state.put", "state.expire"]
+
+
+async def key_kinds(replica: Replica, key: str) -> list[str]:
+    """The kinds of the changes of state ``key`` in the change log, read through ``replica``."""
+    async with grpc.aio.insecure_channel(replica.address) as channel:
+        page = await state_grpc.StateSyncServiceStub(channel).ListEvents(
+            state_pb.ListEventsRequest(page_size=1000), metadata=ADMIN_AUTH
+        )
+    return [event.kind for event in page.events if event.subject == key]
 
 
 @contextlib.asynccontextmanager

@@ -258,11 +258,18 @@ class StateSync:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Expire keys and compact the change log until ``stop`` is set."""
+        """Expire keys and compact the change log until ``stop`` is set.
+
+        Only the leader of the processes sharing the store (:meth:`Store.is_leader`) does
+        either; the others skip their turns, so a key's TTL is swept by one process and an
+        expiry never races another replica's for the same rows.
+        """
         next_compaction = self._clock.monotonic()
 
         async def step() -> None:
             nonlocal next_compaction
+            if not self._store.is_leader():
+                return
             await self._store.expire_states(self._clock.now())
             if self._clock.monotonic() >= next_compaction:
                 next_compaction = self._clock.monotonic() + self.config.compaction_interval
