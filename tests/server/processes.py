@@ -1,7 +1,8 @@
 """Real ``agentcoord serve`` processes for the tests: start, wait until serving, SIGKILL.
 
 :class:`Replicas` starts several on one store (the ``replicas`` fixture of
-``tests/server/conftest.py``: a fresh PostgreSQL schema per test).
+``tests/server/conftest.py``: a fresh PostgreSQL schema per test); :func:`start_scraped`
+starts one with its /metrics, and :func:`the_leader` tells which of them sweeps.
 """
 
 from __future__ import annotations
@@ -10,17 +11,26 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import eventually
 
 ADMIN = "kill9-admin"
 """The admin token of every server started here."""
 STARTUP_BUDGET = 90.0
 """Seconds a server may take to serve (generous: the test machine is shared and loaded)."""
+LEADER_INTERVAL = "0.2s"
+"""The ``--leader-interval`` of :func:`start_scraped`: a follower tries to take over five
+times a second."""
+TAKE_OVER_BUDGET = 15.0
+"""Seconds the tests wait for a take-over (the bound is 0.2 s; the machine is shared)."""
 
 
 def free_port() -> int:
@@ -120,3 +130,43 @@ class Replicas:
 
     async def __aexit__(self, *_: object) -> None:
         await self._stack.aclose()
+
+
+@dataclass
+class Scraped:
+    """A replica with its HTTP listener, whose /metrics tells whether it leads."""
+
+    replica: Replica
+    metrics_url: str
+
+    async def leads(self) -> bool:
+        """Whether its ``agentcoord_replica_leader`` gauge is 1."""
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(self.metrics_url)
+        values = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples
+        }
+        return values["agentcoord_replica_leader"] == 1
+
+
+async def start_scraped(replicas: Replicas) -> Scraped:
+    """Start a replica of every service with /metrics and a ``LEADER_INTERVAL`` of 0.2 s."""
+    port = free_port()
+    replica = await replicas.start(
+        "--http-listen", f"127.0.0.1:{port}", "--leader-interval", LEADER_INTERVAL
+    )
+    return Scraped(replica, f"http://127.0.0.1:{port}/metrics")
+
+
+async def the_leader(started: Sequence[Scraped]) -> Scraped:
+    """Wait until exactly one of ``started`` leads; return it."""
+    leaders: list[Scraped] = []
+
+    async def one_leads() -> bool:
+        leaders[:] = [s for s in started if await s.leads()]
+        return len(leaders) == 1
+
+    await eventually(one_leads, timeout=TAKE_OVER_BUDGET)
+    return leaders[0]

@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import grpc
-import httpx
 from google.protobuf import duration_pb2, struct_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
 from agentcoord.client import AgentcoordClient, TaskSpec
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
@@ -27,56 +24,19 @@ from agentcoord.distribution.v1 import distribution_service_pb2_grpc as dist_grp
 from agentcoord.statesync.v1 import statesync_service_pb2 as state_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as state_grpc
 from tests.helpers import bearer, eventually
-from tests.server.processes import Replica, Replicas, free_port
+from tests.server.processes import (
+    TAKE_OVER_BUDGET,
+    Replica,
+    Replicas,
+    start_scraped,
+    the_leader,
+)
 from tests.server.test_replica_discovery import ADMIN_AUTH, agent_kinds, register
 from tests.server.test_replicas_distribution import subtask_events
 
-LEADER_INTERVAL = "0.2s"
-"""The replicas' ``--leader-interval``: a follower tries to take over five times a second."""
-TAKE_OVER_BUDGET = 15.0
-"""Seconds the tests wait for a take-over (the bound is 0.2 s; the machine is shared)."""
-
-
-@dataclass
-class Scraped:
-    """A replica with its HTTP listener, whose /metrics tells whether it leads."""
-
-    replica: Replica
-    metrics_url: str
-
-    async def leads(self) -> bool:
-        async with httpx.AsyncClient() as client:
-            answer = await client.get(self.metrics_url)
-        values = {
-            sample.name: sample.value
-            for family in text_string_to_metric_families(answer.text)
-            for sample in family.samples
-        }
-        return values["agentcoord_replica_leader"] == 1
-
-
-async def start(replicas: Replicas) -> Scraped:
-    port = free_port()
-    replica = await replicas.start(
-        "--http-listen", f"127.0.0.1:{port}", "--leader-interval", LEADER_INTERVAL
-    )
-    return Scraped(replica, f"http://127.0.0.1:{port}/metrics")
-
-
-async def the_leader(started: Sequence[Scraped]) -> Scraped:
-    """Wait until exactly one of ``started`` leads; return it."""
-    leaders: list[Scraped] = []
-
-    async def one_leads() -> bool:
-        leaders[:] = [s for s in started if await s.leads()]
-        return len(leaders) == 1
-
-    await eventually(one_leads, timeout=TAKE_OVER_BUDGET)
-    return leaders[0]
-
 
 async def test_exactly_one_replica_leads(replicas: Replicas) -> None:
-    started = [await start(replicas) for _ in range(3)]
+    started = [await start_scraped(replicas) for _ in range(3)]
     leader = await the_leader(started)
     for _ in range(5):  # it keeps leading, and alone, over several tries of the others
         await asyncio.sleep(0.2)
@@ -86,7 +46,7 @@ async def test_exactly_one_replica_leads(replicas: Replicas) -> None:
 async def test_kill_9_of_the_leader_hands_the_sweep_over_and_an_idle_agent_expires_once(
     replicas: Replicas,
 ) -> None:
-    started = [await start(replicas) for _ in range(3)]
+    started = [await start_scraped(replicas) for _ in range(3)]
     leader = await the_leader(started)
     async with grpc.aio.insecure_channel(leader.replica.address) as channel:
         # Registered through the leader and never heartbeating: it expires after 2 s.
@@ -156,7 +116,7 @@ async def heartbeating(
 async def test_leases_renewed_through_a_replica_that_does_not_lead_never_expire(
     replicas: Replicas,
 ) -> None:
-    started = [await start(replicas) for _ in range(2)]
+    started = [await start_scraped(replicas) for _ in range(2)]
     leader = await the_leader(started)
     follower = next(s for s in started if s is not leader)
     async with (

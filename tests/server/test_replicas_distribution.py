@@ -6,7 +6,8 @@ A task submitted on one replica is worked by the agents of every replica: each r
 pushes to the agents whose streams it holds, from queues fed by the change log, and all of
 them race for the same sub-tasks, which only the lease transaction settles. The change log
 read back must show every sub-task leased to one session at a time and succeeded once,
-also when a replica is killed with SIGKILL in the middle of the task and of a write storm.
+also when a replica, the sweeping leader or another, is killed with SIGKILL in the middle of
+the task and of a write storm.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from agentcoord.client import Agent, AgentcoordClient, Handler, TaskSpec, TaskState, WorkItem
@@ -28,7 +30,7 @@ from agentcoord.distribution.v1 import distribution_service_pb2_grpc as dist_grp
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 from agentcoord.statesync.v1 import statesync_service_pb2_grpc as statesync_grpc
 from tests.helpers import bearer, error_info
-from tests.server.processes import ADMIN, Replica, Replicas
+from tests.server.processes import ADMIN, Replica, Replicas, start_scraped, the_leader
 
 AGENTS_PER_REPLICA = 2
 WORK_SECONDS = 0.005
@@ -176,34 +178,41 @@ async def write_storm(address: str, name: str, stop: asyncio.Event) -> int:
     return acknowledged
 
 
+@pytest.mark.parametrize("victim", ["leader", "follower"])
 async def test_kill_9_of_a_replica_mid_task_loses_no_subtask_and_completes_none_twice(
-    replicas: Replicas,
+    replicas: Replicas, victim: str
 ) -> None:
-    started = [await replicas.start() for _ in range(3)]
-    a, b, c = started
+    scraped = [await start_scraped(replicas) for _ in range(3)]
+    leader = await the_leader(scraped)
+    killed = leader if victim == "leader" else next(s for s in scraped if s is not leader)
+    started = [s.replica for s in scraped]
+    dead = killed.replica
+    survivor = next(r for r in started if r is not dead)
     workers = Workers(started)
     count = 400
     stop = asyncio.Event()
-    async with running(workers.agents()), AgentcoordClient([c.address, a.address]) as planner:
+    addresses = [r.address for r in started]
+    async with running(workers.agents()), AgentcoordClient(addresses) as planner:
         storms = [
-            asyncio.create_task(write_storm(address, name, stop))
-            for address, name in ((a.address, "a"), (b.address, "b"))
+            asyncio.create_task(write_storm(r.address, r.name, stop)) for r in (dead, survivor)
         ]
         task = await planner.tasks.submit(spec(count))
         while sum(workers.handled.values()) < count // 3:
             await asyncio.sleep(0.02)
-        assert workers.by_home["b"] > 0, "b's agents did not work before the kill"
-        b.process.kill()  # SIGKILL: its streams, heartbeats and leases in flight are cut
-        await b.process.wait()
+        assert workers.by_home[dead.name] > 0, f"{dead.name}'s agents did not work before the kill"
+        dead.process.kill()  # SIGKILL: its streams, heartbeats and leases in flight are cut
+        await dead.process.wait()
         result = await planner.tasks.result(task.task_id, timeout=90)
         done = await planner.tasks.get(task.task_id)
         stop.set()
         written = await asyncio.gather(*storms)
+        if victim == "leader":  # one of the others sweeps now
+            await the_leader([s for s in scraped if s is not killed])
     assert done.state is TaskState.SUCCEEDED, done.state_reason
     assert result.keys() == {f"s{i}" for i in range(count)}
     assert all(written), written
     assert set(workers.handled.values()) == {1}, "a lease was handed out twice"
-    check_log(await subtask_events(a.address, task.task_id), count)
+    check_log(await subtask_events(survivor.address, task.task_id), count)
 
 
 class RawAgent:
