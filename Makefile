@@ -19,7 +19,7 @@ CLUSTER_PORTS ?= 50051,50052,50053
 TEST_WORKERS ?= 2
 
 .PHONY: venv proto proto-check lint lint-proto fmt typecheck test pytest run run-discovery \
-	run-distribution run-statesync run-cluster bench demo clean
+	run-distribution run-statesync run-cluster bench demo demo-cluster clean
 
 venv: $(STAMP)
 
@@ -91,6 +91,11 @@ run-distribution: $(STAMP)
 # Three replicas on one PostgreSQL database, until Ctrl-C (see docs/operations.md).
 run-cluster: $(STAMP)
 	$(PY) examples/cluster/run_cluster.py --store '$(CLUSTER_STORE)' --ports '$(CLUSTER_PORTS)' $(ARGS)
+
+# Three replicas, six agents on all three, the leader killed mid-task (see docs/operations.md):
+# on a fresh schema of CLUSTER_STORE, dropped at the end.
+demo-cluster: $(STAMP)
+	$(PY) examples/cluster/demo_cluster.py --store '$(CLUSTER_STORE)'
 
 # Four agents cooperate on an AUTO-split task; one is killed mid-sub-task (see README). On
 # its own server, or with AGENTCOORD_SERVER=127.0.0.1:50051 on make run's (its dashboard).
