@@ -83,7 +83,7 @@ def leads(replica: Replica) -> bool:
     lines = [
         line
         for line in replica.log.read_text(errors="replace").splitlines()
-        if "leadership gained" in line or "leadership lost" in line
+        if any(f"leadership {event}" in line for event in ("gained", "lost", "released"))
     ]
     return bool(lines) and "leadership gained" in lines[-1]
 

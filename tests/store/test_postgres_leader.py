@@ -54,6 +54,9 @@ async def test_a_leader_whose_lock_connection_is_killed_stops_and_one_store_lead
             assert len(again) == 1 and again != holders  # a new session holds it
 
 
-async def test_a_store_one_process_owns_always_leads(tmp_path: Path) -> None:
+async def test_a_store_one_process_owns_always_leads_and_hears_every_commit(
+    tmp_path: Path,
+) -> None:
     async with opened(f"sqlite:///{tmp_path / 'leader.db'}") as store:
         assert store.is_leader()
+        assert store.hears_every_commit()  # its idle watchers need not read the change log

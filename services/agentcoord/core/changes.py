@@ -21,6 +21,9 @@ CATCH_UP_BATCH = 100
 """Changes read from the store per query while catching up (a short turn of the loop)."""
 DEFAULT_PENDING_BYTES = 8 * 1024 * 1024
 """Bytes of announced changes held per watcher before it is sent back to the store."""
+SAFETY_READ_INTERVAL = 30.0
+"""Seconds after which an idle watcher reads the store even though the store hears every
+commit (:meth:`Store.hears_every_commit`): a guard, not a path changes need."""
 _CHANGE_OVERHEAD = 64
 """Bytes counted per change beside its text (revision, time, service)."""
 
@@ -150,8 +153,11 @@ class ChangeFeed:
 
         Args:
             store: The store whose change log is watched.
-            poll_interval: Seconds after which an idle watcher re-reads the store, so
-                changes committed by other processes reach it too.
+            poll_interval: Seconds after which an idle watcher re-reads the store while
+                the store does not hear every commit (:meth:`Store.hears_every_commit`:
+                a PostgreSQL replica whose LISTEN connection is down), so changes
+                committed by other processes reach it too. While it hears them, an idle
+                watcher reads the store only every ``SAFETY_READ_INTERVAL``.
             max_pending_bytes: Bytes of announced changes held per watcher before it is
                 sent back to read the store; a store page read while catching up holds
                 at most an eighth of it.
@@ -206,9 +212,12 @@ class ChangeFeed:
                     if batch.changes:
                         yield batch
                 subscriber.lagged = False
+                read_at = self._monotonic()
                 while not subscriber.lagged:
                     announced = await subscriber.next(self._poll_interval)
                     if announced is None:
+                        if self._hears_all_since(read_at):
+                            continue  # idle, and no commit can have been missed
                         break  # idle: look in the store for other processes' changes
                     # Announcements may overlap (another process's commits read back):
                     # take the changes that follow on, up to a gap.
@@ -222,6 +231,15 @@ class ChangeFeed:
                         break  # the store has what we missed
         finally:
             self._subscribers.discard(subscriber)
+
+    @staticmethod
+    def _monotonic() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _hears_all_since(self, read_at: float) -> bool:
+        """Whether an idle watcher that last read the store at ``read_at`` may wait on."""
+        recent = self._monotonic() - read_at < SAFETY_READ_INTERVAL
+        return recent and self._store.hears_every_commit()
 
     async def _catch_up(
         self, after: int, matches: Callable[[Change], bool]

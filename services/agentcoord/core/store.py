@@ -53,6 +53,17 @@ class Store(Protocol):
         """
         ...
 
+    def hears_every_commit(self) -> bool:
+        """Whether every commit reaches the change listeners, this process's and others'.
+
+        True for a store one process owns, and for a shared one while it follows the others'
+        commits (PostgreSQL: its LISTEN connection is up). Announcements may still overlap
+        or leave a gap that a later one reveals (see :meth:`add_listener`). While False,
+        other processes' commits reach no listener, and watchers look in the change log
+        themselves.
+        """
+        ...
+
     async def open(self) -> None:
         """Connect and apply pending schema migrations (idempotent, safe with several replicas)."""
         ...

@@ -63,6 +63,10 @@ class SqlStore(abc.ABC):
     shared = False
     """Whether other processes may write to the same store (see ``Store.shared``)."""
 
+    def hears_every_commit(self) -> bool:
+        """Whether every commit reaches the listeners (see ``Store``): one process's, always."""
+        return True
+
     def is_leader(self) -> bool:
         """Whether this process sweeps (see ``Store.is_leader``): a store it owns alone, always."""
         return True

@@ -10,8 +10,9 @@ hands those changes to the store's change listeners, as if committed here. Notic
 own commits are skipped: the group committer has announced those already.
 
 The follower reconnects when its connection is lost, and reads what it missed once it
-listens again. While it cannot listen, the change feed's idle poll (the watchers' own
-re-read of the change log) still brings other processes' changes, later.
+listens again. While it cannot listen (:attr:`Follower.listening` is False), the change
+feed's idle poll (the watchers' own re-read of the change log) still brings other
+processes' changes, later.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Follower:
         self._wanted = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.listening = False
+        """Whether it listens: every notice of another store's commit reaches it."""
 
     def notice(self, last_revision: int) -> str:
         """Return the payload this store NOTIFYs after a batch whose last change is that."""
@@ -117,6 +120,7 @@ class Follower:
         try:
             conn.add_termination_listener(lambda _conn: self._wake.set())
             await conn.add_listener(self.channel, self._notified)
+            self.listening = True
             # What other stores committed while this one did not listen.
             self._wanted = max(self._wanted, self._seen + 1)
             while not conn.is_closed():
@@ -126,6 +130,7 @@ class Follower:
                     self._wake.clear()
                     await self._wake.wait()
         finally:
+            self.listening = False
             conn.terminate()
 
     async def _catch_up(self) -> None:

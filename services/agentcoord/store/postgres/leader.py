@@ -39,6 +39,7 @@ class Leadership:
         self._interval = interval
         self._leading = False
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def is_leader(self) -> bool:
         """Whether this store holds the lock (its connection is up and answered last check)."""
@@ -52,6 +53,7 @@ class Leadership:
 
     async def close(self) -> None:
         """Stop leading (closing the connection frees the lock) and stop trying."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -88,4 +90,7 @@ class Leadership:
         lost.set()
         if self._leading:
             self._leading = False
-            log.warning("leadership lost: this replica no longer sweeps")
+            if self._closing:
+                log.info("leadership released: this replica stops")
+            else:
+                log.warning("leadership lost: this replica no longer sweeps")

@@ -398,6 +398,10 @@ class PostgresStore(SqlStore):
         self._leadership = Leadership(self._dedicated_connection, leader_interval)
         self._closed = False
 
+    def hears_every_commit(self) -> bool:
+        """Whether the follower listens for the other stores' commits right now."""
+        return self._follower.listening
+
     def is_leader(self) -> bool:
         """Whether this store holds the leader's advisory lock of its schema."""
         return self._leadership.is_leader()
