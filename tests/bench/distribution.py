@@ -9,7 +9,8 @@ result naming itself and the sub-task. The bench process then submits ONE task
 GetTask until it ends. A warm-up task of ``agents x capacity`` sub-tasks runs first. The
 same with one agent of capacity 1 gives the assignment latency of an otherwise idle server.
 The pulled flow (``FlowSpec.pull``) opens no stream: each agent runs ``capacity`` loops of
-ClaimSubtask (waiting up to 1 s) then CompleteSubtask, with the same task and checks.
+ClaimSubtask (waiting up to 1 s), then CompleteSubtask with ``lease_next`` 1 for as long as
+a next lease comes back, with the same task and checks.
 
 - Throughput: sub-tasks / (SubmitTask sent -> last successful CompleteSubtask response).
 - Assignment latency, two ways (one clock: ``time.monotonic`` is system-wide on Linux):
@@ -30,7 +31,8 @@ size of an Assignment comes back for each free slot) and one unary echo the size
 CompleteSubtaskRequest stands for the completion, with the same work split evenly over
 the agents: the RPC ceiling of this load shape, with no scheduling and no store. For the
 pulled flow each of an agent's ``capacity`` loops sends a unary echo the size of an
-Assignment (the claim) then one the size of a CompleteSubtaskRequest, per sub-task.
+Assignment (the claim), then per sub-task one the size of a CompleteSubtaskRequest and an
+Assignment together (the completion whose response carries the next lease).
 
 Coordination cycle (the old prototype's ~160 ms): one sequential caller, a registered
 planner, runs ListAgents (capability ``python``; 16 agents hold it, none streaming),
@@ -330,7 +332,8 @@ class _Agent:
                 self.errors[f"stream {error.code().name}"] += 1
 
     async def _claim_loop(self) -> None:
-        """One slot of a pulling agent: claim (waiting up to 1 s), complete, again."""
+        """One slot of a pulling agent: claim (waiting up to 1 s), then complete each
+        sub-task asking for the next in the same call (``lease_next``) until none comes."""
         request = pb.ClaimSubtaskRequest(agent_id=self.agent_id, wait=Duration(seconds=1))
         while True:
             try:
@@ -339,8 +342,11 @@ class _Agent:
                 self.errors[f"ClaimSubtask {error.code().name}"] += 1
                 await asyncio.sleep(0.1)
                 continue
-            if response.HasField("assignment"):
-                await self._complete(self._arrived(response.assignment))
+            assignment = response.assignment if response.HasField("assignment") else None
+            if assignment is not None:
+                assignment = self._arrived(assignment)
+            while assignment is not None:
+                assignment = await self._complete(assignment, lease_next=1)
 
     def _arrived(self, assignment: pb.Assignment) -> pb.Assignment:
         """Note an assignment's arrival and its lease as held."""
@@ -354,18 +360,23 @@ class _Agent:
                 if ack.command == discovery_pb.HeartbeatResponse.COMMAND_REREGISTER:
                     self.errors["heartbeat REREGISTER"] += 1
 
-    async def _complete(self, assignment: pb.Assignment) -> None:
+    async def _complete(
+        self, assignment: pb.Assignment, lease_next: int = 0
+    ) -> pb.Assignment | None:
+        """Complete a sub-task; return the next one leased in the same call, if any."""
         lease = assignment.lease
         task_id = assignment.subtask.task_id
         result = f"{self.agent_id}/{lease.subtask_id}"
         started = _now()
+        following = None
         try:
-            await self.stub.CompleteSubtask(
+            response = await self.stub.CompleteSubtask(
                 pb.CompleteSubtaskRequest(
                     subtask_id=lease.subtask_id,
                     agent_id=self.agent_id,
                     fencing_token=lease.fencing_token,
                     result=struct_pb2.Value(string_value=result),
+                    lease_next=lease_next,
                 ),
                 metadata=self.metadata,
             )
@@ -376,9 +387,11 @@ class _Agent:
             self.complete.setdefault(task_id, []).append(done - started)
             self.completed.setdefault(task_id, []).append((lease.subtask_id, result))
             self.last[task_id] = done
+            following = response.next_assignments[0] if response.next_assignments else None
         finally:
             self.held.discard(lease.subtask_id)
             self.freed.setdefault(task_id, []).append(_now())
+        return None if following is None else self._arrived(following)
 
     # echo
 
@@ -433,20 +446,24 @@ class _Agent:
         await asyncio.gather(*self._inflight)
 
     async def serve_echo_pull(self, quota: int, assignment: bytes, complete: bytes) -> None:
-        """Do ``quota`` echo "sub-tasks" in ``capacity`` loops, each a claim and a completion.
+        """Do ``quota`` echo "sub-tasks" in ``capacity`` loops: a claim, then completions.
 
-        The claim's stand-in is a unary echo the size of an Assignment (the size of the
-        ClaimSubtask response; the request is smaller, so this slightly favours echo).
+        The claim's stand-in is a unary echo the size of an Assignment (the ClaimSubtask
+        response); each completion's, one the size of a CompleteSubtaskRequest and an
+        Assignment (the request, and the response carrying the next lease), as the agents'
+        completions with ``lease_next`` do.
         """
         left = quota
+        completion = complete + assignment
 
         async def loop() -> None:
             nonlocal left
+            if left > 0:
+                await self.echo_unary(assignment)
             while left > 0:
                 left -= 1
-                await self.echo_unary(assignment)
                 self.arrivals.setdefault("echo", []).append(_now())
-                await self._echo_complete(complete)
+                await self._echo_complete(completion)
 
         await asyncio.gather(*(loop() for _ in range(self.capacity)))
 

@@ -435,6 +435,69 @@ async def test_completion_with_a_stale_token_or_by_another_agent_changes_nothing
     assert (await task_of(store)).revision == before[0]
 
 
+async def test_complete_and_lease_completes_and_leases_the_ready_candidates_in_one_commit(
+    store: Store,
+) -> None:
+    await submit(store, subtasks=INDEPENDENT)
+    await submit(store, "t2", subtasks=INDEPENDENT)
+    token = await lease(store, "t1-a", "bob")
+    await lease(store, "t2-a", "carol")
+    calls = commits(store)
+
+    done = await store.complete_and_lease(
+        "t1-a",
+        "bob",
+        token,
+        "1",
+        NOW,
+        epoch=1,
+        candidates=["t2-a", "t1-x", "t1-b", "t2-b"],  # leased to carol; missing; two READY
+        capacity=2,
+    )
+
+    assert done.completion.subtask is not None
+    assert done.completion.subtask.state is SubtaskState.SUCCEEDED
+    leased = [u.subtask for u in done.leases]
+    assert [s.subtask_id for s in leased if s is not None] == ["t1-b", "t2-b"]
+    for update in done.leases:
+        assert update.subtask is not None and update.subtask.lease is not None
+        assert update.subtask.lease.agent_id == "bob"
+        assert await store.get_subtask(update.subtask.subtask_id) == update.subtask
+    assert done.untried == ()
+    assert len(calls) == 1  # one transaction, one commit
+    assert (await subtask(store, "t2-a")).agent_id == "carol"
+
+
+async def test_complete_and_lease_stops_at_capacity_and_a_repeat_leases_nothing(
+    store: Store,
+) -> None:
+    await submit(store, subtasks=INDEPENDENT)
+    await submit(store, "t2", subtasks=INDEPENDENT)
+    token = await lease(store, "t1-a", "bob")
+    await lease(store, "t2-a", "bob")
+
+    done = await store.complete_and_lease(
+        "t1-a", "bob", token, "1", NOW, epoch=1, candidates=["t1-b", "t2-b"], capacity=2
+    )
+    assert [u.subtask.subtask_id for u in done.leases if u.subtask] == ["t1-b"]
+    assert done.untried == ("t2-b",)  # bob holds t2-a and t1-b: his capacity
+    assert (await subtask(store, "t2-b")).state is SubtaskState.READY
+
+    before = await store.current_revision()
+    again = await store.complete_and_lease(
+        "t1-a", "bob", token, "1", NOW, epoch=1, candidates=["t2-b"], capacity=8
+    )
+    assert again.leases == () and again.untried == ("t2-b",)
+    assert again.completion.changed == ()
+    assert await store.current_revision() == before
+
+    with pytest.raises(FailedPrecondition):  # a refused completion leases nothing either
+        await store.complete_and_lease(
+            "t1-a", "bob", token + 100, "1", NOW, epoch=1, candidates=["t2-b"], capacity=8
+        )
+    assert (await subtask(store, "t2-b")).state is SubtaskState.READY
+
+
 async def test_completions_unblock_dependents_and_the_last_ends_the_task(store: Store) -> None:
     await submit(store)
 

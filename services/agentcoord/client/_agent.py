@@ -911,10 +911,17 @@ class Agent:
                 )
 
     async def _send(self, report: Report, policy: RetryPolicy) -> None:
-        """Send a report (a request id makes retries after UNAVAILABLE safe)."""
+        """Send a report (a request id makes retries after UNAVAILABLE safe).
+
+        A completion asks for the next sub-task in the same call (``lease_next``) unless
+        the agent is draining: it arrives in the response instead of on the stream.
+        """
         if isinstance(report, distribution_pb.CompleteSubtaskRequest):
-            await self.client.distribution.complete_subtask(report, retry=policy)
+            report.lease_next = 0 if self._draining else 1
+            response = await self.client.distribution.complete_subtask(report, retry=policy)
             self.stats.completed += 1
+            for assignment in response.next_assignments:
+                self._accept(assignment)
         else:
             await self.client.distribution.fail_subtask(report, retry=policy)
             self.stats.failed += 1

@@ -184,7 +184,9 @@ class Distribution:
         """Agents (ids) meeting the needs of each queue."""
         self._held: dict[str, Held] = {}
         self._deadlines: list[tuple[float, str, int]] = []
-        self._claims: dict[tuple[str, str], str] = {}
+        self._granted: dict[tuple[str, str | int], tuple[str, ...]] = {}
+        """Sub-tasks leased for a request, for its repeats: by ClaimSubtask's (agent id,
+        request id), and by CompleteSubtask's (sub-task id, fencing token) with lease_next."""
         self._renewals: dict[str, LeaseRenewal] = {}
         """Renewals not yet written to the store, by sub-task (the latest of each)."""
         self._renewed = asyncio.Event()
@@ -715,9 +717,13 @@ class Distribution:
         if update is None:
             self._enqueue(subtask)
             return None
+        self._absorb(update)
+        return self._held_assignment(update)
+
+    def _held_assignment(self, update: TaskUpdate) -> Assignment | None:
+        """Return the assignment of a lease just granted and absorbed, unless it ended."""
         leased = update.subtask
         assert leased is not None and leased.lease is not None
-        self._absorb(update)
         held = self._held.get(leased.subtask_id)
         if held is None or held.lease.fencing_token != leased.lease.fencing_token:
             return None  # ended meanwhile, as another process's change already told
@@ -802,12 +808,10 @@ class Distribution:
         """
         slot = await self._slot_for(session, agent_id)
         key = (slot.agent_id, request_id)
-        if request_id and key in self._claims:
-            held = slot.held.get(self._claims[key])
-            if held is not None and held.lease.epoch == session.epoch:
-                subtask = await self._store.get_subtask(held.lease.subtask_id)
-                if subtask is not None:
-                    return await self._assignment(self._live_lease(held), subtask)
+        if request_id:
+            again = await self._granted_before(slot, session.epoch, key)
+            if again:
+                return again[0]
         deadline = self._clock.monotonic() + min(wait, self.config.max_claim_wait)
         while True:
             # Checked again after each wait (a stream may have filled it); the lease
@@ -819,7 +823,7 @@ class Distribution:
                 assignment = await self._grant(slot, subtask)
                 if assignment is not None:
                     if request_id:
-                        self._claims[key] = assignment.lease.subtask_id
+                        self._granted[key] = (assignment.lease.subtask_id,)
                     return assignment
                 continue
             remaining = deadline - self._clock.monotonic()
@@ -831,22 +835,123 @@ class Distribution:
                 async with asyncio.timeout(remaining):
                     await arrived.wait()
 
+    async def _granted_before(
+        self, slot: Slot, epoch: int, key: tuple[str, str | int]
+    ) -> list[Assignment]:
+        """Return the leases granted for the request ``key`` that session ``epoch`` still holds."""
+        assignments = []
+        for subtask_id in self._granted.get(key, ()):
+            held = slot.held.get(subtask_id)
+            if held is not None and held.lease.epoch == epoch:
+                subtask = await self._store.get_subtask(subtask_id)
+                if subtask is not None:
+                    assignments.append(await self._assignment(self._live_lease(held), subtask))
+        return assignments
+
     async def complete(
-        self, session: Session, agent_id: str, subtask_id: str, fencing_token: int, result: str
-    ) -> TaskUpdate:
-        """Record the result of a leased sub-task (see the store's ``complete_subtask``)."""
+        self,
+        session: Session,
+        agent_id: str,
+        subtask_id: str,
+        fencing_token: int,
+        result: str,
+        lease_next: int = 0,
+    ) -> tuple[TaskUpdate, list[Assignment]]:
+        """Record the result of a leased sub-task, and lease the agent its next ones.
+
+        In the completion's transaction (the store's ``complete_and_lease``) the agent is
+        leased up to ``lease_next`` of the best READY sub-tasks for it, returned with the
+        completion; with ``lease_next`` 0 and an open stream, those that refill its freed
+        capacity are leased there too and pushed on the stream instead. A repeat of a
+        recorded completion returns the leases its first call granted that are still held.
+        The work runs to its end even if the caller is cancelled meanwhile, so that the
+        mirror knows every lease the store granted.
+        """
         session.check_acts_as(agent_id)
-        update = await self._store.complete_subtask(
-            subtask_id,
-            session.agent_id,
-            fencing_token,
-            result,
-            self._clock.now(),
-            epoch=session.epoch,
+        return await asyncio.shield(
+            self._complete(session, subtask_id, fencing_token, result, lease_next)
         )
-        self._absorb(update)
-        self._forget_claims(subtask_id)
-        return update
+
+    async def _complete(
+        self, session: Session, subtask_id: str, fencing_token: int, result: str, lease_next: int
+    ) -> tuple[TaskUpdate, list[Assignment]]:
+        slot = self._slots.get(session.agent_id)
+        if slot is None or not slot.live or slot.epoch != session.epoch:
+            slot = None
+        push = (
+            not lease_next
+            and slot is not None
+            and slot.stream is not None
+            and slot.stream.epoch == session.epoch
+            and not slot.draining
+        )
+        candidates: list[Subtask] = []
+        if slot is not None and (lease_next or push):
+            free = slot.free + (subtask_id in slot.held)  # once this lease is released
+            for _ in range(min(lease_next, free) if lease_next else free):
+                candidate = self._queues.best_for(slot)
+                if candidate is None:
+                    break
+                self._reserve(slot, candidate)
+                candidates.append(candidate)
+        # Until the store answers, the lease being completed no longer counts against the
+        # capacity its successors were reserved in (a claim waiting meanwhile sees its room).
+        releasing = bool(candidates) and slot is not None and subtask_id in slot.held
+        if releasing:
+            assert slot is not None
+            slot.releasing += 1
+        try:
+            done = await self._store.complete_and_lease(
+                subtask_id,
+                session.agent_id,
+                fencing_token,
+                result,
+                self._clock.now(),
+                epoch=session.epoch,
+                candidates=[c.subtask_id for c in candidates],
+                capacity=slot.capacity if slot is not None else 0,
+            )
+        except BaseException:
+            self._unreserve(slot, candidates, candidates, releasing)
+            raise
+        for lease in done.leases:  # tracked before the reservations and the lease end
+            self._absorb(lease)
+        untried = set(done.untried)
+        again = [c for c in candidates if c.subtask_id in untried]
+        self._unreserve(slot, candidates, again, releasing)
+        self._absorb(done.completion)
+        self._forget_grants(subtask_id)
+        assignments = [a for lease in done.leases if (a := self._held_assignment(lease))]
+        if push:
+            assert slot is not None
+            for assignment in assignments:
+                if slot.stream is not None and slot.stream.epoch == session.epoch:
+                    slot.stream.send(assignment)
+            return done.completion, []
+        if lease_next and slot is not None:
+            key = (subtask_id, fencing_token)
+            if not done.completion.changed:
+                assignments = await self._granted_before(slot, session.epoch, key)
+            elif assignments:
+                self._granted[key] = tuple(a.lease.subtask_id for a in assignments)
+        return done.completion, assignments
+
+    def _unreserve(
+        self,
+        slot: Slot | None,
+        reserved: Sequence[Subtask],
+        untried: Sequence[Subtask],
+        releasing: bool,
+    ) -> None:
+        """End the slot's reservations; queue the ``untried`` again (no lease was tried).
+
+        The others were leased, or refused as no longer READY: the store knows best.
+        """
+        if slot is None or not reserved:
+            return
+        slot.reserved -= len(reserved)
+        slot.releasing -= releasing
+        self._enqueue_all(untried)
 
     async def fail(
         self,
@@ -881,12 +986,13 @@ class Distribution:
             failure, fencing_token, self.config.retry, epoch=session.epoch
         )
         self._absorb(update)
-        self._forget_claims(subtask_id)
+        self._forget_grants(subtask_id)
         return update
 
-    def _forget_claims(self, subtask_id: str) -> None:
-        for key in [k for k, v in self._claims.items() if v == subtask_id]:
-            del self._claims[key]
+    def _forget_grants(self, subtask_id: str) -> None:
+        """Forget the requests whose leases include one that just ended."""
+        for key in [k for k, ids in self._granted.items() if subtask_id in ids]:
+            del self._granted[key]
 
     def renew_leases(self, session: Session, subtask_ids: Sequence[str]) -> None:
         """Renew the named leases the session holds, each by its TTL (from its heartbeat)."""

@@ -79,14 +79,16 @@ class Slot:
     held: dict[str, Held] = field(default_factory=dict)
     reserved: int = 0
     """Leases being granted (store write in flight)."""
+    releasing: int = 0
+    """Held leases being completed in the same store write as grants to refill them."""
     stream: Stream | None = None
     last_grant: int = 0
     """Sequence number of the latest grant; the lower, the longer it waited."""
 
     @property
     def load(self) -> int:
-        """Leases held and being granted."""
-        return len(self.held) + self.reserved
+        """Leases held and being granted, less those being released by those grants."""
+        return len(self.held) + self.reserved - self.releasing
 
     @property
     def free(self) -> int:

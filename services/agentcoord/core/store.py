@@ -30,7 +30,7 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
-from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
+from agentcoord.core.task_rules import Completion, LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, SubtaskCounts, Task, TaskCursor, TaskFilter
 
 ChangeListener = Callable[[Sequence[Change]], None]
@@ -287,6 +287,27 @@ class Store(Protocol):
         Raises:
             NotFound: no such sub-task.
             FailedPrecondition: the lease is not the caller's current one.
+        """
+        ...
+
+    async def complete_and_lease(
+        self,
+        subtask_id: str,
+        agent_id: str,
+        fencing_token: int,
+        result: str,
+        now: datetime,
+        *,
+        epoch: int,
+        candidates: Sequence[str],
+        capacity: int,
+    ) -> Completion:
+        """Record a result, then lease the session the ``candidates`` still READY, in one commit.
+
+        The completion is :meth:`complete_subtask`'s, and its refusals raise as there. Then
+        each candidate (best first) is leased as :meth:`lease_subtask` would, while the
+        session is live and below ``capacity``; a lease refused changes nothing else, and a
+        repeat of a recorded completion leases none.
         """
         ...
 

@@ -297,6 +297,20 @@ class TaskUpdate:
     """Leases ended under a holder that may still be working."""
 
 
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What a completion that also leased the completer its next sub-tasks did."""
+
+    completion: TaskUpdate
+    """The completion, as ``Store.complete_subtask`` returns it."""
+    leases: tuple[TaskUpdate, ...]
+    """One lease per candidate leased, in the candidates' order."""
+    untried: tuple[str, ...]
+    """Candidates not tried, still READY as far as the store knows: the completion was a
+    repeat, or the session ended or holds its capacity. The others not leased were no
+    longer READY (or are gone)."""
+
+
 class TaskTransitions:
     """Applies transitions to one task and its loaded sub-tasks, journaling each one.
 

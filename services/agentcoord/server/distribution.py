@@ -75,6 +75,8 @@ MAX_DETAILS_BYTES = 64 << 10
 MAX_ERROR_MESSAGE = 4096
 MAX_REQUEST_ID = 128
 MAX_REASON = 1024
+MAX_LEASE_NEXT = 1024
+"""Most sub-tasks CompleteSubtask's ``lease_next`` asks for: the most capacity an agent has."""
 
 
 class DistributionServicer(pb_grpc.DistributionServiceServicer):
@@ -289,11 +291,15 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         token = _fencing_token(request.fencing_token)
         validation.text("request_id", request.request_id, max_length=MAX_REQUEST_ID)
         result = _json(request, "result", MAX_JSON_BYTES) or "null"
-        update = await self._core.complete(session, request.agent_id, subtask_id, token, result)
+        lease_next = validation.in_range("lease_next", request.lease_next, 0, MAX_LEASE_NEXT)
+        update, next_assignments = await self._core.complete(
+            session, request.agent_id, subtask_id, token, result, lease_next
+        )
         assert update.subtask is not None
         return pb.CompleteSubtaskResponse(
             subtask=subtask_to_proto(update.subtask),
             task_state=TASK_STATE_TO_PROTO[update.task.state],
+            next_assignments=[self._assigned(a) for a in next_assignments],
         )
 
     async def FailSubtask(

@@ -25,7 +25,7 @@ from agentcoord.core.models import (
     StateWrite,
     StateWriteResult,
 )
-from agentcoord.core.task_rules import LeaseRenewal, RetryPolicy, TaskUpdate
+from agentcoord.core.task_rules import Completion, LeaseRenewal, RetryPolicy, TaskUpdate
 from agentcoord.core.tasks import Failure, Subtask, SubtaskCounts, Task, TaskCursor, TaskFilter
 from agentcoord.store.agent_writes import (
     EndAgentSession,
@@ -254,7 +254,25 @@ class SqlStore(abc.ABC):
     ) -> TaskUpdate:
         """Record the result of a leased sub-task."""
         op = CompleteSubtask(subtask_id, agent_id, epoch, fencing_token, result, now)
-        return cast(TaskUpdate, await self._submit(op))
+        return cast(Completion, await self._submit(op)).completion
+
+    async def complete_and_lease(
+        self,
+        subtask_id: str,
+        agent_id: str,
+        fencing_token: int,
+        result: str,
+        now: datetime,
+        *,
+        epoch: int,
+        candidates: Sequence[str],
+        capacity: int,
+    ) -> Completion:
+        """Record the result of a leased sub-task and lease the candidates still READY."""
+        op = CompleteSubtask(
+            subtask_id, agent_id, epoch, fencing_token, result, now, tuple(candidates), capacity
+        )
+        return cast(Completion, await self._submit(op))
 
     async def fail_subtask(
         self, failure: Failure, fencing_token: int, retry: RetryPolicy, *, epoch: int

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from agentcoord.core.errors import NotFound
+from agentcoord.core.errors import FailedPrecondition, NotFound, ResourceExhausted
 from agentcoord.core.session_rules import check_session_live
 from agentcoord.core.task_rules import (
+    Completion,
     Journal,
     LeaseRenewal,
     RetryPolicy,
@@ -132,40 +133,49 @@ class LeaseSubtask(ViewOp):
 
     def needs(self) -> Needs:
         """The sub-task, its task, the agent, and the leases the agent holds."""
-        agent = frozenset((self.agent_id,))
-        return Needs(subtask_ids=frozenset((self.subtask_id,)), agent_ids=agent, leased_by=agent)
+        return Needs(subtask_ids=frozenset((self.subtask_id,))) | _lessee(self.agent_id)
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
-        """Lease the sub-task to the session if it is live, the sub-task READY, room left.
+        """Lease the sub-task to the session (see :func:`_lease`)."""
+        return _lease(ws, self.subtask_id, self.agent_id, self.epoch, self.now, self.capacity)
 
-        The session is checked against the stored agent: a lease granted to a session that
-        a registration (through any process) ended meanwhile would be recorded under the
-        dead epoch, released by no one, and end only when it expires.
-        """
-        stored = ws.agent(self.agent_id)
-        check_session_live(None if stored is None else stored[0], self.agent_id, self.epoch)
-        held = sum(
-            1
-            for s in ws.leased_by(self.agent_id)
-            if s.state is SubtaskState.LEASED
-            and s.lease is not None
-            and s.lease.epoch == self.epoch
-        )
-        check_capacity(self.agent_id, held, self.capacity)
-        return _on_subtask(
-            ws,
-            self.subtask_id,
-            self.now,
-            self.agent_id,
-            lambda tx: lease_subtask(
-                tx, self.subtask_id, self.agent_id, to_utc(self.now), epoch=self.epoch
-            ),
-        )
+
+def _lessee(agent_id: str) -> Needs:
+    """What leasing to ``agent_id`` reads besides the sub-task: the agent and its leases."""
+    agent = frozenset((agent_id,))
+    return Needs(agent_ids=agent, leased_by=agent)
+
+
+def _lease(
+    ws: WorkingSet, subtask_id: str, agent_id: str, epoch: int, now: datetime, capacity: int
+) -> TaskUpdate:
+    """Lease a sub-task to a session if it is live, the sub-task READY and room left.
+
+    The session is checked against the stored agent: a lease granted to a session that
+    a registration (through any process) ended meanwhile would be recorded under the
+    dead epoch, released by no one, and end only when it expires. A refusal raises before
+    anything is written to ``ws``.
+    """
+    stored = ws.agent(agent_id)
+    check_session_live(None if stored is None else stored[0], agent_id, epoch)
+    held = sum(
+        1
+        for s in ws.leased_by(agent_id)
+        if s.state is SubtaskState.LEASED and s.lease is not None and s.lease.epoch == epoch
+    )
+    check_capacity(agent_id, held, capacity)
+    return _on_subtask(
+        ws,
+        subtask_id,
+        now,
+        agent_id,
+        lambda tx: lease_subtask(tx, subtask_id, agent_id, to_utc(now), epoch=epoch),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class CompleteSubtask(ViewOp):
-    """``Store.complete_subtask``."""
+    """``Store.complete_subtask``, and ``Store.complete_and_lease`` with ``candidates``."""
 
     subtask_id: str
     agent_id: str
@@ -173,16 +183,27 @@ class CompleteSubtask(ViewOp):
     fencing_token: int
     result: str
     now: datetime
+    candidates: tuple[str, ...] = ()
+    """READY sub-tasks to lease to the session after the completion, best first."""
+    capacity: int = 0
+    """Leases the session may hold at once (with ``candidates``)."""
 
     def needs(self) -> Needs:
-        """The sub-task, its task and its dependents."""
+        """The sub-task, its task and its dependents; the candidates and the agent's leases."""
         ids = frozenset((self.subtask_id,))
-        return Needs(subtask_ids=ids, dependents_of=ids)
+        needs = Needs(subtask_ids=ids | frozenset(self.candidates), dependents_of=ids)
+        return needs | _lessee(self.agent_id) if self.candidates else needs
 
-    def apply(self, ws: WorkingSet) -> TaskUpdate:
-        """Record the result if the caller holds the current lease, not yet expired."""
+    def apply(self, ws: WorkingSet) -> Completion:
+        """Record the result of the caller's current lease, not expired; lease the candidates.
+
+        Each candidate still READY is leased while the session is live and has room. One
+        refused as not READY (leased through another process, cancelled) is skipped; a
+        refused session (ended, at capacity) ends the leasing. The completion stands either
+        way.
+        """
         _check_unexpired(ws, self.subtask_id, self.fencing_token, self.now)
-        return _on_subtask(
+        completion = _on_subtask(
             ws,
             self.subtask_id,
             self.now,
@@ -196,6 +217,22 @@ class CompleteSubtask(ViewOp):
                 epoch=self.epoch,
             ),
         )
+        if not completion.changed:  # a repeat: its slot was refilled by the first call
+            return Completion(completion, (), self.candidates)
+        leases: list[TaskUpdate] = []
+        for index, candidate in enumerate(self.candidates):
+            try:
+                leases.append(
+                    _lease(ws, candidate, self.agent_id, self.epoch, self.now, self.capacity)
+                )
+            except ResourceExhausted:
+                return Completion(completion, tuple(leases), self.candidates[index:])
+            except FailedPrecondition as refused:
+                if refused.reason == "SESSION_ENDED":
+                    return Completion(completion, tuple(leases), self.candidates[index:])
+            except NotFound:
+                pass
+        return Completion(completion, tuple(leases), ())
 
 
 @dataclass(frozen=True, slots=True)

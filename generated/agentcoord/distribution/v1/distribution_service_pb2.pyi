@@ -1555,6 +1555,7 @@ class CompleteSubtaskRequest(_message.Message):
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LEASE_NEXT_FIELD_NUMBER: _builtins.int
     subtask_id: _builtins.str
     """Identifier of the sub-task; required."""
     agent_id: _builtins.str
@@ -1564,6 +1565,15 @@ class CompleteSubtaskRequest(_message.Message):
     request_id: _builtins.str
     """Accepted for symmetry with other writes, at most 128 characters, and otherwise unused:
     a repeat is recognised by its fencing token.
+    """
+    lease_next: _builtins.int
+    """How many READY sub-tasks to lease to the caller in the completion's transaction, best
+    first; 0 (the default) leases none. 0-1024.
+
+    Never more than the agent's capacity leaves free once this lease is released, and
+    fewer when fewer are READY for it: nothing READY, or an agent still at capacity, gives
+    no `next_assignments` and is not an error. A repeat of a recorded completion leases
+    nothing more: it returns the leases the first call granted that the caller still holds.
     """
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
@@ -1577,10 +1587,11 @@ class CompleteSubtaskRequest(_message.Message):
         fencing_token: _builtins.int = ...,
         result: _struct_pb2.Value | None = ...,
         request_id: _builtins.str = ...,
+        lease_next: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "fencing_token", b"fencing_token", "request_id", b"request_id", "result", b"result", "subtask_id", b"subtask_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "fencing_token", b"fencing_token", "lease_next", b"lease_next", "request_id", b"request_id", "result", b"result", "subtask_id", b"subtask_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1594,21 +1605,30 @@ class CompleteSubtaskResponse(_message.Message):
 
     SUBTASK_FIELD_NUMBER: _builtins.int
     TASK_STATE_FIELD_NUMBER: _builtins.int
+    NEXT_ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     task_state: Global___Task.State.ValueType
     """State of the task after the completion (SUCCEEDED when this was the last sub-task)."""
     @_builtins.property
     def subtask(self) -> Global___Subtask:
         """The sub-task after completion (SUCCEEDED); its revision is the write's revision."""
 
+    @_builtins.property
+    def next_assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]:
+        """The sub-tasks `lease_next` leased to the caller, best first; empty when it was 0 or
+        none could be leased. They are not also pushed on the caller's StreamAssignments stream
+        (a stream re-sends them only when it reconnects).
+        """
+
     def __init__(
         self,
         *,
         subtask: Global___Subtask | None = ...,
         task_state: Global___Task.State.ValueType = ...,
+        next_assignments: _abc.Iterable[Global___Assignment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["subtask", b"subtask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["subtask", b"subtask", "task_state", b"task_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_assignments", b"next_assignments", "subtask", b"subtask", "task_state", b"task_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

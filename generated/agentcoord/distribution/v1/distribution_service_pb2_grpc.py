@@ -239,6 +239,11 @@ class DistributionServiceServicer:
         returns the sub-task as recorded and changes nothing; `request_id` is not needed for it.
         When this is the last sub-task, the task becomes SUCCEEDED with the aggregated result in
         the same transaction.
+
+        With `lease_next` the same transaction also leases the caller READY sub-tasks, as
+        ClaimSubtask would (without waiting), so a pulling agent needs one call per sub-task.
+        An agent with an open StreamAssignments stream that asks for none gets the sub-task
+        that refills its freed capacity leased in that transaction too, and pushed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -130,6 +130,11 @@ class DistributionServiceStub:
     returns the sub-task as recorded and changes nothing; `request_id` is not needed for it.
     When this is the last sub-task, the task becomes SUCCEEDED with the aggregated result in
     the same transaction.
+
+    With `lease_next` the same transaction also leases the caller READY sub-tasks, as
+    ClaimSubtask would (without waiting), so a pulling agent needs one call per sub-task.
+    An agent with an open StreamAssignments stream that asks for none gets the sub-task
+    that refills its freed capacity leased in that transaction too, and pushed.
     """
     FailSubtask: _grpc.UnaryUnaryMultiCallable[_distribution_service_pb2.FailSubtaskRequest, _distribution_service_pb2.FailSubtaskResponse]
     """Records the failure of a leased sub-task and releases its lease.
@@ -244,6 +249,11 @@ class DistributionServiceAsyncStub(DistributionServiceStub):
     returns the sub-task as recorded and changes nothing; `request_id` is not needed for it.
     When this is the last sub-task, the task becomes SUCCEEDED with the aggregated result in
     the same transaction.
+
+    With `lease_next` the same transaction also leases the caller READY sub-tasks, as
+    ClaimSubtask would (without waiting), so a pulling agent needs one call per sub-task.
+    An agent with an open StreamAssignments stream that asks for none gets the sub-task
+    that refills its freed capacity leased in that transaction too, and pushed.
     """
     FailSubtask: _aio.UnaryUnaryMultiCallable[_distribution_service_pb2.FailSubtaskRequest, _distribution_service_pb2.FailSubtaskResponse]  # type: ignore[assignment]
     """Records the failure of a leased sub-task and releases its lease.
@@ -415,6 +425,11 @@ class DistributionServiceServicer(metaclass=_abc_1.ABCMeta):
         returns the sub-task as recorded and changes nothing; `request_id` is not needed for it.
         When this is the last sub-task, the task becomes SUCCEEDED with the aggregated result in
         the same transaction.
+
+        With `lease_next` the same transaction also leases the caller READY sub-tasks, as
+        ClaimSubtask would (without waiting), so a pulling agent needs one call per sub-task.
+        An agent with an open StreamAssignments stream that asks for none gets the sub-task
+        that refills its freed capacity leased in that transaction too, and pushed.
         """
 
     @_abc_1.abstractmethod
