@@ -273,3 +273,24 @@ async def test_heartbeat_facts_received_on_one_replica_are_seen_on_another_withi
     # The bound, plus what a loaded machine adds to one read (a generous tenth of a TTL).
     assert max(lags) <= bound + ttl / 10, sorted(lags)[-5:]
     assert max(lags) > 0  # a showed stale facts at times: the test measured the lag
+
+
+async def test_a_session_registered_a_moment_ago_elsewhere_heartbeats_at_once(
+    replicas: Replicas,
+) -> None:
+    """A heartbeat that reaches b right after the registration through a (before b hears of
+    it) renews the session: b reads the session, and the agent with it, from the store. Both
+    a new agent and a new session of an agent b knows under its old one."""
+    replica_a, replica_b = await replicas.start(), await replicas.start()
+    async with discovery(replica_a) as a, discovery(replica_b) as b:
+
+        async def register_then_beat_on_b(agent_id: str) -> int:
+            registered = await register(a, agent_id, ttl=60)
+            answer = await heartbeat_once(b, agent_id, registered.session_token)
+            return answer.command
+
+        for round_ in range(2):  # new agents, then new sessions of agents b has heard of
+            commands = await asyncio.gather(
+                *(register_then_beat_on_b(f"fresh-{n}") for n in range(40))
+            )
+            assert set(commands) == {pb.HeartbeatResponse.COMMAND_UNSPECIFIED}, round_

@@ -538,6 +538,13 @@ class Discovery:
         # A session opened through another process of the same store.
         session = await session_from_store(self._store, token)
         mirrored = self._entries.get(session.agent_id)
+        if mirrored is None or mirrored.base.epoch < session.epoch:
+            # Registered a moment ago and not heard of yet: read the agent too, so that the
+            # call the token authenticates finds the session (not a stale or missing one).
+            stored = await self._store.get_agent(session.agent_id)
+            if stored is not None:
+                self._heard_agent(stored, self._clock.monotonic())
+            mirrored = self._entries.get(session.agent_id)
         if (
             mirrored is not None
             and mirrored.base.epoch == session.epoch
