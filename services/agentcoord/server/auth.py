@@ -132,6 +132,11 @@ class Authenticator:
         self._admin_token = admin_token
         self._binding = binding
 
+    @property
+    def binds_certificates(self) -> bool:
+        """Whether agent ids are bound to client certificates (only then are names read)."""
+        return self._binding is not None
+
     async def identify(
         self, metadata: Mapping[str, str], access: Access, certificate_names: Iterable[str] = ()
     ) -> Identity:

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from agentcoord.core.errors import InvalidInput
-from agentcoord.server.auth import Access, Authenticator, bind_identity, current_identity
+from agentcoord.server.auth import (
+    JOIN_TOKEN_HEADER,
+    Access,
+    Authenticator,
+    bind_identity,
+    current_identity,
+)
 from agentcoord.server.errors import abort_with
 from agentcoord.server.metrics import Metrics
 
@@ -60,17 +66,27 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         self._request_timeout = request_timeout
         self._tracing = tracing
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        """Each method's handler as grpc gave it and as wrapped: built once, not per call."""
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
-        """Return the handler with its behaviour wrapped."""
+        """Return the handler with its behaviour wrapped (once per method, then cached)."""
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         access = self._access.get(method)
         # Calls with one request message are served as client-streaming calls (the wire
         # is the same): grpc would otherwise wait for the message without any limit
@@ -78,10 +94,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         # (no access entry) get only that time limit.
         if handler.unary_unary:
             unary = handler.unary_unary
-            if access is not None:
-                unary = self._wrap_unary(method, access, unary)
             return grpc.stream_unary_rpc_method_handler(
-                self._reading_request(unary),
+                (
+                    self._reading_request(unary)
+                    if access is None
+                    else self._wrap_unary(method, access, unary, reading=True)
+                ),
                 handler.request_deserializer,
                 handler.response_serializer,
             )
@@ -114,30 +132,38 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         metadata = {
             key: value
             for key, value in context.invocation_metadata() or ()
-            if isinstance(value, str)
+            if key in CREDENTIAL_HEADERS and isinstance(value, str)
         }
-        names = certificate_names(context.auth_context())
+        names = (
+            certificate_names(context.auth_context())
+            if self._authenticator.binds_certificates
+            else ()
+        )
         bind_identity(await self._authenticator.identify(metadata, access, names))
 
-    async def _request(self, requests: AsyncIterator[Any], context: Context) -> Any:
-        """Return the call's one request message, or end the call if it is late or missing."""
+    async def _request(self, context: Context) -> Any:
+        """Return the call's one request message, or end the call if it is late or missing.
+
+        It is read with ``context.read()``; the handler's request iterator is never used.
+        """
         try:
             async with asyncio.timeout(self._request_timeout):
-                return await anext(aiter(requests))
+                request = await context.read()
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the request message did not arrive within {self._request_timeout:g} s of "
                 "the call's headers (--request-timeout)",
             )
-        except StopAsyncIteration:
+        if request is grpc.aio.EOF:
             await abort_with(
                 context, InvalidInput("", "the call ended without sending its request message")
             )
+        return request
 
     def _reading_request(self, behavior: Behavior) -> Behavior:
         async def unary(requests: AsyncIterator[Any], context: Context) -> Any:
-            return await behavior(await self._request(requests, context), context)
+            return await behavior(await self._request(context), context)
 
         return unary
 
@@ -145,23 +171,32 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if not inspect.isasyncgenfunction(behavior):  # it writes (health's Watch)
 
             async def writing(requests: AsyncIterator[Any], context: Context) -> None:
-                await behavior(await self._request(requests, context), context)
+                await behavior(await self._request(context), context)
 
             return writing
 
         async def stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-            async for response in behavior(await self._request(requests, context), context):
+            async for response in behavior(await self._request(context), context):
                 yield response
 
         return stream
 
-    def _wrap_unary(self, method: str, access: Access, behavior: Behavior) -> Behavior:
+    def _wrap_unary(
+        self, method: str, access: Access, behavior: Behavior, *, reading: bool = False
+    ) -> Behavior:
+        """Wrap a call with one response; ``reading``: it also reads its one request first.
+
+        Reading in the same coroutine saves the unary calls a second wrapper per call.
+        """
+
         async def unary(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             tracing = self._tracing
             span = self._span(method, context)
             response = None
             try:
+                if reading:
+                    request = await self._request(context)
                 await self._identify(context, access)
                 if tracing is None or span is None:
                     return await behavior(request, context)
@@ -235,6 +270,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 self._tracing.end_server_span(span, status, subjects)
         _log_call(method, context, started, request)
 
+
+CREDENTIAL_HEADERS = frozenset({"authorization", JOIN_TOKEN_HEADER})
+"""The metadata keys :class:`~agentcoord.server.auth.Authenticator` reads; no other is copied."""
 
 CERTIFICATE_NAME_PROPERTIES = ("peer_dns", "peer_uri", "x509_common_name")
 """Properties of grpc's auth context naming a verified client certificate: DNS and URI
