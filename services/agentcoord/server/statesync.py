@@ -95,7 +95,9 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         entry, revision = await self._core.get(key)
         if entry is None:
             raise NotFound(f"key: {key!r} does not exist", reason="STATE_NOT_FOUND")
-        return pb.GetStateResponse(state=convert.state_to_proto(entry), revision=revision)
+        response = pb.GetStateResponse(revision=revision)
+        convert.fill_state(response.state, entry)
+        return response
 
     async def ListStates(
         self, request: pb.ListStatesRequest, context: Context
@@ -174,7 +176,9 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         )
         state = result.results[0].state
         assert state is not None
-        return pb.PutStateResponse(revision=result.revision, state=convert.state_to_proto(state))
+        response = pb.PutStateResponse(revision=result.revision)
+        convert.fill_state(response.state, state)
+        return response
 
     async def DeleteState(
         self, request: pb.DeleteStateRequest, context: Context
@@ -211,7 +215,9 @@ class StateSyncServicer(pb_grpc.StateSyncServiceServicer):
         )
         state = result.results[0].state
         assert state is not None
-        return pb.ModifyStateResponse(revision=result.revision, state=convert.state_to_proto(state))
+        response = pb.ModifyStateResponse(revision=result.revision)
+        convert.fill_state(response.state, state)
+        return response
 
     def _modify_command(
         self, field_prefix: str, message: pb.ModifyStateRequest | pb.ModifyOperation

