@@ -430,3 +430,43 @@ async def test_two_replicas_racing_to_lease_the_same_subtasks_lease_each_once(
         if e.kind == "subtask.leased"
     )
     assert set(leased.values()) == {1}, "a sub-task was leased more than once"
+
+
+async def test_a_claim_repeated_through_another_replica_returns_the_lease_it_took(
+    replicas: Replicas,
+) -> None:
+    """A ClaimSubtask retried with its request_id through another replica (the first one's
+    answer lost, say) returns the lease the first took instead of leasing a second sub-task:
+    at once, before that replica heard of the lease, and later."""
+    a, b = [await replicas.start() for _ in range(2)]
+    async with channels_to([a, b]) as channels:
+        agent = RawAgent("claimer", 4, channels)
+        await agent.register("a")
+
+        async def claim(replica: str, request_id: str) -> dist_pb.ClaimSubtaskResponse:
+            request = dist_pb.ClaimSubtaskRequest(
+                agent_id="claimer", request_id=request_id, wait=duration_pb2.Duration(seconds=5)
+            )
+            answer: dist_pb.ClaimSubtaskResponse = await agent.tasks(replica).ClaimSubtask(
+                request, metadata=bearer(agent.token)
+            )
+            return answer
+
+        async with AgentcoordClient(a.address) as planner:
+            await planner.tasks.submit(spec(10))
+            first = (await claim("a", "claim-1")).assignment
+            at_once = (await claim("b", "claim-1")).assignment
+            await asyncio.sleep(0.5)  # b has heard of the lease by now
+            later = (await claim("b", "claim-1")).assignment
+            other = (await claim("b", "claim-2")).assignment
+            for repeat in (at_once, later):
+                assert repeat.lease.subtask_id == first.lease.subtask_id
+                assert repeat.lease.fencing_token == first.lease.fencing_token
+            assert other.lease.subtask_id != first.lease.subtask_id
+            await agent.complete("a", first)
+            # Once its lease has ended (completed here), the request id is a new claim's.
+            after_end = (await claim("b", "claim-1")).assignment
+            assert after_end.lease.subtask_id not in (
+                first.lease.subtask_id,
+                other.lease.subtask_id,
+            )

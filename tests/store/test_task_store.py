@@ -389,6 +389,32 @@ async def test_only_a_ready_subtask_is_leased(store: Store) -> None:
     assert (await store.current_revision(), await store.list_subtasks("t1")) == before
 
 
+async def test_a_repeated_claim_is_refused_naming_the_lease_it_took(store: Store) -> None:
+    await submit(store, "t1")
+    await submit(store, "t2")
+    await registered(store, "bob")
+    first = await store.lease_subtask(
+        "t1-a", "bob", NOW, epoch=1, capacity=8, claim_request_id="claim-1"
+    )
+    assert first.subtask is not None and first.subtask.lease is not None
+    assert first.subtask.lease.claim_request_id == "claim-1"
+    stored = await store.get_subtask("t1-a")  # kept with the lease, for any process
+    assert stored is not None and stored.lease == first.subtask.lease
+    before = (await store.current_revision(), await store.list_subtasks("t2"))
+
+    with pytest.raises(FailedPrecondition) as raised:
+        await store.lease_subtask(
+            "t2-a", "bob", NOW, epoch=1, capacity=8, claim_request_id="claim-1"
+        )
+    assert raised.value.reason == "CLAIM_REPEATED"
+    assert raised.value.metadata == {"subtask_id": "t1-a"}
+    assert (await store.current_revision(), await store.list_subtasks("t2")) == before
+    other = await store.lease_subtask(
+        "t2-a", "bob", NOW, epoch=1, capacity=8, claim_request_id="claim-2"
+    )
+    assert other.subtask is not None and other.subtask.state is SubtaskState.LEASED
+
+
 async def test_concurrent_leases_of_one_subtask_grant_one(store: Store) -> None:
     await submit(store)
     await registered(store, "bob")

@@ -292,9 +292,16 @@ class DistributionClient(_ServiceClient):
     async def claim_subtask(
         self, request: distribution_pb.ClaimSubtaskRequest
     ) -> distribution_pb.ClaimSubtaskResponse:
-        """Call ClaimSubtask."""
+        """Call ClaimSubtask; retried only when the request carries a request id.
+
+        The server stores the request id in the lease it grants, so a retry through any
+        replica returns that lease instead of a second one.
+        """
         return await self._unary(
-            "ClaimSubtask", request, distribution_pb.ClaimSubtaskResponse, idempotent=False
+            "ClaimSubtask",
+            request,
+            distribution_pb.ClaimSubtaskResponse,
+            idempotent=bool(request.request_id),
         )
 
     async def complete_subtask(

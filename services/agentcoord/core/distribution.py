@@ -159,6 +159,15 @@ class SessionEnded(FailedPrecondition):
     """The agent's session ended while its stream was open."""
 
 
+class Repeated(Exception):
+    """A claim's request id is on a lease the session holds: that claim was made before."""
+
+    def __init__(self, subtask_id: str) -> None:
+        """The claim's lease is of sub-task ``subtask_id``."""
+        super().__init__(subtask_id)
+        self.subtask_id = subtask_id
+
+
 class Distribution:
     """The Distribution domain service and its scheduler."""
 
@@ -677,10 +686,14 @@ class Distribution:
         elif slot.hungry:
             self._feed_agent(slot)
 
-    async def _grant(self, slot: Slot, subtask: Subtask) -> Assignment | None:
+    async def _grant(
+        self, slot: Slot, subtask: Subtask, claim_request_id: str = ""
+    ) -> Assignment | None:
         """Lease a reserved sub-task to ``slot``'s agent in the store.
 
         Raises:
+            Repeated: the lease of the claim ``claim_request_id`` is held already (granted
+                through another process, say): that sub-task's id.
             ResourceExhausted: the agent holds its capacity of leases, some granted by
                 another process that this one has not heard of yet.
             SessionEnded: the slot's session ended (replaced through another process,
@@ -697,8 +710,12 @@ class Distribution:
                     self._clock.now(),
                     epoch=slot.epoch,
                     capacity=slot.capacity,
+                    claim_request_id=claim_request_id,
                 )
         except FailedPrecondition as error:
+            if error.reason == "CLAIM_REPEATED":
+                self._enqueue(subtask)
+                raise Repeated(error.metadata["subtask_id"]) from None
             if error.reason != "SESSION_ENDED":
                 return None  # cancelled or leased meanwhile: the store knows best
             self._enqueue(subtask)
@@ -812,6 +829,9 @@ class Distribution:
             again = await self._granted_before(slot, session.epoch, key)
             if again:
                 return again[0]
+            for held in slot.held.values():  # granted through another process, say
+                if held.lease.claim_request_id == request_id and held.lease.epoch == slot.epoch:
+                    return await self._held_claim(held.lease.subtask_id, slot)
         deadline = self._clock.monotonic() + min(wait, self.config.max_claim_wait)
         while True:
             # Checked again after each wait (a stream may have filled it); the lease
@@ -820,7 +840,10 @@ class Distribution:
             subtask = self._queues.best_for(slot)
             if subtask is not None:
                 self._reserve(slot, subtask)
-                assignment = await self._grant(slot, subtask)
+                try:
+                    assignment = await self._grant(slot, subtask, request_id)
+                except Repeated as repeated:  # not heard of here yet: the store has it
+                    return await self._held_claim(repeated.subtask_id, slot)
                 if assignment is not None:
                     if request_id:
                         self._granted[key] = (assignment.lease.subtask_id,)
@@ -834,6 +857,15 @@ class Distribution:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await arrived.wait()
+
+    async def _held_claim(self, subtask_id: str, slot: Slot) -> Assignment | None:
+        """Return the assignment of the lease of a repeated claim, as the store has it."""
+        subtask = await self._store.get_subtask(subtask_id)
+        if subtask is None or subtask.lease is None or subtask.state is not SubtaskState.LEASED:
+            return None  # it ended meanwhile
+        if subtask.lease.agent_id != slot.agent_id or subtask.lease.epoch != slot.epoch:
+            return None
+        return await self._assignment(subtask.lease, subtask)
 
     async def _granted_before(
         self, slot: Slot, epoch: int, key: tuple[str, str | int]

@@ -255,19 +255,29 @@ class Store(Protocol):
         ...
 
     async def lease_subtask(
-        self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int, capacity: int
+        self,
+        subtask_id: str,
+        agent_id: str,
+        now: datetime,
+        *,
+        epoch: int,
+        capacity: int,
+        claim_request_id: str = "",
     ) -> TaskUpdate:
         """Lease a READY sub-task whose back-off has passed to session ``epoch`` of ``agent_id``.
 
         The lease's fencing token is the revision of its ``subtask.leased`` change. The
         transaction is the arbiter between processes: it sees every lease committed before
         it, so no sub-task is leased twice and no session holds more than ``capacity``.
+        ``claim_request_id`` (a ClaimSubtask's ``request_id``) is stored in the lease.
 
         Raises:
             NotFound: no such sub-task.
             FailedPrecondition: session ``epoch`` is not the agent's stored live session
                 (reason ``SESSION_ENDED``: replaced, expired or left, through any process),
-                or the sub-task is not READY (reason ``SUBTASK_NOT_READY``).
+                the sub-task is not READY (reason ``SUBTASK_NOT_READY``), or the session
+                holds a lease of the claim ``claim_request_id`` already (reason
+                ``CLAIM_REPEATED``, metadata ``subtask_id``).
             ResourceExhausted: the session holds ``capacity`` leases (``AGENT_AT_CAPACITY``).
         """
         ...

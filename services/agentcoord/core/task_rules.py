@@ -473,9 +473,17 @@ def _token_of(lease: Lease | None) -> int:
 
 
 def lease_subtask(
-    tx: TaskTransitions, subtask_id: str, agent_id: str, now: datetime, *, epoch: int
+    tx: TaskTransitions,
+    subtask_id: str,
+    agent_id: str,
+    now: datetime,
+    *,
+    epoch: int,
+    claim_request_id: str = "",
 ) -> Subtask:
     """Lease a READY sub-task to session ``epoch`` of ``agent_id``; its token is the revision.
+
+    ``claim_request_id`` is kept in the lease (:attr:`Lease.claim_request_id`).
 
     Raises:
         FailedPrecondition: the sub-task is not READY or its back-off has not passed
@@ -502,6 +510,7 @@ def lease_subtask(
         attempt=attempt,
         expire_time=now + timedelta(seconds=subtask.lease_ttl),
         ttl=subtask.lease_ttl,
+        claim_request_id=claim_request_id,
     )
     leased = tx.move(
         subtask,
@@ -671,6 +680,22 @@ def check_capacity(agent_id: str, held: int, capacity: int) -> None:
             reason="AGENT_AT_CAPACITY",
             metadata={"capacity": str(capacity)},
         )
+
+
+def check_claim_new(agent_id: str, request_id: str, held: Iterable[Lease]) -> None:
+    """Check that no lease in ``held`` (a session's) was taken by the claim ``request_id``.
+
+    Raises:
+        FailedPrecondition: one was (reason ``CLAIM_REPEATED``; metadata ``subtask_id``).
+    """
+    for lease in held:
+        if lease.claim_request_id == request_id:
+            raise FailedPrecondition(
+                f"request_id: agent {agent_id!r} holds the lease of claim {request_id!r} "
+                f"already (sub-task {lease.subtask_id!r})",
+                reason="CLAIM_REPEATED",
+                metadata={"subtask_id": lease.subtask_id},
+            )
 
 
 def complete_subtask(

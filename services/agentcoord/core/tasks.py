@@ -260,10 +260,13 @@ class Lease:
     """Expiry unless renewed."""
     ttl: float
     """Seconds each renewal adds."""
+    claim_request_id: str = ""
+    """The ``request_id`` of the ClaimSubtask that took it, if any: a repeat of that claim,
+    through any process, returns this lease instead of leasing another sub-task."""
 
     def to_snapshot(self) -> dict[str, Any]:
         """Return the JSON-able form."""
-        return {
+        snapshot: dict[str, Any] = {
             "subtask_id": self.subtask_id,
             "fencing_token": self.fencing_token,
             "agent_id": self.agent_id,
@@ -272,6 +275,9 @@ class Lease:
             "expire_time": self.expire_time.isoformat(),
             "ttl": self.ttl,
         }
+        if self.claim_request_id:
+            snapshot["claim_request_id"] = self.claim_request_id
+        return snapshot
 
     @classmethod
     def from_snapshot(cls, data: Mapping[str, Any]) -> Lease:
@@ -284,6 +290,7 @@ class Lease:
             attempt=int(data["attempt"]),
             expire_time=datetime.fromisoformat(data["expire_time"]),
             ttl=float(data["ttl"]),
+            claim_request_id=data.get("claim_request_id", ""),
         )
 
 

@@ -236,10 +236,17 @@ class SqlStore(abc.ABC):
         return cast(tuple[Task, tuple[Subtask, ...], bool], await self._submit(op))
 
     async def lease_subtask(
-        self, subtask_id: str, agent_id: str, now: datetime, *, epoch: int, capacity: int
+        self,
+        subtask_id: str,
+        agent_id: str,
+        now: datetime,
+        *,
+        epoch: int,
+        capacity: int,
+        claim_request_id: str = "",
     ) -> TaskUpdate:
         """Lease a READY sub-task to session ``epoch`` of ``agent_id``, if it has room."""
-        op = LeaseSubtask(subtask_id, agent_id, epoch, now, capacity)
+        op = LeaseSubtask(subtask_id, agent_id, epoch, now, capacity, claim_request_id)
         return cast(TaskUpdate, await self._submit(op))
 
     async def complete_subtask(

@@ -23,6 +23,7 @@ from agentcoord.core.task_rules import (
     TaskUpdate,
     cancel_task,
     check_capacity,
+    check_claim_new,
     check_unexpired,
     complete_subtask,
     fail_subtask,
@@ -130,6 +131,8 @@ class LeaseSubtask(ViewOp):
     now: datetime
     capacity: int
     """Leases the session may hold at once, counted across every task and process."""
+    claim_request_id: str = ""
+    """The claim's request id: refused (``CLAIM_REPEATED``) if the session holds its lease."""
 
     def needs(self) -> Needs:
         """The sub-task, its task, the agent, and the leases the agent holds."""
@@ -137,7 +140,15 @@ class LeaseSubtask(ViewOp):
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
         """Lease the sub-task to the session (see :func:`_lease`)."""
-        return _lease(ws, self.subtask_id, self.agent_id, self.epoch, self.now, self.capacity)
+        return _lease(
+            ws,
+            self.subtask_id,
+            self.agent_id,
+            self.epoch,
+            self.now,
+            self.capacity,
+            claim_request_id=self.claim_request_id,
+        )
 
 
 def _lessee(agent_id: str) -> Needs:
@@ -147,29 +158,45 @@ def _lessee(agent_id: str) -> Needs:
 
 
 def _lease(
-    ws: WorkingSet, subtask_id: str, agent_id: str, epoch: int, now: datetime, capacity: int
+    ws: WorkingSet,
+    subtask_id: str,
+    agent_id: str,
+    epoch: int,
+    now: datetime,
+    capacity: int,
+    *,
+    claim_request_id: str = "",
 ) -> TaskUpdate:
     """Lease a sub-task to a session if it is live, the sub-task READY and room left.
 
     The session is checked against the stored agent: a lease granted to a session that
     a registration (through any process) ended meanwhile would be recorded under the
-    dead epoch, released by no one, and end only when it expires. A refusal raises before
-    anything is written to ``ws``.
+    dead epoch, released by no one, and end only when it expires. A claim whose request
+    id a lease the session holds already carries is refused: it is a repeat (a retry,
+    perhaps through another process after the first one's answer was lost). A refusal
+    raises before anything is written to ``ws``.
+
+    Raises:
+        FailedPrecondition: ``CLAIM_REPEATED``, its metadata naming the held ``subtask_id``.
     """
     stored = ws.agent(agent_id)
     check_session_live(None if stored is None else stored[0], agent_id, epoch)
-    held = sum(
-        1
+    held = [
+        s.lease
         for s in ws.leased_by(agent_id)
         if s.state is SubtaskState.LEASED and s.lease is not None and s.lease.epoch == epoch
-    )
-    check_capacity(agent_id, held, capacity)
+    ]
+    if claim_request_id:
+        check_claim_new(agent_id, claim_request_id, held)
+    check_capacity(agent_id, len(held), capacity)
     return _on_subtask(
         ws,
         subtask_id,
         now,
         agent_id,
-        lambda tx: lease_subtask(tx, subtask_id, agent_id, to_utc(now), epoch=epoch),
+        lambda tx: lease_subtask(
+            tx, subtask_id, agent_id, to_utc(now), epoch=epoch, claim_request_id=claim_request_id
+        ),
     )
 
 
