@@ -23,10 +23,20 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tests.bench import distribution, procs, replicas, report, statesync, unary, watchers
+from tests.bench import (
+    distribution,
+    failover,
+    procs,
+    replicas,
+    report,
+    statesync,
+    store_writes,
+    unary,
+    watchers,
+)
 from tests.bench.collector import Collector
 from tests.bench.expiry import ExpiryResult, measure_expiry
-from tests.bench.load import LoadResult, LoadSpec, OpenStats, run_load
+from tests.bench.load import LoadResult, LoadSpec, OpenStats, agents_by_server, run_load
 from tests.bench.report import Table, ms, percentile, ratio
 
 LIMITED_PENDING = 1000
@@ -39,6 +49,18 @@ RMW_NAMES = {
 """Row names of the contended increment loads by mode (echo is their baseline)."""
 REPLICA_BACKGROUND_WRITERS = 8
 """Writers on replica B during the second cross-replica watch measurement."""
+REPLICA_COUNTS = (1, 2, 3)
+"""Replicas of the throughput and heartbeat capacity runs."""
+REPLICA_FLEET = 1000
+"""Agents of the heartbeat capacity runs on replicas (at --ttl, spread over them)."""
+REPLICA_FLEET_CONNECTIONS = 16
+"""Their client connections, spread over the replicas too."""
+REPLICA_COMMIT_WRITERS = (1, 32)
+"""Concurrent writers of the PostgreSQL store's own write rate."""
+FAILOVER_AGENTS = 8
+"""SDK agents moving off a killed replica."""
+TAKEOVER_ROUNDS = 3
+"""Kills of the sweeping leader (1 with --quick)."""
 PER_AGENT_CONNECTIONS_MAX = 2000
 """Beyond this many agents, one connection per agent makes the load generator the bottleneck."""
 
@@ -441,7 +463,7 @@ class Bench:
             )
 
     def replicas(self) -> None:
-        """Two replicas on one PostgreSQL schema: a write on A, watched on B (and on A)."""
+        """Replicas on one PostgreSQL schema: watch latency, throughput, capacity, fail-over."""
         if not self.args.replica_store:
             self.table.notes.append(
                 "Replicas: skipped (they need PostgreSQL: --store postgresql://..., "
@@ -453,7 +475,7 @@ class Bench:
         url = stores.fresh("replicas")
         admin = ["--admin-token", replicas.ADMIN_TOKEN]
         a = self.server("replica-a", admin, store=url)
-        b = self.server("replica-b", ["statesync", *admin], store=url)
+        b = self.server("replica-b", admin, store=url)
         writes = self.args.watch_writes
         for background in (0, REPLICA_BACKGROUND_WRITERS):
             progress(f"cross-replica watch latency, {writes} writes, {background} writers on B")
@@ -463,23 +485,58 @@ class Bench:
             self.replica_rows(samples, puts, background)
         b.stop()
         a.stop()
-        self.replica_distribution(stores)
+        ceiling = self.replica_commits(stores)
+        distributed = self.replica_distribution(stores)
+        heartbeats = self.replica_heartbeats(stores)
+        self.replica_projection(distributed, heartbeats, ceiling)
+        self.replica_failover(stores)
 
-    def replica_distribution(self, stores: procs.Stores) -> None:
-        """Sub-tasks end to end on 1 and 2 replicas of one PostgreSQL schema, agents spread."""
+    def _replica_set(self, stores: procs.Stores, name: str, count: int) -> list[procs.Server]:
+        """``count`` replicas on one fresh schema of ``stores``."""
+        url = stores.fresh(name)
+        return [self.server(name, store=url) for _ in range(count)]
+
+    def replica_commits(self, stores: procs.Stores) -> dict[int, float]:
+        """PostgreSQL's write rate through one store, no gRPC: the ceiling all replicas share.
+
+        Returns blind puts committed per second by number of concurrent writers.
+        """
+        duration = 1.0 if self.args.quick else 3.0
+        rates: dict[int, float] = {}
+        for writers in REPLICA_COMMIT_WRITERS:
+            progress(f"PostgreSQL store alone: blind puts, {writers} writer(s), {duration:g} s")
+            url = stores.fresh("replica-commits")
+            rates[writers], _ = asyncio.run(store_writes.measure(url, "put", writers, duration))
+        one, many = (rates[n] for n in REPLICA_COMMIT_WRITERS)
+        self.table.add(
+            "PostgreSQL store alone (no gRPC, one process): blind puts, one revision each",
+            f"puts/s with {' and '.join(str(n) for n in REPLICA_COMMIT_WRITERS)} concurrent "
+            "writers (1 writer: one commit at a time, its round trip ms)",
+            f"{one:,.0f} ({1000 / one:.2f} ms); {many:,.0f}",
+        )
+        return rates
+
+    def replica_distribution(self, stores: procs.Stores) -> dict[int, distribution.FlowResult]:
+        """Sub-tasks end to end on 1, 2 and 3 replicas of one schema, beside echo."""
         args = self.args
         agents = 16
+        workers = min(args.workers, agents)
+        echo_server = self.server("echo")
+        spec = distribution.FlowSpec("echo", args.subtasks, agents, args.capacity, workers)
+        progress(f"end to end, echo: {spec.label}")
+        echo = distribution.run_flow(spec, echo_server)
+        echo_server.stop()
         runs: dict[int, distribution.FlowResult] = {}
-        for count in (1, 2):
-            url = stores.fresh(f"replica-dist-{count}")
-            servers = [self.server(f"replica-dist-{count}", store=url) for _ in range(count)]
+        for count in REPLICA_COUNTS:
+            servers = self._replica_set(stores, f"replica-dist-{count}", count)
             spec = distribution.FlowSpec(
-                "distribution", args.subtasks, agents, args.capacity, min(args.workers, agents)
+                "distribution", args.subtasks, agents, args.capacity, workers
             )
             progress(f"end to end on {count} replica(s): {spec.label}")
             result = distribution.run_flow(spec, servers[0], servers[1:])
             progress("  checking: GetTask(FULL), ListEvents subtask.succeeded")
             asyncio.run(distribution.check_exactly_once(servers[-1].address, result))
+            result.revisions = asyncio.run(watchers.head_revision(servers[-1].address))
             for server in servers:
                 server.stop()
             progress(
@@ -488,21 +545,264 @@ class Bench:
             )
             runs[count] = result
             checks = result.checks
-            self.table.add(
+            name = (
                 f"sub-tasks end to end on {count} replica(s) (PostgreSQL), {spec.label}, "
-                "agents spread over the replicas",
-                "sub-tasks completed/s (seconds); server CPU ms per sub-task; SUCCEEDED with "
-                "the completer's result; OK responses; duplicates; log entries",
-                f"{result.rate:,.0f} ({result.seconds:.2f} s); "
-                f"{1000 * result.server_cpu * result.seconds / max(1, result.ok):.2f} ms; "
+                "agents spread over the replicas"
+            )
+            self.table.add(
+                name,
+                "sub-tasks completed/s, submit -> last completion (seconds)",
+                f"{result.rate:,.0f} ({result.seconds:.2f} s)",
+                f"{echo.rate:,.0f} ({echo.seconds:.2f} s)",
+                ratio(result.rate, echo.rate),
+            )
+            self.table.add(
+                name,
+                "server CPU, all replicas: % of one core; ms per sub-task; store revisions "
+                "per sub-task",
+                f"{result.server_cpu:.0%}; {1000 * _per_subtask(result):.2f} ms; "
+                f"{result.revisions / args.subtasks:.2f}",
+                f"{echo.server_cpu:.0%}; {1000 * _per_subtask(echo):.2f} ms",
+                ratio(_per_subtask(result), _per_subtask(echo)),
+            )
+            self.table.add(
+                name,
+                "SUCCEEDED with the completer's result; OK responses; duplicates; log entries",
                 f"{checks.matching:,}; {result.ok:,}; {result.duplicates:,}; {checks.events:,}",
                 target=f"{args.subtasks:,}; {args.subtasks:,}; 0; {args.subtasks:,}",
                 met=checks.exactly_once(args.subtasks, result.ok),
             )
+        one = runs[REPLICA_COUNTS[0]]
         self.table.add(
-            "sub-tasks end to end, 2 replicas vs 1 (same machine, same cores)",
-            "throughput ratio",
-            ratio(runs[2].rate, runs[1].rate),
+            "sub-tasks end to end, N replicas vs 1 (same machine, same 2 cores)",
+            "throughput ratio; server CPU per sub-task ratio",
+            "; ".join(
+                f"{n}: {ratio(runs[n].rate, one.rate)}, "
+                f"{ratio(_per_subtask(runs[n]), _per_subtask(one))}"
+                for n in REPLICA_COUNTS[1:]
+            ),
+        )
+        return runs
+
+    def replica_heartbeats(self, stores: procs.Stores) -> dict[int, LoadResult]:
+        """A heartbeat fleet spread over 1, 2 and 3 replicas of one schema, beside echo."""
+        args = self.args
+        shape = (REPLICA_FLEET, REPLICA_FLEET_CONNECTIONS, args.workers, args.ttl)
+        echo = self.load(LoadSpec("echo", *shape))
+        runs: dict[int, LoadResult] = {}
+        for count in REPLICA_COUNTS:
+            servers = self._replica_set(stores, f"replica-hb-{count}", count)
+            spec = LoadSpec("discovery", *shape)
+            progress(f"heartbeats on {count} replica(s): {spec.label}")
+            result = run_load(spec, servers[0], args.duration, others=servers[1:])
+            for server in servers:
+                server.stop()
+            stats = result.stats
+            progress(
+                f"  start: {_opens(stats.start)}; {result.rate:.0f}/{result.expected_rate:.0f} "
+                f"msg/s, servers {', '.join(f'{c:.0%}' for c in result.server_cpus)}; storm: "
+                f"{_opens(stats.storm) if result.stormed else 'skipped (fleet not up)'}"
+            )
+            runs[count] = result
+            name = f"heartbeats on {count} replica(s) (PostgreSQL), {spec.label}, spread"
+            self.table.add(
+                name,
+                "acks/s sustained (expected)",
+                f"{result.rate:,.0f} ({result.expected_rate:,.0f})",
+                f"{echo.rate:,.0f}",
+                ratio(result.rate, echo.rate),
+            )
+            shares = agents_by_server(spec, count)
+            per_replica = [
+                _micros(cpu, result.rate * share / spec.agents)
+                for cpu, share in zip(result.server_cpus, shares, strict=True)
+            ]
+            self.table.add(
+                name,
+                "server CPU per heartbeat message, us: each replica (its agents); all "
+                "replicas together (% of one core)",
+                f"{', '.join(f'{us} ({n})' for us, n in zip(per_replica, shares, strict=True))}; "
+                f"{_micros(result.server_cpu, result.rate)} ({result.server_cpu:.0%})",
+                f"{_micros(echo.server_cpu, echo.rate)} ({echo.server_cpu:.0%})",
+                ratio(result.server_cpu / result.rate, echo.server_cpu / echo.rate)
+                if result.rate and echo.rate
+                else "-",
+            )
+            held = (
+                stats.start.opened == spec.agents
+                and not stats.start.lost
+                and not stats.storm.lost
+                and not stats.breaks
+            )
+            self.latency_row(name, stats.latencies, echo.stats.latencies, figure="ack p50 / p99 ms")
+            self.table.add(
+                name,
+                "fleet held: start; reconnect storm; streams broken outside the storm",
+                f"{_opens(stats.start)}; "
+                f"{_opens(stats.storm) if result.stormed else 'skipped: fleet not up'}; "
+                f"{dict(stats.breaks) or 0}",
+                target="all up, no session lost",
+                met=held,
+            )
+        self.replica_observer(stores, LoadSpec("discovery", *shape))
+        return runs
+
+    def replica_observer(self, stores: procs.Stores, spec: LoadSpec) -> None:
+        """The cost of following agents that heartbeat another replica: B holds no stream."""
+        a, b = self._replica_set(stores, "replica-obs", 2)
+        progress(f"heartbeats all on replica A, B holds none: {spec.label}")
+        started, before = time.monotonic(), b.cpu_seconds()
+        result = run_load(spec, a, self.args.duration)
+        b_cpu = (b.cpu_seconds() - before) / (time.monotonic() - started)
+        a.stop()
+        b.stop()
+        progress(f"  A {result.server_cpu:.0%} in the window, B {b_cpu:.0%} over the load")
+        self.table.add(
+            f"heartbeats on 2 replicas (PostgreSQL), {spec.label}, all on A: B holds none",
+            "A: server CPU per heartbeat message us (% of one core); B: % of one core over "
+            "the whole load (start, window, storm)",
+            f"{_micros(result.server_cpu, result.rate)} ({result.server_cpu:.0%}); {b_cpu:.0%}",
+        )
+
+    def replica_projection(
+        self,
+        distributed: dict[int, distribution.FlowResult],
+        heartbeats: dict[int, LoadResult],
+        commits: dict[int, float],
+    ) -> None:
+        """Computed rows: what N replicas on N cores of their own would carry, from CPU per op."""
+        batches, puts = (commits[n] for n in REPLICA_COMMIT_WRITERS)
+        label = (
+            "PROJECTION (computed, not measured): N replicas, each on a core of its own "
+            "(PostgreSQL and the clients on others), from the server CPU per operation at N"
+        )
+        cells = []
+        for n, result in distributed.items():
+            cost = _per_subtask(result)
+            cells.append(f"{n}: {n / cost:,.0f}/s" if cost else f"{n}: -")
+        revisions = max(r.revisions for r in distributed.values()) / self.args.subtasks
+        self.table.add(
+            f"{label}: sub-tasks/s",
+            "N: N / (server CPU s per sub-task, all replicas); PostgreSQL ceiling (blind "
+            f"puts/s with {REPLICA_COMMIT_WRITERS[-1]} writers / revisions per sub-task)",
+            f"{'; '.join(cells)}; ceiling ~{puts / revisions:,.0f}/s",
+            target="projection",
+            met="n/a",
+        )
+        cells = []
+        for n, result in heartbeats.items():
+            per_message = result.server_cpu / result.rate if result.rate else 0.0
+            if per_message:
+                rate = n / per_message
+                agents = rate * result.stats.interval
+                cells.append(
+                    f"{n}: {rate:,.0f} msg/s ({agents:,.0f} agents at TTL {result.spec.ttl:g} s)"
+                )
+        self.table.add(
+            f"{label}: heartbeats",
+            "N: N / (server CPU s per heartbeat message, all replicas)",
+            "; ".join(cells),
+            target="projection",
+            met="n/a",
+        )
+        self.table.notes.append(
+            "Replica projection: every writing batch of every replica locks the one revision "
+            f"counter row until it commits, so commits take turns: one writer alone commits "
+            f"{batches:,.0f} batches/s here ({1000 / batches:.1f} ms each), a ceiling on "
+            "batches/s for the whole cluster; group commit puts more writes in a batch as "
+            f"the load grows ({puts:,.0f} puts/s with {REPLICA_COMMIT_WRITERS[-1]} writers "
+            "through one store). Heartbeats write one batch per replica per flush interval, "
+            "whatever the fleet."
+        )
+
+    def replica_failover(self, stores: procs.Stores) -> None:
+        """kill -9 of the replica agents use, then of the sweeping leader, three replicas."""
+        args = self.args
+        url = stores.fresh("replica-failover")
+        extra = ["--http-listen", "127.0.0.1:0"]
+        servers = [self.server("replica-fo", extra, store=url) for _ in range(3)]
+        urls = [failover.metrics_url(server.log) for server in servers]
+        leader = asyncio.run(failover.the_leader(urls))
+        victim = (leader + 1) % len(servers)  # agents first on a replica that does not lead
+        survivors = [s for i, s in enumerate(servers) if i != victim]
+        progress(f"agent fail-over: {FAILOVER_AGENTS} SDK agents, TTL {args.ttl:g} s, kill -9")
+        moved = asyncio.run(
+            failover.measure_agent_failover(
+                servers[victim].address,
+                [s.address for s in survivors],
+                servers[victim].proc.kill,
+                FAILOVER_AGENTS,
+                args.ttl,
+            )
+        )
+        servers[victim].proc.wait(10)
+        delays = list(moved.delays.values())
+        progress(f"  moved {len(delays)} of {moved.agents}, kept {moved.kept}: {moved.moved_to}")
+        name = (
+            f"agent fail-over: {moved.agents} SDK agents (TTL {moved.ttl:g} s) on a replica "
+            "killed with kill -9, 3 replicas"
+        )
+        self.table.add(
+            name,
+            "kill -> first heartbeat received by another replica, p50 / max ms; agents moved "
+            "(to each survivor)",
+            f"{ms(percentile(delays, 50))} / {ms(max(delays, default=float('nan')))}; "
+            f"{len(delays)} ({', '.join(str(n) for n in moved.moved_to.values())})",
+            target=f"all, max < TTL ({moved.ttl:g} s)",
+            met=len(delays) == moved.agents and max(delays) < moved.ttl,
+        )
+        self.table.add(
+            name,
+            "sessions kept one TTL later (one registration, same epoch, LIVE)",
+            f"{moved.kept} of {moved.agents}",
+            target="all",
+            met=moved.kept == moved.agents,
+        )
+        servers[victim] = self.server("replica-fo", extra, store=url)
+        urls[victim] = failover.metrics_url(servers[victim].log)
+        rounds = []
+        for round_ in range(1 if args.quick else TAKEOVER_ROUNDS):
+            leader = asyncio.run(failover.the_leader(urls))
+            others = [i for i in range(len(servers)) if i != leader]
+            progress(f"leader take-over {round_ + 1}: kill -9 of the leader")
+            rounds.append(
+                asyncio.run(
+                    failover.measure_takeover(
+                        [servers[i].address for i in others],
+                        [urls[i] for i in others],
+                        servers[leader].proc.kill,
+                        f"idle-{round_}",
+                        args.ttl,
+                    )
+                )
+            )
+            servers[leader].proc.wait(10)
+            progress(f"  {rounds[-1]}")
+            servers[leader] = self.server("replica-fo", extra, store=url)
+            urls[leader] = failover.metrics_url(servers[leader].log)
+        for server in servers:
+            server.stop()
+        takeovers = [r.takeover for r in rounds]
+        expiries = [r.expiry for r in rounds]
+        name = (
+            f"leader take-over: kill -9 of the sweeping replica, 3 replicas, --leader-interval "
+            f"1 s, {len(rounds)} round(s)"
+        )
+        self.table.add(
+            name,
+            "kill -> a survivor's agentcoord_replica_leader gauge reads 1, p50 / max ms",
+            f"{ms(percentile(takeovers, 50))} / {ms(max(takeovers))}",
+            target="<= leader interval (1 s) + scrape",
+            met=max(takeovers) <= 1.1,
+        )
+        self.table.add(
+            name,
+            f"idle agent (TTL {args.ttl:g} s) registered just before the kill: Register -> "
+            "EXPIRED on a survivor's WatchAgents, p50 / max s; EXPIRED events per round",
+            f"{percentile(expiries, 50):.3f} / {max(expiries):.3f}; "
+            f"{', '.join(str(r.expiries) for r in rounds)}",
+            target=f"<= TTL + flush 1 s + sweep ({args.ttl + 1.25:g} s); 1 each",
+            met=max(expiries) <= args.ttl + 1.25 and all(r.expiries == 1 for r in rounds),
         )
 
     def replica_rows(self, samples: dict[str, list[float]], puts: int, background: int) -> None:
@@ -514,7 +814,7 @@ class Bench:
         figure = "PutState sent -> change received, p50 / p99 ms"
         p50, p99 = percentile(samples["cross"], 50), percentile(samples["cross"], 99)
         self.latency_row(
-            f"{name}, WatchStates on B (StateSync only)",
+            f"{name}, WatchStates on B",
             samples["cross"],
             [],
             "p50 <= 20 ms, p99 <= 100 ms",
@@ -527,7 +827,7 @@ class Bench:
         self.latency_row(f"{name}: the PutState itself", samples["put"], [])
         after = [cross - put for cross, put in zip(samples["cross"], samples["put"], strict=True)]
         self.latency_row(
-            f"{name}, WatchStates on B",
+            f"{name}, WatchStates on B, after the write's answer",
             after,
             [],
             figure="PutState response on A -> change received on B, p50 / p99 ms",
@@ -860,6 +1160,16 @@ def _connections(agents: int, channels: str) -> int:
     return agents if channels == "agent" else int(channels)
 
 
+def _per_subtask(result: distribution.FlowResult) -> float:
+    """Server CPU seconds per completed sub-task, all servers of the run together."""
+    return result.server_cpu * result.seconds / max(1, result.ok)
+
+
+def _micros(cpu: float, rate: float) -> str:
+    """CPU (cores) per operation at ``rate`` operations per second, in microseconds."""
+    return f"{1e6 * cpu / rate:,.0f}" if rate else "-"
+
+
 def _rss(result: LoadResult) -> str:
     per_stream = (result.rss - result.rss_idle) / max(1, result.stats.start.opened) / 1024
     return f"{result.rss / 2**20:.0f} ({per_stream:.0f})"
@@ -918,9 +1228,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.only in (None, "replicas") and args.replica_store:
             parts.append(
-                f"replicas: A (all services) and B (StateSync only) on one PostgreSQL schema, "
+                f"replicas: A and B (every service) on one PostgreSQL schema, "
                 f"{args.watch_writes} sequential writes on A, alone and beside "
-                f"{REPLICA_BACKGROUND_WRITERS} writers on B"
+                f"{REPLICA_BACKGROUND_WRITERS} writers on B; throughput and heartbeat runs on "
+                f"{', '.join(map(str, REPLICA_COUNTS))} replicas, each on a fresh schema, "
+                f"heartbeats {args.duration:g} s measured, TTL {args.ttl:g} s"
             )
         if args.only in (None, "distribution"):
             parts.append(

@@ -186,6 +186,8 @@ class FlowResult:
     task_id: str = ""
     finished: bool = False
     checks: Checks = field(default_factory=Checks)
+    revisions: int = 0
+    """The store's revision after the run (set by the replicas section: changes written)."""
 
     @property
     def rate(self) -> float:

@@ -24,7 +24,7 @@ import random
 import time
 import traceback
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -134,7 +134,7 @@ class LoadResult:
     window: float
     """Seconds measured."""
     server_cpu: float
-    """Server CPU over the window, in cores (1.0 = one core busy)."""
+    """Server CPU over the window, in cores (1.0 = one core busy); all servers together."""
     client_cpu: float
     """All workers' CPU over the window, in cores."""
     rss_idle: int
@@ -145,6 +145,8 @@ class LoadResult:
     """Whether the reconnect storm ran (only once the whole fleet was up)."""
     during: Any = None
     """What the ``during`` callback returned."""
+    server_cpus: tuple[float, ...] = ()
+    """Each server's CPU over the window, in cores, in the order given to :func:`run_load`."""
 
     @property
     def rate(self) -> float:
@@ -160,7 +162,7 @@ class LoadResult:
 @dataclass(frozen=True)
 class _Plan:
     worker: int
-    address: str
+    addresses: tuple[str, ...]
     mode: str
     first: int
     agents: int
@@ -209,9 +211,12 @@ class _Worker:
 
     def _connect(self) -> None:
         path = HEARTBEAT if self.plan.mode == "discovery" else echo.STREAM
-        self.channels = [
-            grpc.aio.insecure_channel(self.plan.address, options=CHANNEL_OPTIONS)
-            for _ in range(self.plan.channels)
+        addresses = self.plan.addresses
+        self.channels = [  # spread over the servers, each worker starting one further on
+            grpc.aio.insecure_channel(
+                addresses[(self.plan.worker + n) % len(addresses)], options=CHANNEL_OPTIONS
+            )
+            for n in range(self.plan.channels)
         ]
         self.methods = [channel.stream_stream(path) for channel in self.channels]
 
@@ -437,7 +442,7 @@ def worker_main(plan: _Plan, conn: Connection) -> None:
         raise
 
 
-def _plans(spec: LoadSpec, address: str, deadline: float) -> list[_Plan]:
+def _plans(spec: LoadSpec, addresses: tuple[str, ...], deadline: float) -> list[_Plan]:
     workers = max(1, min(spec.workers, spec.channels, spec.agents))
     plans, first = [], 0
     for worker in range(workers):
@@ -446,7 +451,7 @@ def _plans(spec: LoadSpec, address: str, deadline: float) -> list[_Plan]:
         plans.append(
             _Plan(
                 worker,
-                address,
+                addresses,
                 spec.mode,
                 first,
                 agents,
@@ -458,6 +463,15 @@ def _plans(spec: LoadSpec, address: str, deadline: float) -> list[_Plan]:
         )
         first += agents
     return plans
+
+
+def agents_by_server(spec: LoadSpec, servers: int) -> list[int]:
+    """How many of the fleet's agents :func:`run_load` puts on each of ``servers`` servers."""
+    counts = [0] * servers
+    for plan in _plans(spec, tuple(str(n) for n in range(servers)), 0.0):
+        for index in range(plan.agents):
+            counts[(plan.worker + index % plan.channels) % servers] += 1
+    return counts
 
 
 def _gather(conns: list[Connection], timeout: float) -> list[tuple[Any, ...]]:
@@ -491,12 +505,17 @@ def run_load(
     server: Server,
     duration: float,
     during: Callable[[], Awaitable[Any]] | None = None,
+    others: Sequence[Server] = (),
 ) -> LoadResult:
     """Drive ``server`` with ``spec``: start, measure ``duration`` s, ``during``, storm, stop.
 
-    The storm is skipped when not every agent got its stream open at the start. Every
-    worker process is stopped (or killed) before this returns or raises.
+    With ``others`` (replicas of ``server`` on the same store), every worker spreads its
+    connections, and so its agents, over all of them in turn; the server CPU is then
+    reported per server and summed. The storm is skipped when not every agent got its
+    stream open at the start. Every worker process is stopped (or killed) before this
+    returns or raises.
     """
+    servers = [server, *others]
     phase_timeout = spec.open_timeout + 60
     settle = 2.0 * spec.ttl / 3
     deadline = time.monotonic() + 2 * phase_timeout + settle + duration + 300
@@ -504,7 +523,7 @@ def run_load(
     context = mp.get_context("spawn")
     processes, conns = [], []
     try:
-        for plan in _plans(spec, server.address, deadline):
+        for plan in _plans(spec, tuple(s.address for s in servers), deadline):
             parent, child = context.Pipe()
             process = context.Process(target=worker_main, args=(plan, child), daemon=True)
             process.start()
@@ -519,9 +538,9 @@ def run_load(
             conn.send(("window", start, end))
         clients = [psutil.Process(process.pid) for process in processes]
         time.sleep(start - time.monotonic())
-        server_before, clients_before = server.cpu_seconds(), _cpu(clients)
+        servers_before, clients_before = [s.cpu_seconds() for s in servers], _cpu(clients)
         time.sleep(end - time.monotonic())
-        server_cpu, clients_cpu = server.cpu_seconds(), _cpu(clients)
+        servers_after, clients_cpu = [s.cpu_seconds() for s in servers], _cpu(clients)
         rss = server.rss()
         during_result = asyncio.run(during()) if during is not None else None
         if fleet_up:
@@ -542,16 +561,21 @@ def run_load(
             if process.is_alive():
                 process.kill()
                 process.join(5)
+    cpus = tuple(
+        (after - before) / duration
+        for before, after in zip(servers_before, servers_after, strict=True)
+    )
     return LoadResult(
         spec,
         stats,
         duration,
-        (server_cpu - server_before) / duration,
+        sum(cpus),
         (clients_cpu - clients_before) / duration,
         rss_idle,
         rss,
         fleet_up,
         during_result,
+        cpus,
     )
 
 

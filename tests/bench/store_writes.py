@@ -102,7 +102,12 @@ OPS: dict[str, Callable[[Store, int, int], Awaitable[int]]] = {
 }
 
 
-async def _measure(url: str, op: str, writers: int, duration: float) -> tuple[float, str]:
+async def measure(url: str, op: str, writers: int, duration: float) -> tuple[float, str]:
+    """Run ``op`` from ``writers`` concurrent writers on a fresh store at ``url``.
+
+    Returns:
+        Operations committed per second, and a note (lost increments of update/modify).
+    """
     store = open_store(url)
     await store.open()
     try:
@@ -180,7 +185,7 @@ async def main() -> None:
             for count in writers:
                 url = await _fresh_url(store, Path(directory))
                 try:
-                    rate, note = await _measure(url, op, count, args.duration)
+                    rate, note = await measure(url, op, count, args.duration)
                 finally:
                     await _drop_schema(url)
                 cells.append(f"{rate:,.0f}/s" + (f" ({note})" if note else ""))
