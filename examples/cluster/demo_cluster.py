@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import secrets
-import socket
 import sys
 import tempfile
 import time
@@ -31,6 +30,9 @@ from pathlib import Path
 
 import asyncpg
 from run_cluster import DEFAULT_STORE, Replica, create_database, serving, start, stop
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "demo"))  # make demo's helpers
+from run_demo import DemoError, free_port
 
 from agentcoord.client import Agent, AgentcoordClient, RPCError, TaskSpec, TaskState, WorkItem
 from agentcoord.statesync.v1 import statesync_service_pb2 as statesync_pb
@@ -46,18 +48,6 @@ AGENT_TTL = 3.0
 """Seconds without a heartbeat before an agent is expired (the agents must move sooner)."""
 DEADLINE = 150.0
 """Seconds the whole demo may take."""
-
-
-class DemoError(Exception):
-    """Something the demo shows did not happen."""
-
-
-def free_port() -> int:
-    """Return a loopback TCP port that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def with_schema(store: str, schema: str) -> str:
