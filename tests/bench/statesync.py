@@ -7,12 +7,12 @@ server; the caller is a registered agent, so every call carries its session toke
 Contended: ``writers`` concurrent writers, spread over ``workers`` client processes, each
 a registered agent on its own channel, increment ``keys`` hot keys for ``duration`` seconds:
 with ``client.state.update(key, n + 1)`` (mode ``statesync``), with a plain read and a
-compare-and-set put that re-reads on ABORTED (``cas``), or with the server-side
-``client.state.increment(key)`` (``modify``, ModifyState: no read and no conflict). The
-same writers then run the same loop against echo,
-one echo call for the read and one for the write of each increment: the ceiling of the
-RPC layer for this shape of load. Afterwards the counters are read back: their sum must
-equal the increments that committed (``lost`` must be 0).
+compare-and-set put that retries at once from the entry ABORTED carries (``cas``), or
+with the server-side ``client.state.increment(key)`` (``modify``, ModifyState: no read
+and no conflict). The same writers then run the same loop against echo, one echo call
+for the read and one for the write of each increment: the ceiling of the RPC layer for
+this shape of load. Afterwards the counters are read back: their sum must equal the
+increments that committed (``lost`` must be 0).
 """
 
 from __future__ import annotations
@@ -224,16 +224,20 @@ def _state_increment(client: AgentcoordClient, key: str, stats: dict[str, Any]) 
 
 
 def _cas_increment(client: AgentcoordClient, key: str, stats: dict[str, Any]) -> Any:
-    """Read, then put at the version read; on ABORTED read again (no back-off)."""
+    """Read, then put at the version read; on ABORTED put again at once from the entry the
+    conflict carries (a read only if it carries none), with no back-off."""
 
     async def call() -> object:
+        entry = await client.state.get(key)
         while True:
-            entry = await client.state.get(key)
             value, version = (int(entry.value), entry.version) if entry else (0, 0)
             try:
                 return await client.state.put(key, value + 1, expected_version=version)
-            except ConflictError:
+            except ConflictError as conflict:
                 stats["cas_conflicts"] += 1
+                entry = conflict.current
+                if entry is None and conflict.current_version:
+                    entry = await client.state.get(key)
 
     return call
 
