@@ -910,6 +910,8 @@ class Distribution:
         slot = self._slots.get(session.agent_id)
         if slot is None or not slot.live or slot.epoch != session.epoch:
             slot = None
+        elif (lease_next or slot.stream is not None) and not await self._is_live(slot.agent_id):
+            slot = None  # as for a grant: no lease to an agent whose expiry is on the way
         push = (
             not lease_next
             and slot is not None

@@ -356,46 +356,47 @@ class TaskTransitions:
 
     def create(self, subtask: Subtask) -> Subtask:
         """Record the creation of a sub-task."""
-        return self._move(subtask, None, subtask.state, subtask)
+        return self._move(subtask, None, subtask.state, {})
 
     def move(self, subtask: Subtask, state: SubtaskState, **fields: Any) -> Subtask:
         """Move ``subtask`` to ``state``, setting ``fields``; return it as stored."""
-        updated = replace(subtask, state=state, **fields)
-        return self._move(subtask, subtask.state, state, updated)
+        return self._move(subtask, subtask.state, state, fields)
 
     def _move(
         self,
         before: Subtask,
         from_state: SubtaskState | None,
         to_state: SubtaskState,
-        after: Subtask,
+        fields: dict[str, Any],
     ) -> Subtask:
-        actor = after.lease.agent_id if after.lease is not None else self._actor
-        failure = after.last_failure if after.last_failure is not before.last_failure else None
-        if from_state is None:
+        """Journal a transition and store the sub-task with ``fields`` set, in one copy."""
+        lease = fields.get("lease", before.lease)
+        actor = lease.agent_id if lease is not None else self._actor
+        failure = fields.get("last_failure", before.last_failure)
+        if from_state is None or failure is before.last_failure:
             failure = None
+        revision = self._journal.next_revision
+        fencing_token = _token_of(before.lease or lease)
+        if lease is not None and lease.fencing_token == 0:
+            fields["lease"] = replace(lease, fencing_token=revision)
+            fields["fencing_token"] = fencing_token = revision
         details: dict[str, Any] = {
-            "task_id": after.task_id,
-            "subtask_id": after.subtask_id,
-            "local_id": after.local_id,
+            "task_id": before.task_id,
+            "subtask_id": before.subtask_id,
+            "local_id": before.local_id,
             "from": None if from_state is None else from_state.value,
             "to": to_state.value,
-            "attempt": after.attempt,
-            "fencing_token": _token_of(before.lease or after.lease),
+            "attempt": fields.get("attempt", before.attempt),
+            "fencing_token": fencing_token,
             "failure": None if failure is None else failure.to_snapshot(),
         }
-        revision = self._journal.next_revision
-        if after.lease is not None and after.lease.fencing_token == 0:
-            lease = replace(after.lease, fencing_token=revision)
-            after = replace(after, lease=lease, fencing_token=revision)
-            details["fencing_token"] = revision
         kind = f"subtask.{to_state.value}"
         self._journal.record(
-            NewChange(Service.DISTRIBUTION, kind, after.task_id, actor or self._actor, details)
+            NewChange(Service.DISTRIBUTION, kind, before.task_id, actor or self._actor, details)
         )
-        after = replace(after, update_time=self._now, revision=revision)
-        if to_state.is_final and after.end_time is None:
-            after = replace(after, end_time=self._now)
+        if to_state.is_final and fields.get("end_time", before.end_time) is None:
+            fields["end_time"] = self._now
+        after = replace(before, state=to_state, update_time=self._now, revision=revision, **fields)
         self.task = replace(
             self.task,
             counts=self.task.counts.moved(from_state, to_state),

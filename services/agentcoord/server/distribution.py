@@ -296,8 +296,13 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
             session, request.agent_id, subtask_id, token, result, lease_next
         )
         assert update.subtask is not None
+        recorded = update.subtask
+        sent = request.HasField("result") and recorded.result == result
+        subtask = subtask_to_proto(replace(recorded, result=None) if sent else recorded)
+        if sent:  # the result as recorded is the one sent: no need to parse it again
+            subtask.result.CopyFrom(request.result)
         return pb.CompleteSubtaskResponse(
-            subtask=subtask_to_proto(update.subtask),
+            subtask=subtask,
             task_state=TASK_STATE_TO_PROTO[update.task.state],
             next_assignments=[self._assigned(a) for a in next_assignments],
         )

@@ -202,9 +202,11 @@ def task_to_proto(view: TaskView) -> pb.Task:
 
 
 def assignment_to_proto(assignment: Assignment) -> pb.Assignment:
-    """Return the wire form of an assignment."""
+    """Return the wire form of an assignment; the sub-task's lease, if it is the one, once."""
+    subtask = subtask_to_proto(assignment.subtask)
+    same = assignment.lease == assignment.subtask.lease
     return pb.Assignment(
-        lease=lease_to_proto(assignment.lease), subtask=subtask_to_proto(assignment.subtask)
+        lease=subtask.lease if same else lease_to_proto(assignment.lease), subtask=subtask
     )
 
 
