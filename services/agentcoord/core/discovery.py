@@ -261,6 +261,8 @@ class _Entry:
     """When the sweep looks at it next: the time of its one live item in the deadline heap."""
     ended: asyncio.Future[None] | None = None
     """Done when the session ends (see :meth:`Discovery.session_end`); made on first ask."""
+    ack: HeartbeatAck | None = None
+    """The answer to its heartbeats while its TTL stays (the same object each time)."""
 
     @property
     def agent(self) -> Agent:
@@ -609,7 +611,10 @@ class Discovery:
         self._dirty[session.agent_id] = None
         for listener in self.heartbeat_listeners:
             listener(session, held_subtask_ids)
-        return HeartbeatAck(ttl, ttl / 3, session.epoch, HeartbeatCommand.NONE)
+        ack = entry.ack
+        if ack is None or ack.ttl_remaining != ttl:
+            ack = entry.ack = HeartbeatAck(ttl, ttl / 3, session.epoch, HeartbeatCommand.NONE)
+        return ack
 
     async def deregister(self, session: Session | None, agent_id: str) -> Agent:
         """End an agent's session; ``session`` None means an operator acting for it.

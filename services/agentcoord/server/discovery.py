@@ -12,6 +12,7 @@ from agentcoord.core.discovery import (
     AgentQuery,
     AgentSpec,
     Discovery,
+    HeartbeatAck,
     HeartbeatCommand,
     Session,
     session_ended_ack,
@@ -25,7 +26,7 @@ from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.convert import discovery as convert
 from agentcoord.server.convert import wire
 from agentcoord.server.sizes import budget, fitting, revision_chunks
-from agentcoord.server.streams import StreamTracker, messages_and_end, messages_within
+from agentcoord.server.streams import StreamTracker, session_messages
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -124,26 +125,36 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         session = _own_session()
         silence = self._core.config.max_ttl  # past it no session is still alive
         ended = self._core.session_end(session)
+        # Acks repeat (the same TTL, interval and epoch): one message serves them all.
+        last_ack: HeartbeatAck | None = None
+        last_reply = pb.HeartbeatResponse()
         with self._streams.track():
-            requests = messages_within(request_iterator, silence, context, "--max-ttl")
-            async for request in messages_and_end(requests, ended):
+            requests = session_messages(request_iterator, ended, silence, context, "--max-ttl")
+            async for request in requests:
                 if request is None:  # ended between heartbeats (replaced, expired, ...)
                     yield convert.heartbeat_ack_to_proto(session_ended_ack(session))
                     continue  # its next heartbeat is answered so too, and ends the stream
-                held = tuple(request.load.held_subtask_ids)
-                validation.at_most("load.held_subtask_ids", held, 1024)
-                for index, subtask_id in enumerate(held):
-                    validation.text(f"load.held_subtask_ids[{index}]", subtask_id, max_length=128)
+                load = request.load
+                held: tuple[str, ...] = ()
+                if load.held_subtask_ids:
+                    held = tuple(load.held_subtask_ids)
+                    validation.at_most("load.held_subtask_ids", held, 1024)
+                    for index, subtask_id in enumerate(held):
+                        validation.text(
+                            f"load.held_subtask_ids[{index}]", subtask_id, max_length=128
+                        )
                 ack = await self._core.heartbeat(
                     session,
                     request.agent_id,
                     active_subtasks=validation.in_range(
-                        "load.active_subtasks", request.load.active_subtasks, 0, 1024
+                        "load.active_subtasks", load.active_subtasks, 0, 1024
                     ),
                     held_subtask_ids=held,
                     status=_status("status", request.status),
                 )
-                yield convert.heartbeat_ack_to_proto(ack)
+                if ack is not last_ack:
+                    last_ack, last_reply = ack, convert.heartbeat_ack_to_proto(ack)
+                yield last_reply
                 if ack.command is HeartbeatCommand.REREGISTER:
                     return  # the session ended: the agent must register again
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -95,31 +94,50 @@ M = TypeVar("M", bound=Message)
 R = TypeVar("R")
 
 
-async def messages_within(
-    requests: AsyncIterator[R], seconds: float, context: Context, flag: str
-) -> AsyncIterator[R]:
-    """Yield a client stream's messages; end the call if none comes for ``seconds``.
+class _Handoff(Generic[R]):
+    """What a stream's reader task hands its handler: messages, and wake-ups between them."""
 
-    A stream that never sends would otherwise hold its call for good. The call ends with
-    DEADLINE_EXCEEDED, naming ``flag``, the setting the limit comes from.
-    """
-    stream = aiter(requests)
-    while True:
-        try:
-            async with asyncio.timeout(seconds):
-                message = await anext(stream)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no message on this stream for {seconds:g} s ({flag})",
-            )
-        yield message
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[R] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: R) -> None:
+        """Hand ``item`` over; wakes the handler if it waits."""
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def get(self) -> R:
+        """The next item, once there is one."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
-async def messages_and_end(
-    requests: AsyncIterator[R], end: asyncio.Future[None]
+_WOKEN = object()
+"""Wakes the handler to look at the session's end."""
+_SILENT = object()
+"""The stream sent nothing for the silence limit."""
+_EOF = object()
+"""The client closed its side of the stream."""
+
+
+async def session_messages(
+    requests: AsyncIterator[R],
+    end: asyncio.Future[None],
+    silence: float,
+    context: Context,
+    flag: str,
 ) -> AsyncIterator[R | None]:
     """Yield a client stream's messages, and None once, at once, when ``end`` is done.
 
@@ -127,24 +145,46 @@ async def messages_and_end(
     client back), so that the None does not wait for the next message. The stream is
     not closed then: a client may be writing its next message, and grpc-python turns a
     write racing with the close into INTERNAL, losing what the server said. What the
-    reading raises (an abort, say) is raised here.
+    reading raises is raised here.
+
+    A stream that never sends would otherwise hold its call for good: when no message
+    comes for ``silence`` seconds the call ends with DEADLINE_EXCEEDED, naming ``flag``,
+    the setting the limit comes from. A message costs the limit no timer of its own: one
+    timer per stream, due at the limit after the last message it saw, looks again then.
     """
-    arrived: asyncio.Queue[tuple[R] | Exception | None] = asyncio.Queue(maxsize=1)
-    woken = (None,)  # not a message: wakes the loop up to see ``end``
+    loop = asyncio.get_running_loop()
+    arrived: _Handoff[object] = _Handoff()
+    last = loop.time()  # when the last message arrived
+    taken: asyncio.Future[None] | None = None  # set while the reader waits for room
 
     async def read() -> None:
+        nonlocal last, taken
         try:
             async for message in requests:
-                await arrived.put((message,))
-            await arrived.put(None)
+                last = loop.time()
+                arrived.put((message,))
+                if len(arrived) > 1:  # the handler is behind: read on once it catches up
+                    taken = loop.create_future()
+                    await taken
+            arrived.put(_EOF)
         except Exception as error:
-            await arrived.put(error)
+            arrived.put(error)
 
-    def wake(_: object) -> None:
-        with contextlib.suppress(asyncio.QueueFull):  # full: the loop sees ``end`` next
-            arrived.put_nowait(woken)  # type: ignore[arg-type]
+    def wake(_: object = None) -> None:
+        arrived.put(_WOKEN)
 
-    reader = asyncio.create_task(read())
+    timer: asyncio.TimerHandle
+
+    def look() -> None:
+        nonlocal timer
+        due = last + silence
+        if loop.time() >= due:
+            arrived.put(_SILENT)
+        else:
+            timer = loop.call_at(due, look)
+
+    reader = loop.create_task(read())
+    timer = loop.call_at(last + silence, look)
     end.add_done_callback(wake)
     told = False
     try:
@@ -154,14 +194,24 @@ async def messages_and_end(
                 yield None
                 continue
             item = await arrived.get()
-            if item is None:
+            if taken is not None and len(arrived) <= 1:
+                if not taken.done():
+                    taken.set_result(None)
+                taken = None
+            if item is _EOF:
                 return
+            if item is _SILENT:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no message on this stream for {silence:g} s ({flag})",
+                )
             if isinstance(item, Exception):
                 raise item
-            if item is not woken:
-                yield item[0]
+            if isinstance(item, tuple):
+                yield cast("R", item[0])
     finally:
         end.remove_done_callback(wake)
+        timer.cancel()
         reader.cancel()
 
 
