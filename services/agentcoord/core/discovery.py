@@ -865,7 +865,7 @@ class Discovery:
                 return page, ""
             if len(ids) < len(candidates):
                 candidates = ids
-        states = query.states
+        states = tuple(query.states)  # a tuple: enum members compare by identity, not hash
         role = query.role
         capabilities = query.capabilities
         skills = query.skills

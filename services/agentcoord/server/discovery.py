@@ -25,7 +25,7 @@ from agentcoord.server import page_tokens, validation
 from agentcoord.server.auth import Access, current_identity
 from agentcoord.server.convert import discovery as convert
 from agentcoord.server.convert import wire
-from agentcoord.server.sizes import budget, fitting, revision_chunks
+from agentcoord.server.sizes import budget, revision_chunks
 from agentcoord.server.streams import StreamTracker, session_messages
 
 if TYPE_CHECKING:
@@ -84,14 +84,13 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         views, last = self._core.list_agents(
             query, after_agent_id=position[0] if position else "", limit=limit
         )
-        agents = [self._protos.view_to_proto(view) for view in views]
-        count = fitting(agents, self._max_bytes)
-        if count < len(agents):
-            agents, last = agents[:count], agents[count - 1].agent_id
-        return pb.ListAgentsResponse(
-            agents=agents,
-            next_page_token=page_tokens.encode("ListAgents", fingerprint, last) if last else "",
-        )
+        response = pb.ListAgentsResponse()
+        count = self._protos.fill_page(response.agents, views, self._max_bytes)
+        if count < len(views):
+            last = views[count - 1].agent.agent_id
+        if last:
+            response.next_page_token = page_tokens.encode("ListAgents", fingerprint, last)
+        return response
 
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
         """Open a session, or resume the caller's own (its session token presented)."""

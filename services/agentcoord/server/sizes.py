@@ -35,12 +35,17 @@ def item_size(message: Message) -> int:
 
 def fitting(messages: Sequence[Message], max_bytes: int, *, at_least: int = 1) -> int:
     """Return how many leading ``messages`` fit in ``max_bytes`` (never fewer than ``at_least``)."""
-    size = 0
-    for index, message in enumerate(messages):
-        size += item_size(message)
-        if size > max_bytes and index >= at_least:
+    return fitting_sizes([item_size(message) for message in messages], max_bytes, at_least=at_least)
+
+
+def fitting_sizes(sizes: Sequence[int], max_bytes: int, *, at_least: int = 1) -> int:
+    """Return how many leading items of these :func:`item_size` sizes fit in ``max_bytes``."""
+    total = 0
+    for index, size in enumerate(sizes):
+        total += size
+        if total > max_bytes and index >= at_least:
             return index
-    return len(messages)
+    return len(sizes)
 
 
 def chunks_by_size(messages: Sequence[M], max_bytes: int) -> Iterator[Sequence[M]]:

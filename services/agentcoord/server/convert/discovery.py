@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf import duration_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from agentcoord.core.discovery import AgentEvent, AgentView, HeartbeatAck, HeartbeatCommand
 from agentcoord.core.models import Agent, AgentEventKind, AgentState, AgentStatus, Skill
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.server.convert.wire import seconds_to_duration, to_timestamp
+from agentcoord.server.sizes import ITEM_OVERHEAD, fitting_sizes
 
 AGENT_STATE_TO_PROTO = {
     AgentState.LIVE: discovery_pb.Agent.STATE_LIVE,
@@ -86,9 +90,8 @@ def skill_to_proto(skill: Skill) -> discovery_pb.Skill:
     )
 
 
-def agent_view_to_proto(view: AgentView) -> discovery_pb.Agent:
-    """Return the wire form of an agent with its remaining TTL."""
-    return agent_to_proto(view.agent, view.ttl_remaining)
+TTL_REMAINING_BYTES = 20
+"""Bytes an agent's ``ttl_remaining`` adds to its encoding at most (tag, length, Duration)."""
 
 
 class AgentProtoCache:
@@ -96,28 +99,53 @@ class AgentProtoCache:
 
     Core agents are frozen and replaced, never mutated, so an entry is valid as long as the
     view's agent is the very object it was built from; only ``ttl_remaining`` differs per
-    call, and is set on a copy (``CopyFrom`` runs in C).
+    call, and is set on a copy (``CopyFrom`` runs in C). Each entry keeps its encoded size
+    too, so a page is cut by size without encoding it first.
     """
 
     def __init__(self) -> None:
         """Start empty; holds at most one message per agent id."""
-        self._built: dict[str, tuple[Agent, discovery_pb.Agent]] = {}
+        self._built: dict[str, tuple[Agent, discovery_pb.Agent, int]] = {}
+
+    def _entry(self, agent: Agent) -> tuple[Agent, discovery_pb.Agent, int]:
+        built = self._built.get(agent.agent_id)
+        if built is None or built[0] is not agent:
+            message = agent_to_proto(agent)
+            built = (agent, message, message.ByteSize() + TTL_REMAINING_BYTES + ITEM_OVERHEAD)
+            self._built[agent.agent_id] = built
+        return built
 
     def fill(self, into: discovery_pb.Agent, view: AgentView) -> None:
         """Set ``into`` (empty) to the wire form of ``view``."""
-        agent = view.agent
-        built = self._built.get(agent.agent_id)
-        if built is None or built[0] is not agent:
-            built = (agent, agent_to_proto(agent))
-            self._built[agent.agent_id] = built
-        into.CopyFrom(built[1])
-        into.ttl_remaining.FromNanoseconds(round(max(view.ttl_remaining, 0.0) * 1e9))
+        into.CopyFrom(self._entry(view.agent)[1])
+        _set_remaining(into, view.ttl_remaining)
 
-    def view_to_proto(self, view: AgentView) -> discovery_pb.Agent:
-        """Return the wire form of ``view``, as :func:`agent_view_to_proto` does."""
-        message = discovery_pb.Agent()
-        self.fill(message, view)
-        return message
+    def fill_page(
+        self,
+        into: RepeatedCompositeFieldContainer[discovery_pb.Agent],
+        views: Sequence[AgentView],
+        max_bytes: int,
+    ) -> int:
+        """Append to ``into`` the wire forms of the leading ``views`` that fit in ``max_bytes``.
+
+        As :func:`~agentcoord.server.sizes.fitting` counts (one view at least), from the
+        sizes kept. Returns how many were appended.
+        """
+        entries = [self._entry(view.agent) for view in views]
+        count = fitting_sizes([entry[2] for entry in entries], max_bytes)
+        for view, entry in zip(views[:count], entries, strict=False):
+            message = into.add()
+            message.CopyFrom(entry[1])
+            _set_remaining(message, view.ttl_remaining)
+        return count
+
+
+def _set_remaining(message: discovery_pb.Agent, seconds: float) -> None:
+    """Set ``ttl_remaining`` (not negative) without the Duration helpers' Python overhead."""
+    nanos = round(max(seconds, 0.0) * 1e9)
+    if nanos:
+        remaining = message.ttl_remaining
+        remaining.seconds, remaining.nanos = divmod(nanos, 1_000_000_000)
 
 
 def skill_from_proto(skill: discovery_pb.Skill) -> Skill:
