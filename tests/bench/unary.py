@@ -94,13 +94,17 @@ async def measure_unary(
         return await interleaved(calls, count, warmup)
 
 
-async def measure_list(
+async def measure_under_load(
     discovery_address: str, echo_address: str, count: int, warmup: int
 ) -> tuple[dict[str, list[float]], int]:
-    """ListAgents filtered by capability ``gpu`` (one page), beside echo.
+    """ListAgents filtered by capability ``gpu`` (one page), Register and GetAgent, beside echo.
+
+    Meant to run while a heartbeat load holds the server: the agents registered here ask
+    for a long TTL (they never expire mid-measurement) and lack ``gpu`` (the page stays the
+    same); GetAgent asks for agents of the load (``hb-N``).
 
     Returns:
-        Seconds per call by workload, and how many agents one page returned.
+        Seconds per call by workload, and how many agents one ListAgents page returned.
     """
     async with (
         grpc.aio.insecure_channel(discovery_address) as discovery_channel,
@@ -109,12 +113,34 @@ async def measure_list(
         stub = pb_grpc.DiscoveryServiceStub(discovery_channel)
         request = pb.ListAgentsRequest(capabilities=["gpu"])
         page = await stub.ListAgents(request)
+        loaded = [agent.agent_id for agent in page.agents] or ["hb-0"]
+        pick = random.Random(1)
+        registered = 0
 
         async def list_agents() -> object:
             return await stub.ListAgents(request)
 
+        async def register() -> object:
+            nonlocal registered
+            registered += 1
+            agent_id = f"during-{registered}"
+            return await stub.Register(
+                pb.RegisterRequest(
+                    agent_id=agent_id,
+                    name=agent_id,
+                    role="worker",
+                    capabilities=["python", "review"],
+                    ttl=Duration(seconds=300),
+                )
+            )
+
+        async def get_agent() -> object:
+            return await stub.GetAgent(pb.GetAgentRequest(agent_id=pick.choice(loaded)))
+
         calls = {
             "echo": echo_call(echo_channel, request.SerializeToString()),
             "ListAgents": list_agents,
+            "Register": register,
+            "GetAgent": get_agent,
         }
         return await interleaved(calls, count, warmup), len(page.agents)
