@@ -23,7 +23,8 @@ async def interleaved(
 ) -> dict[str, list[float]]:
     """Time ``count`` sequential calls of each workload, in interleaved rounds.
 
-    Stops early once ``time_limit`` s have passed (an overloaded server answers slowly).
+    Stops early once ``time_limit`` s have passed (an overloaded server answers slowly),
+    the warm-up calls included.
 
     Returns:
         Seconds per call, by workload name.
@@ -31,6 +32,8 @@ async def interleaved(
     ends = time.monotonic() + time_limit
     for call in calls.values():
         for _ in range(warmup):
+            if time.monotonic() > ends:
+                break
             await call()
     samples: dict[str, list[float]] = {name: [] for name in calls}
     chunk = max(1, count // ROUNDS)
@@ -56,6 +59,29 @@ def echo_call(channel: grpc.aio.Channel, payload: bytes) -> Call:
     return call
 
 
+def register_call(stub: pb_grpc.DiscoveryServiceStub, prefix: str, registered: list[str]) -> Call:
+    """Register a new agent ``{prefix}-N`` per call, its id appended to ``registered``.
+
+    A long TTL keeps these agents from expiring (and writing) mid-measurement; they have no
+    ``gpu`` capability, so ListAgents gpu pages stay the same.
+    """
+
+    async def register() -> object:
+        agent_id = f"{prefix}-{len(registered)}"
+        registered.append(agent_id)
+        return await stub.Register(
+            pb.RegisterRequest(
+                agent_id=agent_id,
+                name=agent_id,
+                role="worker",
+                capabilities=["python", "review"],
+                ttl=Duration(seconds=300),
+            )
+        )
+
+    return register
+
+
 async def measure_unary(
     discovery_address: str, echo_address: str, count: int, warmup: int
 ) -> dict[str, list[float]]:
@@ -67,20 +93,7 @@ async def measure_unary(
         stub = pb_grpc.DiscoveryServiceStub(discovery_channel)
         registered: list[str] = []
         pick = random.Random(1)
-
-        async def register() -> object:
-            agent_id = f"unary-{len(registered)}"
-            registered.append(agent_id)
-            # A long TTL keeps these agents from expiring (and writing) mid-measurement.
-            return await stub.Register(
-                pb.RegisterRequest(
-                    agent_id=agent_id,
-                    name=agent_id,
-                    role="worker",
-                    capabilities=["python", "review"],
-                    ttl=Duration(seconds=300),
-                )
-            )
+        register = register_call(stub, "unary", registered)
 
         async def get_agent() -> object:
             return await stub.GetAgent(pb.GetAgentRequest(agent_id=pick.choice(registered)))
@@ -99,9 +112,8 @@ async def measure_under_load(
 ) -> tuple[dict[str, list[float]], int]:
     """ListAgents filtered by capability ``gpu`` (one page), Register and GetAgent, beside echo.
 
-    Meant to run while a heartbeat load holds the server: the agents registered here ask
-    for a long TTL (they never expire mid-measurement) and lack ``gpu`` (the page stays the
-    same); GetAgent asks for agents of the load (``hb-N``).
+    Meant to run while a heartbeat load holds the server (see :func:`register_call` for the
+    agents it registers); GetAgent asks for agents of the load (``hb-N``).
 
     Returns:
         Seconds per call by workload, and how many agents one ListAgents page returned.
@@ -115,24 +127,10 @@ async def measure_under_load(
         page = await stub.ListAgents(request)
         loaded = [agent.agent_id for agent in page.agents] or ["hb-0"]
         pick = random.Random(1)
-        registered = 0
+        register = register_call(stub, "during", [])
 
         async def list_agents() -> object:
             return await stub.ListAgents(request)
-
-        async def register() -> object:
-            nonlocal registered
-            registered += 1
-            agent_id = f"during-{registered}"
-            return await stub.Register(
-                pb.RegisterRequest(
-                    agent_id=agent_id,
-                    name=agent_id,
-                    role="worker",
-                    capabilities=["python", "review"],
-                    ttl=Duration(seconds=300),
-                )
-            )
 
         async def get_agent() -> object:
             return await stub.GetAgent(pb.GetAgentRequest(agent_id=pick.choice(loaded)))
