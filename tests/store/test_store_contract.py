@@ -122,6 +122,28 @@ async def test_end_agent_session_as_expired(store: Store) -> None:
     assert (await all_changes(store))[-1].kind == "agent.expired"
 
 
+async def test_an_expiry_is_refused_if_a_later_heartbeat_was_flushed(store: Store) -> None:
+    """The leader judged the agent by a heartbeat time; another process flushed a later one
+    before the expiry was written: the agent stays live (and expires if nothing newer came)."""
+    await store.register_agent(make_agent(), "h", NOW)
+    judged = NOW + timedelta(seconds=1)
+    flushed = NOW + timedelta(seconds=2)
+    await store.record_heartbeats([HeartbeatRecord("a1", 1, flushed, AgentStatus.READY, 0, ())])
+    before = await store.current_revision()
+
+    refused = await store.end_agent_session(
+        "a1", 1, AgentState.EXPIRED, NOW + timedelta(seconds=5), heartbeat_at_most=judged
+    )
+    assert refused is None
+    agent = await store.get_agent("a1")
+    assert agent is not None and agent.state is AgentState.LIVE
+    assert await store.current_revision() == before
+    ended = await store.end_agent_session(
+        "a1", 1, AgentState.EXPIRED, NOW + timedelta(seconds=5), heartbeat_at_most=flushed
+    )
+    assert ended is not None and ended.state is AgentState.EXPIRED
+
+
 async def test_end_agent_session_changes_nothing_when_it_does_not_apply(store: Store) -> None:
     await store.register_agent(make_agent(), "h", NOW)
     await store.register_agent(make_agent(), "h2", NOW)  # epoch 2

@@ -263,6 +263,8 @@ class _Entry:
     """Done when the session ends (see :meth:`Discovery.session_end`); made on first ask."""
     ack: HeartbeatAck | None = None
     """The answer to its heartbeats while its TTL stays (the same object each time)."""
+    stored_heartbeat_time: datetime | None = None
+    """The last heartbeat the store showed of this session when it was last read."""
 
     @property
     def agent(self) -> Agent:
@@ -679,6 +681,7 @@ class Discovery:
         if not times:
             return False
         last = max(times)
+        entry.stored_heartbeat_time = last
         if entry.last_heartbeat_time is not None and last <= entry.last_heartbeat_time:
             return False  # the last heartbeat came through this process: memory knows best
         now = self._clock.monotonic()
@@ -701,13 +704,25 @@ class Discovery:
         return True
 
     async def _expire(self, entry: _Entry) -> None:
+        """Record the expiry, unless the store shows a heartbeat later than those judged.
+
+        The store refuses the expiry if another process flushed a newer heartbeat after
+        this one looked (a late flush); the agent is then judged again by it.
+        """
         if await self._heartbeats_elsewhere(entry):
             return
+        judged = [t for t in (entry.last_heartbeat_time, entry.stored_heartbeat_time) if t]
         ended = await self._store.end_agent_session(
-            entry.base.agent_id, entry.base.epoch, AgentState.EXPIRED, self._clock.now()
+            entry.base.agent_id,
+            entry.base.epoch,
+            AgentState.EXPIRED,
+            self._clock.now(),
+            heartbeat_at_most=max(judged) if judged else entry.base.register_time,
         )
         if ended is not None:
             self._end(entry, ended)
+        elif not await self._heartbeats_elsewhere(entry):  # refused: judge it again soon
+            self._schedule(entry, self._clock.monotonic() + self.config.flush_interval)
 
     async def sweep(self) -> list[Agent]:
         """Expire every live agent whose deadline has passed; return them.

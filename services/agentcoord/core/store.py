@@ -141,14 +141,21 @@ class Store(Protocol):
         ...
 
     async def end_agent_session(
-        self, agent_id: str, epoch: int, state: AgentState, now: datetime
+        self,
+        agent_id: str,
+        epoch: int,
+        state: AgentState,
+        now: datetime,
+        *,
+        heartbeat_at_most: datetime | None = None,
     ) -> Agent | None:
         """Mark a live agent LEFT or EXPIRED if its stored epoch is ``epoch``.
 
         Appends ``agent.left`` or ``agent.expired`` (details as for ``register_agent``), then
         deletes the state keys bound to that session, each with a ``state.expire`` change.
-        Returns the updated agent, or None when the agent is missing, not live, or has a
-        different epoch (nothing changes then).
+        Returns the updated agent, or None when the agent is missing, not live, has a
+        different epoch, or its stored last heartbeat is later than ``heartbeat_at_most``
+        (flushed by another process after the caller judged it; nothing changes then).
         """
         ...
 

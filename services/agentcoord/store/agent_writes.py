@@ -17,6 +17,7 @@ from agentcoord.core.session_rules import (
     is_current_session,
     new_session,
 )
+from agentcoord.store.rows import to_utc
 from agentcoord.store.unit_of_work import Needs, ViewOp, WorkingSet
 
 
@@ -60,6 +61,8 @@ class EndAgentSession(ViewOp):
     epoch: int
     state: AgentState
     now: datetime
+    heartbeat_at_most: datetime | None = None
+    """Ends nothing if the stored last heartbeat is later (flushed after it was judged)."""
 
     def __post_init__(self) -> None:
         """Refuse a state that does not end a session before the operation is queued."""
@@ -74,6 +77,9 @@ class EndAgentSession(ViewOp):
         """End the session if it is the current one."""
         current = _current_session(ws, self.agent_id, self.epoch)
         if current is None:
+            return None
+        last, judged = current[0].last_heartbeat_time, self.heartbeat_at_most
+        if last is not None and judged is not None and last > to_utc(judged):
             return None
         ended = replace(current[0], state=self.state)
         stored = ws.save_agent(ended, current[1], ended_kind(self.state), self.now)

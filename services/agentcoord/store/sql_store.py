@@ -151,10 +151,16 @@ class SqlStore(abc.ABC):
         return cast(Agent, await self._submit(op))
 
     async def end_agent_session(
-        self, agent_id: str, epoch: int, state: AgentState, now: datetime
+        self,
+        agent_id: str,
+        epoch: int,
+        state: AgentState,
+        now: datetime,
+        *,
+        heartbeat_at_most: datetime | None = None,
     ) -> Agent | None:
         """Mark a live agent LEFT or EXPIRED if its stored epoch is ``epoch``."""
-        op = EndAgentSession(agent_id, epoch, state, now)
+        op = EndAgentSession(agent_id, epoch, state, now, heartbeat_at_most)
         return cast(Agent | None, await self._submit(op))
 
     async def resume_session(self, agent: Agent, now: datetime) -> Agent | None:
