@@ -29,6 +29,7 @@ import random
 import signal
 import sys
 import traceback
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -82,6 +83,9 @@ STREAM_CODES = frozenset(
 
 SETTLED = 1.0
 """Seconds after which a silent assignment stream counts as connected when it breaks."""
+FINISHED_REMEMBERED = 4096
+"""Sub-tasks whose last lease an agent remembers after its work ended, so as not to run a
+re-sent lease again."""
 
 MAX_ERROR_MESSAGE = 4096
 """Longest failure message the server accepts."""
@@ -429,6 +433,9 @@ class Agent:
         """Counters."""
         self._handler = handler
         self._work: dict[str, _Work] = {}
+        self._finished: OrderedDict[str, int] = OrderedDict()
+        """Fencing token of the last lease of each sub-task whose work ended, latest last
+        (at most ``FINISHED_REMEMBERED``): a re-send of that lease is not run again."""
         self._slots = asyncio.Semaphore(opts.capacity)
         self._register_lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -750,6 +757,10 @@ class Agent:
 
     def _accept(self, message: distribution_pb.Assignment) -> None:
         assignment = Assignment.from_proto(message)
+        if self._finished.get(assignment.subtask_id, 0) >= assignment.lease.fencing_token:
+            # Re-sent by a replica that has not heard of its end yet (a stream reopened
+            # elsewhere just after the work reported): it was run once already.
+            return
         current = self._work.get(assignment.subtask_id)
         if current is not None:
             if current.item.lease.fencing_token >= assignment.lease.fencing_token:
@@ -795,6 +806,10 @@ class Agent:
         finally:
             if self._work.get(item.subtask_id) is work:
                 del self._work[item.subtask_id]
+            self._finished[item.subtask_id] = item.lease.fencing_token
+            self._finished.move_to_end(item.subtask_id)
+            if len(self._finished) > FINISHED_REMEMBERED:
+                self._finished.popitem(last=False)
 
     def _span_of(self, work: _Work) -> contextlib.AbstractContextManager[object]:
         """The span of the work on a sub-task in the task's trace, when tracing."""
