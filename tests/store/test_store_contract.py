@@ -54,6 +54,17 @@ def make_agent(agent_id: str = "a1", **fields: Any) -> Agent:
 # Registration and sessions
 
 
+async def test_get_agents_reads_many_at_once_by_id(store: Store) -> None:
+    ids = [f"a{n:04d}" for n in range(600)]  # more than one IN list (MAX_IDS)
+    for agent_id in ids:
+        await store.register_agent(make_agent(agent_id), f"h-{agent_id}", NOW)
+    found = await store.get_agents([*reversed(ids), "missing"])
+    assert [agent.agent_id for agent in found] == ids
+    assert found[550] == await store.get_agent(ids[550])
+    assert [a.agent_id for a in await store.get_agents(ids[::7])] == ids[::7]
+    assert await store.get_agents([]) == []
+
+
 async def test_register_new_agent_starts_epoch_one(store: Store) -> None:
     agent = make_agent()
     stored = await store.register_agent(agent, "hash-1", NOW)

@@ -672,7 +672,10 @@ class Discovery:
         If so, the entry's deadline moves to its stored last heartbeat plus its TTL plus
         ``flush_interval``, and its heartbeat facts (time, load) become the stored ones.
         """
-        stored = await self._store.get_agent(entry.base.agent_id)
+        return self._alive_elsewhere(entry, await self._store.get_agent(entry.base.agent_id))
+
+    def _alive_elsewhere(self, entry: _Entry, stored: Agent | None) -> bool:
+        """:meth:`_heartbeats_elsewhere`, judged by ``stored``, the agent as just read."""
         if stored is None or stored.state is not AgentState.LIVE:
             return False
         if stored.epoch != entry.base.epoch:
@@ -755,14 +758,22 @@ class Discovery:
                 due.append(entry)
         expired = []
         leading = self._store.is_leader()
+        # One read for every look at what other processes flushed (an expiry reads afresh).
+        looks = [e.base.agent_id for e in due if e.deadline > now or not leading]
+        try:
+            stored = {a.agent_id: a for a in await self._store.get_agents(looks)} if looks else {}
+        except Exception:
+            for unread in due:
+                self._schedule(unread, unread.deadline)
+            raise
         for index, entry in enumerate(due):
             try:
                 if entry.deadline > now:  # an early look at what other processes flushed
-                    if not await self._heartbeats_elsewhere(entry):
+                    if not self._alive_elsewhere(entry, stored.get(entry.base.agent_id)):
                         self._schedule(entry, entry.deadline)
                     continue
                 if not leading:  # the leader records the expiry
-                    if not await self._heartbeats_elsewhere(entry):
+                    if not self._alive_elsewhere(entry, stored.get(entry.base.agent_id)):
                         self._schedule(entry, now + self.config.flush_interval)
                     continue
                 await self._expire(entry)

@@ -189,6 +189,10 @@ class Store(Protocol):
         """Return one agent, or None."""
         ...
 
+    async def get_agents(self, agent_ids: Collection[str]) -> list[Agent]:
+        """Return the agents with these ids that exist, ordered by agent id."""
+        ...
+
     async def load_agents(self) -> list[tuple[Agent, str]]:
         """Return every agent with its session token hash, ordered by agent id."""
         ...

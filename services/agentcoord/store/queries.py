@@ -188,6 +188,14 @@ def state_changed_since(marker: str, prefix: str, revision: int) -> Query:
     return query
 
 
+def select_agents_by_id(marker: str, agent_ids: Sequence[str]) -> Query:
+    """Return the agents with these ids (at most :data:`MAX_IDS` of them), by agent id."""
+    query = Query(marker)
+    ids = ", ".join(query.param(agent_id) for agent_id in agent_ids)
+    query.sql = f"SELECT {_AGENTS} FROM agents WHERE agent_id IN ({ids}) ORDER BY agent_id"
+    return query
+
+
 def select_subtasks(marker: str, subtask_ids: Sequence[str]) -> Query:
     """Return the sub-tasks with these ids (at most :data:`MAX_IDS` of them), in task order."""
     query = Query(marker)

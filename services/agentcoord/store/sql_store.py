@@ -36,7 +36,9 @@ from agentcoord.store.agent_writes import (
 from agentcoord.store.batching import Classify, CommitObserver, GroupCommitter, Listener, Outcome
 from agentcoord.store.queries import (
     MAX_IDS,
+    Query,
     Statements,
+    select_agents_by_id,
     select_changes,
     select_states_page,
     select_subtasks,
@@ -80,6 +82,17 @@ class SqlStore(abc.ABC):
         self._codec = codec
         self._sql = Statements.numbered(marker)
         self._writes: GroupCommitter[Op] = GroupCommitter(self._run_batch, classify=classify)
+
+    async def _fetch_by_ids(
+        self, select: Callable[[str, Sequence[str]], Query], ids: Collection[str]
+    ) -> list[Row]:
+        """Return the rows ``select`` reads for ``ids`` (sorted), ``MAX_IDS`` per statement."""
+        ordered = sorted(ids)
+        rows: list[Row] = []
+        for start in range(0, len(ordered), MAX_IDS):
+            query = select(self._marker, ordered[start : start + MAX_IDS])
+            rows += await self._fetch(query.sql, query.params)
+        return rows
 
     @abc.abstractmethod
     async def _fetch(self, sql: str, params: Sequence[Any]) -> Sequence[Row]:
@@ -183,6 +196,11 @@ class SqlStore(abc.ABC):
         """Return one agent, or None."""
         rows = await self._fetch(self._sql.select_agent, (agent_id,))
         return self._codec.agent_from_row(rows[0]) if rows else None
+
+    async def get_agents(self, agent_ids: Collection[str]) -> list[Agent]:
+        """Return the agents with these ids that exist, ordered by agent id."""
+        rows = await self._fetch_by_ids(select_agents_by_id, agent_ids)
+        return [self._codec.agent_from_row(row) for row in rows]
 
     async def load_agents(self) -> list[tuple[Agent, str]]:
         """Return every agent with its session token hash, ordered by agent id."""
@@ -326,12 +344,8 @@ class SqlStore(abc.ABC):
 
     async def get_subtasks(self, subtask_ids: Collection[str]) -> list[Subtask]:
         """Return the sub-tasks with these ids that exist, in ``(task, seq)`` order."""
-        ids = sorted(subtask_ids)
-        found: list[Subtask] = []
-        for start in range(0, len(ids), MAX_IDS):
-            query = select_subtasks(self._marker, ids[start : start + MAX_IDS])
-            rows = await self._fetch(query.sql, query.params)
-            found += [self._codec.subtask_from_row(row) for row in rows]
+        rows = await self._fetch_by_ids(select_subtasks, subtask_ids)
+        found = [self._codec.subtask_from_row(row) for row in rows]
         return sorted(found, key=lambda s: (s.task_id, s.seq))
 
     async def list_subtasks(self, task_id: str) -> list[Subtask]:
