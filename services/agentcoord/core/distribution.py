@@ -789,17 +789,23 @@ class Distribution:
         slot.stream = stream
         try:
             yield Connected()
+            # A lease granted while these are sent is queued on the stream too: sent once.
+            resent: set[int] = set()
             for held in sorted(slot.held.values(), key=lambda h: h.lease.fencing_token):
                 if held.lease.epoch != session.epoch:
                     continue  # an earlier session's, being released
                 subtask = await self._store.get_subtask(held.lease.subtask_id)
                 if subtask is not None and subtask.state is SubtaskState.LEASED:
+                    resent.add(held.lease.fencing_token)
                     yield await self._assignment(self._live_lease(held), subtask)
             self._feed_agent(slot)
             while True:
                 message = await stream.queue.get()
                 if isinstance(message, AgentcoordError):
                     raise message
+                if isinstance(message, Assignment) and message.lease.fencing_token in resent:
+                    resent.discard(message.lease.fencing_token)
+                    continue
                 yield message
         finally:
             if slot.stream is stream:
