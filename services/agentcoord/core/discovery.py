@@ -134,10 +134,20 @@ async def session_from_store(store: Store, token: str) -> Session:
     Raises:
         Unauthenticated: the token is unknown, replaced, or its session ended.
     """
+    agent = await _agent_of_token(store, token)
+    return Session(agent.agent_id, agent.epoch)
+
+
+async def _agent_of_token(store: Store, token: str) -> Agent:
+    """Return the stored agent whose live session a token belongs to.
+
+    Raises:
+        Unauthenticated: the token is unknown, replaced, or its session ended.
+    """
     agent = await store.find_agent_by_token_hash(hash_token(token))
     if agent is None or agent.state is not AgentState.LIVE:
         raise Unauthenticated("session token is unknown or its session has ended")
-    return Session(agent.agent_id, agent.epoch)
+    return agent
 
 
 class HeartbeatCommand(enum.Enum):
@@ -540,14 +550,13 @@ class Discovery:
                     raise Unauthenticated("session token's session has expired; register again")
                 return Session(agent_id, entry.base.epoch)
         # A session opened through another process of the same store.
-        session = await session_from_store(self._store, token)
+        stored = await _agent_of_token(self._store, token)
+        session = Session(stored.agent_id, stored.epoch)
         mirrored = self._entries.get(session.agent_id)
         if mirrored is None or mirrored.base.epoch < session.epoch:
-            # Registered a moment ago and not heard of yet: read the agent too, so that the
-            # call the token authenticates finds the session (not a stale or missing one).
-            stored = await self._store.get_agent(session.agent_id)
-            if stored is not None:
-                self._heard_agent(stored, self._clock.monotonic())
+            # Registered a moment ago and not heard of yet: mirror the agent as read, so
+            # that the call the token authenticates finds the session (not a stale one).
+            self._heard_agent(stored, self._clock.monotonic())
             mirrored = self._entries.get(session.agent_id)
         if (
             mirrored is not None
