@@ -46,9 +46,11 @@ class Worker:
         self.discovery = discovery_grpc.DiscoveryServiceStub(channel)
         self.token = token
 
-    async def claim(self, wait: float = 0.0) -> pb.Assignment | None:
+    async def claim(self, wait: float = 0.0, request_id: str = "") -> pb.Assignment | None:
         response = await self.stub.ClaimSubtask(
-            pb.ClaimSubtaskRequest(agent_id=self.agent_id, wait=seconds(wait)),
+            pb.ClaimSubtaskRequest(
+                agent_id=self.agent_id, wait=seconds(wait), request_id=request_id
+            ),
             metadata=self.metadata,
         )
         return response.assignment if response.HasField("assignment") else None
@@ -277,6 +279,20 @@ async def test_cancel_revokes_leases_on_the_stream(channel: grpc.aio.Channel, st
         await worker.complete(leased, "late")
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     call.cancel()
+
+
+async def test_a_repeated_claim_returns_the_lease_of_the_first(
+    channel: grpc.aio.Channel, stub: Stub
+) -> None:
+    worker = await join(channel, "w1", capacity=2)
+    await submit(stub, explicit(sub("a"), sub("b"), sub("c")))
+    first = await worker.claim(request_id="claim-1")
+    again = await worker.claim(request_id="claim-1")
+    other = await worker.claim(request_id="claim-2")
+    assert first is not None and again is not None and other is not None
+    assert again.lease.subtask_id == first.lease.subtask_id
+    assert again.lease.fencing_token == first.lease.fencing_token
+    assert other.lease.subtask_id != first.lease.subtask_id
 
 
 async def test_submit_is_idempotent_by_request_id(stub: Stub) -> None:

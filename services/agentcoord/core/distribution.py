@@ -193,9 +193,9 @@ class Distribution:
         """Agents (ids) meeting the needs of each queue."""
         self._held: dict[str, Held] = {}
         self._deadlines: list[tuple[float, str, int]] = []
-        self._granted: dict[tuple[str, str | int], tuple[str, ...]] = {}
-        """Sub-tasks leased for a request, for its repeats: by ClaimSubtask's (agent id,
-        request id), and by CompleteSubtask's (sub-task id, fencing token) with lease_next."""
+        self._granted: dict[tuple[str, int], tuple[str, ...]] = {}
+        """Sub-tasks a CompleteSubtask with lease_next leased, for its repeats, by (sub-task
+        id, fencing token). A ClaimSubtask's request id is kept in its lease instead."""
         self._renewals: dict[str, LeaseRenewal] = {}
         """Renewals not yet written to the store, by sub-task (the latest of each)."""
         self._renewed = asyncio.Event()
@@ -830,14 +830,12 @@ class Distribution:
             ResourceExhausted: the agent holds as many leases as its capacity.
         """
         slot = await self._slot_for(session, agent_id)
-        key = (slot.agent_id, request_id)
         if request_id:
-            again = await self._granted_before(slot, session.epoch, key)
-            if again:
-                return again[0]
-            for held in slot.held.values():  # granted through another process, say
+            for held in slot.held.values():  # granted here, or through another process
                 if held.lease.claim_request_id == request_id and held.lease.epoch == slot.epoch:
-                    return await self._held_claim(held.lease.subtask_id, slot)
+                    subtask = await self._store.get_subtask(held.lease.subtask_id)
+                    if subtask is not None:
+                        return await self._assignment(self._live_lease(held), subtask)
         deadline = self._clock.monotonic() + min(wait, self.config.max_claim_wait)
         while True:
             # Checked again after each wait (a stream may have filled it); the lease
@@ -851,8 +849,6 @@ class Distribution:
                 except Repeated as repeated:  # not heard of here yet: the store has it
                     return await self._held_claim(repeated.subtask_id, slot)
                 if assignment is not None:
-                    if request_id:
-                        self._granted[key] = (assignment.lease.subtask_id,)
                     return assignment
                 continue
             remaining = deadline - self._clock.monotonic()
@@ -874,7 +870,7 @@ class Distribution:
         return await self._assignment(subtask.lease, subtask)
 
     async def _granted_before(
-        self, slot: Slot, epoch: int, key: tuple[str, str | int]
+        self, slot: Slot, epoch: int, key: tuple[str, int]
     ) -> list[Assignment]:
         """Return the leases granted for the request ``key`` that session ``epoch`` still holds."""
         assignments = []
