@@ -13,6 +13,7 @@ leading the moment the connection is lost or a check fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,8 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
+FIRST_TRY_TIMEOUT = 5.0
+"""Seconds :meth:`Leadership.start` waits at most for the first try's answer."""
 
 
 def leader_key(schema: str) -> int:
@@ -40,16 +43,25 @@ class Leadership:
         self._leading = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._tried = asyncio.Event()
+        """Set once the first try has an answer (or failed)."""
 
     def is_leader(self) -> bool:
         """Whether this store holds the lock (its connection is up and answered last check)."""
         return self._leading
 
-    def start(self, key: int) -> None:
-        """Start trying to take the lock ``key``."""
+    async def start(self, key: int) -> None:
+        """Start trying to take the lock ``key``; return once the first try has an answer.
+
+        So a store that starts alone on its schema leads as soon as it is open. The wait
+        is bounded by ``FIRST_TRY_TIMEOUT``; the tries go on in the background anyway.
+        """
         self._task = asyncio.get_running_loop().create_task(
             self._run(key), name="agentcoord-postgres-leadership"
         )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_TRY_TIMEOUT):
+                await self._tried.wait()
 
     async def close(self) -> None:
         """Stop leading (closing the connection frees the lock) and stop trying."""
@@ -64,6 +76,7 @@ class Leadership:
                 await self._hold(key)
             except Exception as error:  # the database is away: try again later
                 log.warning("leadership: cannot reach the database (%s)", error)
+                self._tried.set()
             await asyncio.sleep(self._interval)
 
     async def _hold(self, key: int) -> None:
@@ -73,8 +86,10 @@ class Leadership:
         conn.add_termination_listener(lambda _conn: self._lose(lost))
         try:
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                self._tried.set()
                 await asyncio.sleep(self._interval)
             self._leading = True
+            self._tried.set()
             log.info("leadership gained: this replica sweeps expiries and lease deadlines")
             while not lost.is_set():
                 with_timeout = asyncio.wait_for(lost.wait(), self._interval)

@@ -428,7 +428,7 @@ class PostgresStore(SqlStore):
                 raise
         self._writes.add_listener(self._follower.saw)
         self._follower.start(channel_name(schema), revision)
-        self._leadership.start(leader_key(schema))
+        await self._leadership.start(leader_key(schema))
         self._writes.start()
 
     async def _dedicated_connection(self) -> asyncpg.Connection:
