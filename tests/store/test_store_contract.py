@@ -528,6 +528,7 @@ EXPECTED_MIGRATIONS = [
     (4, "session_identity"),
     (5, "agent_card"),
     (6, "required_skills"),
+    (7, "subtask_columns"),
 ]
 
 

@@ -49,7 +49,9 @@ from agentcoord.core.tasks import (
     TaskFilter,
     TaskSpec,
     TaskState,
+    canonical_json,
 )
+from agentcoord.store.rows import SUBTASK_PROGRESS_COLUMNS
 from tests.store.helpers import all_changes, opened, raw_postgres
 from tests.store.test_store_contract import inspect_schema
 
@@ -1004,6 +1006,86 @@ async def test_tasks_survive_a_restart(store_url: str) -> None:
         assert last.task.state is TaskState.SUCCEEDED
 
 
+PROGRESS_COLUMNS = SUBTASK_PROGRESS_COLUMNS[1:]
+"""The sub-task columns of migration 0007 (``state`` and ``lease_agent_id`` are older)."""
+
+
+async def back_to_bodies(store_url: str, subtasks: list[Subtask]) -> None:
+    """Return a store to the sub-task rows of migrations 0003-0006: the record in ``body``.
+
+    ``subtasks`` are the records as stored; each row's body becomes their snapshot, as the
+    code before 0007 wrote it, and the columns of 0007 go.
+    """
+    added = [c for c in PROGRESS_COLUMNS if c not in ("state", "lease_agent_id")]
+    rows = [
+        (
+            canonical_json(s.to_snapshot()),
+            s.lease.agent_id if s.state is SubtaskState.LEASED and s.lease else "",
+            s.subtask_id,
+        )
+        for s in subtasks
+    ]
+    if store_url.startswith("sqlite:"):
+        path = store_url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.executemany(
+                "UPDATE subtasks SET body = ?, lease_agent_id = ? WHERE subtask_id = ?", rows
+            )
+            for column in added:
+                conn.execute(f"ALTER TABLE subtasks DROP COLUMN {column}")
+            conn.execute("DELETE FROM schema_migrations WHERE version = 7")
+        return
+    async with raw_postgres(store_url) as (conn, schema):
+        await conn.execute(f'SET search_path TO "{schema}"')
+        await conn.executemany(
+            "UPDATE subtasks SET body = $1::jsonb, lease_agent_id = $2 WHERE subtask_id = $3",
+            rows,
+        )
+        drops = ", ".join(f"DROP COLUMN {column}" for column in added)
+        await conn.execute(f"ALTER TABLE subtasks {drops}")
+        await conn.execute("DELETE FROM schema_migrations WHERE version = 7")
+
+
+async def test_the_progress_columns_migration_keeps_every_subtask(store_url: str) -> None:
+    """Sub-tasks written before 0007 (the whole record in body) read and move on as before."""
+    async with opened(store_url) as store:
+        await submit(store)
+        await submit(store, "t2", subtasks=INDEPENDENT)
+        await run(store, "t1-a", result='{"pages":[1,2]}')
+        held = await lease(store, "t1-b")
+        await leased(store, "t2-a")
+        await store.lease_subtask("t2-b", "bob", NOW, epoch=1, capacity=8, claim_request_id="c1")
+        failed = (await subtask(store, "t2-a")).lease
+        assert failed is not None
+        await store.fail_subtask(
+            failure("t2-a", retryable=True), failed.fencing_token, RetryPolicy(), epoch=1
+        )
+        before = [*await store.list_subtasks("t1"), *await store.list_subtasks("t2")]
+    assert {s.state for s in before} == {
+        SubtaskState.SUCCEEDED,
+        SubtaskState.LEASED,
+        SubtaskState.READY,
+        SubtaskState.BLOCKED,
+    }
+    await back_to_bodies(store_url, before)
+
+    async with opened(store_url) as store:
+        after = [*await store.list_subtasks("t1"), *await store.list_subtasks("t2")]
+        assert after == before
+        assert [s.subtask_id for s in await store.load_open_subtasks()] == [
+            s.subtask_id for s in before if s.state in (SubtaskState.READY, SubtaskState.LEASED)
+        ]
+        done = await store.complete_subtask("t1-b", "bob", held, "2", NOW, epoch=1)
+        assert done.subtask is not None and done.subtask.result == "2"
+        again = await store.lease_subtask("t2-a", "bob", LATER, epoch=1, capacity=8)
+        assert again.subtask is not None and again.subtask.attempt == 2
+    async with opened(store_url) as store:
+        assert (await subtask(store, "t1-a")).result == '{"pages":[1,2]}'
+        assert (await subtask(store, "t1-b")).state is SubtaskState.SUCCEEDED
+        claimed = (await subtask(store, "t2-b")).lease
+        assert claimed is not None and claimed.claim_request_id == "c1"
+
+
 async def test_the_identity_migration_keeps_tasks_and_leases(tmp_path: Path) -> None:
     """Data written before 0004 gets its submitter and its lease's session."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -1013,7 +1095,9 @@ async def test_the_identity_migration_keeps_tasks_and_leases(tmp_path: Path) -> 
         )
         await submit(store, submitter="alice", request_id="r1")
         token = await lease(store, "t1-a", "bob", epoch=agent.epoch)
-    # Back to the schema and bodies of migration 0003.
+        subtasks = await store.list_subtasks("t1")
+    # Back to the schema and bodies of migration 0003 (0007 runs again after 0004).
+    await back_to_bodies(url, subtasks)
     with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as conn, conn:
         conn.executescript(
             """

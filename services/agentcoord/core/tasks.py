@@ -489,20 +489,10 @@ class Subtask:
         return {
             "subtask_id": self.subtask_id,
             "task_id": self.task_id,
-            "local_id": self.local_id,
             "seq": self.seq,
-            "title": self.title,
-            "description": self.description,
-            "input": self.input,
-            "required_capabilities": list(self.required_capabilities),
-            "depends_on": list(self.depends_on),
-            "dependents": list(self.dependents),
+            **self.spec_snapshot(),
             "waiting_on": self.waiting_on,
             "state": self.state.value,
-            "priority": self.priority,
-            "max_attempts": self.max_attempts,
-            "lease_ttl": self.lease_ttl,
-            "create_time": self.create_time.isoformat(),
             "update_time": self.update_time.isoformat(),
             "attempt": self.attempt,
             "burned_attempts": self.burned_attempts,
@@ -515,7 +505,41 @@ class Subtask:
             "start_time": _iso(self.start_time),
             "end_time": _iso(self.end_time),
             "revision": self.revision,
+        }
+
+    def spec_snapshot(self) -> dict[str, Any]:
+        """Return the JSON-able form of the fields no transition changes (its spec)."""
+        return {
+            "local_id": self.local_id,
+            "title": self.title,
+            "description": self.description,
+            "input": self.input,
+            "required_capabilities": list(self.required_capabilities),
+            "depends_on": list(self.depends_on),
+            "dependents": list(self.dependents),
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "lease_ttl": self.lease_ttl,
+            "create_time": self.create_time.isoformat(),
             "required_skills": list(self.required_skills),
+        }
+
+    @staticmethod
+    def spec_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+        """Return the fields of a :meth:`spec_snapshot` (or a whole snapshot's), by name."""
+        return {
+            "local_id": data["local_id"],
+            "title": data["title"],
+            "description": data["description"],
+            "input": data["input"],
+            "required_capabilities": tuple(data["required_capabilities"]),
+            "depends_on": tuple(data["depends_on"]),
+            "dependents": tuple(data["dependents"]),
+            "priority": int(data["priority"]),
+            "max_attempts": int(data["max_attempts"]),
+            "lease_ttl": float(data["lease_ttl"]),
+            "create_time": datetime.fromisoformat(data["create_time"]),
+            "required_skills": tuple(data["required_skills"]),
         }
 
     @classmethod
@@ -524,20 +548,10 @@ class Subtask:
         return cls(
             subtask_id=data["subtask_id"],
             task_id=data["task_id"],
-            local_id=data["local_id"],
             seq=int(data["seq"]),
-            title=data["title"],
-            description=data["description"],
-            input=data["input"],
-            required_capabilities=tuple(data["required_capabilities"]),
-            depends_on=tuple(data["depends_on"]),
-            dependents=tuple(data["dependents"]),
+            **cls.spec_fields(data),
             waiting_on=int(data["waiting_on"]),
             state=SubtaskState(data["state"]),
-            priority=int(data["priority"]),
-            max_attempts=int(data["max_attempts"]),
-            lease_ttl=float(data["lease_ttl"]),
-            create_time=datetime.fromisoformat(data["create_time"]),
             update_time=datetime.fromisoformat(data["update_time"]),
             attempt=int(data["attempt"]),
             burned_attempts=int(data["burned_attempts"]),
@@ -554,7 +568,6 @@ class Subtask:
             start_time=_time(data["start_time"]),
             end_time=_time(data["end_time"]),
             revision=int(data["revision"]),
-            required_skills=tuple(data["required_skills"]),
         )
 
 

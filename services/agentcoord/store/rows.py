@@ -28,7 +28,7 @@ from agentcoord.core.models import (
     ValueKind,
 )
 from agentcoord.core.state_rules import result_from_json, result_to_json
-from agentcoord.core.tasks import Subtask, SubtaskState, Task, canonical_json
+from agentcoord.core.tasks import Failure, Lease, Subtask, SubtaskState, Task, canonical_json
 
 AGENT_COLUMNS = (
     "agent_id",
@@ -85,8 +85,36 @@ TASK_COLUMNS = (
 )
 """Columns of the ``tasks`` table, in the order of :meth:`Codec.task_params`."""
 
-SUBTASK_COLUMNS = ("subtask_id", "task_id", "seq", "state", "lease_agent_id", "body")
-"""Columns of the ``subtasks`` table, in the order of :meth:`Codec.subtask_params`."""
+SUBTASK_PROGRESS_COLUMNS = (
+    "subtask_id",
+    "state",
+    "lease_agent_id",
+    "waiting_on",
+    "attempt",
+    "burned_attempts",
+    "fencing_token",
+    "agent_id",
+    "result",
+    "last_failure",
+    "next_attempt_time",
+    "start_time",
+    "end_time",
+    "update_time",
+    "revision",
+    "lease_fencing_token",
+    "lease_epoch",
+    "lease_attempt",
+    "lease_expire_time",
+    "lease_ttl",
+    "lease_claim_request_id",
+)
+"""The key and the columns of a sub-task that its transitions change, in the order of
+:meth:`Codec.subtask_progress_params`: a transition updates these and nothing else."""
+
+SUBTASK_COLUMNS = ("subtask_id", "task_id", "seq", "body", *SUBTASK_PROGRESS_COLUMNS[1:])
+"""Columns of the ``subtasks`` table, in the order of :meth:`Codec.subtask_params`.
+
+``body`` holds what never changes after the submission (:func:`subtask_spec_json`)."""
 
 HEARTBEAT_PARAMS = (
     "agent_id",
@@ -291,23 +319,125 @@ class Codec:
         return Task.from_snapshot(json.loads(row["body"]))
 
     def subtask_params(self, subtask: Subtask) -> tuple[Any, ...]:
-        """Return the values of :data:`SUBTASK_COLUMNS` for ``subtask``.
-
-        ``lease_agent_id`` is the lease holder while the sub-task is LEASED, else empty.
-        """
-        lease = subtask.lease if subtask.state is SubtaskState.LEASED else None
+        """Return the values of :data:`SUBTASK_COLUMNS` for ``subtask`` (a new row)."""
+        progress = self.subtask_progress_params(subtask)
         return (
             subtask.subtask_id,
             subtask.task_id,
             subtask.seq,
+            subtask_spec_json(subtask),
+            *progress[1:],
+        )
+
+    def subtask_progress_params(self, subtask: Subtask) -> tuple[Any, ...]:
+        """Return the values of :data:`SUBTASK_PROGRESS_COLUMNS` for ``subtask``.
+
+        No JSON is encoded but a failure's: the result is canonical JSON text already.
+        ``lease_agent_id`` is the lease holder while there is a lease, else empty; the
+        ``lease_*`` columns are NULL without a lease.
+        """
+        lease = subtask.lease
+        failure = subtask.last_failure
+        encode_time = self.encode_time
+        return (
+            subtask.subtask_id,
             subtask.state.value,
             "" if lease is None else lease.agent_id,
-            canonical_json(subtask.to_snapshot()),
+            subtask.waiting_on,
+            subtask.attempt,
+            subtask.burned_attempts,
+            subtask.fencing_token,
+            subtask.agent_id,
+            subtask.result,
+            None if failure is None else _dumps(failure.to_snapshot()),
+            None if subtask.next_attempt_time is None else encode_time(subtask.next_attempt_time),
+            None if subtask.start_time is None else encode_time(subtask.start_time),
+            None if subtask.end_time is None else encode_time(subtask.end_time),
+            encode_time(subtask.update_time),
+            subtask.revision,
+            *(
+                _NO_LEASE
+                if lease is None
+                else (
+                    lease.fencing_token,
+                    lease.epoch,
+                    lease.attempt,
+                    encode_time(lease.expire_time),
+                    lease.ttl,
+                    lease.claim_request_id,
+                )
+            ),
         )
 
     def subtask_from_row(self, row: Row) -> Subtask:
-        """Rebuild a sub-task from the ``body`` of a row holding :data:`SUBTASK_COLUMNS`."""
-        return Subtask.from_snapshot(json.loads(row["body"]))
+        """Rebuild a sub-task from a row holding :data:`SUBTASK_COLUMNS`."""
+        decode_time = self.decode_time
+        lease_epoch = row["lease_epoch"]
+        failure = row["last_failure"]
+        next_attempt_time = row["next_attempt_time"]
+        start_time = row["start_time"]
+        end_time = row["end_time"]
+        return Subtask(
+            subtask_id=row["subtask_id"],
+            task_id=row["task_id"],
+            seq=row["seq"],
+            **_subtask_spec(row["body"]),
+            waiting_on=row["waiting_on"],
+            state=_SUBTASK_STATES[row["state"]],
+            update_time=decode_time(row["update_time"]),
+            attempt=row["attempt"],
+            burned_attempts=row["burned_attempts"],
+            lease=(
+                None
+                if lease_epoch is None
+                else Lease(
+                    subtask_id=row["subtask_id"],
+                    fencing_token=row["lease_fencing_token"],
+                    agent_id=row["lease_agent_id"],
+                    epoch=lease_epoch,
+                    attempt=row["lease_attempt"],
+                    expire_time=decode_time(row["lease_expire_time"]),
+                    ttl=row["lease_ttl"],
+                    claim_request_id=row["lease_claim_request_id"],
+                )
+            ),
+            fencing_token=row["fencing_token"],
+            agent_id=row["agent_id"],
+            result=row["result"],
+            last_failure=None if failure is None else Failure.from_snapshot(json.loads(failure)),
+            next_attempt_time=None if next_attempt_time is None else decode_time(next_attempt_time),
+            start_time=None if start_time is None else decode_time(start_time),
+            end_time=None if end_time is None else decode_time(end_time),
+            revision=row["revision"],
+        )
+
+
+_NO_LEASE = (None,) * 6
+"""The ``lease_*`` columns of a sub-task without a lease."""
+
+_SUBTASK_STATES = {state.value: state for state in SubtaskState}
+
+
+def subtask_spec_json(subtask: Subtask) -> str:
+    """Return the ``body`` of a sub-task's row: JSON of the fields no transition changes."""
+    return _dumps(subtask.spec_snapshot())
+
+
+_SPEC_CACHE_SIZE = 16_384
+"""Decoded bodies kept (by their text): a body never changes, so a sub-task read again
+(its lease, then its completion) is not decoded again."""
+_specs: dict[str, dict[str, Any]] = {}
+
+
+def _subtask_spec(body: str) -> dict[str, Any]:
+    """Decode a sub-task's ``body`` into its fields, or return them decoded before."""
+    spec = _specs.get(body)
+    if spec is None:
+        spec = Subtask.spec_fields(json.loads(body))
+        if len(_specs) >= _SPEC_CACHE_SIZE:
+            _specs.clear()
+        _specs[body] = spec
+    return spec
 
 
 @dataclass(frozen=True, slots=True)

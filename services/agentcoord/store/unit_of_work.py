@@ -141,7 +141,9 @@ class Mutations:
     tasks: Sequence[Task] = ()
     """Tasks inserted or replaced."""
     subtasks: Sequence[Subtask] = ()
-    """Sub-tasks inserted or replaced."""
+    """Sub-tasks the batch loaded, changed: only their progress columns are written."""
+    new_subtasks: Sequence[Subtask] = ()
+    """Sub-tasks inserted (new rows)."""
 
 
 # The working set
@@ -162,6 +164,8 @@ class WorkingSet:
         self._requests = {(r.agent_id, r.request_id): r for r in loaded.requests}
         self._tasks = {task.task_id: task for task in loaded.tasks}
         self._subtasks = {subtask.subtask_id: subtask for subtask in loaded.subtasks}
+        self._stored_subtasks = frozenset(self._subtasks)
+        """Sub-tasks that have a row already (a put of another one inserts it)."""
         self._task_writes: dict[str, Task] = {}
         self._subtask_writes: dict[str, Subtask] = {}
         self._known_keys = set(needs.state_keys) | set(self._states)
@@ -362,7 +366,14 @@ class WorkingSet:
             requests=list(self._request_writes.values()),
             changes=list(self._changes),
             tasks=list(self._task_writes.values()),
-            subtasks=list(self._subtask_writes.values()),
+            subtasks=[
+                s for s in self._subtask_writes.values() if s.subtask_id in self._stored_subtasks
+            ],
+            new_subtasks=[
+                s
+                for s in self._subtask_writes.values()
+                if s.subtask_id not in self._stored_subtasks
+            ],
         )
 
 

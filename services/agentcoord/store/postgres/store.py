@@ -35,6 +35,7 @@ from agentcoord.store.rows import (
     REQUEST_COLUMNS,
     STATE_COLUMNS,
     SUBTASK_COLUMNS,
+    SUBTASK_PROGRESS_COLUMNS,
     TASK_COLUMNS,
     Codec,
     to_utc,
@@ -69,7 +70,15 @@ _AGENT_TYPES = _typed(
 _REQUEST_TYPES = _typed(REQUEST_COLUMNS, "text text jsonb timestamptz")
 _CHANGE_TYPES = _typed(CHANGE_COLUMNS, "bigint timestamptz text text text text jsonb")
 _TASK_TYPES = _typed(TASK_COLUMNS, "text text text text text timestamptz jsonb")
-_SUBTASK_TYPES = _typed(SUBTASK_COLUMNS, "text text integer text text jsonb")
+_SUBTASK_PROGRESS_TYPES = _typed(
+    SUBTASK_PROGRESS_COLUMNS,
+    "text text text integer integer integer bigint text text jsonb timestamptz timestamptz"
+    " timestamptz timestamptz bigint bigint bigint integer timestamptz float8 text",
+)
+_SUBTASK_TYPES = _typed(
+    SUBTASK_COLUMNS,
+    " ".join(["text text integer jsonb", *list(_SUBTASK_PROGRESS_TYPES.values())[1:]]),
+)
 
 
 class _Numbers:
@@ -97,6 +106,17 @@ def _insert_unnest(numbers: _Numbers, table: str, types: dict[str, str], conflic
     return sql
 
 
+def _update_unnest(numbers: _Numbers, table: str, types: dict[str, str]) -> str:
+    """Return an UPDATE of the rows keyed by the first column, one per array element."""
+    key, *rest = types
+    arrays = ", ".join(numbers.next(f"{kind}[]") for kind in types.values())
+    return (
+        f"UPDATE {table} AS r SET ({', '.join(rest)})"
+        f" = ({', '.join(f'u.{column}' for column in rest)})"
+        f" FROM unnest({arrays}) AS u({', '.join(types)}) WHERE r.{key} = u.{key}"
+    )
+
+
 def _flush_statement() -> str:
     """The Flush statement; its last three parameters are the counter, channel and payload.
 
@@ -111,7 +131,8 @@ def _flush_statement() -> str:
         f" remembered AS ({_insert_unnest(numbers, 'write_requests', _REQUEST_TYPES)}),"
         f" logged AS ({_insert_unnest(numbers, 'changes', _CHANGE_TYPES)}),"
         f" tasked AS ({_insert_unnest(numbers, 'tasks', _TASK_TYPES, 'task_id')}),"
-        f" subtasked AS ({_insert_unnest(numbers, 'subtasks', _SUBTASK_TYPES, 'subtask_id')}),"
+        f" subtasked AS ({_insert_unnest(numbers, 'subtasks', _SUBTASK_TYPES)}),"
+        f" progressed AS ({_update_unnest(numbers, 'subtasks', _SUBTASK_PROGRESS_TYPES)}),"
         f" counted AS (UPDATE revision_counter SET value = {numbers.next()} WHERE id = 1)"
     )
     channel, payload = numbers.next("text"), numbers.next("text")
@@ -311,7 +332,10 @@ async def _flush(
         *_columns([CODEC.request_params(r) for r in m.requests], len(REQUEST_COLUMNS)),
         *_columns([CODEC.change_params(c) for c in m.changes], len(CHANGE_COLUMNS)),
         *_columns([CODEC.task_params(t) for t in m.tasks], len(TASK_COLUMNS)),
-        *_columns([CODEC.subtask_params(s) for s in m.subtasks], len(SUBTASK_COLUMNS)),
+        *_columns([CODEC.subtask_params(s) for s in m.new_subtasks], len(SUBTASK_COLUMNS)),
+        *_columns(
+            [CODEC.subtask_progress_params(s) for s in m.subtasks], len(SUBTASK_PROGRESS_COLUMNS)
+        ),
         m.revision,
         follower.channel,
         follower.notice(m.changes[-1].revision) if m.changes else None,

@@ -35,6 +35,7 @@ from agentcoord.store.rows import (
     REQUEST_COLUMNS,
     STATE_COLUMNS,
     SUBTASK_COLUMNS,
+    SUBTASK_PROGRESS_COLUMNS,
     TASK_COLUMNS,
     Codec,
     to_utc,
@@ -172,7 +173,12 @@ _SAVE_AGENT = _insert("agents", AGENT_COLUMNS, "INSERT OR REPLACE")
 _INSERT_REQUEST = _insert("write_requests", REQUEST_COLUMNS)
 _INSERT_CHANGE = _insert("changes", CHANGE_COLUMNS)
 _SAVE_TASK = _upsert("tasks", TASK_COLUMNS)
-_SAVE_SUBTASK = _upsert("subtasks", SUBTASK_COLUMNS)
+_INSERT_SUBTASK = _insert("subtasks", SUBTASK_COLUMNS)
+_UPDATE_SUBTASK = (
+    "UPDATE subtasks SET "
+    + ", ".join(f"{column} = ?{n}" for n, column in enumerate(SUBTASK_PROGRESS_COLUMNS, 1) if n > 1)
+    + " WHERE subtask_id = ?1"
+)
 _SET_REVISION = "UPDATE revision_counter SET value = ? WHERE id = 1"
 _RECORD_HEARTBEAT = """
     UPDATE agents
@@ -344,7 +350,8 @@ def _flush(conn: sqlite3.Connection, m: unit_of_work.Mutations) -> None:
     conn.executemany(_INSERT_REQUEST, [CODEC.request_params(r) for r in m.requests])
     conn.executemany(_INSERT_CHANGE, [CODEC.change_params(c) for c in m.changes])
     conn.executemany(_SAVE_TASK, [CODEC.task_params(task) for task in m.tasks])
-    conn.executemany(_SAVE_SUBTASK, [CODEC.subtask_params(s) for s in m.subtasks])
+    conn.executemany(_INSERT_SUBTASK, [CODEC.subtask_params(s) for s in m.new_subtasks])
+    conn.executemany(_UPDATE_SUBTASK, [CODEC.subtask_progress_params(s) for s in m.subtasks])
     conn.execute(_SET_REVISION, (m.revision,))
 
 
