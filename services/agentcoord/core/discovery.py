@@ -624,7 +624,9 @@ class Discovery:
             listener(session, held_subtask_ids)
         ack = entry.ack
         if ack is None or ack.ttl_remaining != ttl:
-            ack = entry.ack = HeartbeatAck(ttl, ttl / 3, session.epoch, HeartbeatCommand.NONE)
+            ack = entry.ack = HeartbeatAck(
+                ttl, agent.heartbeat_interval, session.epoch, HeartbeatCommand.NONE
+            )
         return ack
 
     async def deregister(self, session: Session | None, agent_id: str) -> Agent:
@@ -679,7 +681,8 @@ class Discovery:
         """Whether the store shows the agent alive through another process's heartbeats.
 
         If so, the entry's deadline moves to its stored last heartbeat plus its TTL plus
-        ``flush_interval``, and its heartbeat facts (time, load) become the stored ones.
+        ``flush_interval`` (never sooner than it was), and its heartbeat facts (time, load)
+        become the stored ones.
         """
         return self._alive_elsewhere(entry, await self._store.get_agent(entry.base.agent_id))
 
@@ -698,7 +701,9 @@ class Discovery:
             return False  # the last heartbeat came through this process: memory knows best
         now = self._clock.monotonic()
         stored_deadline = now + (last - self._clock.now()).total_seconds() + stored.ttl
-        entry.deadline = stored_deadline + self.config.flush_interval
+        # Never sooner than this process already granted (a full TTL from its start, or
+        # from when it heard of the session): stored facts only ever extend it.
+        entry.deadline = max(entry.deadline, stored_deadline + self.config.flush_interval)
         if entry.deadline <= now:
             return False
         entry.elsewhere = True
