@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import resource
 import signal
 from collections.abc import AsyncIterator
@@ -22,6 +23,12 @@ UNARY = f"/{SERVICE}/Unary"
 """Full method name of the unary echo."""
 STREAM = f"/{SERVICE}/Stream"
 """Full method name of the bidirectional echo stream (one reply per message)."""
+QUIET = f"/{SERVICE}/Quiet"
+"""Full method name of the bidirectional stream that replies as Discovery does to SDK agents:
+to the first message, then to a message only once ``ack-interval`` seconds (metadata) have
+passed since the last reply."""
+ACK_INTERVAL_KEY = "ack-interval"
+"""Metadata key of the Quiet stream's seconds between replies."""
 KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -41,6 +48,17 @@ async def _stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator
         yield request
 
 
+async def _quiet(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+    every = float(dict(context.invocation_metadata())[ACK_INTERVAL_KEY])
+    loop = asyncio.get_running_loop()
+    replied = -math.inf
+    async for request in requests:
+        now = loop.time()
+        if now - replied >= every:
+            replied = now
+            yield request
+
+
 async def serve(listen: str, max_pending_requests: int) -> None:
     """Serve the echo service until SIGTERM or SIGINT."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -57,6 +75,7 @@ async def serve(listen: str, max_pending_requests: int) -> None:
         {
             "Unary": grpc.unary_unary_rpc_method_handler(_unary),
             "Stream": grpc.stream_stream_rpc_method_handler(_stream),
+            "Quiet": grpc.stream_stream_rpc_method_handler(_quiet),
         },
     )
     server.add_generic_rpc_handlers((handler,))

@@ -4,8 +4,14 @@ Each worker process runs its share of the agents over its share of the connectio
 An agent starts like a real one: it registers (Discovery only) and opens its stream at
 once; at most ``START_IN_FLIGHT`` agents per worker are starting at any moment, so the
 fleet comes up as fast as Register allows. It then sends one message per heartbeat
-interval (the interval Register returns; TTL/3 for echo) at a random phase and waits
-for the reply. Only replies received inside the measurement window are counted.
+interval (the interval Register returns; TTL/3 for echo) at a random phase. It behaves as
+the SDK's agents do: its heartbeats set ``ack_interval`` (the SDK's
+:data:`~agentcoord.client._agent.ACK_INTERVAL`), so only the first message of a stream
+and news are answered, and it does not wait for answers, reading them as they come; the
+echo agents use the echo's Quiet stream, which answers the same way. With
+``LoadSpec.answer_every`` every message is answered and the agent waits for the answer
+before it sleeps (the SDK before ``ack_interval``; the echo's plain Stream). Only
+messages sent, and answers received, inside the measurement window are counted.
 
 After the window, once the whole fleet is up, comes a reconnect storm: every worker
 drops all its connections at once (as a network blip or a proxy restart would) and
@@ -24,7 +30,7 @@ import random
 import time
 import traceback
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -33,6 +39,7 @@ import grpc
 import psutil
 from google.protobuf.duration_pb2 import Duration
 
+from agentcoord.client._agent import ACK_ANSWERS, ACK_INTERVAL
 from agentcoord.discovery.v1 import discovery_service_pb2 as pb
 from agentcoord.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from tests.bench import echo
@@ -62,12 +69,16 @@ class LoadSpec:
     """TTL agents register with; echo agents send every TTL/3."""
     open_timeout: float = 30.0
     """An agent gives up (re)opening its stream after this many seconds of a phase."""
+    answer_every: bool = False
+    """Every message answered, each answer awaited before the next sleep (the SDK before
+    ``ack_interval``); otherwise as the SDK does now (see the module's docstring)."""
 
     @property
     def label(self) -> str:
         """E.g. ``1,000 agents, TTL 3 s, 16 conns``."""
         conns = "1 conn/agent" if self.channels >= self.agents else f"{self.channels} conns"
-        return f"{self.agents:,} agents, TTL {self.ttl:g} s, {conns}"
+        every = ", every message answered" if self.answer_every else ""
+        return f"{self.agents:,} agents, TTL {self.ttl:g} s, {conns}{every}"
 
 
 @dataclass
@@ -110,10 +121,12 @@ class LoadStats:
     """Open streams that failed outside the storm, by status code."""
     interval: float = 0.0
     """Seconds between an agent's messages (what Register returned; TTL/3 for echo)."""
+    beats: int = 0
+    """Messages sent in the measurement window."""
     acks: int = 0
     """Replies received in the measurement window."""
     latencies: list[float] = field(default_factory=list)
-    """Seconds from each of those messages to its reply."""
+    """Seconds from each of those replies' message (the agent's latest) to the reply."""
 
     def merge(self, other: LoadStats) -> None:
         """Add another worker's figures."""
@@ -121,6 +134,7 @@ class LoadStats:
         self.storm.merge(other.storm)
         self.breaks += other.breaks
         self.interval = max(self.interval, other.interval)
+        self.beats += other.beats
         self.acks += other.acks
         self.latencies += other.latencies
 
@@ -150,6 +164,11 @@ class LoadResult:
 
     @property
     def rate(self) -> float:
+        """Messages sent per second in the window (with answers awaited, each answered)."""
+        return self.stats.beats / self.window
+
+    @property
+    def ack_rate(self) -> float:
         """Replies per second in the window."""
         return self.stats.acks / self.window
 
@@ -170,6 +189,7 @@ class _Plan:
     ttl: float
     open_timeout: float
     deadline: float
+    answer_every: bool
 
 
 class _SessionLost(Exception):
@@ -210,7 +230,10 @@ class _Worker:
         self.starting: set[int] = set()
 
     def _connect(self) -> None:
-        path = HEARTBEAT if self.plan.mode == "discovery" else echo.STREAM
+        if self.plan.mode == "discovery":
+            path = HEARTBEAT
+        else:
+            path = echo.STREAM if self.plan.answer_every else echo.QUIET
         addresses = self.plan.addresses
         self.channels = [  # spread over the servers, each worker starting one further on
             grpc.aio.insecure_channel(
@@ -301,7 +324,7 @@ class _Worker:
         return (("authorization", f"Bearer {response.session_token}"),)
 
     def _ack(self, sent: float, reply: bytes) -> None:
-        """Count one reply.
+        """Count one reply to a message sent at ``sent``.
 
         Raises:
             _SessionLost: the server told the agent to register again.
@@ -315,29 +338,36 @@ class _Worker:
             if command == pb.HeartbeatResponse.COMMAND_REREGISTER:
                 raise _SessionLost("REREGISTER")
 
-    async def _exchange(self, call: Any, payload: bytes) -> None:
-        """Send one message and wait for its reply.
+    async def _send(self, call: Any, payload: bytes) -> float:
+        """Send one message; return when.
 
         Raises:
-            _Broken: however grpc.aio reports a failed stream (an error status, a write
-                to a finished call, a read cancelled by the channel closing, or EOF).
+            _Broken: the stream failed (see :func:`_stream_errors`).
         """
         sent = time.monotonic()
-        try:
+        async with _stream_errors(call):
             await call.write(payload)
+        if self.window[0] <= sent <= self.window[1]:
+            self.stats.beats += 1
+        return sent
+
+    async def _reply(self, call: Any, sent: float) -> None:
+        """Wait for the next reply and count it (``sent``: its message's time).
+
+        Raises:
+            _Broken: the stream failed or ended (EOF).
+            _SessionLost: the server told the agent to register again.
+        """
+        async with _stream_errors(call):
             reply = await call.read()
-        except grpc.aio.AioRpcError as error:
-            raise _Broken(error.code().name) from None
-        except asyncio.InvalidStateError:
-            raise _Broken((await call.code()).name) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the agent itself is being stopped
-            raise _Broken("CANCELLED") from None
         if reply is grpc.aio.EOF:
             raise _Broken("EOF")
         self._ack(sent, reply)
+
+    async def _replies(self, call: Any, sent: list[float]) -> None:
+        """Take replies as they come, until the stream fails (``sent[0]``: the last send)."""
+        while True:
+            await self._reply(call, sent[0])
 
     async def _agent(self, index: int) -> None:
         """One agent: register, then hold a stream, reopening it whenever it fails."""
@@ -349,11 +379,16 @@ class _Worker:
             self._started(index)
             self._finish(index, "lost", f"Register {error.code().name}")
             return
-        payload = pb.HeartbeatRequest(
+        request = pb.HeartbeatRequest(
             agent_id=f"hb-{self.plan.first + index}",
             load=pb.Load(active_subtasks=0),
             status=pb.Agent.STATUS_READY,
-        ).SerializeToString()
+        )
+        if not self.plan.answer_every:
+            request.ack_interval.CopyFrom(ACK_ANSWERS)
+            if self.plan.mode == "echo":
+                metadata = ((echo.ACK_INTERVAL_KEY, f"{ACK_INTERVAL:g}"),)
+        payload = request.SerializeToString()
         attempt = 0
         while True:
             attempt = await self._hold(index, metadata, payload, attempt)
@@ -376,17 +411,29 @@ class _Worker:
         phase, attempted = self.phase, time.monotonic()
         call = self.methods[index % len(self.methods)](metadata=metadata)
         opened = False
+        replies: asyncio.Future[None] | None = None
         try:
-            await self._exchange(call, payload)
+            await self._reply(call, await self._send(call, payload))
             opened = True
             self._started(index)
             self._finish(index, "opened")
             interval = self.stats.interval
             next_at = time.monotonic() + random.uniform(0, interval)
+            sent = [0.0]
+            if not self.plan.answer_every:
+                replies = asyncio.ensure_future(self._replies(call, sent))
             while True:
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                pause = max(0.0, next_at - time.monotonic())
+                if replies is None:
+                    await asyncio.sleep(pause)
+                else:
+                    await asyncio.wait((replies,), timeout=pause)
+                    if replies.done():
+                        replies.result()  # raises why the stream ended
                 next_at = max(next_at + interval, time.monotonic())
-                await self._exchange(call, payload)
+                sent[0] = await self._send(call, payload)
+                if replies is None:
+                    await self._reply(call, sent[0])
         except _SessionLost as lost:
             self._finish(index, "lost", str(lost))
             return 0
@@ -401,6 +448,9 @@ class _Worker:
                 self.stats.breaks[code] += 1
         finally:
             self._started(index)
+            if replies is not None:
+                replies.cancel()
+                replies.add_done_callback(_retrieve)
             call.cancel()
         if opened:
             return 1
@@ -428,6 +478,32 @@ class _Worker:
             self.phase.gave_up += 1
         if not self.waiting:
             self.settled.set()
+
+
+@contextlib.asynccontextmanager
+async def _stream_errors(call: Any) -> AsyncIterator[None]:
+    """Turn however grpc.aio reports a failed stream into :class:`_Broken`.
+
+    That is an error status, a write to a finished call, or a read cancelled by the
+    channel closing; the agent's own cancellation passes through.
+    """
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise _Broken(error.code().name) from None
+    except asyncio.InvalidStateError:
+        raise _Broken((await call.code()).name) from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the agent itself is being stopped
+        raise _Broken("CANCELLED") from None
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Take a cancelled reader's outcome, so that asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 def worker_main(plan: _Plan, conn: Connection) -> None:
@@ -459,6 +535,7 @@ def _plans(spec: LoadSpec, addresses: tuple[str, ...], deadline: float) -> list[
                 spec.ttl,
                 spec.open_timeout,
                 deadline,
+                spec.answer_every,
             )
         )
         first += agents

@@ -329,6 +329,21 @@ async def test_the_agent_registers_again_when_its_session_ends(
         assert response.agent.state == discovery_pb.Agent.STATE_LIVE
 
 
+async def test_the_agents_heartbeats_need_no_answer_each(
+    app: App, planner: AgentcoordClient
+) -> None:
+    async def handle(item: WorkItem) -> str:
+        return "ok"
+
+    async with agent(app, "w", handle, ttl=0.6) as worker:
+        await until(lambda: worker.stats.heartbeats >= 7)  # more than two TTLs of them
+        response = await planner.discovery.get_agent(discovery_pb.GetAgentRequest(agent_id="w"))
+        assert response.agent.state == discovery_pb.Agent.STATE_LIVE
+        assert worker.stats.registrations == 1
+        # The server answered the stream's first heartbeat only: nothing else was news.
+        assert worker.stats.heartbeat_answers == 1
+
+
 async def test_the_agent_fails_over_to_the_next_address(
     app: App, planner: AgentcoordClient
 ) -> None:

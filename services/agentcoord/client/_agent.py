@@ -42,7 +42,7 @@ from agentcoord.client._planner import Lease, Planner, Subtask, Task, seconds
 from agentcoord.client._retry import RETRYABLE_CODES, RetryPolicy
 from agentcoord.client._state import Fencing, StateClient, fenced
 from agentcoord.client._streams import close_stream
-from agentcoord.client._wire import JSON, new_request_id, to_proto_value
+from agentcoord.client._wire import JSON, duration, new_request_id, to_proto_value
 from agentcoord.discovery.v1 import discovery_service_pb2 as discovery_pb
 from agentcoord.distribution.v1 import distribution_service_pb2 as distribution_pb
 
@@ -60,6 +60,17 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.keepalive_timeout_ms", 10_000),
 )
 """Channel options of an agent's client; options given to the Agent override them."""
+
+ACK_INTERVAL = 60.0
+"""Seconds the agent's heartbeats let pass between answers that say nothing new.
+
+The agent does not wait for answers: it heartbeats on its own schedule, and the server
+answers only the first heartbeat of a stream, news (a command, a new interval) and one
+heartbeat at least this often, which spares it the cost of the answers. A dead server
+shows as the stream failing, which the agent reads at all times (keepalive pings cover a
+connection that goes silent)."""
+ACK_ANSWERS = duration(ACK_INTERVAL)
+""":data:`ACK_INTERVAL` as the heartbeats' ``ack_interval``."""
 
 RECONNECT = RetryPolicy(
     max_attempts=sys.maxsize, max_delay=math.inf, initial_backoff=0.05, max_backoff=2.0, jitter=0.25
@@ -250,6 +261,11 @@ class AgentStats:
     """Handlers stopped because the lease was revoked or a newer one superseded it."""
     refused: int = 0
     """Reports the server refused because the lease had moved on."""
+    heartbeats: int = 0
+    """Heartbeats sent."""
+    heartbeat_answers: int = 0
+    """Answers the server sent on the Heartbeat stream: the first of each stream, news
+    (a command, a new interval), and one at least every :data:`ACK_INTERVAL`."""
 
 
 @dataclass(eq=False, slots=True)
@@ -670,24 +686,31 @@ class Agent:
     # --- heartbeats ---------------------------------------------------------------------------
 
     async def _heartbeat_stream(self) -> None:
+        """Heartbeat on one stream until it fails: every interval, answered or not.
+
+        The first heartbeat's answer shows the stream open; from then on a reader takes
+        the answers as they come (see :data:`ACK_INTERVAL`), and its failure (the stream
+        broke, or the server said to register again) ends the stream at once, not at the
+        next heartbeat.
+        """
         target = self.client.target
         call = self.client.discovery.heartbeat()
         answered = False
+        answers: asyncio.Future[None] | None = None
         try:
+            await self._beat(call)
+            self._heard(await call.read())
+            answered = True
+            answers = asyncio.ensure_future(self._read_answers(call))
             while True:
-                with contextlib.suppress(asyncio.InvalidStateError):  # ended: read() says why
-                    await call.write(self._heartbeat())
-                response = await call.read()
-                if not isinstance(response, discovery_pb.HeartbeatResponse):  # EOF
-                    raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "heartbeat stream ended")
-                answered = True
-                if response.command == discovery_pb.HeartbeatResponse.COMMAND_REREGISTER:
-                    raise _SessionEnded
-                if response.command == discovery_pb.HeartbeatResponse.COMMAND_DRAIN:
-                    log.info("agent %s: the server asks to drain", self.agent_id)
-                    self._begin_close()
-                self._interval = seconds(response.heartbeat_interval) or self._interval
-                await self._until_next_beat()
+                pause = asyncio.ensure_future(self._until_next_beat())
+                try:
+                    await asyncio.wait((answers, pause), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    pause.cancel()
+                if answers.done():
+                    answers.result()  # raises why the stream ended
+                await self._beat(call)
         except grpc.aio.AioRpcError as error:
             self._stream_broke(
                 "heartbeat", self.client.call_error(error, target), connected=answered
@@ -695,11 +718,44 @@ class Agent:
         except RPCError as error:
             self._stream_broke("heartbeat", error, connected=answered)
         finally:
+            if answers is not None:
+                answers.cancel()
+                answers.add_done_callback(_retrieve)
             call.cancel()
+
+    async def _beat(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        with contextlib.suppress(asyncio.InvalidStateError):  # ended: read() says why
+            await call.write(self._heartbeat())
+            self.stats.heartbeats += 1
+
+    async def _read_answers(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        while True:
+            self._heard(await call.read())
+
+    def _heard(self, response: object) -> None:
+        """Act on one answer of the Heartbeat stream.
+
+        Raises:
+            _SessionEnded: the server asks to register again.
+            UnavailableError: the stream ended.
+        """
+        if not isinstance(response, discovery_pb.HeartbeatResponse):  # EOF
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "heartbeat stream ended")
+        self.stats.heartbeat_answers += 1
+        if response.command == discovery_pb.HeartbeatResponse.COMMAND_REREGISTER:
+            raise _SessionEnded
+        if response.command == discovery_pb.HeartbeatResponse.COMMAND_DRAIN:
+            log.info("agent %s: the server asks to drain", self.agent_id)
+            self._begin_close()
+        interval = seconds(response.heartbeat_interval) or self._interval
+        if interval != self._interval:
+            self._interval = interval
+            self._wake.set()  # the next heartbeat may be due earlier
 
     def _heartbeat(self) -> discovery_pb.HeartbeatRequest:
         self._urgent = False
         return discovery_pb.HeartbeatRequest(
+            ack_interval=ACK_ANSWERS,
             agent_id=self.agent_id,
             load=discovery_pb.Load(
                 active_subtasks=sum(work.started for work in self._work.values()),
@@ -961,6 +1017,12 @@ def _cancelling() -> bool:
     """Whether the current task was asked to cancel (rather than a callee raising it)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Take a cancelled reader's outcome, so that asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -120,13 +122,15 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         request_iterator: AsyncIterator[pb.HeartbeatRequest],
         context: Context,
     ) -> AsyncIterator[pb.HeartbeatResponse]:
-        """Renew the caller's session for every message it sends."""
+        """Renew the caller's session for every message it sends.
+
+        Each is answered, or, when it sets ``ack_interval``, only news and one at least
+        that often (see :class:`_Answers`).
+        """
         session = _own_session()
         silence = self._core.config.max_ttl  # past it no session is still alive
         ended = self._core.session_end(session)
-        # Acks repeat (the same TTL, interval and epoch): one message serves them all.
-        last_ack: HeartbeatAck | None = None
-        last_reply = pb.HeartbeatResponse()
+        answers = _Answers(asyncio.get_running_loop())
         with self._streams.track():
             requests = session_messages(request_iterator, ended, silence, context, "--max-ttl")
             async for request in requests:
@@ -142,6 +146,9 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
                         validation.text(
                             f"load.held_subtask_ids[{index}]", subtask_id, max_length=128
                         )
+                every = 0.0
+                if request.HasField("ack_interval"):
+                    every = validation.duration("ack_interval", request.ack_interval)
                 ack = await self._core.heartbeat(
                     session,
                     request.agent_id,
@@ -151,9 +158,9 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
                     held_subtask_ids=held,
                     status=_status("status", request.status),
                 )
-                if ack is not last_ack:
-                    last_ack, last_reply = ack, convert.heartbeat_ack_to_proto(ack)
-                yield last_reply
+                reply = answers.reply(ack, every)
+                if reply is not None:
+                    yield reply
                 if ack.command is HeartbeatCommand.REREGISTER:
                     return  # the session ended: the agent must register again
 
@@ -203,6 +210,38 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             active_subtasks=summary.active_subtasks,
             revision=await self._core.revision(),
         )
+
+
+class _Answers:
+    """Which heartbeats of one stream are answered, and the answer, built once per ack.
+
+    Acks repeat (the same TTL, interval and epoch while the TTL stays), so one message
+    serves them all. A heartbeat that asks for answers at most every ``every`` seconds
+    gets one only when the ack differs from the last one sent, or that long after it.
+    """
+
+    __slots__ = ("_ack", "_loop", "_reply", "_sent")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Time the answers on ``loop``'s clock."""
+        self._loop = loop
+        self._ack: HeartbeatAck | None = None
+        self._reply = pb.HeartbeatResponse()
+        self._sent = -math.inf
+
+    def reply(self, ack: HeartbeatAck, every: float) -> pb.HeartbeatResponse | None:
+        """The answer to a heartbeat acked with ``ack``, or None for no answer."""
+        if ack is not self._ack:
+            if ack != self._ack:
+                self._reply = convert.heartbeat_ack_to_proto(ack)
+                self._sent = -math.inf  # news: answered at once
+            self._ack = ack
+        if every:
+            now = self._loop.time()
+            if now - self._sent < every:
+                return None
+            self._sent = now
+        return self._reply
 
 
 MAP_ENTRY_OVERHEAD = 16

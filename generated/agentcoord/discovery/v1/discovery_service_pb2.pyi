@@ -665,6 +665,7 @@ class HeartbeatRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    ACK_INTERVAL_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Identifier of the agent; must match the session token, or PERMISSION_DENIED."""
     status: Global___Agent.Status.ValueType
@@ -673,16 +674,33 @@ class HeartbeatRequest(_message.Message):
     def load(self) -> Global___Load:
         """Current load; renews the leases of the held sub-tasks."""
 
+    @_builtins.property
+    def ack_interval(self) -> _duration_pb2.Duration:
+        """How often this request wants an answer that says nothing new; unset or zero answers
+        every request (the behaviour for clients that do not set it).
+
+        When set, the server answers this request only if it is the stream's first, if the
+        answer differs from the last one sent on the stream (a command such as
+        COMMAND_REREGISTER or COMMAND_DRAIN, a new TTL, interval or epoch), or if at least
+        `ack_interval` has passed since that last answer; otherwise the request renews the
+        session without an answer. An ended session is told at once either way. The client
+        must then keep its own schedule (every `heartbeat_interval`) rather than wait for
+        answers, and it learns of a dead server or connection from the stream failing
+        (HTTP/2 keepalive pings cover a connection that goes silent), not from missing
+        answers. At most 315,576,000,000 seconds.
+        """
+
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         load: Global___Load | None = ...,
         status: Global___Agent.Status.ValueType = ...,
+        ack_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack_interval", b"ack_interval", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "load", b"load", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_interval", b"ack_interval", "agent_id", b"agent_id", "load", b"load", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -690,7 +708,10 @@ Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
 
 @_typing.final
 class HeartbeatResponse(_message.Message):
-    """One message on the Heartbeat stream, sent by the server for each request."""
+    """One message on the Heartbeat stream, sent by the server: an answer to a request (to every
+    request unless the request set `ack_interval`), or, unasked, the news that the session
+    ended.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -118,8 +118,11 @@ class DiscoveryServiceServicer:
         """Keeps an agent alive and reports its load; one long-lived bidirectional stream.
 
         Each request renews the agent's liveness for one TTL and is answered with the
-        remaining TTL judged on the server's monotonic clock. A closed stream is not death:
-        an agent that reopens its stream within its TTL keeps its session.
+        remaining TTL judged on the server's monotonic clock. A request that sets
+        `ack_interval` asks for fewer answers: only those that say something new, and one at
+        least every `ack_interval`. A session that ends is told at once, unasked, either way.
+        A closed stream is not death: an agent that reopens its stream within its TTL keeps
+        its session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

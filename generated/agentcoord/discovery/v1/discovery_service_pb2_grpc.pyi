@@ -57,8 +57,11 @@ class DiscoveryServiceStub:
     """Keeps an agent alive and reports its load; one long-lived bidirectional stream.
 
     Each request renews the agent's liveness for one TTL and is answered with the
-    remaining TTL judged on the server's monotonic clock. A closed stream is not death:
-    an agent that reopens its stream within its TTL keeps its session.
+    remaining TTL judged on the server's monotonic clock. A request that sets
+    `ack_interval` asks for fewer answers: only those that say something new, and one at
+    least every `ack_interval`. A session that ends is told at once, unasked, either way.
+    A closed stream is not death: an agent that reopens its stream within its TTL keeps
+    its session.
     """
     Deregister: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.DeregisterRequest, _discovery_service_pb2.DeregisterResponse]
     """Ends an agent's session at once; its state becomes LEFT and a LEFT event is emitted."""
@@ -101,8 +104,11 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     """Keeps an agent alive and reports its load; one long-lived bidirectional stream.
 
     Each request renews the agent's liveness for one TTL and is answered with the
-    remaining TTL judged on the server's monotonic clock. A closed stream is not death:
-    an agent that reopens its stream within its TTL keeps its session.
+    remaining TTL judged on the server's monotonic clock. A request that sets
+    `ack_interval` asks for fewer answers: only those that say something new, and one at
+    least every `ack_interval`. A session that ends is told at once, unasked, either way.
+    A closed stream is not death: an agent that reopens its stream within its TTL keeps
+    its session.
     """
     Deregister: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.DeregisterRequest, _discovery_service_pb2.DeregisterResponse]  # type: ignore[assignment]
     """Ends an agent's session at once; its state becomes LEFT and a LEFT event is emitted."""
@@ -166,8 +172,11 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Keeps an agent alive and reports its load; one long-lived bidirectional stream.
 
         Each request renews the agent's liveness for one TTL and is answered with the
-        remaining TTL judged on the server's monotonic clock. A closed stream is not death:
-        an agent that reopens its stream within its TTL keeps its session.
+        remaining TTL judged on the server's monotonic clock. A request that sets
+        `ack_interval` asks for fewer answers: only those that say something new, and one at
+        least every `ack_interval`. A session that ends is told at once, unasked, either way.
+        A closed stream is not death: an agent that reopens its stream within its TTL keeps
+        its session.
         """
 
     @_abc_1.abstractmethod
