@@ -319,7 +319,16 @@ class SubtaskCounts:
 
     def moved(self, before: SubtaskState | None, after: SubtaskState) -> SubtaskCounts:
         """Return the counts after one sub-task moved from ``before`` (None: new) to ``after``."""
-        values = self.to_snapshot()
+        if before is after:
+            return self
+        values = {
+            "blocked": self.blocked,
+            "ready": self.ready,
+            "leased": self.leased,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+        }
         if before is not None:
             values[before.value] -= 1
         values[after.value] += 1

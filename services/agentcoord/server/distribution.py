@@ -298,7 +298,7 @@ class DistributionServicer(pb_grpc.DistributionServiceServicer):
         assert update.subtask is not None
         recorded = update.subtask
         sent = request.HasField("result") and recorded.result == result
-        subtask = subtask_to_proto(replace(recorded, result=None) if sent else recorded)
+        subtask = subtask_to_proto(recorded, result=not sent)
         if sent:  # the result as recorded is the one sent: no need to parse it again
             subtask.result.CopyFrom(request.result)
         return pb.CompleteSubtaskResponse(

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from agentcoord.core.models import (
     Agent,
@@ -29,6 +29,8 @@ from agentcoord.core.models import (
 )
 from agentcoord.core.state_rules import result_from_json, result_to_json
 from agentcoord.core.tasks import Failure, Lease, Subtask, SubtaskState, Task, canonical_json
+
+T = TypeVar("T")
 
 AGENT_COLUMNS = (
     "agent_id",
@@ -304,6 +306,8 @@ class Codec:
         ``body`` is the whole record (canonical JSON of its snapshot); the other columns
         copy fields of it for indexes and filters.
         """
+        body = canonical_json(task.to_snapshot())
+        _TASKS.keep(body, task)
         return (
             task.task_id,
             task.state.value,
@@ -311,12 +315,12 @@ class Codec:
             task.submitter,
             task.request_id,
             self.encode_time(task.create_time),
-            canonical_json(task.to_snapshot()),
+            body,
         )
 
     def task_from_row(self, row: Row) -> Task:
         """Rebuild a task from the ``body`` of a row holding :data:`TASK_COLUMNS`."""
-        return Task.from_snapshot(json.loads(row["body"]))
+        return _TASKS.decoded(row["body"])
 
     def subtask_params(self, subtask: Subtask) -> tuple[Any, ...]:
         """Return the values of :data:`SUBTASK_COLUMNS` for ``subtask`` (a new row)."""
@@ -423,21 +427,44 @@ def subtask_spec_json(subtask: Subtask) -> str:
     return _dumps(subtask.spec_snapshot())
 
 
-_SPEC_CACHE_SIZE = 16_384
-"""Decoded bodies kept (by their text): a body never changes, so a sub-task read again
-(its lease, then its completion) is not decoded again."""
-_specs: dict[str, dict[str, Any]] = {}
+class _Decoded(Generic[T]):
+    """Records decoded from stored JSON text, kept by that text (at most ``size``).
+
+    Decoding is a function of the text alone, so a text met again (read again, or read
+    back after this process wrote it) needs no decoding. Once full, it starts again empty.
+    """
+
+    def __init__(self, decode: Callable[[Any], T], size: int) -> None:
+        self._decode = decode
+        self._size = size
+        self._records: dict[str, T] = {}
+
+    def decoded(self, text: str) -> T:
+        """Return the record of ``text``, decoding it if it is not kept."""
+        record = self._records.get(text)
+        if record is None:
+            record = self._decode(json.loads(text))
+            self.keep(text, record)
+        return record
+
+    def keep(self, text: str, record: T) -> None:
+        """Keep ``record`` as the decoding of ``text`` (which it was encoded to)."""
+        if len(self._records) >= self._size:
+            self._records.clear()
+        self._records[text] = record
+
+
+_SPECS = _Decoded(Subtask.spec_fields, 16_384)
+"""Decoded sub-task bodies: a body never changes, so a sub-task read again (its lease,
+then its completion) is not decoded again."""
+_TASKS = _Decoded(Task.from_snapshot, 1_024)
+"""Decoded task bodies, with those this process wrote: a task is read and written by
+every batch that moves one of its sub-tasks, and decoded at most once a version."""
 
 
 def _subtask_spec(body: str) -> dict[str, Any]:
     """Decode a sub-task's ``body`` into its fields, or return them decoded before."""
-    spec = _specs.get(body)
-    if spec is None:
-        spec = Subtask.spec_fields(json.loads(body))
-        if len(_specs) >= _SPEC_CACHE_SIZE:
-            _specs.clear()
-        _specs[body] = spec
-    return spec
+    return _SPECS.decoded(body)
 
 
 @dataclass(frozen=True, slots=True)

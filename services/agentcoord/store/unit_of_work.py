@@ -34,7 +34,15 @@ from __future__ import annotations
 import abc
 import enum
 import functools
-from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Generic, TypeVar, cast
@@ -166,6 +174,10 @@ class WorkingSet:
         self._subtasks = {subtask.subtask_id: subtask for subtask in loaded.subtasks}
         self._stored_subtasks = frozenset(self._subtasks)
         """Sub-tasks that have a row already (a put of another one inserts it)."""
+        self._task_subtasks: dict[str, dict[str, Subtask]] = {}
+        """The sub-tasks of ``_subtasks`` by task, kept with it."""
+        for subtask in loaded.subtasks:
+            self._task_subtasks.setdefault(subtask.task_id, {})[subtask.subtask_id] = subtask
         self._task_writes: dict[str, Task] = {}
         self._subtask_writes: dict[str, Subtask] = {}
         self._known_keys = set(needs.state_keys) | set(self._states)
@@ -242,9 +254,9 @@ class WorkingSet:
         """Return a loaded sub-task, or None if it does not exist."""
         return self._subtasks.get(subtask_id)
 
-    def subtasks_of(self, task_id: str) -> dict[str, Subtask]:
-        """Return the loaded sub-tasks of a task, by id."""
-        return {s.subtask_id: s for s in self._subtasks.values() if s.task_id == task_id}
+    def subtasks_of(self, task_id: str) -> Mapping[str, Subtask]:
+        """Return the loaded sub-tasks of a task, by id (a view: copy it to keep it)."""
+        return self._task_subtasks.get(task_id, {})
 
     def leased_by(self, agent_id: str) -> list[Subtask]:
         """Return the LEASED sub-tasks whose lease ``agent_id`` holds, in task order."""
@@ -269,6 +281,8 @@ class WorkingSet:
     def put_subtask(self, subtask: Subtask) -> None:
         """Insert or replace a sub-task."""
         self._set(self._subtasks, subtask.subtask_id, subtask)
+        of_task = self._task_subtasks.setdefault(subtask.task_id, {})
+        self._set(of_task, subtask.subtask_id, subtask)
         self._set(self._subtask_writes, subtask.subtask_id, subtask)
 
     def append(self, revision: int, now: datetime, new: NewChange) -> Change:

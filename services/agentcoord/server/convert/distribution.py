@@ -133,8 +133,8 @@ def lease_to_proto(lease: Lease | None) -> pb.Lease | None:
     )
 
 
-def subtask_to_proto(subtask: Subtask) -> pb.Subtask:
-    """Return the wire form of a sub-task."""
+def subtask_to_proto(subtask: Subtask, *, result: bool = True) -> pb.Subtask:
+    """Return the wire form of a sub-task; without its ``result`` when the caller sets it."""
     return pb.Subtask(
         subtask_id=subtask.subtask_id,
         task_id=subtask.task_id,
@@ -149,7 +149,7 @@ def subtask_to_proto(subtask: Subtask) -> pb.Subtask:
         max_attempts=subtask.max_attempts,
         lease=lease_to_proto(subtask.lease),
         agent_id=subtask.agent_id,
-        result=_value(subtask.result),
+        result=_value(subtask.result) if result else None,
         last_failure=failure_to_proto(subtask.last_failure),
         next_attempt_time=to_timestamp(subtask.next_attempt_time),
         create_time=to_timestamp(subtask.create_time),
