@@ -282,6 +282,45 @@ async def test_writes_in_one_batch_see_each_other(store: Store) -> None:
     assert entry is not None and (entry.version, entry.value) == (3, value(4))
 
 
+async def test_a_conflict_carries_the_entry_its_batch_leaves(store: Store) -> None:
+    """A write that lost to a write of its own batch is told the version a retry must name."""
+    await store.write_states(write(put("k", 1)))
+    stale, won, lost = await asyncio.gather(
+        store.write_states(write(put("k", 2), compares=[Compare("k", version=7)])),
+        store.write_states(write(put("k", 3), compares=[Compare("k", version=1)])),
+        store.write_states(write(put("k", 4), compares=[Compare("k", version=1)])),
+        return_exceptions=True,
+    )
+
+    assert isinstance(won, StateWriteResult)
+    for conflict in (stale, lost):
+        assert isinstance(conflict, Conflict)
+        assert conflict.current == won.results[0].state
+        assert conflict.metadata["current_version"] == "2"
+
+
+async def test_a_conflict_with_committed_entries_is_answered_before_the_commit(
+    store: Store,
+) -> None:
+    """A compare that fails against committed entries does not wait for the batch's commit."""
+    await store.write_states(write(put("a", 1)))
+    heard: list[object] = []
+    store.add_listener(lambda changes: heard.append("committed"))
+
+    async def losing() -> None:
+        try:
+            await store.write_states(write(put("a", 2), compares=[Compare("a", version=7)]))
+        except Conflict as conflict:
+            heard.append(conflict)
+
+    await asyncio.gather(losing(), store.write_states(write(put("b", 1))))
+
+    assert [type(h) for h in heard] == [Conflict, str]
+    conflict = heard[0]
+    assert isinstance(conflict, Conflict) and conflict.current == await store.get_state("a")
+    assert await store.current_revision() == 2
+
+
 async def test_a_failing_statement_rolls_back_only_its_own_write(store: Store) -> None:
     """A database error in a batch re-runs the batch in isolation; the others commit."""
     calls: list[list[str]] = []
@@ -477,6 +516,36 @@ def test_prefix_end() -> None:
     assert prefix_end("a" + chr(0x10FFFF)) == "b"
     assert prefix_end(chr(0x10FFFF)) is None
     assert prefix_end("x" + chr(0xD7FF)) == "x" + chr(0xE000)
+
+
+async def test_reads_follow_every_kind_of_write(store: Store) -> None:
+    """Reads repeated between writes (served from memory on SQLite) follow each write."""
+    assert await store.read_state("k") == (None, 0)
+    assert await store.read_state("k") == (None, 0)
+    first = await store.write_states(write(put("k", 1, expire_time=NOW + timedelta(seconds=1))))
+    assert await store.read_state("k") == (first.results[0].state, 1)
+    await store.write_states(write(put("other", 1)))
+    assert await store.read_state("k") == (first.results[0].state, 2)  # the revision moved
+    with pytest.raises(Conflict):
+        await store.write_states(write(put("k", 2), compares=[Compare("k", version=7)]))
+    assert await store.read_state("k") == (first.results[0].state, 2)
+    assert [e.key for e in await store.expire_states(NOW + timedelta(seconds=1))] == ["k"]
+    assert await store.read_state("k") == (None, 3)
+    await store.register_agent(make_agent("a"), "h", NOW)
+    assert (await store.read_state("k"))[1] == 4
+
+
+async def test_reads_see_the_writes_of_another_store_of_the_process(store_url: str) -> None:
+    """Two stores of one process on one SQLite file (as tests do): neither reads stale entries."""
+    async with opened(store_url) as first:
+        await first.write_states(write(put("k", 1)))
+        assert (await first.get_state("k")) is not None
+        async with opened(store_url) as second:
+            await second.write_states(write(put("k", 2)))
+            entry = await first.get_state("k")
+            assert entry is not None and entry.value == value(2)
+        entry = await first.get_state("k")
+        assert entry is not None and entry.value == value(2)
 
 
 # Expiry and sessions

@@ -13,12 +13,16 @@ from agentcoord.core.models import (
     Compare,
     HeartbeatRecord,
     PutCommand,
+    StateEntry,
     StateValue,
     StateWrite,
+    StateWriteResult,
     ValueKind,
 )
+from agentcoord.store.batching import Outcome
 from agentcoord.store.state_writes import WriteStates
 from agentcoord.store.unit_of_work import (
+    Answer,
     Execute,
     Flush,
     Load,
@@ -43,23 +47,34 @@ def put(key: str, version: int | None = None) -> WriteStates:
     return WriteStates(StateWrite("", compares, (command,), NOW))
 
 
+def entry(key: str, version: int) -> StateEntry:
+    """A committed entry of ``key`` at ``version``."""
+    return StateEntry(key, StateValue(ValueKind.JSON, b"0"), {}, version, 1, version, "", NOW, NOW)
+
+
 @dataclass
 class FakeDatabase:
     """Performs requests, records them, and fails the flushes it is told to."""
 
     fail_flush_of: frozenset[str] = frozenset()
     revision: int = 0
+    states: tuple[StateEntry, ...] = ()
 
     def __post_init__(self) -> None:
         self.requests: list[str] = []
+        self.answered: dict[int, Outcome] = {}
 
     def __call__(self, request: Request) -> object:
         if isinstance(request, Step):
             self.requests.append(request.name)
             return None
+        if isinstance(request, Answer):
+            self.requests.append("ANSWER")
+            self.answered.update(request.outcomes)
+            return None
         if isinstance(request, Load):
             self.requests.append("LOAD")
-            return Loaded(self.revision)
+            return Loaded(self.revision, self.states)
         if isinstance(request, Flush):
             self.requests.append("FLUSH")
             keys = {entry.key for entry in request.mutations.states}
@@ -80,6 +95,42 @@ def test_a_batch_loads_once_and_flushes_once() -> None:
     assert [o.error is None for o in outcomes] == [True, True, False]
     assert isinstance(outcomes[2].error, Conflict)
     assert [[c.revision for c in o.changes] for o in outcomes] == [[1], [2], []]
+
+
+def test_a_conflict_with_committed_entries_is_answered_before_the_commit() -> None:
+    database = FakeDatabase(states=(entry("a", 3), entry("b", 1)))
+    outcomes = drive(batch_script([put("a", version=2), put("b", version=1)]), database)
+
+    assert database.requests == ["BEGIN", "LOAD", "FLUSH", "ANSWER", "COMMIT"]
+    assert list(database.answered) == [0]
+    assert database.answered[0] is outcomes[0]
+    assert isinstance(outcomes[0].error, Conflict) and outcomes[0].error.current == entry("a", 3)
+    assert outcomes[1].error is None
+
+
+def test_a_conflict_with_a_write_of_its_batch_waits_and_carries_what_the_batch_leaves() -> None:
+    database = FakeDatabase(states=(entry("a", 3),))
+    # The stale write is checked first, against the committed entry; the next one wins.
+    outcomes = drive(
+        batch_script([put("a", version=2), put("a", version=3), put("a", version=3)]), database
+    )
+
+    assert "ANSWER" not in database.requests
+    won = outcomes[1].value
+    assert isinstance(won, StateWriteResult) and won.results[0].state is not None
+    for lost in (outcomes[0].error, outcomes[2].error):
+        assert isinstance(lost, Conflict)
+        assert lost.current == won.results[0].state
+        assert lost.metadata["current_version"] == "4"
+
+
+def test_a_batch_of_several_runs_answers_after_its_commit() -> None:
+    database = FakeDatabase(states=(entry("a", 3),))
+    heartbeats = RecordHeartbeats((HeartbeatRecord("x", 1, NOW, AgentStatus.READY, 0, ()),))
+    outcomes = drive(batch_script([put("a", version=2), heartbeats, put("a")]), database)
+
+    assert "ANSWER" not in database.requests
+    assert isinstance(outcomes[0].error, Conflict)
 
 
 def test_direct_operations_split_the_batch_into_runs() -> None:

@@ -99,6 +99,16 @@ def _check(compare: Compare, index: int, entry: StateEntry | None) -> None:
     )
 
 
+def check_compares(write: StateWrite, current: Mapping[str, StateEntry]) -> None:
+    """Check the comparisons of ``write`` against the ``current`` entries of its keys.
+
+    Raises:
+        Conflict: the first comparison that does not hold, carrying its key's entry.
+    """
+    for index, compare in enumerate(write.compares):
+        _check(compare, index, current.get(compare.key))
+
+
 def plan_write(
     write: StateWrite, current: Mapping[str, StateEntry], first_revision: int
 ) -> WritePlan:
@@ -113,8 +123,7 @@ def plan_write(
         Conflict: a comparison does not hold (nothing is written).
         NotFound: a delete names a missing key without ``allow_missing``.
     """
-    for index, compare in enumerate(write.compares):
-        _check(compare, index, current.get(compare.key))
+    check_compares(write, current)
     entries = dict(current)
     plan = WritePlan()
     results: list[OperationResult] = []

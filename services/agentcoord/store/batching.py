@@ -7,7 +7,9 @@ caller sees the error (:mod:`agentcoord.store.unit_of_work` says how). While a b
 new operations queue up for the next one, so throughput grows with concurrency instead
 of queueing on fsync. After each commit the writer calls the
 change listeners, on the event loop, with the batch's changes in revision order, and
-then resolves the callers' futures.
+then resolves the callers' futures. A failure the commit cannot change (a compare that
+failed against committed entries) is answered before the commit, as soon as the batch
+has run its operations.
 
 A write the database refuses for a reason of its own (disk full, read-only file system,
 connection lost) reaches its caller as :class:`~agentcoord.core.errors.Unavailable` with
@@ -21,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -56,10 +58,15 @@ class Outcome:
     """Change log entries it appended, in revision order."""
 
 
-RunBatch = Callable[[list[OpT]], Awaitable[list[Outcome]]]
+EarlyAnswer = Callable[[Mapping[int, Outcome]], None]
+"""Hands outcomes that the commit cannot change to their callers (by index in the batch)
+before the commit; call it on the event loop."""
+
+RunBatch = Callable[[list[OpT], EarlyAnswer], Awaitable[list[Outcome]]]
 """Runs operations in one transaction and commits; an operation that fails changes nothing.
 
-Returns one outcome per operation, in order. Raising means nothing was committed.
+Returns one outcome per operation, in order. Raising means nothing was committed. It may
+hand some outcomes to the :data:`EarlyAnswer` first; they are still returned.
 """
 
 Classify = Callable[[BaseException], Unavailable | None]
@@ -178,8 +185,13 @@ class GroupCommitter(Generic[OpT]):
 
     async def _commit(self, batch: list[tuple[OpT, asyncio.Future[object]]]) -> None:
         started = time.perf_counter()
+
+        def answer_early(outcomes: Mapping[int, Outcome]) -> None:
+            for index, outcome in outcomes.items():
+                self._resolve(batch[index][1], outcome)
+
         try:
-            outcomes = await self._run_batch([op for op, _ in batch])
+            outcomes = await self._run_batch([op for op, _ in batch], answer_early)
         except Exception as exc:  # nothing committed: every operation of the batch fails
             _fail(batch, self._store_error(exc))
             return
@@ -192,12 +204,15 @@ class GroupCommitter(Generic[OpT]):
         if changes:
             self.announce(changes)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue  # the caller was cancelled while its operation committed
-            if outcome.error is not None:
-                future.set_exception(self._store_error(outcome.error))
-            else:
-                future.set_result(outcome.value)
+            self._resolve(future, outcome)
+
+    def _resolve(self, future: asyncio.Future[object], outcome: Outcome) -> None:
+        if future.done():
+            return  # answered early, or the caller was cancelled while its operation ran
+        if outcome.error is not None:
+            future.set_exception(self._store_error(outcome.error))
+        else:
+            future.set_result(outcome.value)
 
     def _store_error(self, error: Exception) -> Exception:
         """Return ``error``, or the Unavailable it means when the store cannot write."""

@@ -33,7 +33,14 @@ from agentcoord.store.agent_writes import (
     ResumeSession,
     UpdateAgentStatus,
 )
-from agentcoord.store.batching import Classify, CommitObserver, GroupCommitter, Listener, Outcome
+from agentcoord.store.batching import (
+    Classify,
+    CommitObserver,
+    EarlyAnswer,
+    GroupCommitter,
+    Listener,
+    Outcome,
+)
 from agentcoord.store.queries import (
     MAX_IDS,
     Query,
@@ -103,8 +110,12 @@ class SqlStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def _run_batch(self, ops: list[Op]) -> list[Outcome]:
-        """Run :func:`~agentcoord.store.unit_of_work.batch_script` for ``ops`` and commit."""
+    async def _run_batch(self, ops: list[Op], answer: EarlyAnswer) -> list[Outcome]:
+        """Run :func:`~agentcoord.store.unit_of_work.batch_script` for ``ops`` and commit.
+
+        The script's :class:`~agentcoord.store.unit_of_work.Answer` goes to ``answer``, on
+        the event loop.
+        """
 
     async def _submit(self, op: Op) -> Any:
         return await self._writes.submit(op)

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from agentcoord.core.errors import Conflict
 from agentcoord.core.models import PutCommand, StateEntry, StateWrite, StateWriteResult
 from agentcoord.core.session_rules import bound_epochs, check_session
-from agentcoord.core.state_rules import keys_of, plan_write
+from agentcoord.core.state_rules import check_compares, keys_of, plan_write
 from agentcoord.core.task_rules import check_fencing
 from agentcoord.store.rows import WriteRequest, to_utc
 from agentcoord.store.unit_of_work import Needs, ViewOp, WorkingSet
@@ -76,6 +77,27 @@ class WriteStates(ViewOp):
         if write.request_id:
             ws.remember(WriteRequest(write.agent_id, write.request_id, plan.result, write.now))
         return plan.result
+
+    def settle(self, ws: WorkingSet, error: Exception) -> tuple[Exception, bool]:
+        """Answer a conflict with committed entries early; restate the others after the batch.
+
+        A compare that failed against entries no operation of the batch changed has an
+        outcome the commit cannot change: its caller hears it at once. One that failed
+        against a write of the batch waits for the commit (the entry it saw is not durable
+        yet) and, if its compares still fail against the keys' entries as the batch leaves
+        them, carries those: the version a retry must name, not the one being replaced.
+        """
+        if not isinstance(error, Conflict):
+            return error, False
+        keys = keys_of(self.write)
+        if not any(ws.state_changed(key) for key in keys):
+            return error, True
+        final = {key: entry for key in keys if (entry := ws.state(key)) is not None}
+        try:
+            check_compares(self.write, final)
+        except Conflict as restated:
+            return restated, False
+        return error, False  # the batch left the compares holding: report what was seen
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,14 +15,17 @@ to the working set. The two direct operations (heartbeat facts, compaction) are 
 end's own statements and are named here, where the batch script runs them.
 
 :func:`batch_script` is the transaction of one batch, written once and free of I/O: it
-yields requests (:class:`Step`, :class:`Load`, :class:`Flush`, :class:`Execute`) that a
-back end performs (on SQLite's writer thread, or with asyncpg) and sends the results
-back in (:func:`drive`, :func:`drive_async`).
+yields requests (:class:`Step`, :class:`Load`, :class:`Flush`, :class:`Execute`,
+:class:`Answer`) that a back end performs (on SQLite's writer thread, or with asyncpg)
+and sends the results back in (:func:`drive`, :func:`drive_async`).
 
 1. Together: BEGIN, which also locks the revision counter so that writers of every
    process take turns; then for each run of consecutive operations one Load of
    everything they need, the operations in memory, and one Flush. Direct operations
-   (heartbeats, compaction) are single statements between runs. COMMIT.
+   (heartbeats, compaction) are single statements between runs. An operation that
+   failed is settled against its run's final working set (:meth:`ViewOp.settle`: a
+   conflict then carries the entry as it stands after the batch); a failure decided by
+   committed rows alone is answered before the commit (:class:`Answer`). COMMIT.
 2. In isolation, only if a statement of step 1 failed (a constraint, a value the driver
    cannot encode): ROLLBACK, BEGIN again, and per operation a savepoint around its own
    Load, apply and Flush, so that only the failing operation is rolled back and only its
@@ -32,6 +35,7 @@ back in (:func:`drive`, :func:`drive_async`).
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import functools
 from collections.abc import (
@@ -194,6 +198,10 @@ class WorkingSet:
         if key not in self._known_keys:
             raise LookupError(f"state key {key!r} was not loaded: declare it in Needs")
         return self._states.get(key)
+
+    def state_changed(self, key: str) -> bool:
+        """Return whether an operation applied so far wrote or deleted ``key``."""
+        return key in self._state_writes
 
     def agent(self, agent_id: str) -> tuple[Agent, str] | None:
         """Return an agent and its token hash, or None."""
@@ -417,6 +425,16 @@ class ViewOp(abc.ABC):
     def apply(self, ws: WorkingSet) -> object:
         """Apply the operation and return its result; raising means it changed nothing."""
 
+    def settle(self, ws: WorkingSet, error: Exception) -> tuple[Exception, bool]:
+        """Return what the operation, which raised ``error``, reports once its run is applied.
+
+        Called after every operation of the run has been applied to ``ws``, before the
+        commit. Returns the error to report (by default ``error`` itself) and whether its
+        caller may hear it before the commit: only an outcome the commit cannot change
+        (decided by committed rows alone) may; the batch script then answers it early.
+        """
+        return error, False
+
 
 @dataclass(frozen=True, slots=True)
 class RecordHeartbeats:
@@ -477,7 +495,18 @@ class Execute:
     op: DirectOp
 
 
-Request = Step | Load | Flush | Execute
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Hand these outcomes (by index in the batch) to their callers now, before the commit.
+
+    The reply is None. An outcome answered here is still returned with the others at
+    the end; a failed answer is not retried (its caller hears it after the commit).
+    """
+
+    outcomes: Mapping[int, Outcome]
+
+
+Request = Step | Load | Flush | Execute | Answer
 """What the batch script asks its back end to do."""
 
 Script = Generator[Request, Any, list[Outcome]]
@@ -492,12 +521,19 @@ def batch_script(ops: Sequence[Op]) -> Script:
     the back end rolls back, and nothing of the batch is committed.
     """
     yield Step.BEGIN
+    early: dict[int, Outcome] = {}
     try:
-        outcomes = yield from _together(ops)
+        outcomes = yield from _together(ops, early)
     except Exception:
+        early.clear()
         yield Step.ROLLBACK
         yield Step.BEGIN
         outcomes = yield from _in_isolation(ops)
+    if early:
+        # Failures decided by committed rows alone: their callers need not wait for
+        # the fsync (the winners of this batch still do).
+        with contextlib.suppress(Exception):
+            yield Answer(early)
     yield Step.COMMIT
     return outcomes
 
@@ -517,9 +553,17 @@ def _runs(ops: Sequence[Op]) -> Iterator[list[ViewOp] | DirectOp]:
         yield run
 
 
-def _together(ops: Sequence[Op]) -> Generator[Request, Any, list[Outcome]]:
+def _together(
+    ops: Sequence[Op], early: dict[int, Outcome]
+) -> Generator[Request, Any, list[Outcome]]:
+    """Run ``ops`` as runs over one working set each; fill ``early`` (see ViewOp.settle).
+
+    Early answers are given only when the batch is one run: with several, a later run
+    could still change what a failure of an earlier one was decided on.
+    """
     outcomes: list[Outcome] = []
-    for run in _runs(ops):
+    runs = list(_runs(ops))
+    for run in runs:
         if not isinstance(run, list):
             outcomes.append(Outcome((yield Execute(run))))
             continue
@@ -527,7 +571,17 @@ def _together(ops: Sequence[Op]) -> Generator[Request, Any, list[Outcome]]:
         for op in run:
             needs |= op.needs()
         ws = WorkingSet(needs, (yield Load(needs)))
+        start = len(outcomes)
         outcomes.extend(ws.apply(op) for op in run)
+        for offset, op in enumerate(run):
+            error = outcomes[start + offset].error
+            if error is None:
+                continue
+            reported, now = op.settle(ws, error)
+            if reported is not error:
+                outcomes[start + offset] = Outcome(error=reported)
+            if now and len(runs) == 1:
+                early[start + offset] = outcomes[start + offset]
         mutations = ws.mutations()
         if mutations is not None:
             yield Flush(mutations)
@@ -572,6 +626,8 @@ class Performer(Generic[R]):
     """Write what :class:`Flush` carries; the reply is None."""
     execute: Callable[[DirectOp], R]
     """Run a direct operation; the reply is its result."""
+    answer: Callable[[Mapping[int, Outcome]], R]
+    """Hand outcomes to their callers before the commit; the reply is None."""
 
     @classmethod
     def on(
@@ -581,13 +637,15 @@ class Performer(Generic[R]):
         load: Callable[[C, Needs], R],
         flush: Callable[[C, Mutations], R],
         execute: Callable[[C, DirectOp], R],
+        answer: Callable[[Mapping[int, Outcome]], R],
     ) -> Performer[R]:
-        """Return the performer that calls each function with ``conn`` first."""
+        """Return the performer that calls each statement function with ``conn`` first."""
         return cls(
             functools.partial(step, conn),
             functools.partial(load, conn),
             functools.partial(flush, conn),
             functools.partial(execute, conn),
+            answer,
         )
 
     def __call__(self, request: Request) -> R:
@@ -598,6 +656,8 @@ class Performer(Generic[R]):
             return self.flush(request.mutations)
         if isinstance(request, Execute):
             return self.execute(request.op)
+        if isinstance(request, Answer):
+            return self.answer(request.outcomes)
         return self.step(request)
 
 

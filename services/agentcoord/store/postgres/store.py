@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -25,7 +25,7 @@ import asyncpg
 
 from agentcoord.core.errors import InvalidInput, Unavailable, store_unavailable
 from agentcoord.store import unit_of_work
-from agentcoord.store.batching import Outcome
+from agentcoord.store.batching import EarlyAnswer, Outcome
 from agentcoord.store.migrations import load_migrations, pending_migrations
 from agentcoord.store.postgres.follow import Follower, channel_name
 from agentcoord.store.postgres.leader import Leadership, leader_key
@@ -491,14 +491,20 @@ class PostgresStore(SqlStore):
         with _unavailable_on_disconnect():
             return cast(list[asyncpg.Record], await self._pool.fetch(sql, *params))
 
-    async def _run_batch(self, ops: list[unit_of_work.Op]) -> list[Outcome]:
+    async def _run_batch(self, ops: list[unit_of_work.Op], answer: EarlyAnswer) -> list[Outcome]:
         """Run the batch script of ``ops`` on one pooled connection."""
         assert self._pool is not None
+
+        async def answer_now(outcomes: Mapping[int, Outcome]) -> None:
+            answer(outcomes)
+
         with _unavailable_on_disconnect():
             async with self._pool.acquire() as conn:
                 try:
                     flush = functools.partial(_flush, follower=self._follower)
-                    performer = unit_of_work.Performer.on(conn, _step, _load, flush, _execute)
+                    performer = unit_of_work.Performer.on(
+                        conn, _step, _load, flush, _execute, answer_now
+                    )
                     return await unit_of_work.drive_async(unit_of_work.batch_script(ops), performer)
                 except BaseException:
                     await _abandon(conn)

@@ -1,9 +1,11 @@
 """SQLite back end: the embedded default.
 
 One writer thread owns the write connection and runs the batch scripts of group commit
-(:mod:`agentcoord.store.unit_of_work`) with ``BEGIN IMMEDIATE``. One reader thread owns a
-second connection; WAL lets it read while the writer commits. Durability: WAL with
-``synchronous=FULL``, so a commit is on disk before its callers hear of it.
+(:mod:`agentcoord.store.unit_of_work`) with ``BEGIN IMMEDIATE``. A second connection reads,
+on the event loop itself; WAL lets it read while the writer commits. Durability: WAL with
+``synchronous=FULL``, so a commit is on disk before its callers hear of it. Single-key
+reads (``read_state``) of recently read keys are served from memory while no batch is in
+flight (:mod:`agentcoord.store.sqlite.cache`).
 
 SQLite is the embedded, single-process store: a process holds an exclusive ``flock`` on
 ``<file>.lock`` for as long as its store is open, and a second process is refused at open
@@ -19,15 +21,16 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from agentcoord.core.errors import Unavailable, store_unavailable
+from agentcoord.core.models import StateEntry
 from agentcoord.store import unit_of_work
-from agentcoord.store.batching import Outcome
+from agentcoord.store.batching import EarlyAnswer, Outcome
 from agentcoord.store.migrations import load_migrations, pending_migrations
 from agentcoord.store.rows import (
     AGENT_COLUMNS,
@@ -41,6 +44,7 @@ from agentcoord.store.rows import (
     to_utc,
 )
 from agentcoord.store.sql_store import SqlStore
+from agentcoord.store.sqlite.cache import StateCache, Written
 
 T = TypeVar("T")
 
@@ -71,6 +75,13 @@ class _ProcessLock:
         self._path = path
         self._fd = fd
         self._holders = 1
+        self.opened = 1
+        """Stores of this process that have shared the lock so far, the first included."""
+
+    @property
+    def alone(self) -> bool:
+        """Whether one store holds the lock and no other has shared it since it took it."""
+        return self._holders == 1 and self.opened == 1
 
     @classmethod
     def acquire(cls, database: Path) -> _ProcessLock:
@@ -84,6 +95,7 @@ class _ProcessLock:
         held = cls._held.get(path)
         if held is not None:
             held._holders += 1
+            held.opened += 1
             return held
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -368,6 +380,19 @@ def _execute(conn: sqlite3.Connection, op: unit_of_work.DirectOp) -> object:
     return compact_revision
 
 
+_ROLLBACKS = frozenset({unit_of_work.Step.ROLLBACK, unit_of_work.Step.ROLLBACK_TO})
+
+
+def _note(written: Written, request: unit_of_work.Request) -> None:
+    """Note what ``request`` changes of the states, before it runs (writer thread)."""
+    if isinstance(request, unit_of_work.Flush):
+        written.keys.update(request.mutations.deleted_keys)
+        written.keys.update(entry.key for entry in request.mutations.states)
+        written.revision = request.mutations.revision
+    elif isinstance(request, unit_of_work.Step) and request in _ROLLBACKS:
+        written.rolled_back = True
+
+
 def _step(conn: sqlite3.Connection, step: unit_of_work.Step) -> None:
     """Run a transaction control statement."""
     try:
@@ -411,6 +436,10 @@ class SqliteStore(SqlStore):
         self._read_conn: sqlite3.Connection | None = None
         self._lock: _ProcessLock | None = None
         self._closed = False
+        self._cache = StateCache()
+        self._committing = False
+        """Set by the writer thread just before a COMMIT, cleared on the loop once the
+        cache has forgotten what that batch wrote: while set, reads bypass the cache."""
 
     async def open(self) -> None:
         """Create the file and its folder if needed, lock it, and apply pending migrations.
@@ -462,17 +491,61 @@ class SqliteStore(SqlStore):
         except sqlite3.OperationalError as error:
             raise Unavailable(f"SQLite read failed: {error}") from error
 
-    async def _run_batch(self, ops: list[unit_of_work.Op]) -> list[Outcome]:
-        assert self._writer is not None
-        return await self._on(self._writer, self._commit_batch, ops)
+    async def read_state(self, key: str) -> tuple[StateEntry | None, int]:
+        """Return the current entry of ``key`` (or None) and the revision, in one read.
 
-    def _commit_batch(self, ops: list[unit_of_work.Op]) -> list[Outcome]:
-        """Run the batch script of ``ops`` (writer thread)."""
+        Served from the cache of recently read entries unless a batch is committing
+        (:mod:`agentcoord.store.sqlite.cache` says why that is exact).
+        """
+        cacheable = not self._committing and self._lock is not None and self._lock.alone
+        if cacheable:
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
+        entry, revision = await super().read_state(key)
+        if cacheable and not self._committing:  # no COMMIT began before the read ended
+            self._cache.put(key, entry, revision)
+        return entry, revision
+
+    async def _run_batch(self, ops: list[unit_of_work.Op], answer: EarlyAnswer) -> list[Outcome]:
+        assert self._writer is not None
+        loop = asyncio.get_running_loop()
+
+        def answer_on_loop(outcomes: Mapping[int, Outcome]) -> None:
+            loop.call_soon_threadsafe(answer, outcomes)
+
+        try:
+            outcomes, written = await self._on(
+                self._writer, self._commit_batch, ops, answer_on_loop
+            )
+            self._cache.written(written)
+        except BaseException:
+            self._cache.clear()
+            raise
+        finally:
+            self._committing = False
+        return outcomes
+
+    def _commit_batch(
+        self, ops: list[unit_of_work.Op], answer: EarlyAnswer
+    ) -> tuple[list[Outcome], Written]:
+        """Run the batch script of ``ops`` (writer thread); ``answer`` hands early outcomes over.
+
+        Also returns what the batch wrote to the states, for the cache.
+        """
         conn = self._write_conn
         assert conn is not None
+        written = Written()
+        performer = unit_of_work.Performer.on(conn, _step, _load, _flush, _execute, answer)
+
+        def perform(request: unit_of_work.Request) -> object:
+            _note(written, request)
+            if request is unit_of_work.Step.COMMIT:
+                self._committing = True  # from here on, readers may see the batch
+            return performer(request)
+
         try:
-            performer = unit_of_work.Performer.on(conn, _step, _load, _flush, _execute)
-            return unit_of_work.drive(unit_of_work.batch_script(ops), performer)
+            return unit_of_work.drive(unit_of_work.batch_script(ops), perform), written
         except BaseException:
             if conn.in_transaction:
                 conn.rollback()
