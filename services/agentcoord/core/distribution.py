@@ -831,10 +831,17 @@ class Distribution:
         """
         slot = await self._slot_for(session, agent_id)
         if request_id:
-            for held in slot.held.values():  # granted here, or through another process
+            for held in list(slot.held.values()):  # granted here, or through another process
                 if held.lease.claim_request_id == request_id and held.lease.epoch == slot.epoch:
                     subtask = await self._store.get_subtask(held.lease.subtask_id)
-                    if subtask is not None:
+                    # The store has the last word: a lease that ended through another
+                    # process, whose end this one has not heard of yet, is not returned.
+                    if (
+                        subtask is not None
+                        and subtask.state is SubtaskState.LEASED
+                        and subtask.lease is not None
+                        and subtask.lease.fencing_token == held.lease.fencing_token
+                    ):
                         return await self._assignment(self._live_lease(held), subtask)
         deadline = self._clock.monotonic() + min(wait, self.config.max_claim_wait)
         while True:
