@@ -29,14 +29,18 @@ async def all_changes(store: Store, where: ChangeFilter | None = None) -> list[C
     return await store.list_changes(0, 100_000, where)
 
 
+def driver_dsn(url: str) -> str:
+    """The PostgreSQL store URL ``url`` as the driver takes it: without its ``schema``."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "schema"]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 @asynccontextmanager
 async def raw_postgres(url: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
     """Connect with the driver, not the store, to a PostgreSQL store URL; yield its schema too."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query)
-    schema = dict(query)["schema"]
-    dsn = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"])))
-    conn = await asyncpg.connect(dsn)
+    schema = dict(parse_qsl(urlsplit(url).query))["schema"]
+    conn = await asyncpg.connect(driver_dsn(url))
     try:
         yield conn, schema
     finally:

@@ -91,12 +91,15 @@ class Leadership:
             self._leading = True
             self._tried.set()
             log.info("leadership gained: this replica sweeps expiries and lease deadlines")
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # cancellation of close() (CPython issue 86296), and close() then waits forever.
             while not lost.is_set():
-                with_timeout = asyncio.wait_for(lost.wait(), self._interval)
                 try:
-                    await with_timeout
+                    async with asyncio.timeout(self._interval):
+                        await lost.wait()
                 except TimeoutError:
-                    await asyncio.wait_for(conn.fetchval("SELECT 1"), self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await conn.fetchval("SELECT 1")
         finally:
             self._lose(lost)
             conn.terminate()
