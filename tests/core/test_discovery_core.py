@@ -14,7 +14,7 @@ from agentcoord.core.discovery import (
     DiscoveryConfig,
     HeartbeatCommand,
 )
-from agentcoord.core.errors import NotFound, PermissionDenied, Unauthenticated
+from agentcoord.core.errors import AlreadyExists, NotFound, PermissionDenied, Unauthenticated
 from agentcoord.core.models import AgentState, AgentStatus
 from agentcoord.core.store import Store
 from agentcoord.store.factory import open_store
@@ -170,6 +170,31 @@ async def test_sessions_opened_by_another_process_authenticate(
     finally:
         await one.close()
         await two.close()
+
+
+async def test_an_agent_registered_through_another_store_of_the_database_is_found(
+    store_url: str, clock: ManualClock
+) -> None:
+    # A store opened once hears every write, so Discovery looks up no agent it has not
+    # heard of; once another store opened the same database, it looks in the store again.
+    one = open_store(store_url)
+    await one.open()
+    try:
+        elsewhere = await start_discovery(one, clock)
+        assert one.writes_alone() is store_url.startswith("sqlite")
+        two = open_store(store_url)
+        await two.open()
+        try:
+            assert not one.writes_alone() and not two.writes_alone()
+            registering = await start_discovery(two, clock)
+            await registering.register(AgentSpec("a", "A", ttl=60))
+            assert (await elsewhere.get_agent("a")).agent.state is AgentState.LIVE
+            with pytest.raises(AlreadyExists):
+                await elsewhere.register(AgentSpec("a", "A", ttl=60))
+        finally:
+            await two.close()
+    finally:
+        await one.close()
 
 
 async def test_an_ended_session_cannot_deregister_the_session_that_replaced_it(

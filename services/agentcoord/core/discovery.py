@@ -861,9 +861,13 @@ class Discovery:
         return AgentView(agent, 0.0)
 
     async def _entry_read_through(self, agent_id: str) -> _Entry | None:
-        """The agent's entry; one not heard of yet is read from the store."""
+        """The agent's entry; one not heard of yet is read from the store.
+
+        Unless every write to the store goes through this process's store object: every
+        agent it holds was then loaded at start or heard of since.
+        """
         entry = self._entries.get(agent_id)
-        if entry is None:
+        if entry is None and not self._store.writes_alone():
             stored = await self._store.get_agent(agent_id)
             if stored is not None:  # registered through another process a moment ago
                 self._heard_agent(stored, self._clock.monotonic())

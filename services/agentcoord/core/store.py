@@ -64,6 +64,16 @@ class Store(Protocol):
         """
         ...
 
+    def writes_alone(self) -> bool:
+        """Whether every write to the database goes through this store object.
+
+        Its change listeners then hear every commit there is, so a process that mirrors
+        the change log knows every row and need not look for one it has not heard of.
+        True for an SQLite file opened once; False for a shared store, and for an SQLite
+        file opened a second time in the same process (as the tests' replicas do).
+        """
+        ...
+
     async def open(self) -> None:
         """Connect and apply pending schema migrations (idempotent, safe with several replicas)."""
         ...

@@ -148,8 +148,8 @@ def to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+_dumps: Callable[[object], str] = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""Compact JSON text: ``json.dumps`` with these options, without a new encoder per call."""
 
 
 @dataclass(frozen=True, slots=True)

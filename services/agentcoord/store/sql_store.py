@@ -80,6 +80,10 @@ class SqlStore(abc.ABC):
         """Whether this process sweeps (see ``Store.is_leader``): a store it owns alone, always."""
         return True
 
+    def writes_alone(self) -> bool:
+        """Whether every write goes through this object (see ``Store``): not known here."""
+        return False
+
     def __init__(self, marker: str, codec: Codec, classify: Classify) -> None:
         """Use placeholders ``<marker>1``, ``<marker>2``... and ``codec`` for rows.
 

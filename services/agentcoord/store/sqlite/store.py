@@ -441,6 +441,10 @@ class SqliteStore(SqlStore):
         """Set by the writer thread just before a COMMIT, cleared on the loop once the
         cache has forgotten what that batch wrote: while set, reads bypass the cache."""
 
+    def writes_alone(self) -> bool:
+        """Whether this is the only store on the file since it was opened (see ``Store``)."""
+        return self._lock is not None and self._lock.alone and not self._closed
+
     async def open(self) -> None:
         """Create the file and its folder if needed, lock it, and apply pending migrations.
 
