@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 
-from agentcoord.core.errors import FailedPrecondition, InvalidInput, NotFound
+from agentcoord.core.errors import FailedPrecondition, InvalidInput, NotFound, ResourceExhausted
 from agentcoord.core.models import (
     Agent,
     AgentState,
@@ -435,6 +435,44 @@ async def test_concurrent_leases_of_one_subtask_grant_one(store: Store) -> None:
     assert refused[0].reason == "SUBTASK_NOT_READY"
     assert await store.get_subtask("t1-a") == granted[0].subtask
     assert calls == [[8, 9]]  # one batch: the second lease saw the first
+
+
+async def test_capacity_counts_the_sessions_leases_across_tasks_and_within_a_batch(
+    store: Store,
+) -> None:
+    """AGENT_AT_CAPACITY counts every lease the session holds in the store (of any task),
+    with those that earlier operations of the same batch granted or freed; a lease of the
+    agent's ended session does not count."""
+    for task_id in ("t1", "t2", "t3"):
+        await submit(store, task_id, subtasks=INDEPENDENT)
+    await lease(store, "t1-a", "bob", epoch=1)  # stays LEASED to the ended session 1
+    token = await lease(store, "t1-b", "bob", epoch=2)
+    calls = commits(store)
+
+    results = await asyncio.gather(
+        *(
+            store.lease_subtask(subtask_id, "bob", NOW, epoch=2, capacity=2)
+            for subtask_id in ("t2-a", "t2-b", "t3-a")
+        ),
+        return_exceptions=True,
+    )
+
+    assert len(calls) == 1  # one batch: each lease saw the ones before it
+    granted = [r.subtask.subtask_id for r in results if isinstance(r, TaskUpdate) and r.subtask]
+    assert granted == ["t2-a"]
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert [r.reason for r in refused] == ["AGENT_AT_CAPACITY"] * 2
+    assert (await subtask(store, "t2-b")).state is SubtaskState.READY
+
+    done, freed = await asyncio.gather(  # the completion frees a place for the next lease
+        store.complete_subtask("t1-b", "bob", token, "1", NOW, epoch=2),
+        store.lease_subtask("t2-b", "bob", NOW, epoch=2, capacity=2),
+    )
+    assert done.subtask is not None and done.subtask.state is SubtaskState.SUCCEEDED
+    assert freed.subtask is not None and freed.subtask.state is SubtaskState.LEASED
+    with pytest.raises(ResourceExhausted):
+        await store.lease_subtask("t3-a", "bob", NOW, epoch=2, capacity=2)
+    assert await lease(store, "t3-a", "bob", epoch=2)  # capacity 8
 
 
 # Completion

@@ -135,8 +135,11 @@ class LeaseSubtask(ViewOp):
     """The claim's request id: refused (``CLAIM_REPEATED``) if the session holds its lease."""
 
     def needs(self) -> Needs:
-        """The sub-task, its task, the agent, and the leases the agent holds."""
-        return Needs(subtask_ids=frozenset((self.subtask_id,))) | _lessee(self.agent_id)
+        """The sub-task, its task, the agent, and its leases (counted; loaded for a claim)."""
+        needs = Needs(subtask_ids=frozenset((self.subtask_id,))) | _lessee(self.agent_id)
+        if self.claim_request_id:
+            needs |= Needs(leased_by=frozenset((self.agent_id,)))
+        return needs
 
     def apply(self, ws: WorkingSet) -> TaskUpdate:
         """Lease the sub-task to the session (see :func:`_lease`)."""
@@ -152,9 +155,13 @@ class LeaseSubtask(ViewOp):
 
 
 def _lessee(agent_id: str) -> Needs:
-    """What leasing to ``agent_id`` reads besides the sub-task: the agent and its leases."""
+    """What leasing to ``agent_id`` reads besides the sub-task: the agent, its lease counts.
+
+    Counted in SQL rather than loaded: the capacity check needs how many leases the
+    session holds, not the sub-tasks (a claim also loads them, see :func:`_lease`).
+    """
     agent = frozenset((agent_id,))
-    return Needs(agent_ids=agent, leased_by=agent)
+    return Needs(agent_ids=agent, lease_counts=agent)
 
 
 def _lease(
@@ -169,9 +176,12 @@ def _lease(
 ) -> TaskUpdate:
     """Lease a sub-task to a session if it is live, the sub-task READY and room left.
 
-    The session is checked against the stored agent: a lease granted to a session that
-    a registration (through any process) ended meanwhile would be recorded under the
-    dead epoch, released by no one, and end only when it expires. A claim whose request
+    The capacity counts every lease the session holds in the store (across tasks and
+    processes), as counted in the transaction and moved by the batch's earlier operations
+    (:meth:`WorkingSet.lease_count`). The session is checked against the stored agent:
+    a lease granted to a session that a registration (through any process) ended
+    meanwhile would be recorded under the dead epoch, released by no one, and end only
+    when it expires. A claim whose request
     id a lease the session holds already carries is refused: it is a repeat (a retry,
     perhaps through another process after the first one's answer was lost). A refusal
     raises before anything is written to ``ws``.
@@ -181,14 +191,14 @@ def _lease(
     """
     stored = ws.agent(agent_id)
     check_session_live(None if stored is None else stored[0], agent_id, epoch)
-    held = [
-        s.lease
-        for s in ws.leased_by(agent_id)
-        if s.state is SubtaskState.LEASED and s.lease is not None and s.lease.epoch == epoch
-    ]
     if claim_request_id:
+        held = (
+            s.lease
+            for s in ws.leased_by(agent_id)
+            if s.state is SubtaskState.LEASED and s.lease is not None and s.lease.epoch == epoch
+        )
         check_claim_new(agent_id, claim_request_id, held)
-    check_capacity(agent_id, len(held), capacity)
+    check_capacity(agent_id, ws.lease_count(agent_id, epoch), capacity)
     return _on_subtask(
         ws,
         subtask_id,
@@ -216,7 +226,7 @@ class CompleteSubtask(ViewOp):
     """Leases the session may hold at once (with ``candidates``)."""
 
     def needs(self) -> Needs:
-        """The sub-task, its task and its dependents; the candidates and the agent's leases."""
+        """The sub-task, its task and its dependents; the candidates, the agent's lease count."""
         ids = frozenset((self.subtask_id,))
         needs = Needs(subtask_ids=ids | frozenset(self.candidates), dependents_of=ids)
         return needs | _lessee(self.agent_id) if self.candidates else needs

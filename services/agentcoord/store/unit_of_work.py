@@ -61,7 +61,7 @@ from agentcoord.core.models import (
 )
 from agentcoord.core.session_rules import agent_change
 from agentcoord.core.state_rules import plan_expiry
-from agentcoord.core.tasks import Subtask, Task
+from agentcoord.core.tasks import Subtask, SubtaskState, Task
 from agentcoord.store.batching import Outcome
 from agentcoord.store.rows import WriteRequest, to_utc
 
@@ -96,6 +96,8 @@ class Needs:
     """Every sub-task of these tasks."""
     leased_by: frozenset[str] = frozenset()
     """The LEASED sub-tasks whose lease these agents hold."""
+    lease_counts: frozenset[str] = frozenset()
+    """How many LEASED sub-tasks each session of these agents holds (counted, not loaded)."""
 
     def __or__(self, other: Needs) -> Needs:
         """Return what both need."""
@@ -113,6 +115,7 @@ class Needs:
             self.families_of | other.families_of,
             self.task_subtasks | other.task_subtasks,
             self.leased_by | other.leased_by,
+            self.lease_counts | other.lease_counts,
         )
 
 
@@ -132,6 +135,8 @@ class Loaded:
     """Every sub-task the needs cover (each once)."""
     tasks: Sequence[Task] = ()
     """The tasks the needs name, and the task of every loaded sub-task (each once)."""
+    lease_counts: Sequence[tuple[str, int, int]] = ()
+    """``(agent_id, epoch, leases)`` of each session of the counted agents holding any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +187,8 @@ class WorkingSet:
         """The sub-tasks of ``_subtasks`` by task, kept with it."""
         for subtask in loaded.subtasks:
             self._task_subtasks.setdefault(subtask.task_id, {})[subtask.subtask_id] = subtask
+        self._lease_counts = {(a, epoch): n for a, epoch, n in loaded.lease_counts}
+        """Leases held by each session of ``needs.lease_counts``, kept with ``_subtasks``."""
         self._task_writes: dict[str, Task] = {}
         self._subtask_writes: dict[str, Subtask] = {}
         self._known_keys = set(needs.state_keys) | set(self._states)
@@ -279,6 +286,16 @@ class WorkingSet:
             key=lambda s: (s.task_id, s.seq),
         )
 
+    def lease_count(self, agent_id: str, epoch: int) -> int:
+        """Return how many LEASED sub-tasks session ``epoch`` of ``agent_id`` holds now.
+
+        The count read in the transaction, moved by every sub-task put since: exact for
+        the whole store, not only for the loaded rows.
+        """
+        if agent_id not in self._needs.lease_counts:
+            raise LookupError(f"leases of {agent_id!r} were not counted: declare it in Needs")
+        return self._lease_counts.get((agent_id, epoch), 0)
+
     # Writes
 
     def put_task(self, task: Task) -> None:
@@ -287,11 +304,23 @@ class WorkingSet:
         self._set(self._task_writes, task.task_id, task)
 
     def put_subtask(self, subtask: Subtask) -> None:
-        """Insert or replace a sub-task."""
+        """Insert or replace a sub-task (the old one, if any, was loaded)."""
+        if self._needs.lease_counts:
+            self._count_lease(self._subtasks.get(subtask.subtask_id), -1)
+            self._count_lease(subtask, 1)
         self._set(self._subtasks, subtask.subtask_id, subtask)
         of_task = self._task_subtasks.setdefault(subtask.task_id, {})
         self._set(of_task, subtask.subtask_id, subtask)
         self._set(self._subtask_writes, subtask.subtask_id, subtask)
+
+    def _count_lease(self, subtask: Subtask | None, delta: int) -> None:
+        """Move the count of the session holding ``subtask``'s lease, if it is counted."""
+        if subtask is None or subtask.state is not SubtaskState.LEASED or subtask.lease is None:
+            return
+        lease = subtask.lease
+        if lease.agent_id in self._needs.lease_counts:
+            key = (lease.agent_id, lease.epoch)
+            self._set(self._lease_counts, key, self._lease_counts.get(key, 0) + delta)
 
     def append(self, revision: int, now: datetime, new: NewChange) -> Change:
         """Append a change log entry at ``revision``, the next one."""

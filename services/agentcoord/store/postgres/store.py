@@ -172,6 +172,12 @@ _LOAD = """
             SELECT l.subtask_id FROM subtasks AS l
             WHERE l.state = 'leased' AND l.lease_agent_id = ANY($11::text[])
         ))
+    ),
+    held AS MATERIALIZED (
+        SELECT h.lease_agent_id AS agent_id, h.lease_epoch AS epoch, count(*)::bigint AS n
+        FROM subtasks AS h
+        WHERE h.state = 'leased' AND h.lease_agent_id = ANY($15::text[])
+        GROUP BY h.lease_agent_id, h.lease_epoch
     )
     SELECT
         (SELECT value FROM revision_counter WHERE id = 1) AS revision,
@@ -197,14 +203,19 @@ _LOAD = """
             SELECT t FROM tasks AS t
             WHERE (t.submitter, t.request_id) IN (SELECT * FROM unnest($13::text[], $14::text[]))
             AND t.request_id <> ''
-        ) AS requested_tasks
+        ) AS requested_tasks,
+        ARRAY(SELECT held.agent_id FROM held ORDER BY held.agent_id, held.epoch) AS held_agents,
+        ARRAY(SELECT held.epoch FROM held ORDER BY held.agent_id, held.epoch) AS held_epochs,
+        ARRAY(SELECT held.n FROM held ORDER BY held.agent_id, held.epoch) AS held_counts
 """
 """One statement reads every row a run of operations needs.
 
 Sub-tasks (``loaded``) are the union of what each field of Needs covers: the dependents
 come from the ``dependents`` array of the named sub-tasks' bodies, the families and a
 task's sub-tasks by the (task_id, seq) index, the leases of agents by the partial index
-on ``lease_agent_id`` (hence ``state = 'leased'`` written out). Tasks are those named,
+on ``lease_agent_id`` (hence ``state = 'leased'`` written out); ``held`` counts the leases
+of each session of the agents whose leases are counted, by the same index, in three
+arrays of one order. Tasks are those named,
 those of the loaded sub-tasks, and those of the request ids asked for; a task found both
 ways comes twice, and :func:`_load` keeps it once."""
 _RECORD_HEARTBEAT = """
@@ -307,6 +318,7 @@ async def _load(conn: asyncpg.Connection, needs: unit_of_work.Needs) -> unit_of_
         sorted(needs.task_ids),
         [submitter for submitter, _ in requested_tasks],
         [request_id for _, request_id in requested_tasks],
+        sorted(needs.lease_counts),
     )
     states = {s["key"]: s for part in ("keyed", "bound", "expired") for s in row[part]}
     tasks = {t["task_id"]: t for part in ("tasks", "requested_tasks") for t in row[part]}
@@ -317,6 +329,9 @@ async def _load(conn: asyncpg.Connection, needs: unit_of_work.Needs) -> unit_of_
         requests=[CODEC.request_from_row(r) for r in row["requests"]],
         subtasks=[CODEC.subtask_from_row(s) for s in row["subtasks"]],
         tasks=[CODEC.task_from_row(t) for t in tasks.values()],
+        lease_counts=list(
+            zip(row["held_agents"], row["held_epochs"], row["held_counts"], strict=True)
+        ),
     )
 
 

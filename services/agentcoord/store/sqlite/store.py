@@ -169,6 +169,10 @@ _LOAD_TASK_SUBTASKS = _select("subtasks", SUBTASK_COLUMNS, f"task_id {_IN_JSON}"
 _LOAD_LEASED = _select(
     "subtasks", SUBTASK_COLUMNS, f"state = 'leased' AND lease_agent_id {_IN_JSON}"
 )
+_COUNT_LEASES = (
+    "SELECT lease_agent_id, lease_epoch, count(*) FROM subtasks"
+    f" WHERE state = 'leased' AND lease_agent_id {_IN_JSON} GROUP BY lease_agent_id, lease_epoch"
+)
 _LOAD_TASKS = _select("tasks", TASK_COLUMNS, f"task_id {_IN_JSON}")
 # request_id <> '' as in the partial index tasks_submitter_request_id, so that it is usable.
 _LOAD_TASKS_BY_REQUEST = _select(
@@ -311,6 +315,11 @@ def _load(conn: sqlite3.Connection, needs: unit_of_work.Needs) -> unit_of_work.L
     )
     subtasks = _subtask_rows(conn, needs)
     of_subtasks = {row["task_id"] for row in subtasks}
+    lease_counts = (
+        conn.execute(_COUNT_LEASES, (json.dumps(sorted(needs.lease_counts)),)).fetchall()
+        if needs.lease_counts
+        else []
+    )
     return unit_of_work.Loaded(
         revision=int(conn.execute(_LOAD_REVISION).fetchone()[0]),
         states=[CODEC.state_from_row(row) for row in states.values()],
@@ -318,6 +327,7 @@ def _load(conn: sqlite3.Connection, needs: unit_of_work.Needs) -> unit_of_work.L
         requests=[CODEC.request_from_row(row) for row in requests],
         subtasks=[CODEC.subtask_from_row(row) for row in subtasks],
         tasks=[CODEC.task_from_row(row) for row in _task_rows(conn, needs, of_subtasks)],
+        lease_counts=[(agent_id, epoch, n) for agent_id, epoch, n in lease_counts],
     )
 
 
