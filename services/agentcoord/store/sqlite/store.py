@@ -511,7 +511,7 @@ class SqliteStore(SqlStore):
         Served from the cache of recently read entries unless a batch is committing
         (:mod:`agentcoord.store.sqlite.cache` says why that is exact).
         """
-        cacheable = not self._committing and self._lock is not None and self._lock.alone
+        cacheable = not self._committing and self.writes_alone()
         if cacheable:
             cached = self._cache.get(key)
             if cached is not None:
