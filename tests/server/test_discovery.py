@@ -345,13 +345,16 @@ async def test_heartbeat_needs_a_valid_session(discovery: Stub) -> None:
         ((("authorization", "Basic abc"),), grpc.StatusCode.UNAUTHENTICATED),
     ]:
         call = discovery.Heartbeat(metadata=metadata)
-        # The server may refuse the call before the first message is written; the client's
-        # write then fails on its own side (grpc says INTERNAL), so read the call's status.
+        # The server refuses on the metadata alone, before any message. Writing first would
+        # race that refusal: a write that loses it fails on the client's side, and grpc then
+        # gives the call INTERNAL. So the refusal is awaited first, then a write must fail.
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await call.write(pb.HeartbeatRequest(agent_id="x"))
-            answer = await call.read()
+            async with asyncio.timeout(5):
+                answer = await call.read()
             pytest.fail(f"answered without a valid session: {answer}")
         assert await call.code() == code
+        with pytest.raises((grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+            await call.write(pb.HeartbeatRequest(agent_id="x"))
 
 
 async def test_agent_cannot_act_as_another(discovery: Stub) -> None:
